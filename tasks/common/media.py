@@ -1,0 +1,173 @@
+"""Video and audio files through ffmpeg-python, with the ffmpeg binary from imageio-ffmpeg (no system ffmpeg)."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import wave
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import ffmpeg
+import numpy as np
+
+
+class MediaError(RuntimeError):
+    """A media file could not be read or written; the message names the file."""
+
+
+@lru_cache(maxsize=1)
+def ffmpeg_exe() -> str:
+    import imageio_ffmpeg
+
+    return imageio_ffmpeg.get_ffmpeg_exe()
+
+
+@dataclass(frozen=True)
+class MediaInfo:
+    path: str
+    duration_s: float
+    video_codec: str | None
+    width: int
+    height: int
+    fps: float
+    audio_codec: str | None
+    sample_rate: int
+    channels: int
+
+
+def probe(path: str | Path) -> MediaInfo:
+    """Stream facts parsed from ``ffmpeg -i`` (imageio-ffmpeg ships no ffprobe)."""
+    path = Path(path)
+    if not path.is_file():
+        raise MediaError(f"{path}: file not found")
+    proc = subprocess.run([ffmpeg_exe(), "-hide_banner", "-i", str(path)], capture_output=True, text=True)
+    text = proc.stderr
+    if "Invalid data found" in text or "Stream #" not in text:
+        raise MediaError(f"{path}: not a readable media file ({_last_line(text)})")
+    dur = re.search(r"Duration: (\d+):(\d+):([\d.]+)", text)
+    duration = int(dur[1]) * 3600 + int(dur[2]) * 60 + float(dur[3]) if dur else 0.0
+    v = re.search(r"Stream #.*?Video: (\w+).*?, (\d{2,5})x(\d{2,5})", text)
+    fps = re.search(r"Stream #.*?Video:.*?([\d.]+) fps", text)
+    a = re.search(r"Stream #.*?Audio: (\w+).*?, (\d+) Hz, (mono|stereo|[\d.]+ channels|[\d.]+)", text)
+    channels = 0
+    if a:
+        channels = {"mono": 1, "stereo": 2}.get(a[3]) or int(float(a[3].split()[0]))
+    return MediaInfo(
+        path=str(path), duration_s=duration,
+        video_codec=v[1] if v else None, width=int(v[2]) if v else 0, height=int(v[3]) if v else 0,
+        fps=float(fps[1]) if fps else 0.0,
+        audio_codec=a[1] if a else None, sample_rate=int(a[2]) if a else 0, channels=channels,
+    )
+
+
+def _last_line(text: str) -> str:
+    lines = [ln for ln in text.strip().splitlines() if ln.strip()]
+    return lines[-1] if lines else "no output"
+
+
+def write_wav(path: str | Path, audio: np.ndarray, sample_rate: int) -> None:
+    """Mono float [-1, 1] -> 16-bit PCM wav."""
+    pcm = (np.clip(audio, -1.0, 1.0) * 32767.0).round().astype("<i2")
+    with wave.open(str(path), "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(int(sample_rate))
+        w.writeframes(pcm.tobytes())
+
+
+def read_audio(path: str | Path, sample_rate: int = 16000) -> np.ndarray:
+    """Any audio or video file's audio as float32 mono at ``sample_rate`` (ffmpeg converts rate and channels)."""
+    path = Path(path)
+    if not path.is_file():
+        raise MediaError(f"{path}: file not found")
+    try:
+        out, _ = (
+            ffmpeg.input(str(path))
+            .output("pipe:", format="f32le", acodec="pcm_f32le", ac=1, ar=int(sample_rate))
+            .run(cmd=ffmpeg_exe(), capture_stdout=True, capture_stderr=True)
+        )
+    except ffmpeg.Error as exc:
+        raise MediaError(f"{path}: cannot decode audio ({_last_line(exc.stderr.decode(errors='replace'))})") from None
+    return np.frombuffer(out, dtype="<f4").copy()
+
+
+def iter_frames(path: str | Path, width: int | None = None, height: int | None = None) -> Iterator[np.ndarray]:
+    """RGB uint8 frames of a video, optionally scaled to width x height."""
+    path = Path(path)
+    info = probe(path)
+    if info.video_codec is None:
+        raise MediaError(f"{path}: no video stream")
+    w, h = (width or info.width), (height or info.height)
+    stream = ffmpeg.input(str(path))
+    if (w, h) != (info.width, info.height):
+        stream = stream.filter("scale", w, h)
+    proc = stream.output("pipe:", format="rawvideo", pix_fmt="rgb24").run_async(
+        cmd=ffmpeg_exe(), pipe_stdout=True, pipe_stderr=subprocess.DEVNULL
+    )
+    size = w * h * 3
+    try:
+        while True:
+            buf = proc.stdout.read(size)
+            if len(buf) < size:
+                break
+            yield np.frombuffer(buf, np.uint8).reshape(h, w, 3)
+    finally:
+        proc.stdout.close()
+        proc.wait()
+
+
+def read_frames(path: str | Path, width: int | None = None, height: int | None = None) -> np.ndarray:
+    frames = list(iter_frames(path, width, height))
+    if not frames:
+        raise MediaError(f"{path}: no frames could be decoded")
+    return np.stack(frames)
+
+
+def write_video(
+    path: str | Path,
+    frames: Iterable[np.ndarray],
+    fps: int,
+    audio_path: str | Path | None = None,
+    audio_rate: int = 16000,
+    crf: int = 20,
+    audio_bitrate: str = "64k",
+) -> None:
+    """H.264 (yuv420p) mp4 from RGB uint8 frames, with an AAC track from ``audio_path`` when given.
+
+    Encoding is single-threaded and bit-exact flags are set, so the same frames give the same bytes.
+    """
+    path = Path(path)
+    frames = iter(frames)
+    first = next(frames, None)
+    if first is None:
+        raise MediaError(f"{path}: no frames to write")
+    h, w = first.shape[:2]
+    video = ffmpeg.input("pipe:", format="rawvideo", pix_fmt="rgb24", s=f"{w}x{h}", framerate=fps)
+    streams = [video.video]
+    kwargs = dict(vcodec="libx264", pix_fmt="yuv420p", crf=crf, preset="veryfast", r=fps, threads=1,
+                  movflags="+faststart", fflags="+bitexact", flags="+bitexact", map_metadata=-1)
+    if audio_path is not None:
+        streams.append(ffmpeg.input(str(audio_path)).audio)
+        kwargs.update(acodec="aac", ar=int(audio_rate), ac=1, audio_bitrate=audio_bitrate, shortest=None)
+    tmp = path.with_name(path.stem + ".partial" + path.suffix)
+    proc = (
+        ffmpeg.output(*streams, str(tmp), **kwargs)
+        .global_args("-hide_banner", "-loglevel", "error")
+        .overwrite_output()
+        .run_async(cmd=ffmpeg_exe(), pipe_stdin=True, pipe_stderr=True)
+    )
+    try:
+        proc.stdin.write(np.ascontiguousarray(first, dtype=np.uint8).tobytes())
+        for frame in frames:
+            proc.stdin.write(np.ascontiguousarray(frame, dtype=np.uint8).tobytes())
+        proc.stdin.close()
+    except BrokenPipeError:
+        pass
+    err = proc.stderr.read().decode(errors="replace")
+    if proc.wait() != 0:
+        tmp.unlink(missing_ok=True)
+        raise MediaError(f"{path}: ffmpeg failed ({_last_line(err)})")
+    tmp.replace(path)  # only complete files ever carry the final name

@@ -1,0 +1,312 @@
+"""Typed, validated configuration.
+
+The effective config is params.yaml (the demo profile), then every ``--config FILE`` merged in order, then every
+``--set key.path=value``. Unknown keys and bad values stop with one error that names the key and what is allowed.
+Model code never reads this module: stages pass plain values from here into constructors.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+DEFAULT_PARAMS = "params.yaml"
+
+
+class ConfigError(ValueError):
+    """A configuration problem; the message names the key and what is allowed."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+# --------------------------------------------------------------------------------------------------- sections
+class ProjectConfig(_Section):
+    name: str = "streamavatar"
+    seed: int = Field(0, ge=0)
+    data_dir: str = "data"
+    device: Literal["cpu", "cuda", "auto"] = "cpu"
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+
+
+class TrackingConfig(_Section):
+    enabled: bool = True
+    experiment: str = "streamavatar"
+    # relative sqlite paths and artifact folders resolve against the project root
+    tracking_uri: str = "sqlite:///mlflow.db"
+    artifact_dir: str = "mlruns"
+
+
+class CorpusConfig(_Section):
+    """The self-made demo corpus: two-person conversations written like a SpeakerVid-5M download."""
+
+    out_dir: str = "data/raw/synthetic"
+    report_dir: str = "data/reports/corpus"
+    num_conversations: int = Field(8, ge=1, le=10_000)
+    duration_s: float = Field(10.0, ge=1.0, le=600.0)
+    fps: int = Field(25, ge=1, le=120)
+    sample_rate: int = Field(16000, ge=8000, le=48000)
+    width: int = Field(256, ge=64, le=4096, multiple_of=2)
+    height: int = Field(320, ge=64, le=4096, multiple_of=2)
+    seed: int = Field(0, ge=0)
+    # espeak-ng voice names (language+variant); side A and side B of a conversation get different ones
+    voices: list[str] = Field(
+        default_factory=lambda: ["en-us+m3", "en+f2", "en-us+f4", "en+m1", "en-gb-x-rp+f3", "en-us+m7"],
+        min_length=2,
+    )
+    speech_rate_wpm: tuple[int, int] = (150, 185)
+    pause_s: tuple[float, float] = (0.25, 0.9)
+    overlap_prob: float = Field(0.3, ge=0.0, le=1.0)
+    overlap_s: tuple[float, float] = (0.2, 0.6)
+    big_turn_prob: float = Field(0.5, ge=0.0, le=1.0)  # chance per side of one head turn past 45 degrees
+    big_turn_yaw_deg: tuple[float, float] = (50.0, 62.0)
+    # extra real face photos (paths) added to the images that ship inside installed packages
+    extra_faces: list[str] = Field(default_factory=list)
+    workers: int = Field(2, ge=1, le=256)
+    crf: int = Field(20, ge=0, le=51)
+
+    @model_validator(mode="after")
+    def _ranges(self) -> CorpusConfig:
+        for key in ("speech_rate_wpm", "pause_s", "overlap_s", "big_turn_yaw_deg"):
+            lo, hi = getattr(self, key)
+            if lo > hi:
+                raise ValueError(f"corpus.{key}: low {lo} is above high {hi}; give [low, high]")
+        if len(set(self.voices)) < 2:
+            raise ValueError("corpus.voices: give at least two different voices")
+        return self
+
+
+class VideoConfig(_Section):
+    """Resolution and frame rate the models train and generate at (the profile's size)."""
+
+    width: int = Field(64, ge=16, multiple_of=16)
+    height: int = Field(64, ge=16, multiple_of=16)
+    fps: int = Field(25, ge=1)
+
+
+class ModelConfig(_Section):
+    backbone: Literal["tiny-wan", "wan2.2-ti2v-5b"] = "tiny-wan"
+    pretrained_path: str | None = None  # local diffusers directory (paper profile); never a hub id
+    num_layers: int = Field(2, ge=1)
+    num_heads: int = Field(2, ge=1)
+    head_dim: int = Field(16, ge=8)
+    ffn_dim: int = Field(128, ge=8)
+    text_dim: int = Field(32, ge=1)
+    patch_size: tuple[int, int, int] = (1, 2, 2)
+
+
+class VaeConfig(_Section):
+    kind: Literal["wan-tiny", "wan2.2"] = "wan-tiny"
+    pretrained_path: str | None = None
+    z_dim: int = Field(16, ge=1)
+    base_dim: int = Field(16, ge=8)
+    temporal_compression: int = Field(4, ge=1)
+    spatial_compression: int = Field(8, ge=1)
+
+
+class AudioConfig(_Section):
+    features: Literal["logmel", "wav2vec2"] = "logmel"
+    wav2vec2_path: str | None = None  # local path of a transformers Wav2Vec2 checkpoint
+    window_frames: int = Field(2, ge=0)  # +-k video frames of audio context per frame
+    n_mels: int = Field(40, ge=8)
+
+
+class StudentConfig(_Section):
+    steps: int = Field(3, ge=1)  # N
+    chunk_frames: int = Field(3, ge=1)  # C, latent frames per chunk
+    sink_frames: int = Field(4, ge=1)  # reference frame + first chunk
+    window_frames: int = Field(6, ge=1)  # rolling KV window
+    rapr_max_distance: int = Field(10, ge=1)  # D
+    timestep_shift: float = Field(5.0, gt=0)
+    context: Literal["noisy", "clean"] = "noisy"  # paper: condition next chunk on the last noisy prediction
+
+
+class TeacherConfig(_Section):
+    """Bidirectional teacher fine-tuning (paper: 20000 it, batch 32, lr 5e-6)."""
+
+    iterations: int = Field(200, ge=0)
+    batch_size: int = Field(2, ge=1)
+    lr: float = Field(1e-4, gt=0)
+
+
+class OdeInitConfig(_Section):
+    """ODE-pair regression that initialises the causal student (paper: 5000 it, batch 8, lr 2e-6)."""
+
+    iterations: int = Field(100, ge=0)
+    batch_size: int = Field(2, ge=1)
+    lr: float = Field(1e-4, gt=0)
+
+
+class DistillConfig(_Section):
+    """SiD distillation with student forcing (paper: 6000 it, batch 16, lr 3e-6)."""
+
+    iterations: int = Field(50, ge=0)
+    batch_size: int = Field(2, ge=1)
+    lr: float = Field(1e-5, gt=0)
+    sid_alpha: float = 1.2
+
+
+class RefineConfig(_Section):
+    """Adversarial refinement with the consistency-aware discriminator (paper: 1400 it, batch 32, lr 5e-6)."""
+
+    iterations: int = Field(20, ge=0)
+    batch_size: int = Field(2, ge=1)
+    lr: float = Field(1e-5, gt=0)
+    num_qformers: int = Field(3, ge=1)  # N_Q
+
+
+class Config(_Section):
+    project: ProjectConfig = ProjectConfig()
+    tracking: TrackingConfig = TrackingConfig()
+    corpus: CorpusConfig = CorpusConfig()
+    video: VideoConfig = VideoConfig()
+    model: ModelConfig = ModelConfig()
+    vae: VaeConfig = VaeConfig()
+    audio: AudioConfig = AudioConfig()
+    student: StudentConfig = StudentConfig()
+    teacher: TeacherConfig = TeacherConfig()
+    ode_init: OdeInitConfig = OdeInitConfig()
+    distill: DistillConfig = DistillConfig()
+    refine: RefineConfig = RefineConfig()
+
+    def section(self, dotted: str) -> Any:
+        """The value at a dotted key, e.g. ``corpus`` or ``corpus.seed``."""
+        node: Any = self
+        for part in dotted.split("."):
+            node = getattr(node, part)
+        return node
+
+
+# --------------------------------------------------------------------------------------------------- loading
+def deep_merge(base: dict, over: dict) -> dict:
+    """Merge ``over`` into a copy of ``base``: mappings merge key by key, everything else is replaced."""
+    out = copy.deepcopy(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def parse_set(expr: str) -> dict:
+    """``a.b.c=value`` -> {"a": {"b": {"c": value}}}; the value is parsed as YAML (numbers, lists, null)."""
+    if "=" not in expr:
+        raise ConfigError(f"--set {expr!r}: expected key.path=value")
+    key, raw = expr.split("=", 1)
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"--set {expr!r}: empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"--set {key}: value {raw!r} is not valid YAML ({exc})") from exc
+    tree: dict = {}
+    node = tree
+    parts = key.split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+    node[parts[-1]] = value
+    return tree
+
+
+def read_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML ({exc})") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(data).__name__}")
+    return data
+
+
+def _allowed_keys(model: type[BaseModel], loc: tuple) -> list[str]:
+    """The field names allowed at ``loc`` (the location of an unknown key)."""
+    current: Any = model
+    for part in loc[:-1]:
+        fields = getattr(current, "model_fields", None)
+        if not fields or part not in fields:
+            return []
+        current = fields[part].annotation
+    fields = getattr(current, "model_fields", None)
+    return sorted(fields) if fields else []
+
+
+def _format_error(exc: ValidationError, sources: list[str]) -> str:
+    lines = []
+    for err in exc.errors():
+        loc = tuple(p for p in err["loc"] if not isinstance(p, int)) or ("<root>",)
+        key = ".".join(str(p) for p in err["loc"])
+        if err["type"] == "extra_forbidden":
+            allowed = _allowed_keys(Config, loc)
+            where = ".".join(str(p) for p in loc[:-1]) or "the top level"
+            lines.append(f"unknown key '{key}'; allowed keys in {where}: {', '.join(allowed)}")
+        else:
+            got = err.get("input")
+            msg = err["msg"]
+            if err["type"] == "value_error":
+                msg = msg.removeprefix("Value error, ")
+            lines.append(f"bad value for '{key}' (got {got!r}): {msg}")
+    src = ", ".join(sources)
+    return f"invalid configuration (from {src}):\n  " + "\n  ".join(lines)
+
+
+def load_config(
+    configs: list[str | Path] | None = None,
+    sets: list[str] | None = None,
+    root: str | Path | None = None,
+    use_params: bool = True,
+) -> Config:
+    """params.yaml (when present under root), then each config file in order, then each --set."""
+    root = Path(root) if root is not None else project_root()
+    merged: dict = {}
+    sources: list[str] = []
+    if use_params and (root / DEFAULT_PARAMS).is_file():
+        merged = read_yaml(root / DEFAULT_PARAMS)
+        sources.append(DEFAULT_PARAMS)
+    for path in configs or []:
+        path = Path(path)
+        merged = deep_merge(merged, read_yaml(path if path.is_absolute() else _resolve(path, root)))
+        sources.append(str(path))
+    for expr in sets or []:
+        merged = deep_merge(merged, parse_set(expr))
+        sources.append(f"--set {expr}")
+    try:
+        return Config.model_validate(merged)
+    except ValidationError as exc:
+        raise ConfigError(_format_error(exc, sources or ["defaults"])) from None
+
+
+def _resolve(path: Path, root: Path) -> Path:
+    # a relative --config is taken from the working directory first, then from the project root
+    return path if path.exists() else root / path
+
+
+def project_root() -> Path:
+    """The project checkout the stages work in: $STREAMAVATAR_ROOT, else the working directory."""
+    return Path(os.environ.get("STREAMAVATAR_ROOT") or Path.cwd()).resolve()
+
+
+def to_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+
+
+def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+    """{"a": {"b": 1}} -> {"a.b": 1} (for MLflow params)."""
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(flatten(value, name + "."))
+        else:
+            out[name] = value
+    return out

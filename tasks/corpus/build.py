@@ -1,0 +1,285 @@
+"""Stage `corpus`: the self-made demo corpus of two-person conversations, written like a SpeakerVid-5M download.
+
+Layout under ``corpus.out_dir``::
+
+    videos/{clip}.mp4          H.264 25 fps + 16 kHz mono AAC of the whole conversation (both voices)
+    merged_anno/{clip}.json    a SpeakerVid merged_anno record
+    gt/{clip}.json             ground truth only tests and evaluation read: per-frame speaking mask,
+                               head yaw/pitch/roll, mouth opening, blink, gesture, both speech envelopes
+    corpus.parquet             one row per clip (paths relative to the project root, status, reason)
+
+A conversation is one unit of work: finished ones (their ground truth written last, with a fingerprint of the
+settings that shaped them) are skipped on re-run; a failing one is recorded with its reason and the rest goes on.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import multiprocessing
+import shutil
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from tqdm import tqdm
+
+from tasks.common.media import write_video, write_wav
+from tasks.common.stage import StageResult
+from tasks.config import Config, CorpusConfig
+from tasks.corpus.speakervid import clip_name, synthetic_ytid
+
+CORPUS_VERSION = 1  # bump when the generator's output changes, so old conversations are regenerated
+SIDES = ("A", "B")
+MANIFEST_COLUMNS = [
+    "clip_id", "conversation", "side", "partner_clip_id", "video_path", "anno_path", "gt_path", "identity",
+    "photo", "voice", "num_frames", "fps", "duration_s", "width", "height", "speaking_ratio", "listening_ratio",
+    "max_abs_yaw", "status", "reason",
+]
+
+
+def fingerprint(cfg: CorpusConfig, index: int) -> str:
+    shaping = cfg.model_dump(mode="json", exclude={"out_dir", "report_dir", "workers", "num_conversations"})
+    blob = json.dumps({"v": CORPUS_VERSION, "i": index, "cfg": shaping}, sort_keys=True)
+    return hashlib.sha1(blob.encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class _Job:
+    index: int
+    cfg: dict
+    out_dir: str
+    root: str
+
+
+# ------------------------------------------------------------------------------------------- one conversation
+@lru_cache(maxsize=1)
+def _mesh():
+    from tasks.common.facemesh import FaceMesh
+
+    return FaceMesh(static_image_mode=True)
+
+
+@lru_cache(maxsize=4)
+def _photos(extra: tuple[str, ...]):
+    from tasks.corpus.faces import bundled_photos
+
+    return bundled_photos(list(extra))
+
+
+def _render_conversation(job: _Job) -> list[dict]:
+    from tasks.corpus.animate import Animator, make_tracks
+    from tasks.corpus.faces import Variant, make_identity
+    from tasks.corpus.script import frame_envelope, plan_conversation, speaking_mask
+
+    cfg = CorpusConfig.model_validate(job.cfg)
+    out, root = Path(job.out_dir), Path(job.root)
+    rng = np.random.default_rng([cfg.seed, job.index])
+    conv = plan_conversation(job.index, cfg, rng)
+    n = int(round(cfg.duration_s * cfg.fps))
+    ytid = synthetic_ytid(cfg.seed, job.index)
+    names = [clip_name(ytid, cfg.width, cfg.height, 1, side, p) for p, side in enumerate(SIDES)]
+    envs = [frame_envelope(conv.side_audio[s], cfg.sample_rate, cfg.fps, n) for s in (0, 1)]
+    masks = [speaking_mask(conv, s, cfg.fps, n) for s in (0, 1)]
+    photos = _photos(tuple(cfg.extra_faces))
+    fp = fingerprint(cfg, job.index)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        wav = Path(tmp) / "mix.wav"
+        write_wav(wav, conv.mix, cfg.sample_rate)
+        for s, side in enumerate(SIDES):
+            photo = photos[(job.index + s) % len(photos)]
+            ident = make_identity(photo, Variant.draw(rng), cfg.width, cfg.height, _mesh(), f"{photo.name}-{job.index}{side}")
+            tracks = make_tracks(envs[s], masks[s], masks[1 - s], cfg.fps, rng, cfg.big_turn_prob,
+                                 tuple(cfg.big_turn_yaw_deg))
+            anim = Animator(ident, arm_side=int(rng.integers(0, 2)))
+            poses = np.zeros((n, 3))
+
+            def frames(anim=anim, tracks=tracks, poses=poses):
+                for i in range(n):
+                    frame, poses[i] = anim.render(tracks.yaw[i], tracks.pitch[i], tracks.roll[i], tracks.mouth[i],
+                                                  tracks.blink[i], tracks.gesture[i])
+                    yield frame
+
+            video = out / "videos" / f"{names[s]}.mp4"
+            write_video(video, frames(), cfg.fps, audio_path=wav, audio_rate=cfg.sample_rate, crf=cfg.crf)
+            anno = out / "merged_anno" / f"{names[s]}.json"
+            anno.write_text(json.dumps(_merged_anno(names[s], conv, s, n, cfg, ident), indent=1))
+            row = {
+                "clip_id": names[s], "conversation": job.index, "side": side, "partner_clip_id": names[1 - s],
+                "video_path": _rel(video, root), "anno_path": _rel(anno, root),
+                "gt_path": _rel(out / "gt" / f"{names[s]}.json", root), "identity": ident.name,
+                "photo": photo.name, "voice": conv.voices[s], "num_frames": n, "fps": cfg.fps,
+                "duration_s": n / cfg.fps, "width": cfg.width, "height": cfg.height,
+                "speaking_ratio": float(masks[s].mean()),
+                "listening_ratio": float(((masks[1 - s] > 0) & (masks[s] == 0)).mean()),
+                "max_abs_yaw": float(np.abs(poses[:, 0]).max()), "status": "ok", "reason": "",
+            }
+            gt = {
+                "fingerprint": fp, "clip_id": names[s], "fps": cfg.fps, "num_frames": n,
+                "identity": ident.describe(), "voice": conv.voices[s], "row": row,
+                "turns": [{"side": SIDES[t.side], "text": t.text, "start_s": round(t.start_s, 4),
+                           "end_s": round(t.end_s, 4)} for t in conv.turns],
+                "speaking": masks[s].astype(int).tolist(),
+                "partner_speaking": masks[1 - s].astype(int).tolist(),
+                "yaw": np.round(poses[:, 0], 3).tolist(), "pitch": np.round(poses[:, 1], 3).tolist(),
+                "roll": np.round(poses[:, 2], 3).tolist(),
+                "mouth_open": np.round(tracks.mouth, 4).tolist(), "blink": np.round(tracks.blink, 3).tolist(),
+                "gesture": np.round(tracks.gesture, 4).tolist(),
+                "envelope_self": np.round(envs[s], 5).tolist(), "envelope_partner": np.round(envs[1 - s], 5).tolist(),
+            }
+            _write_json_atomic(out / "gt" / f"{names[s]}.json", gt)  # last: marks the side finished
+            rows.append(row)
+    return rows
+
+
+def _merged_anno(name: str, conv, s: int, n: int, cfg: CorpusConfig, ident) -> dict:
+    lm = ident.landmarks
+    x1, x2 = lm[:, 0].min(), lm[:, 0].max()
+    fw = x2 - x1
+    # the person box: head and shoulders down to the frame bottom, normalised to the (raw = clip) frame
+    bbox = [max(0.0, (x1 - 0.9 * fw) / cfg.width), max(0.0, (lm[:, 1].min() - 0.5 * fw) / cfg.height),
+            min(1.0, (x2 + 0.9 * fw) / cfg.width), 1.0]
+    dur = n / cfg.fps
+    return {
+        "video_name": name, "num_frames": n, "is_talking": int(any(t.side == s for t in conv.turns)),
+        "clip_speaker_num": 2, "clear": 1, "video_total_duration": dur, "start": 0.0, "org_start_seconds": 0.0,
+        "duration": dur, "duration_new": dur, "start_seconds": 0.0, "end_seconds": dur,
+        "bbox": [round(float(v), 4) for v in bbox], "conf": 1.0, "sync": 0.0,
+        "speaker": [f"SPEAKER_{t.side:02d}" for t in conv.turns],
+        "raw_video_height": cfg.height, "raw_video_width": cfg.width,
+        "clip_video_height": cfg.height, "clip_video_width": cfg.width,
+        "source": "streamavatar synthetic corpus (not a YouTube video)",
+    }
+
+
+def _rel(path: Path, root: Path) -> str:
+    try:
+        return str(path.resolve().relative_to(root.resolve()))
+    except ValueError:
+        return str(path.resolve())
+
+
+def _write_json_atomic(path: Path, obj: dict) -> None:
+    tmp = path.with_suffix(".json.partial")
+    tmp.write_text(json.dumps(obj))
+    tmp.replace(path)
+
+
+def _finished_rows(cfg: CorpusConfig, index: int, out: Path) -> list[dict] | None:
+    ytid = synthetic_ytid(cfg.seed, index)
+    rows = []
+    for p, side in enumerate(SIDES):
+        name = clip_name(ytid, cfg.width, cfg.height, 1, side, p)
+        gt = out / "gt" / f"{name}.json"
+        if not (gt.is_file() and (out / "videos" / f"{name}.mp4").is_file() and (out / "merged_anno" / f"{name}.json").is_file()):
+            return None
+        try:
+            data = json.loads(gt.read_text())
+        except (OSError, json.JSONDecodeError):
+            return None
+        if data.get("fingerprint") != fingerprint(cfg, index):
+            return None
+        rows.append(data["row"])
+    return rows
+
+
+# ------------------------------------------------------------------------------------------------ the stage
+def run_corpus(cfg: Config, root: Path, progress: bool = True) -> StageResult:
+    c = cfg.corpus
+    root = Path(root)
+    out = (root / c.out_dir).resolve()
+    report_dir = (root / c.report_dir).resolve()
+    for sub in ("videos", "merged_anno", "gt"):
+        (out / sub).mkdir(parents=True, exist_ok=True)
+    report_dir.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+
+    rows: dict[int, list[dict]] = {}
+    todo = []
+    for i in range(c.num_conversations):
+        done = _finished_rows(c, i, out)
+        if done is None:
+            todo.append(i)
+        else:
+            rows[i] = done
+    failures: dict[str, str] = {}
+    if todo:
+        jobs = [_Job(i, c.model_dump(mode="json"), str(out), str(root.resolve())) for i in todo]
+        workers = min(c.workers, len(jobs))
+        bar = tqdm(total=len(jobs), desc="corpus: conversations", unit="conv", disable=not progress)
+        if workers == 1:
+            for job in jobs:
+                _collect(job, lambda j=job: _render_conversation(j), rows, failures, c)
+                bar.update()
+        else:
+            ctx = multiprocessing.get_context("spawn")  # mediapipe and fork do not mix
+            with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
+                futures = {pool.submit(_render_conversation, job): job for job in jobs}
+                for fut in as_completed(futures):
+                    _collect(futures[fut], fut.result, rows, failures, c)
+                    bar.update()
+        bar.close()
+    _remove_stale(out, c)
+
+    table = pd.DataFrame([r for i in sorted(rows) for r in rows[i]], columns=MANIFEST_COLUMNS)
+    manifest = out / "corpus.parquet"
+    table.to_parquet(manifest, index=False)
+    seconds = time.perf_counter() - t0
+
+    ok = table[table.status == "ok"]
+    metrics = {
+        "conversations": float(c.num_conversations),
+        "clips_ok": float(len(ok)),
+        "clips_failed": float((table.status != "ok").sum()),
+        "conversations_generated": float(len(todo)),
+        "conversations_skipped": float(c.num_conversations - len(todo)),
+        "hours": float(ok.duration_s.sum() / 3600.0),
+        "speaking_ratio_mean": float(ok.speaking_ratio.mean()) if len(ok) else 0.0,
+        "listening_ratio_mean": float(ok.listening_ratio.mean()) if len(ok) else 0.0,
+        "clips_with_turn_past_45deg": float((ok.max_abs_yaw > 45).sum()),
+        "seconds": seconds,
+    }
+    artifacts = [manifest]
+    if len(ok):
+        from tasks.corpus.report import contact_sheet
+
+        sheet = report_dir / "contact_sheet.png"
+        contact_sheet(ok, root, sheet)
+        artifacts.append(sheet)
+    metrics_path = report_dir / "metrics.json"
+    metrics_path.write_text(json.dumps(metrics, indent=2))
+    artifacts.append(metrics_path)
+    summary = (f"corpus: {len(ok)} clips ok, {len(failures)} failed, {len(todo)} conversations generated and "
+               f"{c.num_conversations - len(todo)} already finished, in {seconds:.1f} s -> {_rel(out, root)}")
+    return StageResult("corpus", metrics=metrics, artifacts=artifacts, outputs=[out, report_dir],
+                       failures=failures, summary=summary)
+
+
+def _collect(job: _Job, get, rows: dict, failures: dict, c: CorpusConfig) -> None:
+    try:
+        rows[job.index] = get()
+    except Exception as exc:  # one bad conversation never stops the batch: record it and go on
+        ytid = synthetic_ytid(c.seed, job.index)
+        reason = f"{type(exc).__name__}: {exc}"
+        failures[f"conversation {job.index}"] = reason
+        rows[job.index] = [
+            {**{k: None for k in MANIFEST_COLUMNS}, "clip_id": clip_name(ytid, c.width, c.height, 1, side, p),
+             "conversation": job.index, "side": side, "status": "failed", "reason": reason}
+            for p, side in enumerate(SIDES)
+        ]
+
+
+def _remove_stale(out: Path, c: CorpusConfig) -> None:
+    """Files of conversations no longer in the plan (e.g. num_conversations went down) are removed."""
+    keep = {clip_name(synthetic_ytid(c.seed, i), c.width, c.height, 1, side, p)
+            for i in range(c.num_conversations) for p, side in enumerate(SIDES)}
+    for sub, suffix in (("videos", ".mp4"), ("merged_anno", ".json"), ("gt", ".json")):
+        for f in (out / sub).iterdir():
+            if f.name.endswith(".partial" + suffix) or f.name.endswith(suffix) and f.name[: -len(suffix)] not in keep:
+                f.unlink() if f.is_file() else shutil.rmtree(f)

@@ -1,0 +1,22 @@
+"""Prefect flows: thin wiring over tasks/. Importing this package points Prefect's and MLflow's state at the
+project (PREFECT_HOME under the repo) and turns every tool's telemetry off, before prefect is imported."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def _configure_environment() -> None:
+    root = Path(os.environ.get("STREAMAVATAR_ROOT") or Path.cwd()).resolve()
+    os.environ.setdefault("PREFECT_HOME", str(root / ".prefect"))
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("PREFECT_UI_ENABLED", "false") if not os.environ.get("PREFECT_API_URL") else None
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    os.environ.setdefault("DVC_NO_ANALYTICS", "1")
+    os.environ.setdefault("DO_NOT_TRACK", "1")
+    os.environ.setdefault("GLOG_minloglevel", "2")
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+
+_configure_environment()

@@ -33,7 +33,7 @@ class Tracks:
     yaw: np.ndarray  # degrees added to the photo's pose
     pitch: np.ndarray
     roll: np.ndarray
-    gesture: np.ndarray  # pixels, fraction of frame width after scaling
+    gesture: np.ndarray  # arm displacement as a fraction of the frame width
     energy: np.ndarray  # smoothed own-speech energy 0..1
 
 
@@ -97,7 +97,7 @@ def make_tracks(
     # the arm moves with speech energy: a gesture stroke in two directions
     phase = rng.uniform(0, 2 * np.pi, size=2)
     gesture = np.stack([np.sin(2 * np.pi * 1.6 * t + phase[0]), 0.6 * np.sin(2 * np.pi * 1.1 * t + phase[1])], 1)
-    gesture = gesture * energy[:, None]
+    gesture = 0.06 * gesture * energy[:, None]  # up to 6% of the frame width
     return Tracks(mouth=mouth, blink=blink, yaw=yaw, pitch=pitch, roll=roll, gesture=gesture, energy=energy)
 
 

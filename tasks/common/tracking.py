@@ -1,0 +1,95 @@
+"""MLflow bookkeeping: one run per pipeline run, a nested run per stage, all state under the project root."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+from tasks.common.stage import StageResult
+from tasks.config import Config, flatten
+
+PARENT_ENV = "STREAMAVATAR_MLFLOW_PARENT_RUN"  # set by a pipeline run so stage processes nest under it
+
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+
+
+def tracking_uri(cfg: Config, root: Path) -> str:
+    uri = cfg.tracking.tracking_uri
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        return f"sqlite:///{(Path(root) / uri.removeprefix('sqlite:///')).resolve()}"
+    return uri
+
+
+def setup(cfg: Config, root: Path) -> str:
+    """Point MLflow at the project's store and make sure the experiment exists; returns its id."""
+    import logging
+
+    import mlflow
+
+    logging.getLogger("alembic").setLevel(logging.WARNING)
+    mlflow.set_tracking_uri(tracking_uri(cfg, root))
+    exp = mlflow.get_experiment_by_name(cfg.tracking.experiment)
+    if exp is None:
+        artifacts = (Path(root) / cfg.tracking.artifact_dir).resolve()
+        artifacts.mkdir(parents=True, exist_ok=True)
+        exp_id = mlflow.create_experiment(cfg.tracking.experiment, artifact_location=artifacts.as_uri())
+    else:
+        exp_id = exp.experiment_id
+    mlflow.set_experiment(experiment_id=exp_id)
+    return exp_id
+
+
+@contextlib.contextmanager
+def pipeline_run(cfg: Config, root: Path, name: str, tags: dict | None = None) -> Iterator[str | None]:
+    """The parent run of one pipeline run; yields its id (None when tracking is off)."""
+    if not cfg.tracking.enabled:
+        yield None
+        return
+    import mlflow
+
+    setup(cfg, root)
+    with mlflow.start_run(run_name=name, tags={"streamavatar.kind": "pipeline", **(tags or {})}) as run:
+        mlflow.log_params(_params(flatten(cfg.model_dump(mode="json"))))
+        yield run.info.run_id
+
+
+@contextlib.contextmanager
+def stage_run(cfg: Config, root: Path, stage: str, params: dict, parent_run_id: str | None = None
+              ) -> Iterator[object | None]:
+    """A run for one stage, nested under ``parent_run_id`` (or $STREAMAVATAR_MLFLOW_PARENT_RUN) when given."""
+    if not cfg.tracking.enabled:
+        yield None
+        return
+    import mlflow
+
+    setup(cfg, root)
+    parent = parent_run_id or os.environ.get(PARENT_ENV)
+    tags = {"streamavatar.kind": "stage", "streamavatar.stage": stage}
+    if parent:
+        tags["mlflow.parentRunId"] = parent
+    with mlflow.start_run(run_name=stage, tags=tags, nested=mlflow.active_run() is not None) as run:
+        mlflow.log_params(_params(params))
+        yield run
+
+
+def log_result(result: StageResult, root: Path) -> None:
+    import mlflow
+
+    if mlflow.active_run() is None:
+        return
+    if result.metrics:
+        mlflow.log_metrics({k: float(v) for k, v in result.metrics.items()})
+    for path in result.artifacts:
+        path = Path(path)
+        if path.is_file():
+            mlflow.log_artifact(str(path), artifact_path=result.stage)
+    if result.failures:
+        mlflow.log_dict(result.failures, f"{result.stage}/failures.json")
+    mlflow.set_tag("streamavatar.summary", result.summary[:5000])
+
+
+def _params(flat: dict) -> dict:
+    # MLflow params are strings of at most 6000 characters
+    return {k: (str(v)[:6000] if v is not None else "null") for k, v in flat.items()}

@@ -1,0 +1,30 @@
+"""The stages the project has, in pipeline order. Adding a stage: its function module in tasks/, one line here
+(which gives it a CLI command), one flow in flows/, one stage in dvc.yaml."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from tasks.common.stage import StageResult
+from tasks.config import Config
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    run: Callable[[Config, Path], StageResult]
+    help: str
+
+
+def _corpus(cfg: Config, root: Path) -> StageResult:
+    from tasks.corpus.build import run_corpus
+
+    return run_corpus(cfg, root)
+
+
+STAGES: dict[str, Stage] = {
+    "corpus": Stage("corpus", _corpus, "generate the demo corpus of two-person conversations (SpeakerVid layout)"),
+}
+ORDER = list(STAGES)

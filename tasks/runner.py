@@ -1,0 +1,128 @@
+"""Run one stage the same way from every entry point (CLI / dvc repro, Prefect): config in, files out,
+MLflow run around it, and, for orchestrated runs, DVC's record kept in step so `dvc status` stays clean."""
+
+from __future__ import annotations
+
+import json
+import logging
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from tasks.common import tracking
+from tasks.config import Config, load_config
+from tasks.registry import STAGES
+
+log = logging.getLogger("streamavatar")
+
+
+@dataclass
+class Outcome:
+    stage: str
+    status: str  # "ran" | "up-to-date"
+    metrics: dict = field(default_factory=dict)
+    failures: dict = field(default_factory=dict)
+    summary: str = ""
+    dvc: str = ""  # what happened to DVC's record
+
+
+def stage_params(root: Path, stage: str) -> list[str]:
+    """The config keys a stage depends on, as dvc.yaml declares them (the one place they are listed)."""
+    path = Path(root) / "dvc.yaml"
+    if not path.is_file():
+        return [stage]
+    spec = (yaml.safe_load(path.read_text()) or {}).get("stages", {}).get(stage, {})
+    keys: list[str] = []
+    for entry in spec.get("params", []) or []:
+        if isinstance(entry, str):
+            keys.append(entry)
+        elif isinstance(entry, dict):  # {file: [keys]}
+            for v in entry.values():
+                keys.extend(v or [])
+    return keys or [stage]
+
+
+def _section_dump(cfg: Config, keys: list[str]) -> dict:
+    out = {}
+    for key in keys:
+        value = cfg.section(key)
+        out[key] = value.model_dump(mode="json") if hasattr(value, "model_dump") else value
+    return out
+
+
+def matches_params_file(cfg: Config, root: Path, stage: str) -> bool:
+    """True when the stage's parameters equal what params.yaml alone gives (what DVC tracks)."""
+    keys = stage_params(root, stage)
+    return _section_dump(cfg, keys) == _section_dump(load_config(root=root), keys)
+
+
+def _dvc(root: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "dvc", *args], cwd=root, capture_output=True, text=True)
+
+
+def dvc_up_to_date(root: Path, stage: str) -> bool:
+    if not (root / ".dvc").is_dir():
+        return False
+    proc = _dvc(root, "status", stage, "--json")
+    if proc.returncode != 0:
+        return False
+    try:
+        return json.loads(proc.stdout or "{}") == {}
+    except json.JSONDecodeError:
+        return False
+
+
+def dvc_record(root: Path, stage: str) -> str:
+    """Store the stage's current outputs in DVC's cache and dvc.lock, as `dvc repro` would have."""
+    if not (root / ".dvc").is_dir():
+        return "no DVC repository here: nothing recorded"
+    proc = _dvc(root, "commit", "--force", stage)
+    if proc.returncode != 0:
+        raise RuntimeError(f"dvc commit {stage} failed: {proc.stderr.strip() or proc.stdout.strip()}")
+    return "recorded in dvc.lock"
+
+
+def run_stage(
+    name: str,
+    cfg: Config,
+    root: Path,
+    *,
+    parent_run_id: str | None = None,
+    orchestrated: bool = False,
+    force: bool = False,
+) -> Outcome:
+    """Run stage ``name``. ``orchestrated`` (Prefect) also skips a stage DVC says is up to date and records
+    the outputs in dvc.lock afterwards; from `dvc repro` (the CLI), DVC does both itself."""
+    if name not in STAGES:
+        raise KeyError(f"unknown stage {name!r}; stages: {', '.join(STAGES)}")
+    root = Path(root).resolve()
+    params = _section_dump(cfg, stage_params(root, name))
+    tracked = matches_params_file(cfg, root, name)
+    if orchestrated and not force and tracked and dvc_up_to_date(root, name):
+        with tracking.stage_run(cfg, root, name, tracking.flatten(params), parent_run_id) as run:
+            if run is not None:
+                import mlflow
+
+                mlflow.set_tag("streamavatar.status", "up-to-date")
+        msg = f"{name}: up to date (dvc status clean), skipped"
+        log.info(msg)
+        return Outcome(name, "up-to-date", summary=msg, dvc="unchanged")
+    with tracking.stage_run(cfg, root, name, tracking.flatten(params), parent_run_id) as run:
+        result = STAGES[name].run(cfg, root)
+        if run is not None:
+            import mlflow
+
+            tracking.log_result(result, root)
+            mlflow.set_tag("streamavatar.status", "ran")
+    dvc_note = ""
+    if orchestrated:
+        if tracked:
+            dvc_note = dvc_record(root, name)
+        else:
+            dvc_note = ("not recorded in dvc.lock: this run's parameters differ from params.yaml "
+                        "(put them in params.yaml to make DVC track them)")
+    log.info(result.summary)
+    return Outcome(name, "ran", metrics=result.metrics, failures=result.failures, summary=result.summary, dvc=dvc_note)

@@ -86,7 +86,7 @@ def _render_conversation(job: _Job) -> list[dict]:
     names = [clip_name(ytid, cfg.width, cfg.height, 1, side, p) for p, side in enumerate(SIDES)]
     envs = [frame_envelope(conv.side_audio[s], cfg.sample_rate, cfg.fps, n) for s in (0, 1)]
     masks = [speaking_mask(conv, s, cfg.fps, n) for s in (0, 1)]
-    photos = _photos(tuple(cfg.extra_faces))
+    photos = _photos(tuple(str(p if Path(p).is_absolute() else root / p) for p in cfg.extra_faces))
     fp = fingerprint(cfg, job.index)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -199,6 +199,10 @@ def run_corpus(cfg: Config, root: Path, progress: bool = True) -> StageResult:
         (out / sub).mkdir(parents=True, exist_ok=True)
     report_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
+    from tasks.corpus.faces import load_photo
+
+    for path in c.extra_faces:  # a missing or unreadable photo is a configuration error: stop before any work
+        load_photo(path if Path(path).is_absolute() else root / path)
 
     rows: dict[int, list[dict]] = {}
     todo = []

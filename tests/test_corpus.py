@@ -1,0 +1,176 @@
+"""The demo corpus: real speech and faces, SpeakerVid layout, deterministic, resumable, measurable."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from tasks.common.facemesh import FaceMesh, mouth_opening
+from tasks.common.media import probe, read_audio, read_frames
+from tasks.config import load_config
+from tasks.corpus.build import run_corpus
+from tasks.corpus.speakervid import CLIP_RE, MergedAnno
+
+SMALL = ["corpus.num_conversations=2", "corpus.duration_s=6", "corpus.big_turn_prob=1.0", "corpus.workers=2",
+         "tracking.enabled=false"]
+
+
+def generate(root: Path, *sets: str):
+    root.mkdir(parents=True, exist_ok=True)
+    cfg = load_config(sets=[*SMALL, *sets], root=root)
+    return cfg, run_corpus(cfg, root, progress=False)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    root = tmp_path_factory.mktemp("corpus")
+    cfg, result = generate(root)
+    table = pd.read_parquet(root / cfg.corpus.out_dir / "corpus.parquet")
+    return root, cfg, result, table
+
+
+def _files(root: Path, out_dir: str) -> dict[str, bytes]:
+    base = root / out_dir
+    return {str(p.relative_to(base)): p.read_bytes() for p in sorted(base.rglob("*")) if p.is_file()
+            and p.suffix in (".mp4", ".json")}
+
+
+def test_layout_and_manifest(corpus):
+    root, cfg, result, table = corpus
+    assert result.metrics["clips_ok"] == 4 and not result.failures
+    assert list(table.status) == ["ok"] * 4
+    for row in table.itertuples():
+        assert CLIP_RE.match(row.clip_id), row.clip_id
+        for col in ("video_path", "anno_path", "gt_path"):
+            assert (root / getattr(row, col)).is_file()
+    # dyadic partners share ytid and scene, with speakers A and B
+    a, b = table[table.conversation == 0].sort_values("side").clip_id
+    ma, mb = CLIP_RE.match(a), CLIP_RE.match(b)
+    assert (ma["ytid"], ma["scene"], ma["side"]) == (mb["ytid"], mb["scene"], "A") and mb["side"] == "B"
+    assert (root / cfg.corpus.report_dir / "contact_sheet.png").stat().st_size > 10_000
+
+
+def test_mp4_is_h264_25fps_with_16k_aac_of_the_whole_conversation(corpus):
+    root, cfg, _, table = corpus
+    conv = table[table.conversation == 0].sort_values("side")
+    audios = []
+    for row in conv.itertuples():
+        info = probe(root / row.video_path)
+        assert (info.video_codec, info.fps, info.width, info.height) == ("h264", 25.0, 256, 320)
+        assert (info.audio_codec, info.sample_rate, info.channels) == ("aac", 16000, 1)
+        assert abs(info.duration_s - 6.0) < 0.1
+        audios.append(read_audio(root / row.video_path, 16000))
+    # both sides carry the same mixed audio, and it holds both voices: loud in A's turns and in B's turns
+    n = min(map(len, audios))
+    assert np.corrcoef(audios[0][:n], audios[1][:n])[0, 1] > 0.99
+    gt = json.loads((root / conv.iloc[0].gt_path).read_text())
+    env = np.array([np.sqrt(np.mean(audios[0][int(i * 640):int((i + 1) * 640)] ** 2)) for i in range(150)])
+    own, other = np.array(gt["speaking"]) > 0, np.array(gt["partner_speaking"]) > 0
+    silent = ~own & ~other
+    assert own.any() and other.any()
+    assert env[own].mean() > 5 * env[silent].mean() and env[other].mean() > 5 * env[silent].mean()
+
+
+def test_merged_anno_parses_as_speakervid_record(corpus):
+    root, _, _, table = corpus
+    for row in table.itertuples():
+        rec = MergedAnno.model_validate_json((root / row.anno_path).read_text())
+        assert rec.video_name == row.clip_id and rec.num_frames == 150 and rec.clip_speaker_num == 2
+        x1, y1, x2, y2 = rec.bbox
+        assert 0 <= x1 < x2 <= 1 and 0 <= y1 < y2 <= 1
+        assert rec.end_seconds - rec.start_seconds == pytest.approx(6.0)
+
+
+def test_ground_truth_sidecar(corpus):
+    root, _, _, table = corpus
+    turned = 0
+    for row in table.itertuples():
+        gt = json.loads((root / row.gt_path).read_text())
+        for key in ("speaking", "yaw", "pitch", "roll", "mouth_open", "envelope_self"):
+            assert len(gt[key]) == 150, key
+        speaking = np.array(gt["speaking"])
+        assert 0.1 < speaking.mean() < 0.9
+        mouth = np.array(gt["mouth_open"])
+        assert mouth[speaking == 0].max() == 0.0 and mouth[speaking == 1].max() > 0.8
+        turned += np.abs(gt["yaw"]).max() > 45
+    assert turned >= 3  # big_turn_prob=1: nearly every side turns past 45 degrees once
+
+
+def test_same_seed_identical_files_other_seed_differs(corpus, tmp_path):
+    root, cfg, _, _ = corpus
+    first = _files(root, cfg.corpus.out_dir)
+    _, again = generate(tmp_path / "again")
+    assert again.metrics["clips_ok"] == 4
+    second = _files(tmp_path / "again", cfg.corpus.out_dir)
+    assert first.keys() == second.keys() and len(first) == 12
+    assert all(first[k] == second[k] for k in first), [k for k in first if first[k] != second[k]]
+    _, other = generate(tmp_path / "other", "corpus.seed=5")
+    third = _files(tmp_path / "other", cfg.corpus.out_dir)
+    assert not set(first) & set(third)  # other ids
+    assert [v for k, v in sorted(first.items()) if k.endswith(".mp4")] != \
+        [v for k, v in sorted(third.items()) if k.endswith(".mp4")]
+
+
+def test_mouth_follows_own_speech_and_face_is_found(corpus):
+    root, _, _, table = corpus
+    mesh = FaceMesh(static_image_mode=True)
+    own_r, partner_r, found, frontal = [], [], 0, 0
+    for row in table.itertuples():
+        gt = json.loads((root / row.gt_path).read_text())
+        frames = read_frames(root / row.video_path)
+        yaw = np.abs(np.array(gt["yaw"]))
+        opening, env_self, env_other = [], [], []
+        for i, frame in enumerate(frames):
+            if yaw[i] >= 30:
+                continue
+            frontal += 1
+            lm = mesh(frame)
+            if lm is None:
+                continue
+            found += 1
+            opening.append(mouth_opening(lm))
+            env_self.append(gt["envelope_self"][i])
+            env_other.append(gt["envelope_partner"][i])
+        own_r.append(np.corrcoef(opening, env_self)[0, 1])
+        partner_r.append(np.corrcoef(opening, env_other)[0, 1])
+    print("own r", np.round(own_r, 3), "partner r", np.round(partner_r, 3), "found", found, "/", frontal)
+    assert found / frontal >= 0.95
+    assert min(own_r) >= 0.6
+    assert max(partner_r) < 0.2
+
+
+def test_resume_skips_finished_and_redoes_missing(corpus):
+    root, cfg, _, table = corpus
+    _, again = generate(root)
+    assert again.metrics["conversations_generated"] == 0 and again.metrics["clips_ok"] == 4
+    (root / table.iloc[0].gt_path).unlink()  # conversation 0 lost its completion marker
+    _, redo = generate(root)
+    assert redo.metrics["conversations_generated"] == 1 and redo.metrics["conversations_skipped"] == 1
+    _, fewer = generate(root, "corpus.num_conversations=1")
+    assert len(list((root / cfg.corpus.out_dir / "videos").glob("*.mp4"))) == 2  # stale clips removed
+
+
+def test_bad_photo_is_quarantined_and_the_batch_goes_on(tmp_path):
+    from PIL import Image
+    from skimage import data
+
+    noface = tmp_path / "coffee.png"
+    Image.fromarray(data.coffee()).save(noface)
+    cfg, result = generate(tmp_path / "p", f"corpus.extra_faces=['{noface}']", "corpus.num_conversations=3",
+                           "corpus.duration_s=2", "corpus.big_turn_prob=0")
+    table = pd.read_parquet(tmp_path / "p" / cfg.corpus.out_dir / "corpus.parquet")
+    assert result.metrics["clips_ok"] == 2 and result.metrics["clips_failed"] == 4
+    failed = table[table.status == "failed"]
+    assert set(failed.conversation) == {1, 2} and all("coffee.png" in r for r in failed.reason)
+
+
+def test_missing_photo_stops_before_any_work(tmp_path):
+    from tasks.corpus.faces import FaceError
+
+    with pytest.raises(FaceError, match="corpus.extra_faces: .*nothere.jpg does not exist"):
+        generate(tmp_path / "q", "corpus.extra_faces=[nothere.jpg]")
+    assert not list((tmp_path / "q").rglob("*.mp4"))

@@ -1,0 +1,93 @@
+"""The backbone: Prefect flow, DVC stages and MLflow runs agree, in a temporary clone of the project."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from tests.conftest import tool_env
+
+TINY = {"num_conversations": 1, "duration_s": 3.0, "workers": 1}
+
+
+def set_params(root, **corpus):
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["corpus"].update(corpus)
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+def dvc(root, *args) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=root, env=tool_env(root), capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc
+
+
+def runs(root):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{root / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("streamavatar")
+    return client, client.search_runs([exp.experiment_id], order_by=["attributes.start_time ASC"])
+
+
+@pytest.mark.slow
+def test_dvc_repro_twice_then_only_on_change(clone):
+    set_params(clone, **TINY)
+    first = dvc(clone, "repro")
+    assert "Running stage 'corpus'" in first.stdout
+    assert len(list((clone / "data/raw/synthetic/videos").glob("*.mp4"))) == 2
+    second = dvc(clone, "repro")
+    assert "Running stage" not in second.stdout and "up to date" in second.stdout
+    assert "up to date" in dvc(clone, "status").stdout
+    # the CLI run (dvc's cmd) was tracked in MLflow with its metrics and contact sheet
+    client, found = runs(clone)
+    assert [r.data.tags["streamavatar.stage"] for r in found] == ["corpus"]
+    assert found[0].data.metrics["clips_ok"] == 2
+    assert "corpus/contact_sheet.png" in [a.path for a in client.list_artifacts(found[0].info.run_id, "corpus")]
+    # one parameter changes: DVC sees it and re-runs the stage
+    set_params(clone, seed=3)
+    assert "corpus" in dvc(clone, "status").stdout
+    assert "Running stage 'corpus'" in dvc(clone, "repro").stdout
+
+
+@pytest.mark.slow
+def test_full_pipeline_flow_records_mlflow_and_leaves_dvc_clean(clone):
+    from prefect.testing.utilities import prefect_test_harness
+
+    from flows.full_pipeline import full_pipeline
+
+    set_params(clone, **TINY)
+    with prefect_test_harness(server_startup_timeout=120):
+        result = full_pipeline(root=str(clone))
+        assert result["stages"]["corpus"]["status"] == "ran"
+        assert result["stages"]["corpus"]["dvc"] == "recorded in dvc.lock"
+        again = full_pipeline(root=str(clone))
+        assert again["stages"]["corpus"]["status"] == "up-to-date"
+        # an override that differs from params.yaml runs, but is not claimed in dvc.lock
+        other = full_pipeline(root=str(clone), sets=["corpus.seed=4"])
+        assert other["stages"]["corpus"]["status"] == "ran"
+        assert "not recorded in dvc.lock" in other["stages"]["corpus"]["dvc"]
+        with pytest.raises(ValueError, match="unknown stage"):
+            full_pipeline(root=str(clone), stages=["nope"])
+        # seed 4 changed the outputs: back to params.yaml settings and DVC is clean again
+        full_pipeline(root=str(clone))
+    assert "up to date" in dvc(clone, "status").stdout
+    repro = dvc(clone, "repro")
+    assert "Running stage" not in repro.stdout
+    client, found = runs(clone)
+    parents = [r for r in found if r.data.tags.get("streamavatar.kind") == "pipeline"]
+    children = [r for r in found if r.data.tags.get("streamavatar.kind") == "stage"]
+    assert len(parents) == 4
+    first_parent = parents[0].info.run_id
+    nested = [r for r in children if r.data.tags.get("mlflow.parentRunId") == first_parent]
+    assert [r.data.tags["streamavatar.stage"] for r in nested] == ["corpus"]
+    assert nested[0].data.metrics["clips_ok"] == 2 and nested[0].data.params["corpus.num_conversations"] == "1"
+    arts = [a.path for a in client.list_artifacts(nested[0].info.run_id, "corpus")]
+    assert {"corpus/contact_sheet.png", "corpus/metrics.json", "corpus/corpus.parquet"} <= set(arts)
+    # the second run found the stage up to date and said so in its nested run
+    skipped = [r for r in children if r.data.tags.get("mlflow.parentRunId") == parents[1].info.run_id]
+    assert skipped[0].data.tags["streamavatar.status"] == "up-to-date"

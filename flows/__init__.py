@@ -4,14 +4,14 @@ project (PREFECT_HOME under the repo) and turns every tool's telemetry off, befo
 from __future__ import annotations
 
 import os
-from pathlib import Path
+
+from tasks.config import project_root
 
 
 def _configure_environment() -> None:
-    root = Path(os.environ.get("STREAMAVATAR_ROOT") or Path.cwd()).resolve()
+    root = project_root()
     os.environ.setdefault("PREFECT_HOME", str(root / ".prefect"))
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    os.environ.setdefault("PREFECT_UI_ENABLED", "false") if not os.environ.get("PREFECT_API_URL") else None
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     os.environ.setdefault("DVC_NO_ANALYTICS", "1")
     os.environ.setdefault("DO_NOT_TRACK", "1")

@@ -292,8 +292,15 @@ def _resolve(path: Path, root: Path) -> Path:
 
 
 def project_root() -> Path:
-    """The project checkout the stages work in: $STREAMAVATAR_ROOT, else the working directory."""
-    return Path(os.environ.get("STREAMAVATAR_ROOT") or Path.cwd()).resolve()
+    """The project checkout the stages work in: $STREAMAVATAR_ROOT, else the nearest folder at or above the
+    working directory that holds params.yaml and dvc.yaml, else the working directory."""
+    if os.environ.get("STREAMAVATAR_ROOT"):
+        return Path(os.environ["STREAMAVATAR_ROOT"]).resolve()
+    cwd = Path.cwd().resolve()
+    for folder in (cwd, *cwd.parents):
+        if (folder / DEFAULT_PARAMS).is_file() and (folder / "dvc.yaml").is_file():
+            return folder
+    return cwd
 
 
 def to_yaml(cfg: Config) -> str:

@@ -16,8 +16,15 @@ import cv2
 import numpy as np
 
 from tasks.common.facemesh import (
-    BROWS, EYE_CORNERS, EYELID_PAIRS, FACE_OVAL, LIPS_INNER_LOWER, LIPS_INNER_UPPER, LIPS_OUTER_LOWER,
-    LIPS_OUTER_UPPER, NOSE,
+    BROWS,
+    EYE_CORNERS,
+    EYELID_PAIRS,
+    FACE_OVAL,
+    LIPS_INNER_LOWER,
+    LIPS_INNER_UPPER,
+    LIPS_OUTER_LOWER,
+    LIPS_OUTER_UPPER,
+    NOSE,
 )
 from tasks.common.pose import angles_from_rotation, head_frame, rotation_from_angles
 from tasks.corpus.faces import Identity

@@ -1,0 +1,42 @@
+"""Every stage is wired the same way: registry (CLI), Prefect flow, dvc.yaml stage."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+from flows.cli import build_parser
+from flows.full_pipeline import STAGE_FLOWS, full_pipeline
+from tasks.registry import ORDER, STAGES
+from tasks.runner import stage_params
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_each_stage_has_cli_flow_and_dvc_stage():
+    dvc = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    commands = build_parser()._subparsers._group_actions[0].choices
+    assert full_pipeline.name == "full-pipeline"
+    for name in ORDER:
+        assert name in commands
+        assert STAGE_FLOWS[name].name == name
+        assert dvc[name]["cmd"] == f"streamavatar {name}"
+        assert dvc[name]["outs"], name
+    assert list(dvc) == ORDER == list(STAGES)
+    assert stage_params(REPO, "corpus") == ["corpus"]
+
+
+def test_cli_reports_config_errors_with_exit_code_2(tmp_path):
+    env_bin = Path(sys.executable).parent
+    proc = subprocess.run([str(env_bin / "streamavatar"), "config", "--set", "corpus.num_convs=3"], cwd=REPO,
+                          capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert "unknown key 'corpus.num_convs'" in proc.stderr and "num_conversations" in proc.stderr
+    ok = subprocess.run([str(env_bin / "streamavatar"), "config", "--config", "configs/paper.yaml",
+                         "--set", "corpus.seed=3"], cwd=REPO / "tasks", capture_output=True, text=True)
+    assert ok.returncode == 0, ok.stderr
+    cfg = yaml.safe_load(ok.stdout)
+    assert cfg["corpus"]["seed"] == 3 and cfg["video"]["width"] == 928  # found the project from a subfolder

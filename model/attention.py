@@ -1,0 +1,144 @@
+"""Which frames a chunk may attend to, at which RoPE time index, and the rolling KV cache.
+
+One set of rules serves the block-causal training mask and cached streaming inference, so that the two
+paths see the same keys at the same positions (tests/test_model_streaming.py proves they agree):
+
+* frame 0 is the reference chunk; after it come chunks of ``chunk_frames`` latent frames. A chunk sees
+  every earlier chunk it is allowed to (causal between chunks) and all of itself (bidirectional inside);
+* the Reference Sink: frames ``< sink_frames`` (the reference plus the first chunk, paper 3.1.1) are
+  always visible and never evicted; other past frames are visible while they are among the last
+  ``window_frames`` non-sink frames (the rolling window);
+* RAPR: keys are cached BEFORE RoPE. When a chunk ends at frame ``e``, every non-sink frame ``t`` is
+  rotated at ``t - max(0, e - D)``, so the chunk's last frame sits at ``min(e, D)`` and all distances
+  between generated frames are kept, while sink frames stay anchored at their own index (the reference at
+  0). No index ever exceeds ``max(D, sink_frames - 1)`` however long the stream runs. With ``rapr=False``
+  every frame is rotated at its absolute index (vanilla RoPE).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class CausalLayout:
+    chunk_frames: int  # C
+    sink_frames: int  # 0 (no sink), 1 (reference only) or 1 + k*C (reference + first k chunks)
+    window_frames: int  # W, rolling window of non-sink frames
+    rapr: bool = True
+    max_distance: int = 10  # D
+
+    def __post_init__(self) -> None:
+        if self.chunk_frames < 1 or self.window_frames < 0 or self.max_distance < 1:
+            raise ValueError(f"invalid causal layout {self}")
+        if self.sink_frames > 1 and (self.sink_frames - 1) % self.chunk_frames:
+            raise ValueError(
+                f"sink_frames={self.sink_frames} must be 0, 1 or 1 + a multiple of chunk_frames={self.chunk_frames}"
+            )
+
+    def chunks(self, num_frames: int) -> list[tuple[int, int]]:
+        """[start, end) of the reference chunk and every generation chunk of a ``num_frames`` sequence."""
+        if num_frames < 1 or (num_frames - 1) % self.chunk_frames:
+            raise ValueError(
+                f"a block-causal sequence has 1 reference frame + whole chunks of {self.chunk_frames}; "
+                f"got {num_frames} latent frames"
+            )
+        bounds = [(0, 1)]
+        bounds += [(s, s + self.chunk_frames) for s in range(1, num_frames, self.chunk_frames)]
+        return bounds
+
+    def is_sink(self, frame: int) -> bool:
+        return frame < self.sink_frames
+
+    def visible(self, start: int, end: int) -> list[int]:
+        """Key frames (ascending) that the chunk [start, end) attends to."""
+        sink = [f for f in range(min(start, self.sink_frames))]
+        first_window = max(self.sink_frames, start - self.window_frames)
+        return sink + list(range(first_window, start)) + list(range(start, end))
+
+    def shift(self, end: int) -> int:
+        return max(0, end - 1 - self.max_distance) if self.rapr else 0
+
+    def time_index(self, frames: list[int], end: int) -> list[int]:
+        """RoPE time index of each frame for the chunk that ends (exclusive) at ``end``."""
+        shift = self.shift(end)
+        return [f if self.is_sink(f) else f - shift for f in frames]
+
+
+def block_causal_mask(num_frames: int, layout: CausalLayout) -> torch.Tensor:
+    """Frame-level boolean mask [query frame, key frame]: True where attention is allowed."""
+    mask = torch.zeros(num_frames, num_frames, dtype=torch.bool)
+    for start, end in layout.chunks(num_frames):
+        mask[start:end, layout.visible(start, end)] = True
+    return mask
+
+
+class KVCache:
+    """Per-layer keys (normalised, BEFORE RoPE) and values of past frames: a sink and a rolling window.
+
+    Tensors are [batch, frames, tokens_per_frame, heads, head_dim]. The sink is written once and never
+    touched again; the window keeps the newest ``window_frames`` non-sink frames. Frame bookkeeping is
+    plain Python (no device syncs).
+    """
+
+    def __init__(self, layout: CausalLayout, num_layers: int) -> None:
+        self.layout = layout
+        self.num_layers = num_layers
+        self.sink_frames: list[int] = []
+        self.window_frames: list[int] = []
+        empty: list[torch.Tensor | None] = [None] * num_layers
+        self.sink_k, self.sink_v = list(empty), list(empty)
+        self.win_k, self.win_v = list(empty), list(empty)
+
+    @property
+    def frames(self) -> list[int]:
+        return self.sink_frames + self.window_frames
+
+    def __len__(self) -> int:
+        return len(self.sink_frames) + len(self.window_frames)
+
+    def keys(self, layer: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        parts_k = [t for t in (self.sink_k[layer], self.win_k[layer]) if t is not None]
+        parts_v = [t for t in (self.sink_v[layer], self.win_v[layer]) if t is not None]
+        if not parts_k:
+            return None, None
+        return torch.cat(parts_k, dim=1), torch.cat(parts_v, dim=1)
+
+    def write(self, layer: int, frames: list[int], k: torch.Tensor, v: torch.Tensor) -> None:
+        """Add one chunk's keys/values ([B, len(frames), tokens, heads, dim]) to ``layer``."""
+        n_sink = sum(1 for f in frames if self.layout.is_sink(f))
+        if n_sink:
+            self.sink_k[layer] = _append(self.sink_k[layer], k[:, :n_sink])
+            self.sink_v[layer] = _append(self.sink_v[layer], v[:, :n_sink])
+        if n_sink < len(frames):
+            keep = self.layout.window_frames
+            self.win_k[layer] = _append(self.win_k[layer], k[:, n_sink:])[:, -keep:] if keep else None
+            self.win_v[layer] = _append(self.win_v[layer], v[:, n_sink:])[:, -keep:] if keep else None
+
+    def advance(self, frames: list[int]) -> None:
+        """Record that ``frames`` were written to every layer (call once per chunk, after all layers)."""
+        for f in frames:
+            if self.layout.is_sink(f):
+                self.sink_frames.append(f)
+            else:
+                self.window_frames.append(f)
+        keep = self.layout.window_frames
+        self.window_frames = self.window_frames[-keep:] if keep else []
+
+    def nbytes(self) -> int:
+        tensors = [t for group in (self.sink_k, self.sink_v, self.win_k, self.win_v) for t in group]
+        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+
+def _append(old: torch.Tensor | None, new: torch.Tensor) -> torch.Tensor:
+    new = new.detach()
+    return new if old is None else torch.cat([old, new], dim=1)
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """SDPA on [B, tokens, heads, dim] tensors; returns [B, tokens, heads*dim]."""
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+    return out.transpose(1, 2).flatten(2, 3)

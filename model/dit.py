@@ -1,0 +1,416 @@
+"""AudioDiT: the Wan2.x video transformer plus the paper's two audio attentions, in three attention modes.
+
+Parameter names and numerics follow diffusers' ``WanTransformer3DModel`` (Wan2.2-TI2V flavour: one
+timestep per latent frame, the clean reference as frame 0 at timestep 0), so its state dict loads as is
+and, with the audio modules at their zero init, the forward equals diffusers' (tests/test_model_dit.py).
+Added in every block, after the text cross-attention (paper 3.2):
+
+* ``audio_attn``    -- Audio Attention: video tokens attend to the TALKING audio features of their frame;
+* ``interact_attn`` -- Interact Audio Attention: the same, to the LISTENING features.
+
+Both output projections start at zero, so a freshly loaded pretrained model is unchanged at step 0.
+
+One class serves the teacher and the student; ``attention`` picks the mode at run time:
+``"bidirectional"`` (teacher), ``"block_causal"`` (training mask over a whole clip) and ``"streaming"``
+(one chunk against a :class:`~model.attention.KVCache`). See model/attention.py for the rules.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from diffusers.models.attention import FeedForward
+from diffusers.models.normalization import FP32LayerNorm
+from diffusers.models.transformers.transformer_wan import WanAttention, WanTimeTextImageEmbedding
+from torch import nn
+
+from model.attention import CausalLayout, KVCache, attend
+from model.rope import RotaryEmbedding3D, apply_rotary
+
+
+@dataclass
+class DiTSpec:
+    """Architecture sizes. Field names follow diffusers' WanTransformer3DModel config where they exist."""
+
+    patch_size: tuple[int, int, int] = (1, 2, 2)
+    num_attention_heads: int = 2
+    attention_head_dim: int = 16
+    in_channels: int = 16
+    out_channels: int = 16
+    text_dim: int = 32
+    freq_dim: int = 256
+    ffn_dim: int = 128
+    num_layers: int = 2
+    cross_attn_norm: bool = True
+    eps: float = 1e-6
+    rope_theta: float = 10000.0
+    audio_dim: int = 0  # per-token audio feature size; 0 builds no audio modules (plain Wan)
+
+    @property
+    def dim(self) -> int:
+        return self.num_attention_heads * self.attention_head_dim
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_wan_config(cls, cfg: dict, audio_dim: int) -> DiTSpec:
+        """Sizes from a diffusers ``transformer/config.json``; refuses variants we do not reproduce."""
+        if cfg.get("image_dim") or cfg.get("added_kv_proj_dim"):
+            raise ValueError("Wan image-conditioned (I2V CLIP) transformers are not supported: use a TI2V/T2V model")
+        if cfg.get("qk_norm", "rms_norm_across_heads") != "rms_norm_across_heads":
+            raise ValueError(f"unsupported qk_norm {cfg.get('qk_norm')!r}")
+        return cls(
+            patch_size=tuple(cfg.get("patch_size", (1, 2, 2))),
+            num_attention_heads=cfg["num_attention_heads"],
+            attention_head_dim=cfg["attention_head_dim"],
+            in_channels=cfg["in_channels"],
+            out_channels=cfg.get("out_channels") or cfg["in_channels"],
+            text_dim=cfg["text_dim"],
+            freq_dim=cfg.get("freq_dim", 256),
+            ffn_dim=cfg["ffn_dim"],
+            num_layers=cfg["num_layers"],
+            cross_attn_norm=cfg.get("cross_attn_norm", True),
+            eps=cfg.get("eps", 1e-6),
+            audio_dim=audio_dim,
+        )
+
+
+@dataclass
+class PreparedContext:
+    """Text cross-attention keys/values of every layer, computed once per prompt (the prompt is fixed)."""
+
+    kv: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
+
+
+class AudioAttention(nn.Module):
+    """Frame-local cross-attention: the tokens of latent frame f attend to the audio tokens of frame f."""
+
+    def __init__(self, dim: int, heads: int, eps: float) -> None:
+        super().__init__()
+        self.heads = heads
+        self.norm = FP32LayerNorm(dim, eps, elementwise_affine=True)
+        self.to_q = nn.Linear(dim, dim)
+        self.to_k = nn.Linear(dim, dim)
+        self.to_v = nn.Linear(dim, dim)
+        self.norm_q = nn.RMSNorm(dim, eps=eps)
+        self.norm_k = nn.RMSNorm(dim, eps=eps)
+        self.to_out = nn.Linear(dim, dim)
+        nn.init.zeros_(self.to_out.weight)  # the pretrained video model is unchanged at step 0
+        nn.init.zeros_(self.to_out.bias)
+
+    def forward(self, x: torch.Tensor, audio: torch.Tensor) -> torch.Tensor:
+        """x: [B, F, tokens, dim]; audio: [B, F, A, dim] (already embedded). Returns [B, F, tokens, dim]."""
+        b, f, n, d = x.shape
+        h = self.norm(x.float()).type_as(x)
+        q = self.norm_q(self.to_q(h)).reshape(b * f, n, self.heads, -1)
+        k = self.norm_k(self.to_k(audio)).reshape(b * f, audio.shape[2], self.heads, -1)
+        v = self.to_v(audio).reshape(b * f, audio.shape[2], self.heads, -1)
+        return self.to_out(attend(q, k, v)).reshape(b, f, n, d)
+
+
+class AudioEmbedder(nn.Module):
+    """Projects per-token audio features (wav2vec2 layers or log-mel) into the model width."""
+
+    def __init__(self, audio_dim: int, dim: int) -> None:
+        super().__init__()
+        self.linear_1 = nn.Linear(audio_dim, dim)
+        self.act = nn.GELU(approximate="tanh")
+        self.linear_2 = nn.Linear(dim, dim)
+
+    def forward(self, audio: torch.Tensor) -> torch.Tensor:
+        return self.linear_2(self.act(self.linear_1(audio)))
+
+
+@dataclass
+class _Segment:
+    """One SDPA call of self-attention: a token range of queries and the frames it reads keys from."""
+
+    query: slice  # token range in the current input
+    key_frames: list[int] | None  # frames of the current input to gather keys from (None: all)
+    cos_q: torch.Tensor
+    sin_q: torch.Tensor
+    cos_k: torch.Tensor
+    sin_k: torch.Tensor
+
+
+class AudioDiTBlock(nn.Module):
+    def __init__(self, spec: DiTSpec) -> None:
+        super().__init__()
+        dim, heads = spec.dim, spec.num_attention_heads
+        # Names mirror diffusers' WanTransformerBlock so pretrained weights load unchanged.
+        self.norm1 = FP32LayerNorm(dim, spec.eps, elementwise_affine=False)
+        self.attn1 = WanAttention(dim=dim, heads=heads, dim_head=spec.attention_head_dim, eps=spec.eps)
+        self.attn2 = WanAttention(
+            dim=dim, heads=heads, dim_head=spec.attention_head_dim, eps=spec.eps,
+            cross_attention_dim_head=spec.attention_head_dim,
+        )  # fmt: skip
+        self.norm2 = FP32LayerNorm(dim, spec.eps, elementwise_affine=True) if spec.cross_attn_norm else nn.Identity()
+        self.ffn = FeedForward(dim, inner_dim=spec.ffn_dim, activation_fn="gelu-approximate")
+        self.norm3 = FP32LayerNorm(dim, spec.eps, elementwise_affine=False)
+        self.scale_shift_table = nn.Parameter(torch.randn(1, 6, dim) / dim**0.5)
+        self.audio_attn = AudioAttention(dim, heads, spec.eps) if spec.audio_dim else None
+        self.interact_attn = AudioAttention(dim, heads, spec.eps) if spec.audio_dim else None
+
+    def text_kv(self, text: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        attn = self.attn2
+        k = attn.norm_k(attn.to_k(text)).unflatten(2, (attn.heads, -1))
+        v = attn.to_v(text).unflatten(2, (attn.heads, -1))
+        return k, v
+
+    def self_attention(
+        self,
+        x: torch.Tensor,
+        segments: list[_Segment],
+        frames: int,
+        cache: KVCache | None,
+        layer: int,
+        write: list[int] | None,
+    ) -> torch.Tensor:
+        attn = self.attn1
+        b, n, _ = x.shape
+        q = attn.norm_q(attn.to_q(x)).unflatten(2, (attn.heads, -1))
+        k = attn.norm_k(attn.to_k(x)).unflatten(2, (attn.heads, -1))
+        v = attn.to_v(x).unflatten(2, (attn.heads, -1))
+        k_frames = k.unflatten(1, (frames, -1))  # [B, F, tokens, heads, dim], keys before RoPE
+        v_frames = v.unflatten(1, (frames, -1))
+        past_k, past_v = cache.keys(layer) if cache is not None else (None, None)
+        outs = []
+        for seg in segments:
+            if seg.key_frames is None:
+                kk, vv = k_frames, v_frames
+            else:
+                kk, vv = k_frames[:, seg.key_frames], v_frames[:, seg.key_frames]
+            if past_k is not None:
+                kk, vv = torch.cat([past_k, kk], dim=1), torch.cat([past_v, vv], dim=1)
+            qq = apply_rotary(q[:, seg.query], seg.cos_q, seg.sin_q)
+            kk = apply_rotary(kk.flatten(1, 2), seg.cos_k, seg.sin_k)
+            outs.append(attend(qq, kk, vv.flatten(1, 2)).type_as(q))
+        if write is not None and cache is not None:
+            cache.write(layer, write, k_frames, v_frames)
+        out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
+        return attn.to_out[0](out)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        temb: torch.Tensor,
+        text_kv: tuple[torch.Tensor, torch.Tensor],
+        segments: list[_Segment],
+        frames: int,
+        audio_talk: torch.Tensor | None = None,
+        audio_listen: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        layer: int = 0,
+        write: list[int] | None = None,
+    ) -> torch.Tensor:
+        b, n, d = x.shape
+        # temb: [B, F, 6, dim], one modulation per latent frame (Wan2.2-TI2V's expanded timesteps)
+        mod = (self.scale_shift_table.unsqueeze(0) + temb.float()).unsqueeze(2)  # [B, F, 1, 6, dim]
+        shift, scale, gate, c_shift, c_scale, c_gate = mod.unbind(3)  # each [B, F, 1, dim]
+
+        def modulate(norm: nn.Module, h: torch.Tensor, sc: torch.Tensor, sh: torch.Tensor) -> torch.Tensor:
+            return (norm(h.float()).unflatten(1, (frames, -1)) * (1 + sc) + sh).flatten(1, 2).type_as(h)
+
+        def gated(h: torch.Tensor, y: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+            return (h.float() + (y.float().unflatten(1, (frames, -1)) * g).flatten(1, 2)).type_as(h)
+
+        # 1. self-attention (bidirectional / block-causal / cached streaming, decided by the segments)
+        h = modulate(self.norm1, x, scale, shift)
+        x = gated(x, self.self_attention(h, segments, frames, cache, layer, write), gate)
+
+        # 2. text cross-attention
+        h = self.norm2(x.float()).type_as(x)
+        attn = self.attn2
+        q = attn.norm_q(attn.to_q(h)).unflatten(2, (attn.heads, -1))
+        x = x + attn.to_out[0](attend(q, *text_kv).type_as(q))
+
+        # 3. audio attention (talking) and interact audio attention (listening), frame-local
+        if self.audio_attn is not None and audio_talk is not None:
+            xf = x.unflatten(1, (frames, -1))
+            x = x + self.audio_attn(xf, audio_talk).flatten(1, 2)
+            if audio_listen is not None:
+                x = x + self.interact_attn(xf, audio_listen).flatten(1, 2)
+
+        # 4. feed-forward
+        h = modulate(self.norm3, x, c_scale, c_shift)
+        return gated(x, self.ffn(h), c_gate)
+
+
+class AudioDiT(nn.Module):
+    def __init__(self, spec: DiTSpec) -> None:
+        super().__init__()
+        if spec.patch_size[0] != 1:
+            raise ValueError("chunks are whole latent frames: the temporal patch size must be 1")
+        self.spec = spec
+        dim = spec.dim
+        self.rope = RotaryEmbedding3D(spec.attention_head_dim, spec.rope_theta)
+        self.patch_embedding = nn.Conv3d(spec.in_channels, dim, kernel_size=spec.patch_size, stride=spec.patch_size)
+        self.condition_embedder = WanTimeTextImageEmbedding(
+            dim=dim, time_freq_dim=spec.freq_dim, time_proj_dim=dim * 6, text_embed_dim=spec.text_dim
+        )
+        self.audio_embedder = AudioEmbedder(spec.audio_dim, dim) if spec.audio_dim else None
+        self.blocks = nn.ModuleList([AudioDiTBlock(spec) for _ in range(spec.num_layers)])
+        self.norm_out = FP32LayerNorm(dim, spec.eps, elementwise_affine=False)
+        self.proj_out = nn.Linear(dim, spec.out_channels * math.prod(spec.patch_size))
+        self.scale_shift_table = nn.Parameter(torch.randn(1, 2, dim) / dim**0.5)
+
+    # -- conditioning -------------------------------------------------------------------------------------
+    def prepare_text(self, text: torch.Tensor) -> PreparedContext:
+        """Embed the prompt and compute every layer's cross-attention K/V once."""
+        states = self.condition_embedder.text_embedder(text)
+        return PreparedContext([block.text_kv(states) for block in self.blocks])
+
+    def embed_audio(self, audio: torch.Tensor | None) -> torch.Tensor | None:
+        if audio is None or self.audio_embedder is None:
+            return None
+        return self.audio_embedder(audio)
+
+    def _time_embedding(self, timestep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-frame timesteps [B, F] -> temb [B, F, dim] and its projection [B, F, 6, dim]."""
+        emb = self.condition_embedder
+        b, f = timestep.shape
+        t = emb.timesteps_proj(timestep.flatten()).unflatten(0, (b, f))
+        dtype = next(iter(emb.time_embedder.parameters())).dtype
+        temb = emb.time_embedder(t.to(dtype)).type_as(self.proj_out.weight)
+        proj = emb.time_proj(emb.act_fn(temb)).unflatten(2, (6, -1))
+        return temb, proj
+
+    # -- attention plans ------------------------------------------------------------------------------------
+    def _plan(
+        self,
+        attention: str,
+        frames: int,
+        height: int,
+        width: int,
+        layout: CausalLayout | None,
+        cache: KVCache | None,
+        frame_start: int,
+        device: torch.device,
+    ) -> list[_Segment]:
+        tpf = height * width
+
+        def rope(index: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+            return self.rope(torch.tensor(index, device=device), height, width)
+
+        if attention == "bidirectional":
+            cos, sin = rope(list(range(frames)))
+            return [_Segment(slice(None), None, cos, sin, cos, sin)]
+        if layout is None:
+            raise ValueError(f"attention={attention!r} needs a CausalLayout")
+        if attention == "block_causal":
+            segments = []
+            for start, end in layout.chunks(frames):
+                keys = layout.visible(start, end)
+                cos_q, sin_q = rope(layout.time_index(list(range(start, end)), end))
+                cos_k, sin_k = rope(layout.time_index(keys, end))
+                segments.append(_Segment(slice(start * tpf, end * tpf), keys, cos_q, sin_q, cos_k, sin_k))
+            return segments
+        if attention == "streaming":
+            if cache is None:
+                raise ValueError("streaming attention needs a KVCache")
+            end = frame_start + frames
+            own = list(range(frame_start, end))
+            cos_q, sin_q = rope(layout.time_index(own, end))
+            cos_k, sin_k = rope(layout.time_index(cache.frames + own, end))
+            return [_Segment(slice(None), None, cos_q, sin_q, cos_k, sin_k)]
+        raise ValueError(f"unknown attention mode {attention!r}; use bidirectional, block_causal or streaming")
+
+    # -- forward --------------------------------------------------------------------------------------------
+    def forward(
+        self,
+        latents: torch.Tensor,
+        timestep: torch.Tensor,
+        text: torch.Tensor | PreparedContext,
+        audio_talk: torch.Tensor | None = None,
+        audio_listen: torch.Tensor | None = None,
+        *,
+        attention: str = "bidirectional",
+        layout: CausalLayout | None = None,
+        cache: KVCache | None = None,
+        frame_start: int = 0,
+        write_cache: bool = False,
+    ) -> torch.Tensor:
+        """Predict the flow-matching velocity.
+
+        latents [B, C, F, H, W]; timestep [B, F] (one per latent frame, 0 for the clean reference) or [B];
+        text [B, L, text_dim] or a :class:`PreparedContext`; audio_talk / audio_listen [B, F, A, audio_dim]
+        per latent frame (talking = features x mask, listening = features x (1 - mask)).
+        In ``"streaming"`` mode ``latents`` is one chunk whose first frame has absolute index
+        ``frame_start``; with ``write_cache`` its keys/values are added to ``cache`` afterwards.
+        """
+        b, _, frames, height, width = latents.shape
+        p_t, p_h, p_w = self.spec.patch_size
+        hp, wp = height // p_h, width // p_w
+        if timestep.ndim == 1:
+            timestep = timestep[:, None].expand(b, frames)
+
+        # 1. patchify; per-frame time modulation; conditioning
+        x = self.patch_embedding(latents).flatten(2).transpose(1, 2).contiguous()
+        temb, temb_proj = self._time_embedding(timestep)
+        context = text if isinstance(text, PreparedContext) else self.prepare_text(text)
+        talk, listen = self.embed_audio(audio_talk), self.embed_audio(audio_listen)
+        segments = self._plan(attention, frames, hp, wp, layout, cache, frame_start, latents.device)
+        write = list(range(frame_start, frame_start + frames)) if (write_cache and cache is not None) else None
+
+        # 2. transformer blocks
+        for i, block in enumerate(self.blocks):
+            x = block(x, temb_proj, context.kv[i], segments, frames, talk, listen, cache, i, write)
+        if write is not None:
+            cache.advance(write)
+
+        # 3. output modulation, projection, unpatchify
+        shift, scale = (self.scale_shift_table.unsqueeze(0) + temb.unsqueeze(2)).unsqueeze(2).unbind(3)
+        x = (self.norm_out(x.float()).unflatten(1, (frames, -1)) * (1 + scale) + shift).flatten(1, 2).type_as(x)
+        x = self.proj_out(x)
+        x = x.reshape(b, frames, hp, wp, p_t, p_h, p_w, -1).permute(0, 7, 1, 4, 2, 5, 3, 6)
+        return x.flatten(6, 7).flatten(4, 5).flatten(2, 3)
+
+    # -- weights --------------------------------------------------------------------------------------------
+    def audio_parameter_names(self) -> set[str]:
+        return {n for n, _ in self.named_parameters() if n.startswith("audio_embedder.") or ".audio_attn." in n
+                or ".interact_attn." in n}  # fmt: skip
+
+
+def load_wan_transformer(
+    path: str | Path, audio_dim: int, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
+) -> AudioDiT:
+    """Build an AudioDiT from a local diffusers Wan transformer directory (e.g. Wan2.2-TI2V-5B-Diffusers).
+
+    ``path`` is the model root (with ``transformer/``) or the transformer folder itself. Every Wan weight
+    must be present; the audio modules (absent from Wan checkpoints) keep their zero-output init.
+    """
+    from safetensors.torch import load_file
+
+    root = Path(path)
+    folder = root / "transformer" if (root / "transformer" / "config.json").is_file() else root
+    cfg_file = folder / "config.json"
+    if not cfg_file.is_file():
+        raise FileNotFoundError(f"no diffusers transformer config at {cfg_file} (model.pretrained_path={path})")
+    spec = DiTSpec.from_wan_config(json.loads(cfg_file.read_text()), audio_dim=audio_dim)
+    shards = sorted(folder.glob("*.safetensors"))
+    if not shards:
+        raise FileNotFoundError(f"no *.safetensors weights in {folder}")
+    with torch.device("meta"):
+        model = AudioDiT(spec)
+    state: dict[str, torch.Tensor] = {}
+    for shard in shards:
+        state.update(load_file(str(shard), device=str(device)))
+    state = {k: v.to(dtype) for k, v in state.items()}
+    expected = set(model.state_dict()) - model.audio_parameter_names()
+    missing, unexpected = sorted(expected - set(state)), sorted(set(state) - set(model.state_dict()))
+    if missing or unexpected:
+        raise ValueError(f"{folder}: not a Wan transformer we can load: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    model.load_state_dict(state, strict=False, assign=True)
+    # The audio modules were built on the meta device: build them for real (zero-output init).
+    if spec.audio_dim:
+        with torch.device(device):
+            model.audio_embedder = AudioEmbedder(spec.audio_dim, spec.dim)
+            for block in model.blocks:
+                block.audio_attn = AudioAttention(spec.dim, spec.num_attention_heads, spec.eps)
+                block.interact_attn = AudioAttention(spec.dim, spec.num_attention_heads, spec.eps)
+    return model.to(dtype)

@@ -98,7 +98,16 @@ class ModelConfig(_Section):
     head_dim: int = Field(16, ge=8)
     ffn_dim: int = Field(128, ge=8)
     text_dim: int = Field(32, ge=1)
+    text_len: int = Field(8, ge=1)  # prompt tokens (umT5: 512)
+    freq_dim: int = Field(256, ge=2, multiple_of=2)
+    eps: float = Field(1e-6, gt=0)
     patch_size: tuple[int, int, int] = (1, 2, 2)
+
+    @model_validator(mode="after")
+    def _patch(self) -> ModelConfig:
+        if self.patch_size[0] != 1:
+            raise ValueError("model.patch_size: the temporal patch must be 1 (chunks are whole latent frames)")
+        return self
 
 
 class VaeConfig(_Section):
@@ -115,16 +124,30 @@ class AudioConfig(_Section):
     wav2vec2_path: str | None = None  # local path of a transformers Wav2Vec2 checkpoint
     window_frames: int = Field(2, ge=0)  # +-k video frames of audio context per frame
     n_mels: int = Field(40, ge=8)
+    wav2vec2_layers: list[int] = Field(default_factory=lambda: [-4, -3, -2, -1])  # hidden states to stack
+    sample_rate: Literal[16000] = 16000
+    vad_threshold_db: float = Field(-45.0, le=0)  # live mask: the avatar stream is speech above this level
+    history_frames: int = Field(50, ge=0)  # past video frames of audio kept as context while streaming
 
 
 class StudentConfig(_Section):
     steps: int = Field(3, ge=1)  # N
     chunk_frames: int = Field(3, ge=1)  # C, latent frames per chunk
-    sink_frames: int = Field(4, ge=1)  # reference frame + first chunk
-    window_frames: int = Field(6, ge=1)  # rolling KV window
+    sink_frames: int = Field(4, ge=0)  # Reference Sink: reference frame + first chunk (0 = no sink)
+    window_frames: int = Field(6, ge=0)  # rolling KV window of latent frames
+    rapr: bool = True  # Reference-Anchored Positional Re-encoding (False: vanilla absolute RoPE)
     rapr_max_distance: int = Field(10, ge=1)  # D
     timestep_shift: float = Field(5.0, gt=0)
     context: Literal["noisy", "clean"] = "noisy"  # paper: condition next chunk on the last noisy prediction
+
+    @model_validator(mode="after")
+    def _sink(self) -> StudentConfig:
+        if self.sink_frames > 1 and (self.sink_frames - 1) % self.chunk_frames:
+            raise ValueError(
+                f"student.sink_frames: {self.sink_frames} must be 0, 1 or 1 + a multiple of chunk_frames "
+                f"({self.chunk_frames}): the reference frame plus whole chunks"
+            )
+        return self
 
 
 class TeacherConfig(_Section):

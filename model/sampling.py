@@ -1,0 +1,82 @@
+"""Rectified-flow (flow-matching) sampling: the student's few-step sampler and the teacher's Euler + CFG.
+
+Convention (Wan): x_t = (1 - sigma) * x0 + sigma * noise, the network predicts v = noise - x0, and its
+timestep input is 1000 * sigma. Shifted schedules: sigma' = shift * s / (1 + (shift - 1) * s).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+NUM_TRAIN_TIMESTEPS = 1000
+
+
+def shift_sigma(s: torch.Tensor | float, shift: float) -> torch.Tensor | float:
+    return shift * s / (1 + (shift - 1) * s)
+
+
+def student_sigmas(steps: int, shift: float) -> list[float]:
+    """The N noise levels of the few-step student, e.g. N=3, shift 5 -> [1.0, 0.909, 0.714]."""
+    return [float(shift_sigma(1.0 - i / steps, shift)) for i in range(steps)]
+
+
+def predict_x0(x_t: torch.Tensor, velocity: torch.Tensor, sigma: torch.Tensor | float) -> torch.Tensor:
+    return x_t - sigma * velocity
+
+
+def add_noise(x0: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor | float) -> torch.Tensor:
+    return (1 - sigma) * x0 + sigma * noise
+
+
+def few_step_sample(
+    velocity_fn: Callable[[torch.Tensor, float, bool], torch.Tensor],
+    noise: torch.Tensor,
+    sigmas: list[float],
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Predict x0, re-noise to the next level with fresh noise, repeat (CausVid / Self-Forcing sampler).
+
+    ``velocity_fn(x, sigma, is_last)`` runs the network. Returns (x0, the input of the last step).
+    """
+    x = noise
+    x0 = noise
+    for i, sigma in enumerate(sigmas):
+        last = i == len(sigmas) - 1
+        x0 = predict_x0(x, velocity_fn(x, sigma, last), sigma)
+        if not last:
+            fresh = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+            x_next = add_noise(x0, fresh, sigmas[i + 1])
+            x = x_next
+    return x0, x
+
+
+def euler_sample(
+    velocity_fn: Callable[[torch.Tensor, float], torch.Tensor],
+    noise: torch.Tensor,
+    steps: int,
+    shift: float,
+    keep: Callable[[int, float, torch.Tensor], None] | None = None,
+) -> torch.Tensor:
+    """The teacher's ODE solver: ``steps`` Euler steps over diffusers' shifted FlowMatchEulerDiscreteScheduler.
+
+    ``keep(step, sigma, x)`` sees every state on the trajectory (for ODE pairs).
+    """
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    sched = FlowMatchEulerDiscreteScheduler(num_train_timesteps=NUM_TRAIN_TIMESTEPS, shift=shift)
+    sched.set_timesteps(steps, device=noise.device)
+    x = noise
+    for i, t in enumerate(sched.timesteps):
+        sigma = float(sched.sigmas[i])
+        if keep is not None:
+            keep(i, sigma, x)
+        x = sched.step(velocity_fn(x, sigma), t, x, return_dict=False)[0]
+    if keep is not None:
+        keep(steps, 0.0, x)
+    return x
+
+
+def cfg_velocity(cond: torch.Tensor, uncond: torch.Tensor, scale: float) -> torch.Tensor:
+    return uncond + scale * (cond - uncond)

@@ -1,0 +1,107 @@
+"""Build the model/ objects from the typed config (the only place where config meets torch modules)."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from model.attention import CausalLayout
+from model.audio import AudioConditioner, LogMelFeatures, Wav2Vec2Features
+from model.dit import AudioDiT, DiTSpec, load_wan_transformer
+from model.streaming import StreamingGenerator, StreamSettings
+from model.vae import VideoVAE, build_wan_vae
+from tasks.config import Config, ConfigError
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def device_of(cfg: Config) -> torch.device:
+    want = cfg.project.device
+    if want == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if want == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("project.device is 'cuda' but no CUDA device is available (use --set project.device=cpu)")
+    return torch.device(want)
+
+
+def dtype_of(cfg: Config) -> torch.dtype:
+    return DTYPES[cfg.project.dtype]
+
+
+def build_audio(cfg: Config) -> AudioConditioner:
+    a = cfg.audio
+    if a.features == "wav2vec2":
+        if not a.wav2vec2_path:
+            raise ConfigError("audio.features is 'wav2vec2' but audio.wav2vec2_path is not set (a local checkpoint)")
+        extractor = Wav2Vec2Features.from_pretrained(a.wav2vec2_path, a.wav2vec2_layers, fps=cfg.video.fps)
+    else:
+        log.info("audio features: log-mel (no pretrained weights; the demo's substitute for Wav2Vec2)")
+        extractor = LogMelFeatures(a.sample_rate, cfg.video.fps, a.n_mels)
+    return AudioConditioner(extractor, a.window_frames, cfg.vae.temporal_compression)
+
+
+def dit_spec(cfg: Config, audio_dim: int) -> DiTSpec:
+    m = cfg.model
+    return DiTSpec(
+        patch_size=tuple(m.patch_size), num_attention_heads=m.num_heads, attention_head_dim=m.head_dim,
+        in_channels=cfg.vae.z_dim, out_channels=cfg.vae.z_dim, text_dim=m.text_dim, freq_dim=m.freq_dim,
+        ffn_dim=m.ffn_dim, num_layers=m.num_layers, eps=m.eps, audio_dim=audio_dim,
+    )  # fmt: skip
+
+
+def build_dit(cfg: Config, audio_dim: int, pretrained: bool = True) -> AudioDiT:
+    """The AudioDiT of the profile: random init, or Wan weights from ``model.pretrained_path``."""
+    spec = dit_spec(cfg, audio_dim)
+    device, dtype = device_of(cfg), dtype_of(cfg)
+    if pretrained and cfg.model.pretrained_path:
+        model = load_wan_transformer(cfg.model.pretrained_path, audio_dim, dtype=dtype, device=device)
+        wrong = {k: (getattr(model.spec, k), v) for k, v in spec.to_json().items() if getattr(model.spec, k) != v}
+        if wrong:
+            detail = ", ".join(f"{k}: checkpoint {a} vs config {b}" for k, (a, b) in wrong.items())
+            raise ConfigError(f"model.* does not match {cfg.model.pretrained_path}: {detail}")
+        return model
+    torch.manual_seed(cfg.project.seed)
+    return AudioDiT(spec).to(device, dtype)
+
+
+def build_vae(cfg: Config, pretrained: bool = True) -> VideoVAE:
+    v = cfg.vae
+    path = v.pretrained_path if pretrained else None
+    vae = VideoVAE(build_wan_vae(v.kind, v.z_dim, v.base_dim, path))
+    if (vae.temporal, vae.spatial, vae.z_dim) != (v.temporal_compression, v.spatial_compression, v.z_dim):
+        raise ConfigError(
+            f"vae.* says z_dim {v.z_dim}, {v.temporal_compression}x time, {v.spatial_compression}x space, but the "
+            f"{v.kind} VAE has z_dim {vae.z_dim}, {vae.temporal}x, {vae.spatial}x"
+        )
+    vae.latent_size(cfg.video.height, cfg.video.width)
+    return vae.to(device_of(cfg))
+
+
+def build_layout(cfg: Config) -> CausalLayout:
+    s = cfg.student
+    return CausalLayout(s.chunk_frames, s.sink_frames, s.window_frames, s.rapr, s.rapr_max_distance)
+
+
+def fixed_prompt(cfg: Config) -> torch.Tensor:
+    """The fixed prompt's embedding [1, text_len, text_dim]: a seeded stand-in until a text encoder is set."""
+    g = torch.Generator().manual_seed(1234)
+    return torch.randn(1, cfg.model.text_len, cfg.model.text_dim, generator=g)
+
+
+def stream_settings(cfg: Config, seed: int | None = None) -> StreamSettings:
+    s = cfg.student
+    return StreamSettings(
+        layout=build_layout(cfg), steps=s.steps, timestep_shift=s.timestep_shift, context=s.context,
+        audio_history_frames=cfg.audio.history_frames, vad_threshold_db=cfg.audio.vad_threshold_db,
+        seed=cfg.project.seed if seed is None else seed,
+    )  # fmt: skip
+
+
+def build_generator(cfg: Config, pretrained: bool = True) -> StreamingGenerator:
+    audio = build_audio(cfg).to(device_of(cfg))
+    dit = build_dit(cfg, audio.token_dim, pretrained)
+    vae = build_vae(cfg, pretrained).to(dtype=dtype_of(cfg) if cfg.project.device != "cpu" else torch.float32)
+    return StreamingGenerator(dit, vae, audio, fixed_prompt(cfg), stream_settings(cfg))

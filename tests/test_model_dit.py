@@ -1,0 +1,151 @@
+"""AudioDiT against diffusers' WanTransformer3DModel, the Wan loader, the audio modules, attention modes."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from diffusers import WanTransformer3DModel
+
+from model.attention import CausalLayout
+from model.dit import AudioDiT, DiTSpec, load_wan_transformer
+
+WAN_KW = dict(
+    patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=16, in_channels=16, out_channels=16,
+    text_dim=32, freq_dim=256, ffn_dim=128, num_layers=2, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
+    eps=1e-6,
+)  # fmt: skip
+AUDIO_DIM = 24
+
+
+def _wan(seed: int = 0) -> WanTransformer3DModel:
+    torch.manual_seed(seed)
+    return WanTransformer3DModel(**WAN_KW).eval()
+
+
+def _inputs(frames: int = 7, batch: int = 2, seed: int = 1) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    t = torch.rand(batch, frames, generator=g) * 1000
+    t[:, 0] = 0  # the clean reference frame
+    return dict(
+        latents=torch.randn(batch, 16, frames, 8, 8, generator=g),
+        timestep=t,
+        text=torch.randn(batch, 5, 32, generator=g),
+        audio_talk=torch.randn(batch, frames, 10, AUDIO_DIM, generator=g),
+        audio_listen=torch.randn(batch, frames, 10, AUDIO_DIM, generator=g),
+    )
+
+
+def _ours_from(wan: WanTransformer3DModel) -> AudioDiT:
+    model = AudioDiT(DiTSpec(audio_dim=AUDIO_DIM)).eval()
+    missing, unexpected = model.load_state_dict(wan.state_dict(), strict=False)
+    assert unexpected == []
+    assert set(missing) == model.audio_parameter_names()
+    return model
+
+
+def _per_token(timestep: torch.Tensor, tokens_per_frame: int) -> torch.Tensor:
+    return timestep[:, :, None].expand(-1, -1, tokens_per_frame).flatten(1)
+
+
+@torch.no_grad()
+def test_teacher_equals_diffusers_wan_with_audio_at_init():
+    wan = _wan()
+    ours = _ours_from(wan)
+    x = _inputs()
+    expected = wan(x["latents"], _per_token(x["timestep"], 16), x["text"]).sample  # Wan2.2-TI2V expanded timesteps
+    got = ours(**x, attention="bidirectional")
+    assert got.shape == expected.shape == x["latents"].shape
+    assert (got - expected).abs().max().item() <= 1e-5
+    # a scalar timestep per sample (Wan2.1 style) agrees as well
+    t = torch.tensor([500.0, 20.0])
+    assert (ours(x["latents"], t, x["text"]) - wan(x["latents"], t, x["text"]).sample).abs().max() <= 1e-5
+
+
+@torch.no_grad()
+def test_audio_attentions_are_zero_at_init_and_act_once_trained():
+    ours = _ours_from(_wan())
+    x = _inputs()
+    base = ours(**x)
+    silent = ours(**{**x, "audio_talk": torch.zeros_like(x["audio_talk"]), "audio_listen": None})
+    assert torch.equal(base, silent)  # zero-initialised output projections: audio has no effect yet
+    for block in ours.blocks:
+        torch.nn.init.normal_(block.audio_attn.to_out.weight, std=0.2)
+    talk_changed = ours(**{**x, "audio_talk": x["audio_talk"] * 2})
+    listen_changed = ours(**{**x, "audio_listen": x["audio_listen"] * 2})
+    assert (talk_changed - base).abs().max() > 1e-3  # Audio Attention reads the talking stream
+    assert torch.equal(listen_changed, ours(**x))  # Interact Audio Attention is still zero: listening inert
+    # frame-local: the tokens of frame f read only frame f's audio
+    attn = ours.blocks[0].audio_attn
+    tokens = torch.randn(2, 7, 16, 32)
+    audio = ours.embed_audio(x["audio_talk"])
+    moved = audio.clone()
+    moved[:, 5] += 1.0
+    diff = (attn(tokens, moved) - attn(tokens, audio)).abs().amax(dim=(0, 2, 3))
+    assert diff[5] > 1e-3 and torch.all(diff[torch.arange(7) != 5] == 0)
+
+
+def test_wan_loader_round_trips_a_saved_diffusers_model(tmp_path):
+    wan = _wan(3)
+    wan.save_pretrained(tmp_path / "Wan-tiny" / "transformer")
+    model = load_wan_transformer(tmp_path / "Wan-tiny", audio_dim=AUDIO_DIM)
+    assert model.spec.num_layers == 2 and model.spec.dim == 32 and model.spec.audio_dim == AUDIO_DIM
+    x = _inputs()
+    with torch.no_grad():
+        expected = wan(x["latents"], _per_token(x["timestep"], 16), x["text"]).sample
+        got = model(**x)
+    assert (got - expected).abs().max().item() <= 1e-5
+    # nothing left on the meta device, and the audio modules were built with a zero output
+    assert all(p.device.type == "cpu" for p in model.parameters())
+    assert all(torch.count_nonzero(b.audio_attn.to_out.weight) == 0 for b in model.blocks)
+    # bf16 loading keeps the dtype
+    assert next(load_wan_transformer(tmp_path / "Wan-tiny" / "transformer", AUDIO_DIM, torch.bfloat16).parameters()).dtype == torch.bfloat16
+
+
+def test_wan_loader_errors_name_the_problem(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no diffusers transformer config"):
+        load_wan_transformer(tmp_path / "nowhere", AUDIO_DIM)
+    folder = tmp_path / "i2v"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({**WAN_KW, "image_dim": 1280, "num_attention_heads": 2}))
+    with pytest.raises(ValueError, match="I2V"):
+        load_wan_transformer(folder, AUDIO_DIM)
+    # a checkpoint with a weight missing is refused, naming it
+    wan = _wan()
+    wan.save_pretrained(tmp_path / "broken")
+    from safetensors.torch import load_file, save_file
+
+    shard = next((tmp_path / "broken").glob("*.safetensors"))
+    state = load_file(str(shard))
+    state.pop("blocks.1.ffn.net.2.weight")
+    save_file(state, str(shard))
+    with pytest.raises(ValueError, match="blocks.1.ffn.net.2.weight"):
+        load_wan_transformer(tmp_path / "broken", AUDIO_DIM)
+
+
+@torch.no_grad()
+def test_three_attention_modes_share_weights_and_differ_only_in_what_they_see():
+    torch.manual_seed(0)
+    model = AudioDiT(DiTSpec(audio_dim=AUDIO_DIM)).eval()
+    layout = CausalLayout(chunk_frames=3, sink_frames=4, window_frames=100, rapr=False, max_distance=100)
+    x = _inputs(frames=10, batch=1)
+    later = {**x, "latents": x["latents"].clone()}
+    later["latents"][:, :, 7:] += 1.0  # change only the last chunk (frames 7-9)
+    causal, causal_later = model(**x, attention="block_causal", layout=layout), model(**later, attention="block_causal", layout=layout)
+    bi, bi_later = model(**x), model(**later)
+    # causal between chunks: frames 0-6 cannot see the change; bidirectional frames can
+    assert torch.equal(causal[:, :, :7], causal_later[:, :, :7])
+    assert (bi[:, :, :7] - bi_later[:, :, :7]).abs().max() > 1e-4
+    # bidirectional inside a chunk: frame 7 sees frame 9
+    inner = {**x, "latents": x["latents"].clone()}
+    inner["latents"][:, :, 9] += 1.0
+    assert (model(**inner, attention="block_causal", layout=layout)[:, :, 7] - causal[:, :, 7]).abs().max() > 1e-4
+    # the reference chunk sees only itself, so its output equals a one-frame forward
+    ref_only = model(**{k: v[:, :, :1] if k == "latents" else v[:, :1] if k in ("timestep", "audio_talk", "audio_listen") else v
+                        for k, v in x.items()})  # fmt: skip
+    assert (causal[:, :, :1] - ref_only).abs().max() <= 1e-5
+    with pytest.raises(ValueError, match="whole chunks"):
+        model(**_inputs(frames=9, batch=1), attention="block_causal", layout=layout)
+    with pytest.raises(ValueError, match="unknown attention mode"):
+        model(**x, attention="sideways", layout=layout)

@@ -1,0 +1,181 @@
+"""Cached streaming against the block-causal mask; Reference Sink; rolling window; RAPR."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from model.attention import CausalLayout, KVCache, block_causal_mask
+from model.dit import AudioDiT, DiTSpec
+
+AUDIO_DIM = 24
+
+
+def _model(seed: int = 0) -> AudioDiT:
+    torch.manual_seed(seed)
+    model = AudioDiT(DiTSpec(audio_dim=AUDIO_DIM)).eval()
+    for block in model.blocks:  # trained-looking audio modules, so that they take part in the comparison
+        torch.nn.init.normal_(block.audio_attn.to_out.weight, std=0.1)
+        torch.nn.init.normal_(block.interact_attn.to_out.weight, std=0.1)
+    return model
+
+
+def _sequence(frames: int, seed: int = 1, size: int = 8) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    t = torch.rand(1, frames, generator=g) * 1000
+    t[:, 0] = 0
+    return dict(
+        latents=torch.randn(1, 16, frames, size, size, generator=g),
+        timestep=t,
+        text=torch.randn(1, 5, 32, generator=g),
+        audio_talk=torch.randn(1, frames, 6, AUDIO_DIM, generator=g),
+        audio_listen=torch.randn(1, frames, 6, AUDIO_DIM, generator=g),
+    )
+
+
+def _chunk(x: dict, start: int, end: int) -> dict:
+    return {
+        "latents": x["latents"][:, :, start:end], "timestep": x["timestep"][:, start:end], "text": x["text"],
+        "audio_talk": x["audio_talk"][:, start:end], "audio_listen": x["audio_listen"][:, start:end],
+    }  # fmt: skip
+
+
+@torch.no_grad()
+def _stream(model: AudioDiT, x: dict, layout: CausalLayout, cache: KVCache | None = None) -> torch.Tensor:
+    cache = KVCache(layout, len(model.blocks)) if cache is None else cache
+    outs = []
+    for start, end in layout.chunks(x["latents"].shape[2]):
+        outs.append(model(**_chunk(x, start, end), attention="streaming", layout=layout, cache=cache,
+                          frame_start=start, write_cache=True))  # fmt: skip
+    return torch.cat(outs, dim=2)
+
+
+def test_block_causal_mask_structure():
+    layout = CausalLayout(chunk_frames=3, sink_frames=4, window_frames=3, rapr=True, max_distance=10)
+    mask = block_causal_mask(13, layout).int()
+    expected = torch.tensor([
+        [1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],  # reference chunk: itself
+        [1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0],  # chunk 1 (frames 1-3): reference + itself
+        [1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+        [1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+        [1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0],  # chunk 2: sink (0-3) + itself
+        [1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0],
+        [1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0],
+        [1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0],  # chunk 3: sink + window (4-6) + itself
+        [1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0],
+        [1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0],
+        [1, 1, 1, 1, 0, 0, 0, 1, 1, 1, 1, 1, 1],  # chunk 4: sink + window (7-9, 4-6 evicted) + itself
+        [1, 1, 1, 1, 0, 0, 0, 1, 1, 1, 1, 1, 1],
+        [1, 1, 1, 1, 0, 0, 0, 1, 1, 1, 1, 1, 1],
+    ])  # fmt: skip
+    assert torch.equal(mask, expected)
+    with pytest.raises(ValueError, match="sink_frames"):
+        CausalLayout(chunk_frames=3, sink_frames=3, window_frames=6)
+
+
+@pytest.mark.parametrize("rapr", [True, False])
+def test_streaming_equals_masked_forward_without_eviction(rapr):
+    model = _model()
+    layout = CausalLayout(chunk_frames=3, sink_frames=4, window_frames=1000, rapr=rapr, max_distance=5)
+    x = _sequence(1 + 3 * 6)
+    with torch.no_grad():
+        masked = model(**x, attention="block_causal", layout=layout)
+    streamed = _stream(model, x, layout)
+    assert (masked - streamed).abs().max().item() <= 1e-5
+    # the comparison has teeth: a vanilla-RoPE cache does not reproduce a RAPR mask (and vice versa)
+    other = CausalLayout(3, 4, 1000, rapr=not rapr, max_distance=5)
+    assert (masked - _stream(model, x, other)).abs().max().item() > 1e-4
+
+
+def test_streaming_equals_masked_forward_with_sink_window_and_rapr():
+    model = _model(1)
+    layout = CausalLayout(chunk_frames=3, sink_frames=4, window_frames=6, rapr=True, max_distance=10)
+    x = _sequence(1 + 3 * 8, seed=2)
+    with torch.no_grad():
+        masked = model(**x, attention="block_causal", layout=layout)
+    assert (masked - _stream(model, x, layout)).abs().max().item() <= 1e-5
+
+
+@torch.no_grad()
+def test_sink_is_never_evicted_and_cache_stays_bounded():
+    model = _model()
+    layout = CausalLayout(chunk_frames=3, sink_frames=4, window_frames=6, rapr=True, max_distance=10)
+    cache = KVCache(layout, len(model.blocks))
+    x = _sequence(1 + 3, size=4)
+    model(**_chunk(x, 0, 1), attention="streaming", layout=layout, cache=cache, frame_start=0, write_cache=True)
+    first_sink_k, first_sink_v = None, None
+    for i in range(200):
+        start = 1 + 3 * i
+        chunk = _sequence(1 + 3, seed=10 + i, size=4)
+        model(**_chunk(chunk, 1, 4), attention="streaming", layout=layout, cache=cache, frame_start=start,
+              write_cache=True)  # fmt: skip
+        if i == 0:  # the reference frame and the first chunk are now in the sink
+            first_sink_k = [k.clone() for k in cache.sink_k]
+            first_sink_v = [v.clone() for v in cache.sink_v]
+        assert len(cache) <= layout.sink_frames + layout.window_frames
+        for layer in range(len(model.blocks)):
+            k, v = cache.keys(layer)
+            assert k.shape[1] == v.shape[1] == len(cache)
+    assert cache.sink_frames == [0, 1, 2, 3]
+    assert cache.window_frames == list(range(1 + 3 * 200 - 6, 1 + 3 * 200))
+    for layer in range(len(model.blocks)):
+        assert torch.equal(cache.sink_k[layer], first_sink_k[layer])
+        assert torch.equal(cache.sink_v[layer], first_sink_v[layer])
+    # keys are stored BEFORE RoPE: the reference frame's cached keys equal the un-rotated projection
+    block = model.blocks[0]
+    tokens = model.patch_embedding(x["latents"][:, :, :1]).flatten(2).transpose(1, 2)
+    temb = model._time_embedding(torch.zeros(1, 1))[1]
+    mod = (block.scale_shift_table.unsqueeze(0) + temb.float()).unsqueeze(2)
+    h = (block.norm1(tokens.float()).unflatten(1, (1, -1)) * (1 + mod[..., 1, :]) + mod[..., 0, :]).flatten(1, 2)
+    k = block.attn1.norm_k(block.attn1.to_k(h)).unflatten(2, (block.attn1.heads, -1))
+    assert (cache.sink_k[0][:, 0] - k).abs().max() <= 1e-6
+
+
+def _record_rope(model: AudioDiT) -> list[int]:
+    seen: list[int] = []
+    original = model.rope.forward
+
+    def spy(time_index, height, width):
+        seen.extend(time_index.tolist())
+        return original(time_index, height, width)
+
+    model.rope.forward = spy
+    return seen
+
+
+@torch.no_grad()
+def _chunk_k_output(model: AudioDiT, layout: CausalLayout, k: int) -> torch.Tensor:
+    """Fill a cache by streaming 5 chunks, relabel it as if chunk k were next, and run chunk k."""
+    cache = KVCache(layout, len(model.blocks))
+    x = _sequence(1 + 3 * 5, seed=4, size=4)
+    _stream(model, x, layout, cache)
+    assert len(cache) == layout.sink_frames + layout.window_frames
+    offset = 3 * (k - 5)
+    cache.window_frames = [f + offset for f in cache.window_frames]  # same contents, later in the stream
+    nxt = _sequence(1 + 3, seed=5, size=4)
+    return model(**_chunk(nxt, 1, 4), attention="streaming", layout=layout, cache=cache,
+                 frame_start=1 + 3 * 5 + offset)  # fmt: skip
+
+
+def test_rapr_makes_chunk_output_independent_of_stream_position():
+    model = _model()
+    layout = CausalLayout(chunk_frames=3, sink_frames=4, window_frames=6, rapr=True, max_distance=10)
+    seen = _record_rope(model)
+    at_5, at_5000 = _chunk_k_output(model, layout, 5), _chunk_k_output(model, layout, 5000)
+    assert torch.equal(at_5, at_5000)
+    assert max(seen) <= layout.max_distance + layout.window_frames and min(seen) >= 0
+    # vanilla absolute RoPE: the same cache contents give a different chunk far into the stream
+    vanilla = CausalLayout(chunk_frames=3, sink_frames=4, window_frames=6, rapr=False, max_distance=10)
+    v5, v5000 = _chunk_k_output(model, vanilla, 5), _chunk_k_output(model, vanilla, 5000)
+    assert (v5 - v5000).abs().max().item() > 1e-2
+    assert max(seen) > 10_000  # vanilla indices grow without bound
+
+
+def test_rapr_positions_follow_the_paper():
+    layout = CausalLayout(chunk_frames=3, sink_frames=4, window_frames=6, rapr=True, max_distance=10)
+    # early chunks: absolute positions (no shift until the chunk ends beyond D)
+    assert layout.time_index([0, 1, 2, 3, 4, 5, 6, 7, 8, 9], end=10) == list(range(10))
+    # chunk [601, 604): current frames at D-2..D, window keeps its distances, sink anchored at 0..3
+    keys = layout.visible(601, 604)
+    assert keys == [0, 1, 2, 3, 595, 596, 597, 598, 599, 600, 601, 602, 603]
+    assert layout.time_index(keys, end=604) == [0, 1, 2, 3, 2, 3, 4, 5, 6, 7, 8, 9, 10]

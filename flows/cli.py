@@ -30,6 +30,15 @@ def build_parser() -> argparse.ArgumentParser:
     _config_args(p)
     p.add_argument("--stages", default="", help=f"comma-separated subset of: {','.join(ORDER)}")
     p.add_argument("--force", action="store_true", help="run stages even when DVC says they are up to date")
+    p = sub.add_parser("bench", help="benchmark the streaming student: DiT/VAE latency, RTF, memory, teacher cost")
+    _config_args(p)
+    p.add_argument("--model-only", action="store_true",
+                   help="time the models alone on synthetic input (random weights unless the config names some)")
+    p.add_argument("--json", action="store_true", help="print the report as JSON instead of a table")
+    p.add_argument("--chunks", type=int, default=500, help="chunks to stream through the DiT (default 500)")
+    p.add_argument("--vae-chunks", type=int, default=60, help="chunks to decode with the VAE (default 60)")
+    p.add_argument("--teacher-steps", type=int, default=50, help="teacher Euler steps for the cost ratio")
+    p.add_argument("--out", default="data/reports/model_bench.json", help="where to write the JSON report")
     p = sub.add_parser("config", help="print the effective, validated configuration")
     _config_args(p)
     sub.add_parser("stages", help="list the stages in pipeline order")
@@ -53,6 +62,8 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command == "pipeline":
             return _pipeline(args, root)
+        if args.command == "bench":
+            return _bench(args, cfg, root)
         from tasks.runner import run_stage
 
         outcome = run_stage(args.command, cfg, root)
@@ -76,6 +87,26 @@ def _pipeline(args, root: Path) -> int:
         if outcome["dvc"]:
             print(f"  {'':10s} dvc: {outcome['dvc']}")
     print(f"  MLflow run {result['mlflow_run_id']}")
+    return 0
+
+
+def _bench(args, cfg, root: Path) -> int:
+    import json
+
+    from tasks.evaluation.model_bench import format_report, run_model_bench
+
+    if not args.model_only:
+        raise ConfigError("only `bench --model-only` exists in this version (the models alone, no trained checkpoint)")
+    if args.chunks < 1 or args.vae_chunks < 1 or args.teacher_steps < 1:
+        raise ConfigError("--chunks, --vae-chunks and --teacher-steps must be at least 1")
+    report = run_model_bench(cfg, chunks=args.chunks, vae_chunks=args.vae_chunks, teacher_steps=args.teacher_steps,
+                             progress=not args.json)  # fmt: skip
+    out = root / args.out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2))
+    print(json.dumps(report, indent=2) if args.json else format_report(report))
+    if not args.json:
+        print(f"  report: {out}")
     return 0
 
 

@@ -97,9 +97,10 @@ class Wav2Vec2Features(nn.Module):
         return cls(Wav2Vec2Model.from_pretrained(str(path)), layers, fps, normalize)
 
     def forward(self, wave: torch.Tensor, num_frames: int) -> torch.Tensor:
-        wave = _fit(wave, num_frames * self.samples_per_frame).float()
-        if self.normalize:  # what Wav2Vec2FeatureExtractor does per utterance
-            wave = (wave - wave.mean(-1, keepdim=True)) / torch.sqrt(wave.var(-1, keepdim=True) + 1e-7)
+        wave = (wave[None] if wave.ndim == 1 else wave)[..., : num_frames * self.samples_per_frame].float()
+        if self.normalize:  # what Wav2Vec2FeatureExtractor does: the real samples, biased variance
+            wave = (wave - wave.mean(-1, keepdim=True)) / torch.sqrt(wave.var(-1, keepdim=True, correction=0) + 1e-7)
+        wave = _fit(wave, num_frames * self.samples_per_frame)
         out = self.model(wave.to(next(self.model.parameters()).dtype), output_hidden_states=True)
         hidden = torch.cat([out.hidden_states[i] for i in self.layers], dim=-1)  # [B, ~50 Hz, dim]
         hidden = F.interpolate(hidden.transpose(1, 2).float(), size=num_frames, mode="linear", align_corners=True)

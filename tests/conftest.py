@@ -40,3 +40,8 @@ def make_clone(dest: Path) -> Path:
 @pytest.fixture
 def clone(tmp_path) -> Path:
     return make_clone(tmp_path / "project")
+
+
+@pytest.fixture
+def repo_root() -> Path:
+    return REPO

@@ -103,5 +103,7 @@ def stream_settings(cfg: Config, seed: int | None = None) -> StreamSettings:
 def build_generator(cfg: Config, pretrained: bool = True) -> StreamingGenerator:
     audio = build_audio(cfg).to(device_of(cfg))
     dit = build_dit(cfg, audio.token_dim, pretrained)
-    vae = build_vae(cfg, pretrained).to(dtype=dtype_of(cfg) if cfg.project.device != "cpu" else torch.float32)
+    vae = build_vae(cfg, pretrained)
+    if device_of(cfg).type != "cpu":
+        vae.vae.to(dtype_of(cfg))  # the network only: the latent mean/std buffers stay float32
     return StreamingGenerator(dit, vae, audio, fixed_prompt(cfg), stream_settings(cfg))

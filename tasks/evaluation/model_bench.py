@@ -1,0 +1,236 @@
+"""Model-only benchmark: per-chunk DiT and VAE latency of the streaming student, flat cost over a long
+stream, state and peak memory, first-chunk delay, and the teacher/student DiT cost for one clip.
+
+Prints figures; asserts nothing (speed targets live here, not in tests). Weights are random unless the
+config points at pretrained ones: speed does not depend on the values.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import platform
+import statistics
+import time
+from typing import Any
+
+import psutil
+import torch
+from tqdm import tqdm
+
+from model.attention import KVCache
+from model.sampling import NUM_TRAIN_TIMESTEPS, cfg_velocity
+from tasks.common.models import build_generator, device_of
+from tasks.config import Config
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, math.ceil(q / 100 * len(ordered)) - 1))]
+
+
+def _summary(values: list[float]) -> dict[str, float]:
+    return {"p50_ms": 1e3 * _pct(values, 50), "p95_ms": 1e3 * _pct(values, 95), "p99_ms": 1e3 * _pct(values, 99),
+            "mean_ms": 1e3 * statistics.fmean(values)}  # fmt: skip
+
+
+def _window_ratio(values: list[float], early: tuple[int, int], late: tuple[int, int]) -> float | None:
+    """median(late chunks) / median(early chunks); chunk numbers are 1-based and inclusive."""
+    if len(values) < late[1]:
+        return None
+    return statistics.median(values[late[0] - 1 : late[1]]) / statistics.median(values[early[0] - 1 : early[1]])
+
+
+def hardware(device: torch.device) -> dict[str, Any]:
+    info = {
+        "device": str(device), "torch": torch.__version__, "cpu": platform.processor() or platform.machine(),
+        "cpu_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
+        "ram_gib": round(psutil.virtual_memory().total / 2**30, 1),
+    }  # fmt: skip
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        info.update(gpu=props.name, gpu_memory_gib=round(props.total_memory / 2**30, 1))
+    return info
+
+
+def _test_audio(samples: int, chunk: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two alternating 'voices' (noise bursts), so that both talking and listening paths run."""
+    t = torch.arange(samples)
+    turn = ((t // (chunk * 2)) % 2 == 0).float()
+    voice = torch.randn(samples, generator=generator) * 0.1
+    return voice * turn, voice.roll(7) * (1 - turn)
+
+
+def _peak_reset(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def _peak(device: torch.device) -> int:
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    return int(psutil.Process().memory_info().rss)  # CPU: resident set size now (torch's allocator has no peak)
+
+
+def run_model_bench(
+    cfg: Config, chunks: int = 500, vae_chunks: int = 60, teacher_chunks: int = 10, teacher_steps: int = 50,
+    teacher_cfg_scale: float = 4.5, progress: bool = True,
+) -> dict[str, Any]:  # fmt: skip
+    device = device_of(cfg)
+    gen = build_generator(cfg)
+    settings = gen.settings
+    c = settings.layout.chunk_frames
+    chunk_s = gen.chunk_video_frames / cfg.video.fps
+    g = torch.Generator().manual_seed(0)
+    total = max(chunks, vae_chunks)
+    avatar, other = _test_audio(total * gen.samples_per_chunk, gen.samples_per_chunk, g)
+    ref = torch.rand(3, cfg.video.height, cfg.video.width, generator=g) * 2 - 1
+
+    # warm-up stream (kernels, allocator), then the measured stream from a fresh start()
+    gen.start(ref)
+    for i in range(3):
+        piece = slice(i * gen.samples_per_chunk, (i + 1) * gen.samples_per_chunk)
+        gen.step(avatar[piece], other[piece])
+    _sync(device)
+
+    _peak_reset(device)
+    t0 = time.perf_counter()
+    gen.start(ref)
+    _sync(device)
+    start_s = time.perf_counter() - t0
+    dit_s: list[float] = []
+    vae_s: list[float] = []
+    state: dict[int, dict[str, int]] = {}
+    peaks: dict[str, int] = {}
+    bar = tqdm(range(total), desc="streaming chunks", unit="chunk", disable=not progress)
+    for i in bar:
+        piece = slice(i * gen.samples_per_chunk, (i + 1) * gen.samples_per_chunk)
+        t0 = time.perf_counter()
+        latents = gen.denoise(avatar[piece], other[piece])
+        _sync(device)
+        t1 = time.perf_counter()
+        dit_s.append(t1 - t0)
+        if i < vae_chunks:
+            gen.decode(latents)
+            _sync(device)
+            vae_s.append(time.perf_counter() - t1)
+        n = i + 1
+        if n in (50, total) or n == vae_chunks:
+            state[n] = gen.state_nbytes()
+            peaks[f"after_chunk_{n}"] = _peak(device)
+
+    dit_ratio = _window_ratio(dit_s, (1, 50), (450, 500))
+    vae_late = (max(1, vae_chunks - 9), vae_chunks)
+    vae_ratio = _window_ratio(vae_s, (1, 10), vae_late) if vae_chunks >= 20 else None
+
+    teacher = _teacher_vs_student(gen, cfg, teacher_chunks, teacher_steps, teacher_cfg_scale, device)
+    report = {
+        "profile": {"video": f"{cfg.video.width}x{cfg.video.height}@{cfg.video.fps}", "backbone": cfg.model.backbone,
+                    "dit_params_m": round(sum(p.numel() for p in gen.dit.parameters()) / 1e6, 3),
+                    "vae_params_m": round(sum(p.numel() for p in gen.vae.parameters()) / 1e6, 3),
+                    "dtype": cfg.project.dtype, "steps": settings.steps, "chunk_latent_frames": c,
+                    "chunk_video_frames": gen.chunk_video_frames, "chunk_seconds": chunk_s,
+                    "sink_frames": settings.layout.sink_frames, "window_frames": settings.layout.window_frames,
+                    "rapr": settings.layout.rapr, "context": settings.context, "weights": "pretrained"
+                    if cfg.model.pretrained_path else "random"},  # fmt: skip
+        "hardware": hardware(device),
+        "start_ms": 1e3 * start_s,
+        "dit": {**_summary(dit_s), "chunks": len(dit_s), "rtf": statistics.median(dit_s) / chunk_s,
+                "first_chunk_ms": 1e3 * dit_s[0], "flat_ratio_450_500_vs_1_50": dit_ratio},  # fmt: skip
+        "vae": {**_summary(vae_s), "chunks": len(vae_s), "rtf": statistics.median(vae_s) / chunk_s,
+                "first_chunk_ms": 1e3 * vae_s[0],
+                f"flat_ratio_{vae_late[0]}_{vae_late[1]}_vs_1_10": vae_ratio},  # fmt: skip
+        "end_to_end_sequential": {"rtf": (statistics.median(dit_s) + statistics.median(vae_s)) / chunk_s,
+                                  "first_frame_delay_ms": 1e3 * (dit_s[0] + vae_s[0])},  # fmt: skip
+        "state_bytes": {str(k): v for k, v in state.items()},
+        "peak_memory_bytes": peaks,
+        "peak_memory_kind": "cuda max_memory_allocated" if device.type == "cuda" else "process RSS (CPU)",
+        "teacher_vs_student": teacher,
+    }
+    return report
+
+
+@torch.no_grad()
+def _teacher_vs_student(gen, cfg: Config, n_chunks: int, steps: int, scale: float, device: torch.device) -> dict:
+    """DiT time for one clip of ``n_chunks`` chunks: the teacher (``steps`` bidirectional Euler steps, each
+    with a conditional and an unconditional pass for CFG) vs the student (N cached steps per chunk)."""
+    dit, layout = gen.dit, gen.layout
+    c = layout.chunk_frames
+    frames = 1 + n_chunks * c
+    _, z, _, h, w = gen.ref_latent.shape
+    dtype = next(dit.parameters()).dtype
+    x = torch.randn(1, z, frames, h, w, device=device, dtype=dtype)
+    talk = torch.randn(1, frames, gen.audio.tokens_per_latent, gen.audio.token_dim, device=device, dtype=dtype)
+    silent = torch.zeros_like(talk)
+    ctx = gen.context
+
+    def teacher_step() -> None:
+        t = torch.full((1, frames), 500.0, device=device)
+        t[:, 0] = 0
+        cond = dit(x, t, ctx, talk, silent)
+        uncond = dit(x, t, ctx, silent, silent)
+        cfg_velocity(cond, uncond, scale)
+
+    teacher_step()  # warm-up
+    _sync(device)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        teacher_step()
+    _sync(device)
+    teacher_s = time.perf_counter() - t0
+
+    def student_clip() -> None:
+        cache = KVCache(layout, len(dit.blocks))
+        dit(x[:, :, :1], torch.zeros(1, 1, device=device), ctx, silent[:, :1], silent[:, :1], attention="streaming",
+            layout=layout, cache=cache, frame_start=0, write_cache=True)  # fmt: skip
+        for start in range(1, frames, c):
+            for s in range(gen.settings.steps):
+                t = torch.full((1, c), NUM_TRAIN_TIMESTEPS * gen.sigmas[s], device=device)
+                dit(x[:, :, start : start + c], t, ctx, talk[:, start : start + c], silent[:, start : start + c],
+                    attention="streaming", layout=layout, cache=cache, frame_start=start,
+                    write_cache=s == gen.settings.steps - 1)  # fmt: skip
+
+    student_clip()
+    _sync(device)
+    t0 = time.perf_counter()
+    student_clip()
+    _sync(device)
+    student_s = time.perf_counter() - t0
+    return {
+        "clip_latent_frames": frames, "clip_video_frames": 1 + 4 * (frames - 1) if gen.vae.temporal == 4 else None,
+        "teacher_steps": steps, "teacher_cfg_passes": 2, "teacher_s": teacher_s,
+        "student_steps": gen.settings.steps, "student_s": student_s,
+        "student_over_teacher": student_s / teacher_s, "paper_claim_student_over_teacher": 1 / 40,
+    }  # fmt: skip
+
+
+def format_report(r: dict) -> str:
+    d, v, e = r["dit"], r["vae"], r["end_to_end_sequential"]
+    tv = r["teacher_vs_student"]
+    lines = [
+        f"model benchmark  {r['profile']['video']}  {r['profile']['backbone']} ({r['profile']['weights']} weights, "
+        f"{r['profile']['dtype']})  on {r['hardware'].get('gpu', r['hardware']['cpu'])}",
+        f"  chunk = {r['profile']['chunk_video_frames']} frames = {r['profile']['chunk_seconds']:.2f} s of audio",
+        f"  DiT  per chunk p50 {d['p50_ms']:.1f} ms  p95 {d['p95_ms']:.1f} ms  RTF {d['rtf']:.3f}  "
+        f"first chunk {d['first_chunk_ms']:.1f} ms  median(450-500)/median(1-50) = {_fmt(d['flat_ratio_450_500_vs_1_50'])}",
+        f"  VAE  per chunk p50 {v['p50_ms']:.1f} ms  p95 {v['p95_ms']:.1f} ms  RTF {v['rtf']:.3f}  first chunk "
+        f"{v['first_chunk_ms']:.1f} ms  late/early = {_fmt(next(x for k, x in v.items() if k.startswith('flat_ratio')))}",
+        f"  end to end (sequential)  RTF {e['rtf']:.3f}  first-frame delay {e['first_frame_delay_ms']:.1f} ms",
+        "  state held between steps: " + ", ".join(f"after chunk {k}: {sum(s.values()) / 2**20:.2f} MiB"
+                                                    for k, s in r["state_bytes"].items()),  # fmt: skip
+        f"  peak memory ({r['peak_memory_kind']}): " + ", ".join(f"{k} {b / 2**20:.0f} MiB"
+                                                                 for k, b in r["peak_memory_bytes"].items()),  # fmt: skip
+        f"  teacher ({tv['teacher_steps']} steps x 2 CFG passes, bidirectional, {tv['clip_latent_frames']} latent frames) "
+        f"{tv['teacher_s']:.2f} s vs student ({tv['student_steps']} cached steps per chunk) {tv['student_s']:.3f} s: "
+        f"student/teacher = 1/{1 / tv['student_over_teacher']:.0f} (paper: 1/40)",
+    ]
+    return "\n".join(lines)
+
+
+def _fmt(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.3f}"

@@ -1,0 +1,95 @@
+"""StreamingGenerator at demo size, built from the typed config like every stage builds it."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from flows.cli import main as cli_main
+from tasks.common.models import build_generator
+from tasks.config import ConfigError, load_config
+
+
+def _generator(root, *sets: str):
+    return build_generator(load_config([], list(sets), root=root))
+
+
+def _chunk_audio(gen, seed: int, speaking: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    voice = torch.randn(gen.samples_per_chunk, generator=g) * 0.1
+    return (voice, torch.zeros_like(voice)) if speaking else (torch.zeros_like(voice), voice)
+
+
+def _reference(seed: int = 0) -> torch.Tensor:
+    return torch.rand(3, 64, 64, generator=torch.Generator().manual_seed(seed)) * 2 - 1
+
+
+def test_step_turns_0_48_s_of_audio_into_12_frames(repo_root):
+    gen = _generator(repo_root)
+    assert gen.chunk_video_frames == 12 and gen.samples_per_chunk == 7680  # C=3 latent frames, 25 fps, 16 kHz
+    gen.start(_reference())
+    frames = gen.step(*_chunk_audio(gen, 1))
+    assert frames.shape == (1, 3, 12, 64, 64)
+    assert torch.isfinite(frames).all() and frames.min() >= -1 and frames.max() <= 1
+    assert gen.next_frame == 1 + 3
+
+
+def test_state_is_bounded_however_long_it_runs(repo_root):
+    gen = _generator(repo_root, "student.window_frames=3")
+    gen.start(_reference())
+    sizes = []
+    for i in range(40):
+        gen.denoise(*_chunk_audio(gen, i, speaking=i % 4 < 2))  # DiT only: the VAE cache is fixed-size
+        sizes.append(gen.state_nbytes())
+        assert len(gen.cache) <= gen.layout.sink_frames + gen.layout.window_frames
+    assert sizes[10] == sizes[-1]
+    assert gen.cache.frames == [0, 1, 2, 3] + list(range(1 + 3 * 40 - 3, 1 + 3 * 40))
+
+
+def test_same_seed_same_frames_and_context_modes_differ(repo_root):
+    def run(*sets):
+        gen = _generator(repo_root, *sets)
+        gen.start(_reference())
+        return torch.cat([gen.step(*_chunk_audio(gen, i)) for i in range(3)], dim=2)
+
+    noisy_a, noisy_b = run(), run()
+    assert torch.equal(noisy_a, noisy_b)
+    clean = run("student.context=clean")
+    # the first chunk sees only the sink, so it is the same; later chunks see different context K/V
+    assert torch.equal(noisy_a[:, :, :12], clean[:, :, :12])
+    assert (noisy_a[:, :, 12:] - clean[:, :, 12:]).abs().max() > 1e-4
+    assert not torch.equal(run("project.seed=1"), noisy_a)
+
+
+def test_generator_errors_are_clear(repo_root):
+    gen = _generator(repo_root)
+    with pytest.raises(RuntimeError, match="start"):
+        gen.step(*_chunk_audio(gen, 0))
+    gen.start(_reference())
+    with pytest.raises(ValueError, match="7680 samples"):
+        gen.step(torch.zeros(1000), torch.zeros(1000))
+    with pytest.raises(ConfigError, match="student.sink_frames"):
+        load_config([], ["student.sink_frames=3"], root=repo_root)
+    with pytest.raises(ConfigError, match="wav2vec2_path"):
+        _generator(repo_root, "audio.features=wav2vec2")
+
+
+def test_model_bench_reports_every_field(repo_root, tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    code = cli_main(["bench", "--model-only", "--json", "--chunks", "4", "--vae-chunks", "2", "--teacher-steps", "2",
+                     "--out", str(out)])  # fmt: skip
+    assert code == 0
+    report = json.loads(out.read_text())
+    assert json.loads(capsys.readouterr().out) == report
+    for part in ("dit", "vae"):
+        for key in ("p50_ms", "p95_ms", "p99_ms", "rtf", "first_chunk_ms", "chunks"):
+            assert report[part][key] > 0, (part, key)
+    assert report["dit"]["chunks"] == 4 and report["vae"]["chunks"] == 2
+    assert report["dit"]["flat_ratio_450_500_vs_1_50"] is None  # too few chunks for that window: said, not faked
+    assert report["end_to_end_sequential"]["first_frame_delay_ms"] > 0
+    tv = report["teacher_vs_student"]
+    assert tv["teacher_s"] > 0 and tv["student_s"] > 0 and tv["clip_latent_frames"] == 31
+    assert report["hardware"]["device"] == "cpu" and report["peak_memory_bytes"]
+    assert cli_main(["bench", "--json"]) == 2  # only --model-only exists yet

@@ -472,3 +472,17 @@ def test_euler_sample_follows_the_straight_path():
     torch.testing.assert_close(seen[0][2], noise)
     for _, sigma, x in seen:  # every state lies on x = (1 - s) x0 + s noise
         torch.testing.assert_close(x, (1 - sigma) * x0_true + sigma * noise, atol=1e-4, rtol=0)
+
+
+@pytest.mark.slow
+def test_wan22_vae_layout_streams_like_it_decodes():
+    """The paper's VAE layout (Wan2.2: z 48, residual, patchified 16x): chunked decode equals full decode."""
+    vae = VideoVAE(build_wan_vae("wan2.2", z_dim=48, base_dim=160))
+    assert (vae.z_dim, vae.temporal, vae.spatial) == (48, 4, 16)
+    latents = torch.randn(1, 48, 1 + 3 * 2, 2, 2, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        full = vae.decode(latents)
+        dec = vae.stream_decoder()
+        parts = [dec.decode(latents[:, :, :1])] + [dec.decode(latents[:, :, s : s + 3]) for s in (1, 4)]
+    assert [p.shape[2] for p in parts] == [1, 12, 12]
+    assert (torch.cat(parts, dim=2) - full).abs().max().item() <= 1e-4

@@ -90,6 +90,14 @@ class VideoConfig(_Section):
     fps: int = Field(25, ge=1)
 
 
+class CurateConfig(_Section):
+    """Data curation (paper 4.1): active-speaker masks, balancing and filters."""
+
+    asd: Literal["light-asd"] = "light-asd"  # active speaker detector
+    asd_weights: str = "../shared/models/light-asd/finetuning_TalkSet.model"  # local path, relative to the repo
+    asd_durations: list[float] = Field(default_factory=lambda: [1.0, 2.0, 4.0, 6.0])  # scoring windows (s)
+
+
 class ModelConfig(_Section):
     backbone: Literal["tiny-wan", "wan2.2-ti2v-5b"] = "tiny-wan"
     pretrained_path: str | None = None  # local diffusers directory (paper profile); never a hub id
@@ -189,6 +197,7 @@ class Config(_Section):
     tracking: TrackingConfig = TrackingConfig()
     corpus: CorpusConfig = CorpusConfig()
     video: VideoConfig = VideoConfig()
+    curate: CurateConfig = CurateConfig()
     model: ModelConfig = ModelConfig()
     vae: VaeConfig = VaeConfig()
     audio: AudioConfig = AudioConfig()

@@ -45,3 +45,12 @@ def clone(tmp_path) -> Path:
 @pytest.fixture
 def repo_root() -> Path:
     return REPO
+
+
+def shared_path(*parts: str) -> Path:
+    """A file under ../shared (or $STREAMAVATAR_SHARED); the test is skipped, saying why, when it is absent."""
+    base = Path(os.environ.get("STREAMAVATAR_SHARED", REPO.parent / "shared"))
+    path = base.joinpath(*parts)
+    if not path.exists():
+        pytest.skip(f"needs {path} (the shared fixtures beside the checkout, or $STREAMAVATAR_SHARED)")
+    return path

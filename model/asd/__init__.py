@@ -1,0 +1,1 @@
+"""Active speaker detection networks used by curation to compute per-frame speaking/listening masks."""

@@ -1,0 +1,156 @@
+"""Per-frame speaking/listening mask of a single-person clip by active speaker detection.
+
+Face track (mediapipe face detection, largest face per frame, gaps interpolated, median-smoothed), face
+crops and MFCCs prepared exactly as Light-ASD / TalkNet were trained (anchors.md: 25 fps, 16 kHz mono,
+crop resized to 224x224 grey then the centre 112x112; 13 MFCCs at 100 Hz), per-frame logits averaged over
+several window lengths and smoothed over +-2 frames; speaking where the score is >= 0. Frames where no face
+was detected are UNKNOWN (-1): never guessed.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+os.environ.setdefault("GLOG_minloglevel", "2")
+
+SPEAKING, LISTENING, UNKNOWN = 1, 0, -1
+CROP_SCALE = 0.40  # margin around the detected box, as in the detectors' own demos
+SMOOTH_KERNEL = 13  # median filter over box centre/size (frames)
+
+
+@dataclass
+class FaceTrack:
+    boxes: np.ndarray  # [T, 4] x1, y1, x2, y2 in pixels (interpolated where missing)
+    found: np.ndarray  # [T] bool: a face was detected in this frame
+
+
+def detect_faces(frames: np.ndarray, min_confidence: float = 0.5) -> FaceTrack:
+    """mediapipe face detection on RGB frames [T, H, W, 3]; the largest face per frame."""
+    import mediapipe as mp
+
+    t, h, w, _ = frames.shape
+    boxes = np.full((t, 4), np.nan, dtype=np.float64)
+    with mp.solutions.face_detection.FaceDetection(model_selection=1, min_detection_confidence=min_confidence) as det:
+        for i, frame in enumerate(frames):
+            res = det.process(frame)
+            if not res.detections:
+                continue
+            best = max(res.detections, key=lambda d: d.location_data.relative_bounding_box.width)
+            r = best.location_data.relative_bounding_box
+            boxes[i] = [r.xmin * w, r.ymin * h, (r.xmin + r.width) * w, (r.ymin + r.height) * h]
+    found = ~np.isnan(boxes[:, 0])
+    if found.any():
+        idx = np.arange(t)
+        for c in range(4):
+            boxes[:, c] = np.interp(idx, idx[found], boxes[found, c])
+    return FaceTrack(boxes=boxes, found=found)
+
+
+def face_crops(frames: np.ndarray, track: FaceTrack) -> np.ndarray:
+    """[T, 112, 112] uint8 grey crops around the smoothed track (the detectors' preprocessing)."""
+    import cv2
+    from scipy.signal import medfilt
+
+    b = track.boxes
+    size = medfilt(np.maximum(b[:, 3] - b[:, 1], b[:, 2] - b[:, 0]) / 2, SMOOTH_KERNEL)
+    cy = medfilt((b[:, 1] + b[:, 3]) / 2, SMOOTH_KERNEL)
+    cx = medfilt((b[:, 0] + b[:, 2]) / 2, SMOOTH_KERNEL)
+    out = np.zeros((len(frames), 112, 112), dtype=np.uint8)
+    for i, frame in enumerate(frames):
+        bs = max(float(size[i]), 1.0)
+        pad = int(bs * (1 + 2 * CROP_SCALE))
+        padded = np.pad(frame, ((pad, pad), (pad, pad), (0, 0)), constant_values=110)
+        my, mx = cy[i] + pad, cx[i] + pad
+        face = padded[int(my - bs) : int(my + bs * (1 + 2 * CROP_SCALE)),
+                      int(mx - bs * (1 + CROP_SCALE)) : int(mx + bs * (1 + CROP_SCALE))]  # fmt: skip
+        grey = cv2.cvtColor(cv2.resize(face, (224, 224)), cv2.COLOR_RGB2GRAY)
+        out[i] = grey[56:168, 56:168]
+    return out
+
+
+def mfcc_100hz(audio: np.ndarray, sample_rate: int = 16000) -> np.ndarray:
+    """13 MFCCs at 100 Hz of float audio in [-1, 1], computed on int16 values like the detectors' training."""
+    import python_speech_features
+
+    pcm = np.clip(audio, -1.0, 1.0 - 1 / 32768) * 32768
+    return python_speech_features.mfcc(pcm.astype(np.int16), sample_rate, numcep=13, winlen=0.025, winstep=0.010)
+
+
+@torch.no_grad()
+def asd_scores(model: torch.nn.Module, mfcc: np.ndarray, faces: np.ndarray, durations: list[float]) -> np.ndarray:
+    """Per-frame speaking logits, averaged over windows of each length in ``durations`` (seconds)."""
+    n = min(len(faces), (len(mfcc) - len(mfcc) % 4) // 4)
+    if n == 0:
+        return np.zeros(0)
+    mfcc, faces = mfcc[: 4 * n], faces[:n]
+    runs = []
+    for dur in durations:
+        step = max(1, int(round(dur * 25)))
+        scores = []
+        for s in range(0, n, step):
+            e = min(n, s + step)
+            a = torch.from_numpy(mfcc[4 * s : 4 * e]).float()[None]
+            v = torch.from_numpy(faces[s:e]).float()[None]
+            scores.append(model(a, v)[0].numpy())
+        runs.append(np.concatenate(scores)[:n])
+    return np.mean(runs, axis=0)
+
+
+def smooth(scores: np.ndarray, radius: int = 2) -> np.ndarray:
+    """Mean over +-radius frames (clipped at the ends)."""
+    out = np.empty_like(scores, dtype=np.float64)
+    for i in range(len(scores)):
+        out[i] = scores[max(0, i - radius) : i + radius + 1].mean()
+    return out
+
+
+@dataclass
+class ClipMask:
+    score: np.ndarray  # [T] smoothed logit (NaN where unknown)
+    mask: np.ndarray  # [T] int8: 1 speaking, 0 listening, -1 unknown (no face)
+    face_found: np.ndarray  # [T] bool
+
+
+def speaking_mask(
+    model: torch.nn.Module, frames: np.ndarray, audio: np.ndarray, durations: list[float], sample_rate: int = 16000
+) -> ClipMask:
+    """frames [T, H, W, 3] RGB at 25 fps, audio float mono at ``sample_rate`` -> per-frame mask."""
+    t = len(frames)
+    track = detect_faces(frames)
+    mask = np.full(t, UNKNOWN, dtype=np.int8)
+    score = np.full(t, np.nan)
+    if not track.found.any():
+        return ClipMask(score, mask, track.found)
+    raw = asd_scores(model, mfcc_100hz(audio, sample_rate), face_crops(frames, track), durations)
+    s = smooth(raw)
+    n = len(s)
+    score[:n] = s
+    known = track.found.copy()
+    known[n:] = False
+    mask[known] = (s[known[:n]] >= 0).astype(np.int8)
+    score[~known] = np.nan
+    return ClipMask(score, mask, track.found)
+
+
+def frame_f1(pred: np.ndarray, truth: np.ndarray) -> dict[str, float]:
+    """Frame-level precision/recall/F1 of 'speaking' over frames the detector did not call unknown."""
+    keep = pred >= 0
+    p, g = pred[keep] == SPEAKING, np.asarray(truth)[keep] == 1
+    tp, fp, fn = int((p & g).sum()), int((p & ~g).sum()), int((~p & g).sum())
+    prec = tp / (tp + fp) if tp + fp else 0.0
+    rec = tp / (tp + fn) if tp + fn else 0.0
+    f1 = 2 * prec * rec / (prec + rec) if prec + rec else 0.0
+    return {"precision": prec, "recall": rec, "f1": f1, "frames": int(keep.sum()), "unknown": int((~keep).sum())}
+
+
+def load_detector(kind: str, weights: str | Path) -> torch.nn.Module:
+    if kind == "light-asd":
+        from model.asd.light_asd import load_light_asd
+
+        return load_light_asd(weights)
+    raise ValueError(f"unknown active speaker detector {kind!r}; available: light-asd")

@@ -1,0 +1,78 @@
+"""Light-ASD: our implementation loads the released weights and behaves like an active speaker detector."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from model.asd.light_asd import LightASD, load_light_asd
+from tasks.curation.asd import (
+    UNKNOWN,
+    asd_scores,
+    detect_faces,
+    face_crops,
+    frame_f1,
+    mfcc_100hz,
+    smooth,
+    speaking_mask,
+)
+from tests.conftest import shared_path
+
+
+@pytest.mark.parametrize("name", ["finetuning_TalkSet.model", "pretrain_AVA_CVPR.model"])
+def test_released_checkpoints_load_strictly(name):
+    model = load_light_asd(shared_path("models", "light-asd", name))
+    assert sum(p.numel() for p in model.parameters()) == 1_021_636
+    assert not model.training
+    out = model(torch.randn(2, 4 * 30, 13), torch.rand(2, 30, 112, 112) * 255)
+    assert out.shape == (2, 30) and torch.isfinite(out).all()
+
+
+def test_load_errors_name_the_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="curate.asd_weights"):
+        load_light_asd(tmp_path / "missing.model")
+    bad = tmp_path / "other.model"
+    torch.save({"encoder.weight": torch.zeros(2)}, bad)
+    with pytest.raises(ValueError, match="encoder.weight"):
+        load_light_asd(bad)
+
+
+def test_frame_f1_and_smoothing_numbers():
+    pred = np.array([1, 1, 0, 0, UNKNOWN, 1], dtype=np.int8)
+    truth = np.array([1, 0, 0, 1, 1, 1])
+    r = frame_f1(pred, truth)  # unknown frame excluded: tp=2 (0, 5), fp=1 (1), fn=1 (3)
+    assert r["precision"] == pytest.approx(2 / 3) and r["recall"] == pytest.approx(2 / 3)
+    assert r["f1"] == pytest.approx(2 / 3) and r["frames"] == 5 and r["unknown"] == 1
+    assert smooth(np.array([0.0, 0, 5, 0, 0])).tolist() == pytest.approx([5 / 3, 1.25, 1.0, 1.25, 5 / 3])
+
+
+def test_no_face_means_unknown_never_guessed():
+    frames = np.full((30, 96, 96, 3), 128, dtype=np.uint8)  # no face anywhere
+    result = speaking_mask(LightASD().eval(), frames, np.zeros(16000 * 30 // 25, dtype=np.float32), [1])
+    assert (result.mask == UNKNOWN).all() and np.isnan(result.score).all()
+
+
+@pytest.fixture(scope="module")
+def talking_clip():
+    from tasks.common.media import read_audio, read_frames
+
+    video = shared_path("fixtures", "speakervid", "head_4.mp4")
+    frames, audio = read_frames(video)[:100], read_audio(video, 16000)[: 100 * 640]
+    return frames, audio
+
+
+def test_real_talking_clip_is_detected_as_speaking(talking_clip):
+    frames, audio = talking_clip
+    model = load_light_asd(shared_path("models", "light-asd", "finetuning_TalkSet.model"))
+    track = detect_faces(frames)
+    assert track.found.mean() >= 0.95
+    crops = face_crops(frames, track)
+    assert crops.shape == (100, 112, 112) and crops.dtype == np.uint8
+    real = smooth(asd_scores(model, mfcc_100hz(audio), crops, [1, 2]))
+    assert (real >= 0).mean() >= 0.9  # the person talks throughout
+    # evidence that both streams matter: a frozen face is called silent, silent audio lowers the score
+    frozen = smooth(asd_scores(model, mfcc_100hz(audio), np.repeat(crops[:1], len(crops), 0), [1, 2]))
+    mute = smooth(asd_scores(model, mfcc_100hz(audio * 0), crops, [1, 2]))
+    assert frozen.mean() < 0 < real.mean()
+    assert mute.mean() < real.mean()

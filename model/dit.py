@@ -413,4 +413,18 @@ def load_wan_transformer(
             for block in model.blocks:
                 block.audio_attn = AudioAttention(spec.dim, spec.num_attention_heads, spec.eps)
                 block.interact_attn = AudioAttention(spec.dim, spec.num_attention_heads, spec.eps)
-    return model.to(dtype)
+    return cast_keeping_fp32(model, dtype)
+
+
+# Kept in float32 whatever the compute dtype, as diffusers does for Wan (_keep_in_fp32_modules): the time
+# embedding MLP, the modulation tables and the affine cross-attention norm.
+FP32_PARTS = ("condition_embedder.time_embedder.", "scale_shift_table", ".norm2.")
+
+
+def cast_keeping_fp32(model: AudioDiT, dtype: torch.dtype) -> AudioDiT:
+    model.to(dtype)
+    if dtype != torch.float32:
+        for name, param in model.named_parameters():
+            if any(part in name for part in FP32_PARTS):
+                param.data = param.data.float()
+    return model

@@ -8,7 +8,7 @@ import torch
 
 from model.attention import CausalLayout
 from model.audio import AudioConditioner, LogMelFeatures, Wav2Vec2Features
-from model.dit import AudioDiT, DiTSpec, load_wan_transformer
+from model.dit import AudioDiT, DiTSpec, cast_keeping_fp32, load_wan_transformer
 from model.streaming import StreamingGenerator, StreamSettings
 from model.vae import VideoVAE, build_wan_vae
 from tasks.config import Config, ConfigError
@@ -64,7 +64,7 @@ def build_dit(cfg: Config, audio_dim: int, pretrained: bool = True) -> AudioDiT:
             raise ConfigError(f"model.* does not match {cfg.model.pretrained_path}: {detail}")
         return model
     torch.manual_seed(cfg.project.seed)
-    return AudioDiT(spec).to(device, dtype)
+    return cast_keeping_fp32(AudioDiT(spec).to(device), dtype)
 
 
 def build_vae(cfg: Config, pretrained: bool = True) -> VideoVAE:

@@ -259,6 +259,11 @@ class AudioDiT(nn.Module):
         self.proj_out = nn.Linear(dim, spec.out_channels * math.prod(spec.patch_size))
         self.scale_shift_table = nn.Parameter(torch.randn(1, 2, dim) / dim**0.5)
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """The compute dtype (some small parts stay float32, see :func:`cast_keeping_fp32`)."""
+        return self.proj_out.weight.dtype
+
     # -- conditioning -------------------------------------------------------------------------------------
     def prepare_text(self, text: torch.Tensor) -> PreparedContext:
         """Embed the prompt and compute every layer's cross-attention K/V once."""

@@ -46,7 +46,7 @@ class StreamingGenerator:
         self.layout = settings.layout
         self.sigmas = student_sigmas(settings.steps, settings.timestep_shift)
         self.device = next(dit.parameters()).device
-        self.dtype = next(dit.parameters()).dtype
+        self.dtype = dit.dtype
         self._text = text
         self.chunk_video_frames = settings.layout.chunk_frames * vae.temporal
         self.samples_per_chunk = self.chunk_video_frames * audio.extractor.samples_per_frame

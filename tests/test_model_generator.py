@@ -93,3 +93,11 @@ def test_model_bench_reports_every_field(repo_root, tmp_path, capsys):
     assert tv["teacher_s"] > 0 and tv["student_s"] > 0 and tv["clip_latent_frames"] == 31
     assert report["hardware"]["device"] == "cpu" and report["peak_memory_bytes"]
     assert cli_main(["bench", "--json"]) == 2  # only --model-only exists yet
+
+
+def test_bf16_generator_runs_with_fp32_parts(repo_root):
+    gen = _generator(repo_root, "project.dtype=bfloat16")
+    assert gen.dtype == torch.bfloat16 and gen.dit.scale_shift_table.dtype == torch.float32
+    gen.start(_reference())
+    frames = gen.step(*_chunk_audio(gen, 1))
+    assert frames.shape == (1, 3, 12, 64, 64) and torch.isfinite(frames).all()

@@ -174,7 +174,7 @@ def _teacher_vs_student(gen, cfg: Config, n_chunks: int, steps: int, scale: floa
     c = layout.chunk_frames
     frames = 1 + n_chunks * c
     _, z, _, h, w = gen.ref_latent.shape
-    dtype = next(dit.parameters()).dtype
+    dtype = dit.dtype
     x = torch.randn(1, z, frames, h, w, device=device, dtype=dtype)
     talk = torch.randn(1, frames, gen.audio.tokens_per_latent, gen.audio.token_dim, device=device, dtype=dtype)
     silent = torch.zeros_like(talk)

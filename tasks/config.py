@@ -96,6 +96,11 @@ class CurateConfig(_Section):
     asd: Literal["light-asd"] = "light-asd"  # active speaker detector
     asd_weights: str = "../shared/models/light-asd/finetuning_TalkSet.model"  # local path, relative to the repo
     asd_durations: list[float] = Field(default_factory=lambda: [1.0, 2.0, 4.0, 6.0])  # scoring windows (s)
+    # per_clip: split a clip's scores between two well separated groups (else asd_threshold); fixed: asd_threshold
+    asd_calibration: Literal["per_clip", "fixed"] = "per_clip"
+    asd_threshold: float = 0.0  # the detector's own decision logit
+    asd_min_gap: float = Field(2.0, ge=0)  # logits between the two groups' means for a per-clip split
+    asd_min_share: float = Field(0.1, ge=0, le=0.5)  # smallest group's share of frames for a per-clip split
 
 
 class ModelConfig(_Section):

@@ -10,12 +10,14 @@ from model.asd.light_asd import LightASD, load_light_asd
 from tasks.curation.asd import (
     UNKNOWN,
     asd_scores,
+    clip_threshold,
     detect_faces,
     face_crops,
     frame_f1,
     mfcc_100hz,
     smooth,
     speaking_mask,
+    two_class_split,
 )
 from tests.conftest import shared_path
 
@@ -76,3 +78,27 @@ def test_real_talking_clip_is_detected_as_speaking(talking_clip):
     mute = smooth(asd_scores(model, mfcc_100hz(audio * 0), crops, [1, 2]))
     assert frozen.mean() < 0 < real.mean()
     assert mute.mean() < real.mean()
+
+
+def test_two_class_split_and_per_clip_threshold():
+    rng = np.random.default_rng(0)
+    bimodal = np.concatenate([rng.normal(1.0, 0.3, 120), rng.normal(5.0, 0.3, 80)])
+    th, gap = two_class_split(bimodal)
+    assert 1.5 < th < 4.5 and gap == pytest.approx(4.0, abs=0.2)
+    assert clip_threshold(bimodal, "per_clip", 0.0, 2.0, 0.1) == th  # synthetic-style clip: split between groups
+    assert clip_threshold(bimodal, "fixed", 0.0, 2.0, 0.1) == 0.0
+    talking_throughout = rng.normal(4.0, 0.5, 200)  # one behaviour: keep the detector's own zero
+    assert clip_threshold(talking_throughout, "per_clip", 0.0, 2.0, 0.1) == 0.0
+    few_outliers = np.concatenate([rng.normal(4.0, 0.2, 195), rng.normal(-3.0, 0.2, 5)])  # 2.5 % < min_share
+    assert clip_threshold(few_outliers, "per_clip", 0.0, 2.0, 0.1) == 0.0
+    with pytest.raises(ValueError, match="calibration"):
+        clip_threshold(bimodal, "magic", 0.0, 2.0, 0.1)
+
+
+def test_per_clip_calibration_leaves_a_one_behaviour_real_clip_alone(talking_clip):
+    frames, audio = talking_clip
+    model = load_light_asd(shared_path("models", "light-asd", "finetuning_TalkSet.model"))
+    result = speaking_mask(model, frames, audio, [1, 2], calibration="per_clip")
+    assert result.threshold == 0.0  # talking throughout: no second group to split off
+    assert (result.mask >= 0).all()  # every frame scored, the last one included
+    assert (result.mask == 1).mean() >= 0.9

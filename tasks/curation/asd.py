@@ -109,15 +109,56 @@ def smooth(scores: np.ndarray, radius: int = 2) -> np.ndarray:
     return out
 
 
+def two_class_split(scores: np.ndarray) -> tuple[float, float]:
+    """Otsu's split of 1-D scores: (threshold, distance between the two class means)."""
+    v = np.sort(np.asarray(scores, dtype=np.float64))
+    n = len(v)
+    if n < 2 or v[0] == v[-1]:
+        return float(v[0]) if n else 0.0, 0.0
+    csum = np.cumsum(v)
+    k = np.arange(1, n)  # class 0 = v[:k]
+    m0 = csum[:-1] / k
+    m1 = (csum[-1] - csum[:-1]) / (n - k)
+    between = k * (n - k) * (m0 - m1) ** 2
+    best = int(np.argmax(between))
+    return float((v[best] + v[best + 1]) / 2), float(m1[best] - m0[best])
+
+
+def clip_threshold(scores: np.ndarray, calibration: str, fixed: float, min_gap: float, min_share: float) -> float:
+    """The decision threshold for one clip.
+
+    ``fixed``: the detector's own (logit >= ``fixed``). ``per_clip``: when the clip's scores fall into two
+    well separated groups (means at least ``min_gap`` logits apart, the smaller group at least ``min_share``
+    of the frames), split between them -- the detector ranks frames well on renders unlike its training data
+    but its zero point drifts; otherwise (one behaviour throughout) fall back to ``fixed``.
+    """
+    if calibration == "fixed" or len(scores) == 0:
+        return fixed
+    if calibration != "per_clip":
+        raise ValueError(f"unknown ASD calibration {calibration!r}; use fixed or per_clip")
+    threshold, gap = two_class_split(scores)
+    share = min(np.mean(scores < threshold), np.mean(scores >= threshold))
+    return threshold if gap >= min_gap and share >= min_share else fixed
+
+
 @dataclass
 class ClipMask:
     score: np.ndarray  # [T] smoothed logit (NaN where unknown)
     mask: np.ndarray  # [T] int8: 1 speaking, 0 listening, -1 unknown (no face)
     face_found: np.ndarray  # [T] bool
+    threshold: float = 0.0
 
 
 def speaking_mask(
-    model: torch.nn.Module, frames: np.ndarray, audio: np.ndarray, durations: list[float], sample_rate: int = 16000
+    model: torch.nn.Module,
+    frames: np.ndarray,
+    audio: np.ndarray,
+    durations: list[float],
+    sample_rate: int = 16000,
+    calibration: str = "fixed",
+    threshold: float = 0.0,
+    min_gap: float = 2.0,
+    min_share: float = 0.1,
 ) -> ClipMask:
     """frames [T, H, W, 3] RGB at 25 fps, audio float mono at ``sample_rate`` -> per-frame mask."""
     t = len(frames)
@@ -126,15 +167,20 @@ def speaking_mask(
     score = np.full(t, np.nan)
     if not track.found.any():
         return ClipMask(score, mask, track.found)
-    raw = asd_scores(model, mfcc_100hz(audio, sample_rate), face_crops(frames, track), durations)
+    mfcc = mfcc_100hz(audio, sample_rate)
+    short = 4 * t - len(mfcc)
+    if 0 < short <= 4:  # the MFCC framing drops the last partial window: repeat it, do not drop a frame
+        mfcc = np.pad(mfcc, ((0, short), (0, 0)), mode="edge")
+    raw = asd_scores(model, mfcc, face_crops(frames, track), durations)
     s = smooth(raw)
     n = len(s)
     score[:n] = s
     known = track.found.copy()
     known[n:] = False
-    mask[known] = (s[known[:n]] >= 0).astype(np.int8)
+    th = clip_threshold(s[known[:n]], calibration, threshold, min_gap, min_share)
+    mask[known] = (s[known[:n]] >= th).astype(np.int8)
     score[~known] = np.nan
-    return ClipMask(score, mask, track.found)
+    return ClipMask(score, mask, track.found, th)
 
 
 def frame_f1(pred: np.ndarray, truth: np.ndarray) -> dict[str, float]:

@@ -101,6 +101,14 @@ class CurateConfig(_Section):
     asd_threshold: float = 0.0  # the detector's own decision logit
     asd_min_gap: float = Field(2.0, ge=0)  # logits between the two groups' means for a per-clip split
     asd_min_share: float = Field(0.1, ge=0, le=0.5)  # smallest group's share of frames for a per-clip split
+    # head-pose filter (mediapipe FaceMesh 3D landmarks): reject a clip whose head is beyond these limits
+    # in more than max_pose_fraction of the frames with a face
+    max_yaw_deg: float = Field(35.0, gt=0, le=90)
+    max_pitch_deg: float = Field(30.0, gt=0, le=90)
+    max_roll_deg: float = Field(30.0, gt=0, le=90)
+    max_pose_fraction: float = Field(0.2, ge=0, le=1)
+    min_face_fraction: float = Field(0.8, ge=0, le=1)  # clips with a face in fewer frames are rejected
+    pose_stride: int = Field(1, ge=1)  # measure every n-th frame
 
 
 class ModelConfig(_Section):

@@ -95,12 +95,16 @@ def read_audio(path: str | Path, sample_rate: int = 16000) -> np.ndarray:
 
 
 def iter_frames(path: str | Path, width: int | None = None, height: int | None = None) -> Iterator[np.ndarray]:
-    """RGB uint8 frames of a video, optionally scaled to width x height."""
+    """RGB uint8 frames of a video, optionally scaled to width x height (one of them: aspect kept, even)."""
     path = Path(path)
     info = probe(path)
     if info.video_codec is None:
         raise MediaError(f"{path}: no video stream")
     w, h = (width or info.width), (height or info.height)
+    if width and not height:
+        h = max(2, 2 * round(info.height * width / info.width / 2))
+    elif height and not width:
+        w = max(2, 2 * round(info.width * height / info.height / 2))
     stream = ffmpeg.input(str(path))
     if (w, h) != (info.width, info.height):
         stream = stream.filter("scale", w, h)

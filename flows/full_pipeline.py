@@ -8,11 +8,12 @@ from pathlib import Path
 from prefect import flow, get_run_logger
 
 from flows.corpus import corpus_flow
+from flows.curate import curate_flow
 from tasks.common import tracking
 from tasks.config import load_config, project_root
 from tasks.registry import ORDER
 
-STAGE_FLOWS = {"corpus": corpus_flow}
+STAGE_FLOWS = {"corpus": corpus_flow, "curate": curate_flow}
 
 
 @flow(name="full-pipeline", log_prints=True)

@@ -93,6 +93,21 @@ class VideoConfig(_Section):
 class CurateConfig(_Section):
     """Data curation (paper 4.1): active-speaker masks, balancing and filters."""
 
+    source: Literal["synthetic", "local"] = "synthetic"  # the demo corpus, or a folder of clips (local_dir)
+    local_dir: str | None = None  # curate.source=local: videos (+ optional merged_anno JSONs with the same stem)
+    out_dir: str = "data/curated"  # clips/ (normalised mp4) and masks/ (per-frame npy)
+    manifest: str = "data/manifests/curated.parquet"
+    report_dir: str = "data/reports/curate"
+    workers: int = Field(2, ge=1, le=256)
+    seed: int = Field(0, ge=0)
+    min_duration_s: float = Field(2.0, gt=0)
+    analysis_width: int = Field(480, ge=64)  # frames are analysed (ASD, pose, quality) at this width
+    luminance_range: tuple[float, float] = (20.0, 235.0)  # median frame luma must lie inside
+    min_face_sharpness: float = Field(5.0, ge=0)  # variance of the Laplacian of the face crop
+    speaking_max_listen: float = Field(0.3, ge=0, le=1)  # listen ratio <= this: a "speaking" clip
+    listening_min_listen: float = Field(0.7, ge=0, le=1)  # listen ratio >= this: a "listening" clip
+    proportions: dict[str, float] = Field(default_factory=lambda: {"speaking": 1.0, "listening": 1.0, "mixed": 1.0})
+    val_fraction: float = Field(0.1, ge=0, lt=1)
     asd: Literal["light-asd"] = "light-asd"  # active speaker detector
     asd_weights: str = "../shared/models/light-asd/finetuning_TalkSet.model"  # local path, relative to the repo
     asd_durations: list[float] = Field(default_factory=lambda: [1.0, 2.0, 4.0, 6.0])  # scoring windows (s)
@@ -109,6 +124,17 @@ class CurateConfig(_Section):
     max_pose_fraction: float = Field(0.2, ge=0, le=1)
     min_face_fraction: float = Field(0.8, ge=0, le=1)  # clips with a face in fewer frames are rejected
     pose_stride: int = Field(1, ge=1)  # measure every n-th frame
+
+    @model_validator(mode="after")
+    def _checks(self) -> CurateConfig:
+        if self.source == "local" and not self.local_dir:
+            raise ValueError("curate.local_dir: set it when curate.source is 'local'")
+        if self.speaking_max_listen >= self.listening_min_listen:
+            raise ValueError("curate.speaking_max_listen must be below curate.listening_min_listen")
+        bad = set(self.proportions) - {"speaking", "listening", "mixed"}
+        if bad or any(v < 0 for v in self.proportions.values()):
+            raise ValueError("curate.proportions: weights >= 0 for speaking, listening, mixed")
+        return self
 
 
 class ModelConfig(_Section):
@@ -300,7 +326,10 @@ def _format_error(exc: ValidationError, sources: list[str]) -> str:
             msg = err["msg"]
             if err["type"] == "value_error":
                 msg = msg.removeprefix("Value error, ")
-            lines.append(f"bad value for '{key}' (got {got!r}): {msg}")
+            if isinstance(got, dict):  # a check across a section's keys: its message names them
+                lines.append(msg)
+            else:
+                lines.append(f"bad value for '{key}' (got {got!r}): {msg}")
     src = ", ".join(sources)
     return f"invalid configuration (from {src}):\n  " + "\n  ".join(lines)
 
@@ -346,6 +375,18 @@ def project_root() -> Path:
         if (folder / DEFAULT_PARAMS).is_file() and (folder / "dvc.yaml").is_file():
             return folder
     return cwd
+
+
+def resolve_path(path: str | Path, root: Path) -> Path:
+    """A config path as a file: absolute as given; ``../shared/...`` under $STREAMAVATAR_SHARED when that is set
+    (the shared fixtures and weights beside the checkout, wherever they live); else relative to ``root``."""
+    p = Path(path)
+    if p.is_absolute():
+        return p
+    parts = p.parts
+    if len(parts) > 2 and parts[0] == ".." and parts[1] == "shared" and os.environ.get("STREAMAVATAR_SHARED"):
+        return Path(os.environ["STREAMAVATAR_SHARED"]).joinpath(*parts[2:])
+    return root / p
 
 
 def to_yaml(cfg: Config) -> str:

@@ -24,7 +24,15 @@ def _corpus(cfg: Config, root: Path) -> StageResult:
     return run_corpus(cfg, root)
 
 
+def _curate(cfg: Config, root: Path) -> StageResult:
+    from tasks.curation.build import run_curate
+
+    return run_curate(cfg, root)
+
+
 STAGES: dict[str, Stage] = {
     "corpus": Stage("corpus", _corpus, "generate the demo corpus of two-person conversations (SpeakerVid layout)"),
+    "curate": Stage("curate", _curate, "active-speaker masks, pose/quality filters, listen-ratio balancing -> "
+                    "data/manifests/curated.parquet"),
 }
 ORDER = list(STAGES)

@@ -14,6 +14,8 @@ os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
+# ../shared (fixtures, Light-ASD weights) stays reachable from temporary clones of the project
+os.environ.setdefault("STREAMAVATAR_SHARED", str(REPO.parent / "shared"))
 
 
 def tool_env(root: Path) -> dict:

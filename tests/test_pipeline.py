@@ -8,7 +8,7 @@ import sys
 import pytest
 import yaml
 
-from tests.conftest import tool_env
+from tests.conftest import shared_path, tool_env
 
 TINY = {"num_conversations": 1, "duration_s": 3.0, "workers": 1}
 
@@ -36,16 +36,17 @@ def runs(root):
 
 @pytest.mark.slow
 def test_dvc_repro_twice_then_only_on_change(clone):
+    shared_path("models", "light-asd", "finetuning_TalkSet.model")  # the curate stage's detector
     set_params(clone, **TINY)
     first = dvc(clone, "repro")
-    assert "Running stage 'corpus'" in first.stdout
+    assert "Running stage 'corpus'" in first.stdout and "Running stage 'curate'" in first.stdout
     assert len(list((clone / "data/raw/synthetic/videos").glob("*.mp4"))) == 2
     second = dvc(clone, "repro")
     assert "Running stage" not in second.stdout and "up to date" in second.stdout
     assert "up to date" in dvc(clone, "status").stdout
     # the CLI run (dvc's cmd) was tracked in MLflow with its metrics and contact sheet
     client, found = runs(clone)
-    assert [r.data.tags["streamavatar.stage"] for r in found] == ["corpus"]
+    assert [r.data.tags["streamavatar.stage"] for r in found] == ["corpus", "curate"]
     assert found[0].data.metrics["clips_ok"] == 2
     assert "corpus/contact_sheet.png" in [a.path for a in client.list_artifacts(found[0].info.run_id, "corpus")]
     # one parameter changes: DVC sees it and re-runs the stage
@@ -60,11 +61,14 @@ def test_full_pipeline_flow_records_mlflow_and_leaves_dvc_clean(clone):
 
     from flows.full_pipeline import full_pipeline
 
+    shared_path("models", "light-asd", "finetuning_TalkSet.model")  # the curate stage's detector
     set_params(clone, **TINY)
     with prefect_test_harness(server_startup_timeout=120):
         result = full_pipeline(root=str(clone))
         assert result["stages"]["corpus"]["status"] == "ran"
         assert result["stages"]["corpus"]["dvc"] == "recorded in dvc.lock"
+        assert result["stages"]["curate"]["status"] == "ran"
+        assert result["stages"]["curate"]["dvc"] == "recorded in dvc.lock"
         again = full_pipeline(root=str(clone))
         assert again["stages"]["corpus"]["status"] == "up-to-date"
         # an override that differs from params.yaml runs, but is not claimed in dvc.lock
@@ -84,10 +88,13 @@ def test_full_pipeline_flow_records_mlflow_and_leaves_dvc_clean(clone):
     assert len(parents) == 4
     first_parent = parents[0].info.run_id
     nested = [r for r in children if r.data.tags.get("mlflow.parentRunId") == first_parent]
-    assert [r.data.tags["streamavatar.stage"] for r in nested] == ["corpus"]
+    assert [r.data.tags["streamavatar.stage"] for r in nested] == ["corpus", "curate"]
     assert nested[0].data.metrics["clips_ok"] == 2 and nested[0].data.params["corpus.num_conversations"] == "1"
     arts = [a.path for a in client.list_artifacts(nested[0].info.run_id, "corpus")]
     assert {"corpus/contact_sheet.png", "corpus/metrics.json", "corpus/corpus.parquet"} <= set(arts)
+    assert nested[1].data.metrics["clips_ok"] == 2 and nested[1].data.params["curate.source"] == "synthetic"
+    arts = [a.path for a in client.list_artifacts(nested[1].info.run_id, "curate")]
+    assert {"curate/curated.parquet", "curate/histograms.png", "curate/asd_frames.png"} <= set(arts)
     # the second run found the stage up to date and said so in its nested run
     skipped = [r for r in children if r.data.tags.get("mlflow.parentRunId") == parents[1].info.run_id]
     assert skipped[0].data.tags["streamavatar.status"] == "up-to-date"

@@ -94,8 +94,11 @@ def read_audio(path: str | Path, sample_rate: int = 16000) -> np.ndarray:
     return np.frombuffer(out, dtype="<f4").copy()
 
 
-def iter_frames(path: str | Path, width: int | None = None, height: int | None = None) -> Iterator[np.ndarray]:
-    """RGB uint8 frames of a video, optionally scaled to width x height (one of them: aspect kept, even)."""
+def iter_frames(
+    path: str | Path, width: int | None = None, height: int | None = None, fps: float | None = None
+) -> Iterator[np.ndarray]:
+    """RGB uint8 frames of a video, optionally scaled to width x height (one of them: aspect kept, even) and
+    resampled to a constant ``fps``."""
     path = Path(path)
     info = probe(path)
     if info.video_codec is None:
@@ -106,6 +109,8 @@ def iter_frames(path: str | Path, width: int | None = None, height: int | None =
     elif height and not width:
         w = max(2, 2 * round(info.width * height / info.height / 2))
     stream = ffmpeg.input(str(path))
+    if fps is not None and fps != info.fps:
+        stream = stream.filter("fps", fps=fps)
     if (w, h) != (info.width, info.height):
         stream = stream.filter("scale", w, h)
     proc = stream.output("pipe:", format="rawvideo", pix_fmt="rgb24").run_async(
@@ -123,8 +128,10 @@ def iter_frames(path: str | Path, width: int | None = None, height: int | None =
         proc.wait()
 
 
-def read_frames(path: str | Path, width: int | None = None, height: int | None = None) -> np.ndarray:
-    frames = list(iter_frames(path, width, height))
+def read_frames(
+    path: str | Path, width: int | None = None, height: int | None = None, fps: float | None = None
+) -> np.ndarray:
+    frames = list(iter_frames(path, width, height, fps))
     if not frames:
         raise MediaError(f"{path}: no frames could be decoded")
     return np.stack(frames)

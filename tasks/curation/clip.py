@@ -1,0 +1,136 @@
+"""Curation of one clip: probe, length check, active-speaker mask, head pose, quality, normalisation.
+
+``curate_clip`` takes plain, picklable arguments (a :class:`SourceClip` and a :class:`ClipSettings`) so that
+the same function runs in a local process pool, on a Dask or Ray worker, or in a test. It never raises for a
+bad clip: it returns a row with ``status`` ``rejected`` (a filter said no) or ``failed`` (the clip could not
+be read) and the reason.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+
+from tasks.common.media import MediaError, probe, read_audio, read_frames
+from tasks.curation.asd import UNKNOWN, detect_faces, face_crops, load_detector, speaking_mask
+from tasks.curation.normalize import normalize_clip
+from tasks.curation.pose import clip_pose, pose_stats, pose_verdict
+from tasks.curation.quality import luminance, sharpness
+from tasks.curation.sources import SourceClip
+
+
+@dataclass(frozen=True)
+class ClipSettings:
+    out_dir: str  # absolute
+    fps: int
+    sample_rate: int
+    width: int
+    height: int
+    analysis_width: int
+    min_duration_s: float
+    asd: str
+    asd_weights: str  # absolute
+    asd_durations: tuple[float, ...]
+    asd_calibration: str
+    asd_threshold: float
+    asd_min_gap: float
+    asd_min_share: float
+    max_yaw_deg: float
+    max_pitch_deg: float
+    max_roll_deg: float
+    max_pose_fraction: float
+    min_face_fraction: float
+    pose_stride: int
+    luminance_range: tuple[float, float]
+    min_face_sharpness: float
+
+
+@lru_cache(maxsize=2)
+def _detector(kind: str, weights: str):
+    return load_detector(kind, weights)
+
+
+def _row(clip: SourceClip, status: str, reason: str = "", **values) -> dict:
+    return {"clip_id": clip.clip_id, "group": clip.group, "source_path": clip.video_path, "status": status,
+            "reason": reason, **values}  # fmt: skip
+
+
+def curate_clip(clip: SourceClip, s: ClipSettings, root: str) -> dict:
+    src = Path(clip.video_path)
+    src = src if src.is_absolute() else Path(root) / src
+    try:
+        info = probe(src)
+    except (MediaError, FileNotFoundError) as exc:
+        return _row(clip, "failed", str(exc))
+    if info.video_codec is None or info.audio_codec is None:
+        return _row(clip, "failed", f"{src}: needs a video and an audio stream")
+    if info.duration_s < s.min_duration_s:
+        return _row(clip, "rejected", f"too short: {info.duration_s:.2f} s < {s.min_duration_s} s",
+                    duration_s=info.duration_s)  # fmt: skip
+    try:
+        frames = read_frames(src, width=min(s.analysis_width, info.width), fps=s.fps)
+        audio = read_audio(src, s.sample_rate)
+    except MediaError as exc:
+        return _row(clip, "failed", str(exc))
+    n = min(len(frames), len(audio) * s.fps // s.sample_rate)
+    frames, audio = frames[:n], audio[: n * s.sample_rate // s.fps]
+    values: dict = {"duration_s": n / s.fps, "num_frames": n, "fps": s.fps, "source_fps": info.fps,
+                    "source_width": info.width, "source_height": info.height}  # fmt: skip
+
+    # 1. active speaker mask (1 speaking, 0 listening, -1 unknown)
+    result = speaking_mask(_detector(s.asd, s.asd_weights), frames, audio, list(s.asd_durations), s.sample_rate,
+                           s.asd_calibration, s.asd_threshold, s.asd_min_gap, s.asd_min_share)  # fmt: skip
+    known = result.mask != UNKNOWN
+    values.update(
+        asd_threshold=result.threshold,
+        unknown_ratio=float(1 - known.mean()),
+        speaking_ratio=float((result.mask[known] == 1).mean()) if known.any() else float("nan"),
+        listen_ratio=float((result.mask[known] == 0).mean()) if known.any() else float("nan"),
+    )
+    out = Path(s.out_dir)
+    mask_path = out / "masks" / f"{clip.clip_id}.npy"
+    mask_path.parent.mkdir(parents=True, exist_ok=True)
+    np.save(mask_path, result.mask)
+    values["mask_path"] = _rel(mask_path, root)
+
+    # 2. head pose
+    stats = pose_stats(clip_pose(frames, s.pose_stride), s.max_yaw_deg, s.max_pitch_deg, s.max_roll_deg)
+    values.update({f"pose_{k}": v for k, v in stats.as_dict().items()})
+    reasons = [r for r in [pose_verdict(stats, s.max_pose_fraction, s.min_face_fraction)] if r]
+
+    # 3. quality: luminance and face sharpness
+    lum = float(np.median(luminance(frames)))
+    values["luminance"] = lum
+    if not s.luminance_range[0] <= lum <= s.luminance_range[1]:
+        reasons.append(f"luminance {lum:.0f} outside {list(s.luminance_range)}")
+    track = detect_faces(frames[:: max(1, s.fps // 5)])
+    if track.found.any():
+        sharp = float(np.median(sharpness(face_crops(frames[:: max(1, s.fps // 5)], track)[track.found])))
+        values["face_sharpness"] = sharp
+        if sharp < s.min_face_sharpness:
+            reasons.append(f"face blurred: sharpness {sharp:.1f} < {s.min_face_sharpness}")
+    if reasons:
+        return _row(clip, "rejected", "; ".join(reasons), **values)
+
+    # 4. normalised clip at the profile's size
+    dst = out / "clips" / f"{clip.clip_id}.mp4"
+    try:
+        normalize_clip(src, dst, info, s.fps, s.sample_rate, s.width, s.height, clip.bbox)
+    except MediaError as exc:
+        return _row(clip, "failed", str(exc), **values)
+    values["video_path"] = _rel(dst, root)
+    return _row(clip, "ok", **values)
+
+
+def _rel(path: Path, root: str) -> str:
+    try:
+        return str(path.resolve().relative_to(Path(root).resolve()))
+    except ValueError:
+        return str(path)
+
+
+def settings_dict(s: ClipSettings) -> dict:
+    return asdict(s)

@@ -1,0 +1,107 @@
+"""The curation report: counts per outcome and reason, histograms, and a sheet of frames the active speaker
+detector called speaking and listening."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from tasks.curation.balance import CATEGORIES
+
+_REASON_KINDS = [
+    ("too short", "too_short"), ("pose limits", "pose"), ("face found in", "no_face"), ("luminance", "luminance"),
+    ("blurred", "blur"),
+]  # fmt: skip
+
+
+def reason_kinds(reason: str) -> list[str]:
+    kinds = [kind for key, kind in _REASON_KINDS if key in reason]
+    return kinds or ["other"]
+
+
+def write_report(table: pd.DataFrame, report_dir: Path, root: Path) -> tuple[dict[str, float], list[Path]]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    report_dir.mkdir(parents=True, exist_ok=True)
+    ok = table[table["status"] == "ok"]
+    metrics: dict[str, float] = {
+        "clips_total": float(len(table)),
+        "clips_ok": float(len(ok)),
+        "clips_rejected": float((table["status"] == "rejected").sum()),
+        "clips_failed": float((table["status"] == "failed").sum()),
+        "clips_selected": float(table["selected"].sum()),
+        "hours_ok": float(ok["duration_s"].astype(float).sum() / 3600.0) if len(ok) else 0.0,
+    }
+    for cat in CATEGORIES:
+        metrics[f"category_{cat}"] = float((ok["category"] == cat).sum())
+        metrics[f"selected_{cat}"] = float(((ok["category"] == cat) & ok["selected"]).sum())
+    for reason in table.loc[table["status"] != "ok", "reason"].fillna(""):
+        for kind in reason_kinds(reason):
+            metrics[f"reason_{kind}"] = metrics.get(f"reason_{kind}", 0.0) + 1.0
+    if len(ok):
+        metrics["listen_ratio_mean"] = float(ok["listen_ratio"].astype(float).mean())
+
+    artifacts = []
+    fig, axes = plt.subplots(1, 4, figsize=(16, 3.2))
+    panels = [("listen_ratio", "listening ratio (ASD)"), ("pose_mean_abs_yaw", "mean |yaw| (deg)"),
+              ("luminance", "median luminance"), ("face_sharpness", "face sharpness")]  # fmt: skip
+    for ax, (col, title) in zip(axes, panels, strict=True):
+        for status, colour in (("ok", "tab:green"), ("rejected", "tab:red")):
+            values = pd.to_numeric(table.loc[table["status"] == status, col], errors="coerce").dropna()
+            if len(values):
+                ax.hist(values, bins=20, alpha=0.6, color=colour, label=f"{status} ({len(values)})")
+        ax.set_title(title)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    hist = report_dir / "histograms.png"
+    fig.savefig(hist, dpi=90)
+    plt.close(fig)
+    artifacts.append(hist)
+
+    sheet = asd_sheet(table, root, report_dir / "asd_frames.png")
+    if sheet is not None:
+        artifacts.append(sheet)
+    return metrics, artifacts
+
+
+def asd_sheet(table: pd.DataFrame, root: Path, out: Path, max_clips: int = 12) -> Path | None:
+    """For each clip with a mask: a frame the detector called speaking and one it called listening."""
+    import matplotlib.pyplot as plt
+
+    from tasks.common.media import read_frames
+
+    rows = table[table["mask_path"].notna()].head(max_clips)
+    if not len(rows):
+        return None
+    fig, axes = plt.subplots(len(rows), 2, figsize=(4.4, 2.3 * len(rows)), squeeze=False)
+    for ax_row, row in zip(axes, rows.itertuples(), strict=True):
+        mask = np.load(_abs(row.mask_path, root))
+        frames = read_frames(_abs(row.source_path, root), width=200, fps=25)
+        for ax, (label, value) in zip(ax_row, (("speaking", 1), ("listening", 0)), strict=True):
+            ax.axis("off")
+            idx = np.flatnonzero(mask[: len(frames)] == value)
+            if len(idx):
+                i = int(idx[len(idx) // 2])
+                ax.imshow(frames[i])
+                ax.set_title(f"{_short(row.clip_id)} f{i}: {label}", fontsize=7)
+            else:
+                ax.set_title(f"{_short(row.clip_id)}: no {label} frame", fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out, dpi=80)
+    plt.close(fig)
+    return out
+
+
+def _abs(path: str, root: Path) -> Path:
+    p = Path(path)
+    return p if p.is_absolute() else root / p
+
+
+def _short(clip_id: str) -> str:
+    return re.sub(r"_\d+x\d+_full_video_", "_", clip_id)[:28]

@@ -120,8 +120,7 @@ def run_curate(cfg: Config, root: Path, progress: bool = True) -> StageResult:
                     try:
                         row = fut.result()
                     except Exception as exc:  # a crash in one clip never stops the batch
-                        row = {"clip_id": clip.clip_id, "group": clip.group, "source_path": clip.video_path,
-                               "status": "failed", "reason": f"{type(exc).__name__}: {exc}"}  # fmt: skip
+                        row = _failed(clip, exc)
                     rows[clip.clip_id] = {**row, "fingerprint": fp}
                     bar.update()
         bar.close()
@@ -153,9 +152,13 @@ def _safe(clip: SourceClip, settings: ClipSettings, root: Path, fp: str) -> dict
     try:
         row = curate_clip(clip, settings, str(root))
     except Exception as exc:  # a crash in one clip never stops the batch
-        row = {"clip_id": clip.clip_id, "group": clip.group, "source_path": clip.video_path, "status": "failed",
-               "reason": f"{type(exc).__name__}: {exc}"}  # fmt: skip
+        row = _failed(clip, exc)
     return {**row, "fingerprint": fp}
+
+
+def _failed(clip: SourceClip, exc: Exception) -> dict:
+    return {"clip_id": clip.clip_id, "group": clip.group, "source_path": clip.video_path, "status": "failed",
+            "reason": f"{type(exc).__name__}: {exc}"}  # fmt: skip
 
 
 def finish_table(rows: list[dict], cfg: Config) -> pd.DataFrame:

@@ -8,7 +8,7 @@ be read) and the reason.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
@@ -130,7 +130,3 @@ def _rel(path: Path, root: str) -> str:
         return str(path.resolve().relative_to(Path(root).resolve()))
     except ValueError:
         return str(path)
-
-
-def settings_dict(s: ClipSettings) -> dict:
-    return asdict(s)

@@ -16,20 +16,18 @@ from __future__ import annotations
 
 import hashlib
 import json
-import multiprocessing
 import shutil
 import tempfile
 import time
-from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from tqdm import tqdm
 
 from tasks.common.media import write_video, write_wav
+from tasks.common.parallel import map_jobs
 from tasks.common.stage import StageResult
 from tasks.config import Config, CorpusConfig
 from tasks.corpus.speakervid import clip_name, synthetic_ytid
@@ -215,20 +213,12 @@ def run_corpus(cfg: Config, root: Path, progress: bool = True) -> StageResult:
     failures: dict[str, str] = {}
     if todo:
         jobs = [_Job(i, c.model_dump(mode="json"), str(out), str(root.resolve())) for i in todo]
-        workers = min(c.workers, len(jobs))
-        bar = tqdm(total=len(jobs), desc="corpus: conversations", unit="conv", disable=not progress)
-        if workers == 1:
-            for job in jobs:
-                _collect(job, lambda j=job: _render_conversation(j), rows, failures, c)
-                bar.update()
-        else:
-            ctx = multiprocessing.get_context("spawn")  # mediapipe and fork do not mix
-            with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
-                futures = {pool.submit(_render_conversation, job): job for job in jobs}
-                for fut in as_completed(futures):
-                    _collect(futures[fut], fut.result, rows, failures, c)
-                    bar.update()
-        bar.close()
+        for job, result, exc in map_jobs(_render_conversation, jobs, c.workers, "corpus: conversations", "conv",
+                                         progress):  # fmt: skip
+            if exc is None:
+                rows[job.index] = result
+            else:  # one bad conversation never stops the batch: record it and go on
+                rows[job.index] = _failed_rows(job, exc, failures, c)
     _remove_stale(out, c)
 
     table = pd.DataFrame([r for i in sorted(rows) for r in rows[i]], columns=MANIFEST_COLUMNS)
@@ -265,18 +255,15 @@ def run_corpus(cfg: Config, root: Path, progress: bool = True) -> StageResult:
                        failures=failures, summary=summary)
 
 
-def _collect(job: _Job, get, rows: dict, failures: dict, c: CorpusConfig) -> None:
-    try:
-        rows[job.index] = get()
-    except Exception as exc:  # one bad conversation never stops the batch: record it and go on
-        ytid = synthetic_ytid(c.seed, job.index)
-        reason = f"{type(exc).__name__}: {exc}"
-        failures[f"conversation {job.index}"] = reason
-        rows[job.index] = [
-            {**{k: None for k in MANIFEST_COLUMNS}, "clip_id": clip_name(ytid, c.width, c.height, 1, side, p),
-             "conversation": job.index, "side": side, "status": "failed", "reason": reason}
-            for p, side in enumerate(SIDES)
-        ]
+def _failed_rows(job: _Job, exc: Exception, failures: dict, c: CorpusConfig) -> list[dict]:
+    ytid = synthetic_ytid(c.seed, job.index)
+    reason = f"{type(exc).__name__}: {exc}"
+    failures[f"conversation {job.index}"] = reason
+    return [
+        {**{k: None for k in MANIFEST_COLUMNS}, "clip_id": clip_name(ytid, c.width, c.height, 1, side, p),
+         "conversation": job.index, "side": side, "status": "failed", "reason": reason}
+        for p, side in enumerate(SIDES)
+    ]
 
 
 def _remove_stale(out: Path, c: CorpusConfig) -> None:

@@ -14,15 +14,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-import multiprocessing
 import time
-from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict
+from functools import partial
 from pathlib import Path
 
 import pandas as pd
-from tqdm import tqdm
 
+from tasks.common.parallel import map_jobs
 from tasks.common.stage import StageResult
 from tasks.config import Config, ConfigError, resolve_path
 from tasks.curation.balance import balance, category, split_of
@@ -104,26 +103,11 @@ def run_curate(cfg: Config, root: Path, progress: bool = True) -> StageResult:
             todo.append((clip, fp))
 
     failures: dict[str, str] = {}
-    if todo:
-        workers = min(c.workers, len(todo))
-        bar = tqdm(total=len(todo), desc="curate: clips", unit="clip", disable=not progress)
-        if workers == 1:
-            for clip, fp in todo:
-                rows[clip.clip_id] = _safe(clip, settings, root, fp)
-                bar.update()
-        else:
-            ctx = multiprocessing.get_context("spawn")  # mediapipe and fork do not mix
-            with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
-                futures = {pool.submit(curate_clip, clip, settings, str(root)): (clip, fp) for clip, fp in todo}
-                for fut in as_completed(futures):
-                    clip, fp = futures[fut]
-                    try:
-                        row = fut.result()
-                    except Exception as exc:  # a crash in one clip never stops the batch
-                        row = _failed(clip, exc)
-                    rows[clip.clip_id] = {**row, "fingerprint": fp}
-                    bar.update()
-        bar.close()
+    prints = {clip.clip_id: fp for clip, fp in todo}
+    work = partial(curate_clip, s=settings, root=str(root))
+    for clip, row, exc in map_jobs(work, [clip for clip, _ in todo], c.workers, "curate: clips", "clip", progress):
+        row = _failed(clip, exc) if exc is not None else row  # a crash in one clip never stops the batch
+        rows[clip.clip_id] = {**row, "fingerprint": prints[clip.clip_id]}
 
     table = finish_table([rows[clip.clip_id] for clip in clips], cfg)
     for row in table[table["status"] == "failed"].itertuples():
@@ -146,14 +130,6 @@ def run_curate(cfg: Config, root: Path, progress: bool = True) -> StageResult:
                f"-> {c.manifest}")  # fmt: skip
     return StageResult("curate", metrics=metrics, artifacts=[manifest_path, report_dir / "metrics.json", *artifacts],
                        outputs=[root / c.out_dir, manifest_path, report_dir], failures=failures, summary=summary)  # fmt: skip
-
-
-def _safe(clip: SourceClip, settings: ClipSettings, root: Path, fp: str) -> dict:
-    try:
-        row = curate_clip(clip, settings, str(root))
-    except Exception as exc:  # a crash in one clip never stops the batch
-        row = _failed(clip, exc)
-    return {**row, "fingerprint": fp}
 
 
 def _failed(clip: SourceClip, exc: Exception) -> dict:

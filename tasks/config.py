@@ -90,11 +90,39 @@ class VideoConfig(_Section):
     fps: int = Field(25, ge=1)
 
 
+class SpeakerVidConfig(_Section):
+    """curate.source=speakervid: the SpeakerVid-5M lists and merged_anno archives from the Hugging Face Hub
+    (huggingface_hub), the videos from YouTube (yt-dlp), cut and cropped per clip (ffmpeg)."""
+
+    repo: str = "dorni/SpeakerVid-5M-Dataset"  # dataset repo id on the Hub
+    revision: str = "main"
+    endpoint: str | None = None  # Hub endpoint (a mirror); None: huggingface_hub's default
+    list_file: str = "SFT_set.json"  # all_data_list.json | SFT_set.json | testset.json
+    anno_prefix: str = "merged_anno/"  # annotation files (.json, .tar, .tar.gz) under this folder of the repo
+    max_clips: int = Field(32, ge=0)  # first clips of the list to fetch; 0: the whole list
+    video_url: str = "https://www.youtube.com/watch?v={ytid}"  # {ytid} is filled in; yt-dlp downloads it
+    ytdlp_format: str = "bv*[height<=1080]+ba/b[height<=1080]/b"
+    cookies_file: str | None = None  # a cookies.txt for yt-dlp, when YouTube asks for a login
+    download_dir: str = "data/raw/speakervid"  # hub cache, raw videos, cut clips, shard status
+    keep_raw_videos: bool = False  # delete a raw video once every clip cut from it is written
+    shard_size: int = Field(16, ge=1)  # clips per shard; a shard whose status file exists is skipped
+    retries: int = Field(3, ge=0, le=20)  # extra attempts per download, with exponential backoff
+    backoff_s: float = Field(2.0, ge=0)  # first wait; doubles per attempt
+    rate_limit_per_min: float = Field(20.0, gt=0)  # downloads started per minute, at most
+    timeout_s: float = Field(60.0, gt=0)  # socket timeout per request
+
+
 class CurateConfig(_Section):
     """Data curation (paper 4.1): active-speaker masks, balancing and filters."""
 
-    source: Literal["synthetic", "local"] = "synthetic"  # the demo corpus, or a folder of clips (local_dir)
+    # synthetic: the demo corpus; local: a folder of clips (local_dir); speakervid: download (curate.speakervid)
+    source: Literal["synthetic", "local", "speakervid"] = "synthetic"
     local_dir: str | None = None  # curate.source=local: videos (+ optional merged_anno JSONs with the same stem)
+    speakervid: SpeakerVidConfig = Field(default_factory=SpeakerVidConfig)
+    # where the per-clip tasks run: local (a process pool of `workers`), dask (prefect-dask's DaskTaskRunner:
+    # a local cluster of `workers` processes, or the scheduler at runner_address), ray (prefect-ray)
+    runner: Literal["local", "dask", "ray"] = "local"
+    runner_address: str | None = None  # e.g. tcp://10.0.0.5:8786 (dask) or ray://10.0.0.5:10001 (ray)
     out_dir: str = "data/curated"  # clips/ (normalised mp4) and masks/ (per-frame npy)
     manifest: str = "data/manifests/curated.parquet"
     report_dir: str = "data/reports/curate"
@@ -108,7 +136,9 @@ class CurateConfig(_Section):
     listening_min_listen: float = Field(0.7, ge=0, le=1)  # listen ratio >= this: a "listening" clip
     proportions: dict[str, float] = Field(default_factory=lambda: {"speaking": 1.0, "listening": 1.0, "mixed": 1.0})
     val_fraction: float = Field(0.1, ge=0, lt=1)
-    asd: Literal["light-asd"] = "light-asd"  # active speaker detector
+    # active speaker detector: light-asd (finetuning_TalkSet.model ships in ../shared) or talknet (TalkNet-ASD:
+    # give its pretrain_TalkSet.model as asd_weights)
+    asd: Literal["light-asd", "talknet"] = "light-asd"
     asd_weights: str = "../shared/models/light-asd/finetuning_TalkSet.model"  # local path, relative to the repo
     asd_durations: list[float] = Field(default_factory=lambda: [1.0, 2.0, 4.0, 6.0])  # scoring windows (s)
     # per_clip: split a clip's scores between two well separated groups (else asd_threshold); fixed: asd_threshold

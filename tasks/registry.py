@@ -14,7 +14,7 @@ from tasks.config import Config
 @dataclass(frozen=True)
 class Stage:
     name: str
-    run: Callable[[Config, Path], StageResult]
+    run: Callable[..., StageResult]  # (cfg, root, **options) -> StageResult
     help: str
 
 
@@ -24,10 +24,10 @@ def _corpus(cfg: Config, root: Path) -> StageResult:
     return run_corpus(cfg, root)
 
 
-def _curate(cfg: Config, root: Path) -> StageResult:
+def _curate(cfg: Config, root: Path, **options) -> StageResult:
     from tasks.curation.build import run_curate
 
-    return run_curate(cfg, root)
+    return run_curate(cfg, root, **options)
 
 
 STAGES: dict[str, Stage] = {

@@ -93,9 +93,11 @@ def run_stage(
     parent_run_id: str | None = None,
     orchestrated: bool = False,
     force: bool = False,
+    options: dict | None = None,
 ) -> Outcome:
     """Run stage ``name``. ``orchestrated`` (Prefect) also skips a stage DVC says is up to date and records
-    the outputs in dvc.lock afterwards; from `dvc repro` (the CLI), DVC does both itself."""
+    the outputs in dvc.lock afterwards; from `dvc repro` (the CLI), DVC does both itself. ``options`` go to
+    the stage function as keyword arguments (how a flow hands curate its cluster mapper)."""
     if name not in STAGES:
         raise KeyError(f"unknown stage {name!r}; stages: {', '.join(STAGES)}")
     root = Path(root).resolve()
@@ -111,7 +113,7 @@ def run_stage(
         log.info(msg)
         return Outcome(name, "up-to-date", summary=msg, dvc="unchanged")
     with tracking.stage_run(cfg, root, name, tracking.flatten(params), parent_run_id) as run:
-        result = STAGES[name].run(cfg, root)
+        result = STAGES[name].run(cfg, root, **(options or {}))
         if run is not None:
             import mlflow
 

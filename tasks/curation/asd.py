@@ -199,4 +199,8 @@ def load_detector(kind: str, weights: str | Path) -> torch.nn.Module:
         from model.asd.light_asd import load_light_asd
 
         return load_light_asd(weights)
-    raise ValueError(f"unknown active speaker detector {kind!r}; available: light-asd")
+    if kind == "talknet":
+        from model.asd.talknet import load_talknet
+
+        return load_talknet(weights)
+    raise ValueError(f"unknown active speaker detector {kind!r}; available: light-asd, talknet")

@@ -6,8 +6,10 @@ active speaker detection, head-pose filter, quality filters, normalisation to th
 
 Outputs: ``curate.out_dir``/clips/*.mp4 and masks/*.npy, the manifest ``curate.manifest`` (one row per
 clip, columns in MANIFEST_COLUMNS, documented in the README), and a report under ``curate.report_dir``.
-Resumable: a clip whose previous row has the same fingerprint (its file, the settings that shape it, the
-code version) and whose outputs exist is not processed again. A clip that fails is recorded, never fatal.
+Resumable: each finished clip's row is written at once to ``curate.out_dir``/rows/<clip_id>.json, so a run
+killed halfway keeps what it finished; a clip whose previous row (journal or manifest) has the same
+fingerprint (its file, the settings that shape it, the code version) and whose outputs exist is not processed
+again. A clip that fails is recorded, never fatal.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import asdict
 from functools import partial
 from pathlib import Path
@@ -55,10 +58,14 @@ def clip_settings(cfg: Config, root: Path) -> ClipSettings:
     )  # fmt: skip
 
 
-def list_sources(cfg: Config, root: Path) -> list[SourceClip]:
+def list_sources(cfg: Config, root: Path, progress: bool = True) -> list[SourceClip]:
     c = cfg.curate
     if c.source == "synthetic":
         return synthetic_clips(root / cfg.corpus.out_dir)
+    if c.source == "speakervid":
+        from tasks.curation.speakervid import speakervid_clips
+
+        return speakervid_clips(c.speakervid, root, c.workers, progress)
     folder = Path(c.local_dir)
     return local_clips(folder if folder.is_absolute() else root / folder)
 
@@ -69,7 +76,7 @@ def fingerprint(clip: SourceClip, settings: ClipSettings, root: Path) -> str:
     stat = src.stat() if src.exists() else None
     shaped = {k: v for k, v in asdict(settings).items() if k != "out_dir"}
     blob = json.dumps([CURATE_VERSION, str(src.resolve()), stat and stat.st_size, stat and stat.st_mtime_ns,
-                       clip.bbox, shaped], sort_keys=True, default=str)  # fmt: skip
+                       clip.bbox, clip.error, shaped], sort_keys=True, default=str)  # fmt: skip
     return hashlib.sha1(blob.encode()).hexdigest()[:16]
 
 
@@ -81,16 +88,26 @@ def _still_valid(row: dict, root: Path) -> bool:
     return True
 
 
-def run_curate(cfg: Config, root: Path, progress: bool = True) -> StageResult:
+Mapper = Callable[..., Iterator[tuple[SourceClip, dict | None, Exception | None]]]
+
+
+def run_curate(cfg: Config, root: Path, progress: bool = True, mapper: Mapper = map_jobs) -> StageResult:
+    """``mapper(fn, clips, workers, desc, unit, progress)`` runs ``fn`` over the clips and yields
+    (clip, row, exception) as each finishes: a local process pool by default, Prefect tasks on a Dask or Ray
+    cluster from the flow (flows/curate.py)."""
     root = Path(root).resolve()
     c = cfg.curate
     t0 = time.perf_counter()
     settings = clip_settings(cfg, root)
-    clips = list_sources(cfg, root)
+    clips = list_sources(cfg, root, progress)
+    if len({clip.clip_id for clip in clips}) != len(clips):
+        raise ValueError("curate: two source clips share an id; rename one of them")
     manifest_path = root / c.manifest
+    journal = root / c.out_dir / "rows"  # one JSON per finished clip, written as it finishes
     previous: dict[str, dict] = {}
     if manifest_path.is_file():
         previous = {r["clip_id"]: r for r in pd.read_parquet(manifest_path).to_dict("records")}
+    previous.update(_read_journal(journal, {clip.clip_id for clip in clips}))
 
     rows: dict[str, dict] = {}
     todo: list[tuple[SourceClip, str]] = []
@@ -105,9 +122,10 @@ def run_curate(cfg: Config, root: Path, progress: bool = True) -> StageResult:
     failures: dict[str, str] = {}
     prints = {clip.clip_id: fp for clip, fp in todo}
     work = partial(curate_clip, s=settings, root=str(root))
-    for clip, row, exc in map_jobs(work, [clip for clip, _ in todo], c.workers, "curate: clips", "clip", progress):
+    for clip, row, exc in mapper(work, [clip for clip, _ in todo], c.workers, "curate: clips", "clip", progress):
         row = _failed(clip, exc) if exc is not None else row  # a crash in one clip never stops the batch
         rows[clip.clip_id] = {**row, "fingerprint": prints[clip.clip_id]}
+        _write_journal(journal, rows[clip.clip_id])  # a run killed now keeps this clip
 
     table = finish_table([rows[clip.clip_id] for clip in clips], cfg)
     for row in table[table["status"] == "failed"].itertuples():
@@ -130,6 +148,31 @@ def run_curate(cfg: Config, root: Path, progress: bool = True) -> StageResult:
                f"-> {c.manifest}")  # fmt: skip
     return StageResult("curate", metrics=metrics, artifacts=[manifest_path, report_dir / "metrics.json", *artifacts],
                        outputs=[root / c.out_dir, manifest_path, report_dir], failures=failures, summary=summary)  # fmt: skip
+
+
+def _write_journal(journal: Path, row: dict) -> None:
+    journal.mkdir(parents=True, exist_ok=True)
+    path = journal / f"{row['clip_id']}.json"  # clip ids are sanitised by the sources
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(row, default=_jsonable))
+    tmp.replace(path)
+
+
+def _read_journal(journal: Path, ids: set[str]) -> dict[str, dict]:
+    rows = {}
+    for path in journal.glob("*.json") if journal.is_dir() else []:
+        if path.stem in ids:
+            try:
+                rows[path.stem] = json.loads(path.read_text())
+            except (json.JSONDecodeError, OSError):
+                continue  # torn or unreadable: the clip is redone
+    return rows
+
+
+def _jsonable(value):
+    if hasattr(value, "item"):
+        return value.item()
+    return str(value)
 
 
 def _failed(clip: SourceClip, exc: Exception) -> dict:

@@ -59,14 +59,17 @@ def _row(clip: SourceClip, status: str, reason: str = "", **values) -> dict:
 
 
 def curate_clip(clip: SourceClip, s: ClipSettings, root: str) -> dict:
+    if clip.error:
+        return _row(clip, "failed", clip.error)
     src = Path(clip.video_path)
     src = src if src.is_absolute() else Path(root) / src
     try:
         info = probe(src)
     except (MediaError, FileNotFoundError) as exc:
         return _row(clip, "failed", str(exc))
-    if info.video_codec is None or info.audio_codec is None:
-        return _row(clip, "failed", f"{src}: needs a video and an audio stream")
+    missing = [kind for kind, codec in (("video", info.video_codec), ("audio", info.audio_codec)) if codec is None]
+    if missing:
+        return _row(clip, "failed", f"{src}: no {' and no '.join(missing)} stream (curation needs both)")
     if info.duration_s < s.min_duration_s:
         return _row(clip, "rejected", f"too short: {info.duration_s:.2f} s < {s.min_duration_s} s",
                     duration_s=info.duration_s)  # fmt: skip

@@ -47,10 +47,40 @@ def normalize_clip(src: str | Path, dst: str | Path, info: MediaInfo, fps: int, 
     audio = stream.audio.filter("aresample", sample_rate)
     out = ffmpeg.output(video, audio, str(tmp), vcodec="libx264", pix_fmt="yuv420p", crf=crf, preset="fast",
                         acodec="aac", ac=1, ar=sample_rate, movflags="+faststart", loglevel="error")  # fmt: skip
+    _run(out, src, tmp, dst, "normalise")
+
+
+def cut_clip(src: str | Path, dst: str | Path, info: MediaInfo, start_s: float, end_s: float,
+             bbox: tuple[float, float, float, float], width: int, height: int, crf: int = 18) -> None:  # fmt: skip
+    """SpeakerVid's clip from a raw video: [start_s, end_s) cut, the person box (normalised x1 y1 x2 y2)
+    cropped and scaled to width x height; source frame rate and audio kept (normalisation comes later)."""
+    if info.video_codec is None or info.audio_codec is None:
+        raise MediaError(f"{src}: needs a video and an audio stream")
+    if not 0 <= start_s < end_s:
+        raise MediaError(f"{src}: bad clip interval [{start_s}, {end_s}) s")
+    if info.duration_s and start_s >= info.duration_s:
+        raise MediaError(f"{src}: the clip starts at {start_s:.2f} s but the video lasts {info.duration_s:.2f} s")
+    x1, y1, x2, y2 = (min(max(float(v), 0.0), 1.0) for v in bbox)
+    if x2 <= x1 or y2 <= y1:
+        raise MediaError(f"{src}: empty person box {list(bbox)}")
+    w = max(2, int((x2 - x1) * info.width) // 2 * 2)
+    h = max(2, int((y2 - y1) * info.height) // 2 * 2)
+    x, y = min(int(x1 * info.width), info.width - w), min(int(y1 * info.height), info.height - h)
+    dst = Path(dst)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.with_name(f"{dst.stem}.partial.{os.getpid()}{dst.suffix}")
+    stream = ffmpeg.input(str(src), ss=f"{start_s:.3f}", t=f"{end_s - start_s:.3f}")
+    video = stream.video.filter("crop", w, h, x, y).filter("scale", width // 2 * 2, height // 2 * 2)
+    out = ffmpeg.output(video, stream.audio, str(tmp), vcodec="libx264", pix_fmt="yuv420p", crf=crf,
+                        preset="fast", acodec="aac", movflags="+faststart", loglevel="error")  # fmt: skip
+    _run(out, src, tmp, dst, "cut")
+
+
+def _run(out, src, tmp: Path, dst: Path, what: str) -> None:
     try:
         out.overwrite_output().run(cmd=ffmpeg_exe(), capture_stdout=True, capture_stderr=True)
     except ffmpeg.Error as exc:
         tmp.unlink(missing_ok=True)
         lines = (exc.stderr or b"").decode(errors="replace").strip().splitlines()
-        raise MediaError(f"{src}: ffmpeg could not normalise it: {lines[-1] if lines else exc}") from None
+        raise MediaError(f"{src}: ffmpeg could not {what} it: {lines[-1] if lines else exc}") from None
     tmp.replace(dst)

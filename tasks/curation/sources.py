@@ -34,6 +34,7 @@ class SourceClip:
     group: str  # clips of one conversation (SpeakerVid: the YouTube id) share a group and a split
     bbox: tuple[float, float, float, float] | None = None  # person box, normalised x1 y1 x2 y2 of the video
     gt_path: str | None = None  # ground truth (synthetic corpus only)
+    error: str | None = None  # the source could not supply this clip (download failed, bad list entry): why
 
 
 def synthetic_clips(corpus_dir: Path) -> list[SourceClip]:

@@ -1,0 +1,420 @@
+"""curate.source=speakervid: SpeakerVid-5M clips fetched the way the dataset is distributed.
+
+The dataset repo on the Hugging Face Hub (``curate.speakervid.repo``) holds no video: it has clip lists
+(``all_data_list.json``, ``SFT_set.json``, ``testset.json``) and merged_anno annotation files (JSON records,
+batched in .tar/.tar.gz archives). A clip's record gives the YouTube video, the interval and the person box.
+So, for the first ``max_clips`` names of ``list_file``:
+
+1. the list and the annotation files come through huggingface_hub (cached under ``download_dir``/hub; any
+   endpoint: the Hub, a mirror, or a stand-in server);
+2. the names are checked against SpeakerVid's pattern: a name that is not one (``../x``, shell text) never
+   reaches a path or a command and becomes a failed row with the reason;
+3. the clips are cut in shards of ``shard_size`` (the video2dataset way): per shard, each YouTube video is
+   downloaded once with yt-dlp (retries with exponential backoff, a rate limit across all downloads), every
+   clip of it is cut [start_seconds, end_seconds) and cropped to its box with ffmpeg, and the shard's
+   per-sample status (ok / failed + error) is written to ``shards/NNNNN.parquet``. A shard whose status file
+   matches its clips is skipped on a re-run; ids are the clip names, so they are the same on every run.
+
+The cut clips then go through curation like any local clip.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import os
+import tarfile
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+from pydantic import ValidationError
+from tqdm import tqdm
+
+from tasks.config import SpeakerVidConfig
+from tasks.corpus.speakervid import CLIP_RE, MergedAnno
+from tasks.curation.sources import SourceClip, safe_id
+
+log = logging.getLogger("streamavatar")
+ANNO_SUFFIXES = (".json", ".tar", ".tar.gz", ".tgz")
+# yt-dlp errors that another attempt will not fix
+PERMANENT = ("HTTP Error 404", "HTTP Error 410", "HTTP Error 403", "Video unavailable", "Private video",
+             "has been removed", "account associated with this video has been terminated",
+             "Unsupported URL")  # fmt: skip
+SHARD_COLUMNS = ["clip_id", "name", "ytid", "shard", "status", "error", "path", "attempts"]
+
+
+class SourceError(RuntimeError):
+    """The dataset's lists or annotations could not be fetched or read (the message says which file)."""
+
+
+# --------------------------------------------------------------------------------------------- the Hub side
+class HubFiles:
+    """The dataset repo's files through huggingface_hub, with retries."""
+
+    def __init__(self, cfg: SpeakerVidConfig, cache_dir: Path) -> None:
+        self.cfg = cfg
+        self.cache_dir = cache_dir
+
+    def _retry(self, what: str, fn: Callable):
+        for attempt in range(self.cfg.retries + 1):
+            try:
+                return fn()
+            except Exception as exc:  # noqa: BLE001 -- re-raised with the file named after the last attempt
+                if attempt == self.cfg.retries or _is_missing(exc):
+                    where = self.cfg.endpoint or "the Hugging Face Hub"
+                    raise SourceError(f"{what} from dataset {self.cfg.repo} on {where}: "
+                                      f"{type(exc).__name__}: {exc}") from None  # fmt: skip
+                time.sleep(self.cfg.backoff_s * 2**attempt)
+        raise AssertionError("unreachable")
+
+    def list(self) -> list[str]:
+        from huggingface_hub import HfApi
+
+        api = HfApi(endpoint=self.cfg.endpoint)
+        return self._retry("cannot list the files",
+                           lambda: api.list_repo_files(self.cfg.repo, repo_type="dataset", revision=self.cfg.revision))  # fmt: skip
+
+    def fetch(self, filename: str) -> Path:
+        from huggingface_hub import hf_hub_download
+
+        return Path(self._retry(
+            f"cannot download {filename}",
+            lambda: hf_hub_download(self.cfg.repo, filename, repo_type="dataset", revision=self.cfg.revision,
+                                    endpoint=self.cfg.endpoint, cache_dir=str(self.cache_dir)),
+        ))  # fmt: skip
+
+
+def _is_missing(exc: Exception) -> bool:
+    return type(exc).__name__ in ("EntryNotFoundError", "RepositoryNotFoundError", "RevisionNotFoundError",
+                                  "RemoteEntryNotFoundError")  # fmt: skip
+
+
+def read_list(path: Path, label: str) -> list[str]:
+    """Clip names from a list file: a JSON list of names or of records with a name field, or a JSON object
+    keyed by name, or one name per line."""
+    text = path.read_text(encoding="utf-8", errors="replace")
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError:
+        return [line.strip() for line in text.splitlines() if line.strip()]
+    if isinstance(data, dict):
+        return [str(k) for k in data]
+    if isinstance(data, list):
+        names = []
+        for i, item in enumerate(data):
+            if isinstance(item, str):
+                names.append(item)
+            elif isinstance(item, dict):
+                key = next((k for k in ("video_name", "clip_name", "name", "id") if k in item), None)
+                if key is None:
+                    raise SourceError(f"{label}: entry {i} has none of video_name, clip_name, name, id")
+                names.append(str(item[key]))
+            else:
+                raise SourceError(f"{label}: entry {i} is a {type(item).__name__}, expected a name or a record")
+        return names
+    raise SourceError(f"{label}: expected a JSON list or object of clip names")
+
+
+# ------------------------------------------------------------------------------------------------ the clips
+@dataclass(frozen=True)
+class RemoteClip:
+    name: str  # the SpeakerVid clip name (validated: it is also the clip id)
+    ytid: str
+    start_s: float
+    end_s: float
+    bbox: tuple[float, float, float, float]
+    width: int  # size of the cut clip (the record's clip_video_width/height)
+    height: int
+
+
+def invalid_id(name: str) -> str:
+    """A deterministic, safe id for a list entry that is not a SpeakerVid clip name."""
+    digest = hashlib.sha1(name.encode("utf-8", "replace")).hexdigest()[:8]
+    try:
+        readable = safe_id(name)[:40]
+    except ValueError:
+        readable = "entry"
+    return f"invalid-{readable}-{digest}"
+
+
+def remote_clip(name: str, record: dict) -> RemoteClip:
+    anno = MergedAnno.model_validate(record)
+    end = anno.end_seconds if anno.end_seconds > anno.start_seconds else anno.start_seconds + anno.duration
+    m = CLIP_RE.match(name)
+    assert m is not None
+    return RemoteClip(name, m["ytid"], float(anno.start_seconds), float(end), tuple(float(v) for v in anno.bbox),
+                      int(anno.clip_video_width), int(anno.clip_video_height))  # fmt: skip
+
+
+def find_records(hub: HubFiles, files: list[str], wanted: set[str], anno_dir: Path, prefix: str) -> dict[str, dict]:
+    """merged_anno records for the wanted clip names: per-clip JSON files, or members of JSON/tar archives.
+    Records found are kept under ``anno_dir`` (named by the validated clip name), so a re-run reads them
+    there. Archive member paths are never used as paths: only the member's base name is matched."""
+    anno_dir.mkdir(parents=True, exist_ok=True)
+    found: dict[str, dict] = {}
+    for name in wanted:
+        cached = anno_dir / f"{name}.json"
+        if cached.is_file():
+            found[name] = json.loads(cached.read_text())
+    missing = wanted - set(found)
+    candidates = sorted(f for f in files if f.startswith(prefix) and f.lower().endswith(ANNO_SUFFIXES))
+    direct = {Path(f).name[: -len(".json")]: f for f in candidates if f.lower().endswith(".json")}
+    for name in sorted(missing & set(direct)):
+        found.update(_records_in_json(hub.fetch(direct[name]).read_bytes(), name, {name}))
+    archives = [f for f in candidates if not f.lower().endswith(".json")]
+    for archive in tqdm(archives, desc="speakervid: annotation archives", unit="archive", leave=False,
+                        disable=not archives or not (wanted - set(found))):  # fmt: skip
+        missing = wanted - set(found)
+        if not missing:
+            break
+        path = hub.fetch(archive)
+        try:
+            with tarfile.open(path) as tar:
+                for member in tar:
+                    base = member.name.rsplit("/", 1)[-1]
+                    if not member.isfile() or not base.endswith(".json"):
+                        continue
+                    stem = base[: -len(".json")]
+                    if stem not in missing and CLIP_RE.match(stem):
+                        continue  # another clip's record (a file not named like a clip may batch records)
+                    data = tar.extractfile(member)
+                    if data is not None:
+                        found.update(_records_in_json(data.read(), stem, missing))
+        except tarfile.TarError as exc:
+            raise SourceError(f"{archive}: not a readable tar archive ({exc})") from None
+    for name in set(found) & wanted:
+        target = anno_dir / f"{name}.json"
+        if not target.is_file():
+            _atomic_write(target, json.dumps(found[name], indent=1).encode())
+    return {k: v for k, v in found.items() if k in wanted}
+
+
+def _records_in_json(blob: bytes, stem: str, wanted: set[str]) -> dict[str, dict]:
+    """One record (named by the file stem or its video_name), a list of records, or an object of records."""
+    try:
+        data = json.loads(blob)
+    except json.JSONDecodeError:
+        return {}
+    if isinstance(data, dict) and "bbox" in data:
+        items = [(str(data.get("video_name", stem)), data), (stem, data)]
+    elif isinstance(data, dict):
+        items = [(str(k), v) for k, v in data.items()]
+    elif isinstance(data, list):
+        items = [(str(r.get("video_name", "")), r) for r in data if isinstance(r, dict)]
+    else:
+        items = []
+    return {name: rec for name, rec in items if name in wanted and isinstance(rec, dict)}
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    tmp.write_bytes(data)
+    tmp.replace(path)
+
+
+# ------------------------------------------------------------------------------------------------ downloads
+class RateLimiter:
+    """At most ``per_minute`` starts per minute, spaced evenly; shared by the download threads."""
+
+    def __init__(self, per_minute: float) -> None:
+        self.interval = 60.0 / per_minute
+        self.next_at = 0.0
+        self.lock = threading.Lock()
+
+    def wait(self) -> None:
+        with self.lock:
+            now = time.monotonic()
+            start = max(now, self.next_at)
+            self.next_at = start + self.interval
+        if start > now:
+            time.sleep(start - now)
+
+
+class _QuietLog:
+    def debug(self, msg: str) -> None:
+        pass
+
+    info = warning = debug
+
+    def error(self, msg: str) -> None:
+        log.debug(msg)
+
+
+def download_video(url: str, dest_dir: Path, ytid: str, cfg: SpeakerVidConfig, limiter: RateLimiter) -> tuple[Path, int]:
+    """yt-dlp ``url`` to ``dest_dir``/``ytid``.<ext>; returns (path, attempts). Transient errors are retried
+    with exponential backoff; errors in PERMANENT are not. Raises RuntimeError with yt-dlp's message."""
+    import yt_dlp
+
+    for done in dest_dir.glob(f"{ytid}.*"):
+        if done.suffix in (".mp4", ".mkv", ".webm") and ".part" not in done.name and done.stat().st_size > 0:
+            return done, 0
+    opts = {
+        "outtmpl": str(dest_dir / f"{ytid}.%(ext)s").replace("%", "%%").replace("%%(ext)s", "%(ext)s"),
+        "format": cfg.ytdlp_format, "merge_output_format": "mp4", "noplaylist": True, "quiet": True,
+        "no_warnings": True, "noprogress": True, "logger": _QuietLog(), "retries": 0, "fragment_retries": 0,
+        "extractor_retries": 0, "socket_timeout": cfg.timeout_s, "overwrites": True,
+    }  # fmt: skip
+    if cfg.cookies_file:
+        opts["cookiefile"] = cfg.cookies_file
+    error = ""
+    for attempt in range(1, cfg.retries + 2):
+        limiter.wait()
+        try:
+            with yt_dlp.YoutubeDL(opts) as ydl:
+                info = ydl.extract_info(url, download=True)
+                path = Path((info.get("requested_downloads") or [{}])[0].get("filepath") or ydl.prepare_filename(info))
+            if path.is_file():
+                return path, attempt
+            error = f"yt-dlp reported success but wrote no file at {path}"
+        except Exception as exc:  # noqa: BLE001 -- yt-dlp raises DownloadError and others
+            error = str(exc).replace("ERROR: ", "").strip()
+            if any(p in error for p in PERMANENT):
+                raise RuntimeError(f"download failed (not retried): {error}") from None
+        if attempt <= cfg.retries:
+            time.sleep(cfg.backoff_s * 2 ** (attempt - 1))
+    raise RuntimeError(f"download failed after {cfg.retries + 1} attempts: {error}")
+
+
+def run_shard(index: int, clips: list[RemoteClip], cfg: SpeakerVidConfig, base: Path, limiter: RateLimiter) -> pd.DataFrame:
+    """Download and cut one shard's clips; every clip gets a status row, whatever happens to the others."""
+    from tasks.common.media import probe
+    from tasks.curation.normalize import cut_clip
+
+    raw_dir, clip_dir = base / "videos", base / "clips"
+    raw_dir.mkdir(parents=True, exist_ok=True)
+    rows = []
+    by_video: dict[str, list[RemoteClip]] = {}
+    for clip in clips:
+        by_video.setdefault(clip.ytid, []).append(clip)
+    for ytid, group in by_video.items():
+        pending = [c for c in group if not (clip_dir / f"{c.name}.mp4").is_file()]
+        raw, attempts, error = None, 0, ""
+        if pending:
+            try:
+                raw, attempts = download_video(cfg.video_url.format(ytid=ytid), raw_dir, ytid, cfg, limiter)
+                info = probe(raw)
+            except Exception as exc:  # noqa: BLE001 -- recorded per sample
+                error = str(exc)
+        for clip in group:
+            dst = clip_dir / f"{clip.name}.mp4"
+            status, err = "ok", ""
+            if not dst.is_file():
+                if error:
+                    status, err = "failed", error
+                else:
+                    try:
+                        cut_clip(raw, dst, info, clip.start_s, clip.end_s, clip.bbox, clip.width, clip.height)
+                    except Exception as exc:  # noqa: BLE001
+                        status, err = "failed", str(exc)
+            rows.append({"clip_id": clip.name, "name": clip.name, "ytid": ytid, "shard": index, "status": status,
+                         "error": err, "path": str(dst) if status == "ok" else "", "attempts": attempts})  # fmt: skip
+        if raw is not None and not cfg.keep_raw_videos:
+            raw.unlink(missing_ok=True)
+    table = pd.DataFrame(rows, columns=SHARD_COLUMNS)
+    out = base / "shards" / f"{index:05d}.parquet"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    buf = io.BytesIO()
+    table.to_parquet(buf, index=False)
+    _atomic_write(out, buf.getvalue())
+    return table
+
+
+def make_shards(clips: list[RemoteClip], size: int) -> list[list[RemoteClip]]:
+    """Shards of about ``size`` clips in list order; all clips of one video land in the same shard, so each
+    video is downloaded once and no two shards touch the same raw file."""
+    by_video: dict[str, list[RemoteClip]] = {}
+    for clip in clips:
+        by_video.setdefault(clip.ytid, []).append(clip)
+    shards: list[list[RemoteClip]] = [[]]
+    for group in by_video.values():
+        if shards[-1] and len(shards[-1]) + len(group) > size:
+            shards.append([])
+        shards[-1].extend(group)
+    return [s for s in shards if s]
+
+
+def _shard_done(path: Path, clips: list[RemoteClip]) -> pd.DataFrame | None:
+    if not path.is_file():
+        return None
+    try:
+        table = pd.read_parquet(path)
+    except Exception:  # noqa: BLE001 -- a torn status file: redo the shard
+        return None
+    if list(table["clip_id"]) != [c.name for c in clips]:
+        return None  # the list or max_clips changed: this shard now holds other clips
+    ok = table[table["status"] == "ok"]
+    if not all(Path(p).is_file() for p in ok["path"]):
+        return None  # a cut clip vanished
+    return table
+
+
+def speakervid_clips(cfg: SpeakerVidConfig, root: Path, workers: int = 2, progress: bool = True) -> list[SourceClip]:
+    """Fetch (or reuse) the first ``max_clips`` clips of the list; one SourceClip per list entry, failed ones
+    carrying their error."""
+    base = Path(cfg.download_dir)
+    base = (base if base.is_absolute() else root / base).resolve()
+    hub = HubFiles(cfg, base / "hub")
+    files = hub.list()
+    if cfg.list_file not in files:
+        lists = [f for f in files if f.endswith(".json") and "/" not in f]
+        raise SourceError(f"curate.speakervid.list_file: {cfg.list_file!r} is not in {cfg.repo} "
+                          f"(top-level lists there: {', '.join(lists) or 'none'})")  # fmt: skip
+    names = read_list(hub.fetch(cfg.list_file), cfg.list_file)
+    names = names[: cfg.max_clips] if cfg.max_clips else names
+
+    out: dict[str, SourceClip] = {}
+    valid: list[str] = []
+    for name in dict.fromkeys(names):  # keep order, drop repeats
+        if CLIP_RE.match(name):
+            valid.append(name)
+        else:
+            cid = invalid_id(name)
+            out[cid] = SourceClip(cid, "", "invalid", error=f"{cfg.list_file}: entry {name!r} is not a SpeakerVid "
+                                  "clip name ({ytid}_{W}x{H}_full_video_{scene}_{A|B|None}_{person}); not fetched")  # fmt: skip
+    records = find_records(hub, files, set(valid), base / "anno", cfg.anno_prefix)
+    remote: list[RemoteClip] = []
+    for name in valid:
+        m = CLIP_RE.match(name)
+        if name not in records:
+            out[name] = SourceClip(name, "", m["ytid"], error=f"no merged_anno record for {name} under {cfg.anno_prefix}")
+            continue
+        try:
+            remote.append(remote_clip(name, records[name]))
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            field = ".".join(str(p) for p in first["loc"])
+            out[name] = SourceClip(name, "", m["ytid"], error=f"merged_anno record of {name}: {field}: {first['msg']}")
+
+    shards = make_shards(remote, cfg.shard_size)
+    limiter = RateLimiter(cfg.rate_limit_per_min)
+    tables: dict[int, pd.DataFrame] = {}
+    todo = []
+    for i, shard in enumerate(shards):
+        done = _shard_done(base / "shards" / f"{i:05d}.parquet", shard)
+        if done is not None:
+            tables[i] = done
+        else:
+            todo.append(i)
+    with ThreadPoolExecutor(max_workers=max(1, min(workers, len(todo) or 1))) as pool, \
+            tqdm(total=len(todo), desc="speakervid: shards", unit="shard", disable=not progress) as bar:  # fmt: skip
+        futures = {i: pool.submit(run_shard, i, shards[i], cfg, base, limiter) for i in todo}
+        for i, fut in futures.items():
+            tables[i] = fut.result()
+            bar.update()
+    skipped = len(shards) - len(todo)
+    if skipped:
+        log.info("speakervid: %d of %d shards already finished, skipped", skipped, len(shards))
+    for i in sorted(tables):
+        for row in tables[i].itertuples():
+            ok = row.status == "ok"
+            out[row.clip_id] = SourceClip(row.clip_id, row.path if ok else "", row.ytid,
+                                          error=None if ok else f"download: {row.error}")  # fmt: skip
+    order = [invalid_id(n) if not CLIP_RE.match(n) else n for n in dict.fromkeys(names)]
+    return [out[cid] for cid in order if cid in out]

@@ -1,0 +1,116 @@
+"""Bad input never stops a curation batch, and a run killed halfway resumes without redoing or losing clips."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from tasks.common.media import ffmpeg_exe, probe
+from tasks.config import load_config
+from tasks.curation.build import run_curate
+from tests.conftest import REPO, shared_path, tool_env
+
+pytestmark = pytest.mark.slow
+FAST = ["tracking.enabled=false", "curate.pose_stride=3", "curate.analysis_width=320", "curate.min_duration_s=1.5",
+        "curate.asd_durations=[1.0,2.0]"]  # fmt: skip
+
+
+def _ff(*args: str) -> None:
+    subprocess.run([ffmpeg_exe(), "-v", "error", "-y", *args], check=True)
+
+
+def _cfg(root, clips, *sets):
+    weights = shared_path("models", "light-asd", "finetuning_TalkSet.model")
+    return load_config(sets=[*FAST, f"curate.asd_weights={weights}", "curate.source=local",
+                             f"curate.local_dir={clips}", *sets], root=root)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def bad_batch(tmp_path_factory):
+    root = tmp_path_factory.mktemp("robust")
+    clips = root / "clips"
+    clips.mkdir()
+    src = shared_path("fixtures", "speakervid", "head_4.mp4")
+    _ff("-i", str(src), "-t", "3", "-c", "copy", str(clips / "good.mp4"))
+    _ff("-i", str(src), "-t", "3", "-c:v", "copy", "-ar", "8000", "-ac", "2", "-c:a", "aac", str(clips / "stereo_8k.mp4"))
+    _ff("-i", str(src), "-t", "3", "-c", "copy", "-an", str(clips / "no_audio.mp4"))
+    _ff("-i", str(src), "-t", "3", "-vn", "-c:a", "aac", str(clips / "no_video.mp4"))
+    _ff("-i", str(src), "-t", "0", "-c", "copy", str(clips / "zero.mp4"))
+    _ff("-f", "lavfi", "-i", "mandelbrot=size=320x320:rate=25", "-i", str(src), "-map", "0:v", "-map", "1:a",
+        "-t", "3", "-c:v", "libx264", "-pix_fmt", "yuv420p", "-c:a", "aac", str(clips / "no_face.mp4"))  # fmt: skip
+    data = (clips / "good.mp4").read_bytes()
+    (clips / "truncated.mp4").write_bytes(data[: len(data) // 3])
+    shutil.copy(clips / "good.mp4", clips / "odd name; $(reboot).mp4")
+    cfg = _cfg(root, clips)
+    result = run_curate(cfg, root, progress=False)
+    table = pd.read_parquet(root / cfg.curate.manifest).set_index("clip_id")
+    return root, cfg, result, table
+
+
+def test_every_bad_clip_is_a_row_with_a_reason(bad_batch):
+    root, cfg, result, table = bad_batch
+    assert len(table) == 8 and table.index.is_unique
+    assert table.loc["good", "status"] == "ok"
+    assert table.loc["no_audio", "status"] == "failed" and "no audio stream" in table.loc["no_audio", "reason"]
+    assert table.loc["no_video", "status"] == "failed" and "no video stream" in table.loc["no_video", "reason"]
+    assert table.loc["zero", "status"] in ("failed", "rejected") and table.loc["zero", "reason"]
+    assert table.loc["truncated", "status"] == "failed" and "truncated.mp4" in table.loc["truncated", "reason"]
+    assert table.loc["no_face", "status"] == "rejected" and "face found in" in table.loc["no_face", "reason"]
+    assert (table.loc["no_face", "unknown_ratio"]) == pytest.approx(1.0)  # never guessed: all unknown
+    mask = np.load(root / table.loc["no_face", "mask_path"])
+    assert (mask == -1).all()
+    for reason in table.loc[table["status"] != "ok", "reason"]:
+        assert reason and len(reason) < 400
+    assert set(result.failures) == set(table.index[table["status"] == "failed"])
+
+
+def test_odd_audio_and_odd_names_are_normalised(bad_batch):
+    root, cfg, _, table = bad_batch
+    row = table.loc["stereo_8k"]
+    assert row["status"] == "ok", row["reason"]
+    info = probe(root / row["video_path"])
+    assert (info.sample_rate, info.channels) == (16000, 1)
+    odd = [cid for cid in table.index if cid.startswith("odd_name")]
+    assert odd == ["odd_name_reboot"] and table.loc[odd[0], "status"] == "ok"
+    assert (root / table.loc[odd[0], "video_path"]).parent == root / cfg.curate.out_dir / "clips"
+
+
+def test_killed_run_resumes_without_redoing_or_duplicating(tmp_path):
+    root = tmp_path
+    clips = root / "clips"
+    clips.mkdir()
+    src = shared_path("fixtures", "speakervid", "head_4.mp4")
+    for i in range(5):
+        _ff("-ss", str(i), "-i", str(src), "-t", "2.5", "-c:v", "libx264", "-c:a", "aac", str(clips / f"part_{i}.mp4"))
+    cfg = _cfg(root, clips, "curate.workers=1")
+    weights = shared_path("models", "light-asd", "finetuning_TalkSet.model")
+    sets = [*FAST, f"curate.asd_weights={weights}", "curate.source=local", f"curate.local_dir={clips}",
+            "curate.workers=1"]  # fmt: skip
+    shutil.copy(REPO / "params.yaml", root / "params.yaml")
+    shutil.copy(REPO / "dvc.yaml", root / "dvc.yaml")
+    cmd = [sys.executable, "-m", "flows.cli", "curate", *[a for s in sets for a in ("--set", s)]]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=tool_env(root), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)  # fmt: skip
+    journal = root / cfg.curate.out_dir / "rows"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and len(list(journal.glob("*.json"))) < 2:
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done = sorted(p.stem for p in journal.glob("*.json"))
+    assert 2 <= len(done) < 5, done
+    assert not (root / cfg.curate.manifest).exists()  # it died before writing the manifest
+
+    result = run_curate(cfg, root, progress=False)
+    assert result.metrics["clips_processed"] == 5 - len(done)  # finished clips are not redone
+    table = pd.read_parquet(root / cfg.curate.manifest)
+    assert sorted(table["clip_id"]) == [f"part_{i}" for i in range(5)]  # nothing lost, nothing twice
+    assert (table["status"] == "ok").all(), table[["clip_id", "reason"]]

@@ -1,0 +1,176 @@
+"""curate.source=speakervid against a local stand-in: a folder laid out like the Hub dataset repo, served with
+the Hub's file API on 127.0.0.1, and real SpeakerVid fixture videos served in place of YouTube."""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+import tarfile
+import time
+
+import pandas as pd
+import pytest
+
+from tasks.config import SpeakerVidConfig, load_config
+from tasks.curation.speakervid import RateLimiter, RemoteClip, SourceError, invalid_id, make_shards, read_list
+from tests.conftest import shared_path
+from tests.hub_standin import HubStandIn
+
+REPO_ID = "dorni/SpeakerVid-5M-Dataset"
+HEAD = "hEAd4_xxxxx_512x512_full_video_{:03d}_None_00"
+HALF = "HALF1-yyyyy_512x512_full_video_001_A_00"
+GONE = "gone0000000_512x512_full_video_001_A_00"  # its video answers 404
+NOANNO = "noanno00000_512x512_full_video_001_A_00"  # listed, but no merged_anno record
+EVIL = "../../evil; rm -rf ~"
+
+
+def _record(name: str, start: float, end: float, bbox: list[float]) -> dict:
+    return {"video_name": name, "num_frames": int((end - start) * 25), "is_talking": 1, "clip_speaker_num": 1,
+            "clear": 1, "video_total_duration": 10.0, "start": start, "org_start_seconds": start,
+            "duration": end - start, "duration_new": end - start, "start_seconds": start, "end_seconds": end,
+            "bbox": bbox, "conf": 0.9, "sync": 5.0, "speaker": ["SPEAKER_00"], "raw_video_height": 512,
+            "raw_video_width": 512, "clip_video_height": 320, "clip_video_width": 256}  # fmt: skip
+
+
+@pytest.fixture
+def standin(tmp_path):
+    repo, videos = tmp_path / "hubrepo", tmp_path / "videos"
+    (repo / "merged_anno").mkdir(parents=True)
+    videos.mkdir()
+    shutil.copy(shared_path("fixtures", "speakervid", "head_4.mp4"), videos / "hEAd4_xxxxx.mp4")
+    shutil.copy(shared_path("fixtures", "speakervid", "half_body_1.mp4"), videos / "HALF1-yyyyy.mp4")
+    records = {HEAD.format(1): _record(HEAD.format(1), 0.5, 4.5, [0.1, 0.0, 0.9, 1.0]),
+               HEAD.format(2): _record(HEAD.format(2), 5.0, 9.0, [0.0, 0.0, 1.0, 1.0]),
+               HALF: _record(HALF, 1.0, 5.0, [0.2, 0.1, 0.8, 0.9]), GONE: _record(GONE, 0.0, 3.0, [0, 0, 1, 1])}  # fmt: skip
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+        for name, rec in records.items():
+            data = json.dumps(rec).encode()
+            info = tarfile.TarInfo(f"merged_anno/batch0/{name}.json")
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+        evil = tarfile.TarInfo("../../outside.json")  # a hostile member path: must never be written
+        evil.size = 2
+        tar.addfile(evil, io.BytesIO(b"{}"))
+    (repo / "merged_anno" / "batch_000.tar.gz").write_bytes(buf.getvalue())
+    names = [HEAD.format(1), HEAD.format(2), HALF, GONE, EVIL, NOANNO]
+    (repo / "SFT_set.json").write_text(json.dumps(names))
+    with HubStandIn(REPO_ID, repo, videos) as hub:
+        yield hub, tmp_path
+
+
+def _sv_sets(hub, **extra) -> list[str]:
+    values = {"endpoint": hub.url, "video_url": hub.url + "/videos/{ytid}.mp4", "backoff_s": 0.05,
+              "rate_limit_per_min": 1200, "shard_size": 2, **extra}  # fmt: skip
+    return [f"curate.speakervid.{k}={v}" for k, v in values.items()]
+
+
+@pytest.mark.slow
+def test_curate_from_the_hub_standin_end_to_end(standin):
+    from tasks.curation.build import run_curate
+
+    hub, root = standin
+    hub.fail_first["/videos/HALF1-yyyyy.mp4"] = 1  # one transient outage: retried
+    hub.fail_first[f"/api/datasets/{REPO_ID}/tree/main"] = 1  # the listing too
+    weights = shared_path("models", "light-asd", "finetuning_TalkSet.model")
+    sets = ["tracking.enabled=false", "curate.source=speakervid", f"curate.asd_weights={weights}",
+            "curate.pose_stride=3", *_sv_sets(hub)]  # fmt: skip
+    cfg = load_config(sets=sets, root=root)
+    result = run_curate(cfg, root, progress=False)
+    table = pd.read_parquet(root / cfg.curate.manifest).set_index("clip_id")
+
+    assert list(table.index) == [HEAD.format(1), HEAD.format(2), HALF, GONE, invalid_id(EVIL), NOANNO]
+    for name in (HEAD.format(1), HEAD.format(2), HALF):
+        assert table.loc[name, "status"] in ("ok", "rejected"), table.loc[name, "reason"]
+        assert table.loc[name, "group"] == name[:11]  # the YouTube id: partners share a split
+        assert table.loc[name, "source_width"] == 256 and table.loc[name, "source_height"] == 320
+        assert table.loc[name, "duration_s"] == pytest.approx(4.0, abs=0.1)
+    assert table.loc[HEAD.format(1), "status"] == "ok"
+    assert table.loc[GONE, "status"] == "failed" and "HTTP Error 404" in table.loc[GONE, "reason"]
+    assert "not retried" in table.loc[GONE, "reason"]
+    bad = table.loc[invalid_id(EVIL)]
+    assert bad["status"] == "failed" and "not a SpeakerVid clip name" in bad["reason"]
+    assert table.loc[NOANNO, "status"] == "failed" and "no merged_anno record" in table.loc[NOANNO, "reason"]
+    assert set(result.failures) == {GONE, invalid_id(EVIL), NOANNO}
+
+    # retries: the 503 once, then the extractor's two requests; the 404 once; one download per video
+    assert hub.hits["/videos/HALF1-yyyyy.mp4"] == 3
+    assert hub.hits["/videos/gone0000000.mp4"] == 1
+    assert hub.hits["/videos/hEAd4_xxxxx.mp4"] == 2  # two clips, one download
+    # nothing escaped the download folder; raw videos are deleted once cut
+    assert not (root / "evil").exists() and not (root.parent / "outside.json").exists()
+    assert not any(root.rglob("outside.json"))
+    base = root / cfg.curate.speakervid.download_dir
+    assert sorted(p.name for p in (base / "shards").iterdir()) == ["00000.parquet", "00001.parquet"]
+    assert not list((base / "videos").iterdir())
+    status = pd.concat(pd.read_parquet(p) for p in sorted((base / "shards").iterdir()))
+    assert set(status["status"]) == {"ok", "failed"} and status.set_index("clip_id").loc[HALF, "attempts"] == 2
+
+    # re-run: finished shards are skipped (no video request), finished clips are not curated again
+    before = hub.hits.copy()
+    again = run_curate(cfg, root, progress=False)
+    assert sum(v for k, v in hub.hits.items() if k.startswith("/videos/")) == sum(
+        v for k, v in before.items() if k.startswith("/videos/"))
+    assert again.metrics["clips_processed"] == 3  # only the three failed rows are looked at again
+    rerun = pd.read_parquet(root / cfg.curate.manifest)
+    assert len(rerun) == 6 and rerun["clip_id"].is_unique
+
+
+def test_missing_list_file_names_the_lists_there(standin, tmp_path):
+    from tasks.curation.speakervid import speakervid_clips
+
+    hub, root = standin
+    cfg = SpeakerVidConfig(endpoint=hub.url, list_file="testset.json", download_dir=str(tmp_path / "dl"), retries=0)
+    with pytest.raises(SourceError, match=r"testset.json.*SFT_set.json"):
+        speakervid_clips(cfg, root, progress=False)
+
+
+def test_unreachable_hub_is_a_clear_error(tmp_path):
+    from tasks.curation.speakervid import speakervid_clips
+
+    cfg = SpeakerVidConfig(endpoint="http://127.0.0.1:9", download_dir=str(tmp_path), retries=1, backoff_s=0.01)
+    with pytest.raises(SourceError, match="cannot list the files from dataset dorni/SpeakerVid-5M-Dataset"):
+        speakervid_clips(cfg, tmp_path, progress=False)
+
+
+def test_list_formats(tmp_path):
+    path = tmp_path / "l.json"
+    path.write_text(json.dumps(["a", "b"]))
+    assert read_list(path, "l") == ["a", "b"]
+    path.write_text(json.dumps([{"video_name": "a"}, {"clip_name": "b"}]))
+    assert read_list(path, "l") == ["a", "b"]
+    path.write_text(json.dumps({"a": 1, "b": 2}))
+    assert read_list(path, "l") == ["a", "b"]
+    path.write_text("a\nb\n")
+    assert read_list(path, "l") == ["a", "b"]
+    path.write_text(json.dumps([{"x": 1}]))
+    with pytest.raises(SourceError, match="entry 0 has none of video_name"):
+        read_list(path, "l")
+
+
+def test_ids_of_bad_entries_are_safe_and_deterministic():
+    for name in (EVIL, "../x", "$(reboot)", "a/b\\c", "..", ""):
+        cid = invalid_id(name)
+        assert cid == invalid_id(name) and "/" not in cid and "\\" not in cid and not cid.startswith(".")
+        assert set(cid) <= set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.-")
+    assert invalid_id("../x") != invalid_id("..x")
+
+
+def test_shards_keep_a_video_together():
+    def clip(ytid, i):
+        return RemoteClip(f"{ytid}_{i}", ytid, 0.0, 1.0, (0, 0, 1, 1), 64, 64)
+
+    clips = [clip("a" * 11, 0), clip("a" * 11, 1), clip("b" * 11, 0), clip("a" * 11, 2), clip("c" * 11, 0)]
+    shards = make_shards(clips, 2)
+    assert [[c.name for c in s] for s in shards] == [
+        ["aaaaaaaaaaa_0", "aaaaaaaaaaa_1", "aaaaaaaaaaa_2"], ["bbbbbbbbbbb_0", "ccccccccccc_0"]]  # fmt: skip
+    assert make_shards(clips, 2) == shards  # deterministic
+
+
+def test_rate_limit_spaces_starts():
+    limiter = RateLimiter(per_minute=1200)  # one start per 50 ms
+    t0 = time.monotonic()
+    for _ in range(5):
+        limiter.wait()
+    assert time.monotonic() - t0 >= 4 * 0.05 * 0.99

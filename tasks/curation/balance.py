@@ -29,7 +29,6 @@ def balance(table: pd.DataFrame, proportions: dict[str, float], seed: int) -> pd
     """Boolean 'selected' per row of the ok clips: the largest set whose category counts follow ``proportions``
     (categories with proportion 0 are left out; a category with too few clips limits the total)."""
     wanted = {c: p for c, p in proportions.items() if p > 0}
-    total_p = sum(wanted.values())
     selected = pd.Series(False, index=table.index)
     ok = table[table["status"] == "ok"]
     counts = {c: int((ok["category"] == c).sum()) for c in wanted}

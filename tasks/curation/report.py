@@ -64,14 +64,24 @@ def write_report(table: pd.DataFrame, report_dir: Path, root: Path) -> tuple[dic
     plt.close(fig)
     artifacts.append(hist)
 
+    per_clip = report_dir / "clips.csv"  # what each clip got: status, reason, speaking ratio, pose
+    table[CLIP_COLUMNS].to_csv(per_clip, index=False, float_format="%.4g")
+    artifacts.append(per_clip)
+
     sheet = asd_sheet(table, root, report_dir / "asd_frames.png")
     if sheet is not None:
         artifacts.append(sheet)
     return metrics, artifacts
 
 
-def asd_sheet(table: pd.DataFrame, root: Path, out: Path, max_clips: int = 12) -> Path | None:
-    """For each clip with a mask: a frame the detector called speaking and one it called listening."""
+CLIP_COLUMNS = ["clip_id", "status", "category", "selected", "split", "duration_s", "speaking_ratio", "listen_ratio",
+                "unknown_ratio", "asd_threshold", "pose_mean_abs_yaw", "pose_max_abs_yaw", "pose_beyond_fraction",
+                "luminance", "face_sharpness", "reason"]  # fmt: skip
+
+
+def asd_sheet(table: pd.DataFrame, root: Path, out: Path, max_clips: int = 16) -> Path | None:
+    """For each clip with a mask: a frame the detector called speaking and one it called listening, titled
+    with the clip's speaking ratio."""
     import matplotlib.pyplot as plt
 
     from tasks.common.media import read_frames
@@ -89,7 +99,8 @@ def asd_sheet(table: pd.DataFrame, root: Path, out: Path, max_clips: int = 12) -
             if len(idx):
                 i = int(idx[len(idx) // 2])
                 ax.imshow(frames[i])
-                ax.set_title(f"{_short(row.clip_id)} f{i}: {label}", fontsize=7)
+                ratio = f" (speaks {row.speaking_ratio:.0%})" if value == 1 else f" ({row.status})"
+                ax.set_title(f"{_short(row.clip_id)} f{i}: {label}{ratio}", fontsize=7)
             else:
                 ax.set_title(f"{_short(row.clip_id)}: no {label} frame", fontsize=7)
     fig.tight_layout()

@@ -30,15 +30,27 @@ def build_parser() -> argparse.ArgumentParser:
     _config_args(p)
     p.add_argument("--stages", default="", help=f"comma-separated subset of: {','.join(ORDER)}")
     p.add_argument("--force", action="store_true", help="run stages even when DVC says they are up to date")
-    p = sub.add_parser("bench", help="benchmark the streaming student: DiT/VAE latency, RTF, memory, teacher cost")
+    p = sub.add_parser("bench", help="benchmark the streaming student (--model-only) or the curation stage (--curation)")
     _config_args(p)
-    p.add_argument("--model-only", action="store_true",
-                   help="time the models alone on synthetic input (random weights unless the config names some)")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--model-only", action="store_true",
+                      help="time the models alone on synthetic input (random weights unless the config names some)")
+    mode.add_argument("--curation", action="store_true",
+                      help="time the curate stage's decode, active speaker detection and head pose on real clips")
     p.add_argument("--json", action="store_true", help="print the report as JSON instead of a table")
-    p.add_argument("--chunks", type=int, default=500, help="chunks to stream through the DiT (default 500)")
-    p.add_argument("--vae-chunks", type=int, default=60, help="chunks to decode with the VAE (default 60)")
-    p.add_argument("--teacher-steps", type=int, default=50, help="teacher Euler steps for the cost ratio")
-    p.add_argument("--out", default="data/reports/model_bench.json", help="where to write the JSON report")
+    p.add_argument("--chunks", type=int, default=500, help="--model-only: chunks to stream through the DiT (default 500)")
+    p.add_argument("--vae-chunks", type=int, default=60, help="--model-only: chunks to decode with the VAE (default 60)")
+    p.add_argument("--teacher-steps", type=int, default=50, help="--model-only: teacher Euler steps for the cost ratio")
+    p.add_argument("--clips", nargs="+", metavar="DIR_OR_FILE",
+                   help="--curation: video files or folders of them (default: three SpeakerVid fixtures in "
+                        "../shared/fixtures/speakervid)")  # fmt: skip
+    p.add_argument("--seconds", type=float, default=10.0,
+                   help="--curation: seconds of each clip to curate, from its start (default 10)")
+    p.add_argument("--torch-threads", type=int, default=None,
+                   help="--curation: torch intra-op threads (default: torch's own choice, as the stage runs)")
+    p.add_argument("--out", default=None,
+                   help="where to write the JSON report (default data/reports/model_bench.json, or "
+                        "data/reports/curation_bench.json with --curation)")  # fmt: skip
     p = sub.add_parser("config", help="print the effective, validated configuration")
     _config_args(p)
     sub.add_parser("stages", help="list the stages in pipeline order")
@@ -93,15 +105,24 @@ def _pipeline(args, root: Path) -> int:
 def _bench(args, cfg, root: Path) -> int:
     import json
 
-    from tasks.evaluation.model_bench import format_report, run_model_bench
+    if args.curation:
+        from tasks.evaluation.curation_bench import curation_clips, format_report, run_curation_bench
 
-    if not args.model_only:
-        raise ConfigError("only `bench --model-only` exists in this version (the models alone, no trained checkpoint)")
-    if args.chunks < 1 or args.vae_chunks < 1 or args.teacher_steps < 1:
-        raise ConfigError("--chunks, --vae-chunks and --teacher-steps must be at least 1")
-    report = run_model_bench(cfg, chunks=args.chunks, vae_chunks=args.vae_chunks, teacher_steps=args.teacher_steps,
-                             progress=not args.json)  # fmt: skip
-    out = root / args.out
+        report = run_curation_bench(cfg, root, curation_clips(args.clips, root), seconds=args.seconds,
+                                    torch_threads=args.torch_threads)  # fmt: skip
+        default_out = "data/reports/curation_bench.json"
+    elif args.model_only:
+        from tasks.evaluation.model_bench import format_report, run_model_bench
+
+        if args.chunks < 1 or args.vae_chunks < 1 or args.teacher_steps < 1:
+            raise ConfigError("--chunks, --vae-chunks and --teacher-steps must be at least 1")
+        report = run_model_bench(cfg, chunks=args.chunks, vae_chunks=args.vae_chunks,
+                                 teacher_steps=args.teacher_steps, progress=not args.json)  # fmt: skip
+        default_out = "data/reports/model_bench.json"
+    else:
+        raise ConfigError("bench needs --model-only (the models alone, no trained checkpoint) or --curation "
+                          "(the curate stage on real clips)")  # fmt: skip
+    out = root / (args.out or default_out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2))
     print(json.dumps(report, indent=2) if args.json else format_report(report))

@@ -78,14 +78,20 @@ def write_wav(path: str | Path, audio: np.ndarray, sample_rate: int) -> None:
         w.writeframes(pcm.tobytes())
 
 
-def read_audio(path: str | Path, sample_rate: int = 16000) -> np.ndarray:
-    """Any audio or video file's audio as float32 mono at ``sample_rate`` (ffmpeg converts rate and channels)."""
+def _input(path: Path, duration: float | None):
+    """ffmpeg input; ``duration`` (seconds) stops reading there (``-t`` on the input: nothing after is decoded)."""
+    return ffmpeg.input(str(path)) if duration is None else ffmpeg.input(str(path), t=float(duration))
+
+
+def read_audio(path: str | Path, sample_rate: int = 16000, duration: float | None = None) -> np.ndarray:
+    """Any audio or video file's audio as float32 mono at ``sample_rate`` (ffmpeg converts rate and channels),
+    the first ``duration`` seconds only when given."""
     path = Path(path)
     if not path.is_file():
         raise MediaError(f"{path}: file not found")
     try:
         out, _ = (
-            ffmpeg.input(str(path))
+            _input(path, duration)
             .output("pipe:", format="f32le", acodec="pcm_f32le", ac=1, ar=int(sample_rate))
             .run(cmd=ffmpeg_exe(), capture_stdout=True, capture_stderr=True)
         )
@@ -95,10 +101,11 @@ def read_audio(path: str | Path, sample_rate: int = 16000) -> np.ndarray:
 
 
 def iter_frames(
-    path: str | Path, width: int | None = None, height: int | None = None, fps: float | None = None
-) -> Iterator[np.ndarray]:
-    """RGB uint8 frames of a video, optionally scaled to width x height (one of them: aspect kept, even) and
-    resampled to a constant ``fps``."""
+    path: str | Path, width: int | None = None, height: int | None = None, fps: float | None = None,
+    duration: float | None = None,
+) -> Iterator[np.ndarray]:  # fmt: skip
+    """RGB uint8 frames of a video, optionally scaled to width x height (one of them: aspect kept, even),
+    resampled to a constant ``fps`` and cut to the first ``duration`` seconds."""
     path = Path(path)
     info = probe(path)
     if info.video_codec is None:
@@ -108,7 +115,7 @@ def iter_frames(
         h = max(2, 2 * round(info.height * width / info.width / 2))
     elif height and not width:
         w = max(2, 2 * round(info.width * height / info.height / 2))
-    stream = ffmpeg.input(str(path))
+    stream = _input(path, duration)
     if fps is not None and fps != info.fps:
         stream = stream.filter("fps", fps=fps)
     if (w, h) != (info.width, info.height):
@@ -129,9 +136,10 @@ def iter_frames(
 
 
 def read_frames(
-    path: str | Path, width: int | None = None, height: int | None = None, fps: float | None = None
-) -> np.ndarray:
-    frames = list(iter_frames(path, width, height, fps))
+    path: str | Path, width: int | None = None, height: int | None = None, fps: float | None = None,
+    duration: float | None = None,
+) -> np.ndarray:  # fmt: skip
+    frames = list(iter_frames(path, width, height, fps, duration))
     if not frames:
         raise MediaError(f"{path}: no frames could be decoded")
     return np.stack(frames)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict
@@ -54,7 +55,7 @@ def clip_settings(cfg: Config, root: Path) -> ClipSettings:
         asd_min_gap=c.asd_min_gap, asd_min_share=c.asd_min_share, max_yaw_deg=c.max_yaw_deg,
         max_pitch_deg=c.max_pitch_deg, max_roll_deg=c.max_roll_deg, max_pose_fraction=c.max_pose_fraction,
         min_face_fraction=c.min_face_fraction, pose_stride=c.pose_stride, luminance_range=tuple(c.luminance_range),
-        min_face_sharpness=c.min_face_sharpness,
+        min_face_sharpness=c.min_face_sharpness, torch_threads=max(1, (os.cpu_count() or 1) // c.workers),
     )  # fmt: skip
 
 
@@ -74,7 +75,7 @@ def fingerprint(clip: SourceClip, settings: ClipSettings, root: Path) -> str:
     src = Path(clip.video_path)
     src = src if src.is_absolute() else root / src
     stat = src.stat() if src.exists() else None
-    shaped = {k: v for k, v in asdict(settings).items() if k != "out_dir"}
+    shaped = {k: v for k, v in asdict(settings).items() if k not in ("out_dir", "torch_threads")}
     blob = json.dumps([CURATE_VERSION, str(src.resolve()), stat and stat.st_size, stat and stat.st_mtime_ns,
                        clip.bbox, clip.error, shaped], sort_keys=True, default=str)  # fmt: skip
     return hashlib.sha1(blob.encode()).hexdigest()[:16]

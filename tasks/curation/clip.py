@@ -46,6 +46,7 @@ class ClipSettings:
     pose_stride: int
     luminance_range: tuple[float, float]
     min_face_sharpness: float
+    torch_threads: int = 1  # per worker process: cores / workers, so parallel clips do not oversubscribe
 
 
 @lru_cache(maxsize=2)
@@ -61,6 +62,9 @@ def _row(clip: SourceClip, status: str, reason: str = "", **values) -> dict:
 def curate_clip(clip: SourceClip, s: ClipSettings, root: str) -> dict:
     if clip.error:
         return _row(clip, "failed", clip.error)
+    import torch
+
+    torch.set_num_threads(max(1, s.torch_threads))
     src = Path(clip.video_path)
     src = src if src.is_absolute() else Path(root) / src
     try:

@@ -238,8 +238,10 @@ class RateLimiter:
 
 
 class _QuietLog:
+    """yt-dlp's logger: its progress and info lines are dropped; errors reach the raised exception and debug."""
+
     def debug(self, msg: str) -> None:
-        pass
+        return None
 
     info = warning = debug
 

@@ -36,7 +36,7 @@ demo: install
 	@echo "  data/reports/corpus/           contact_sheet.png (speaking / listening / head turn / blink frames), metrics.json"
 	@echo "  data/curated/                  normalised clips/*.mp4 and per-frame speaking masks masks/*.npy"
 	@echo "  data/manifests/curated.parquet one row per clip: status, reason, listen ratio, category, pose, split"
-	@echo "  data/reports/curate/           histograms.png, asd_frames.png (frames called speaking / listening), metrics.json"
+	@echo "  data/reports/curate/           histograms.png, asd_frames.png (frames called speaking / listening), clips.csv, metrics.json"
 	@echo "  mlflow.db + mlruns/            the MLflow run of this pipeline run, a nested run per stage"
 	@echo "Look at them:"
 	@echo "  make ui                        MLflow UI on http://127.0.0.1:$(MLFLOW_PORT) (experiment 'streamavatar')"

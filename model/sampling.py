@@ -80,3 +80,37 @@ def euler_sample(
 
 def cfg_velocity(cond: torch.Tensor, uncond: torch.Tensor, scale: float) -> torch.Tensor:
     return uncond + scale * (cond - uncond)
+
+
+def teacher_sigmas(steps: int, shift: float, include: list[float] | tuple[float, ...] = ()) -> list[float]:
+    """The teacher's Euler schedule: ``steps`` shifted levels from 1 down (as diffusers' FlowMatchEuler), with
+    the levels in ``include`` (the student's) put in exactly so ODE pairs hold states at the student's own
+    noise levels; ends at 0."""
+    base = [float(shift_sigma(1.0 - i / steps, shift)) for i in range(steps)]
+    for s in include:
+        s = float(s)
+        if min(abs(s - b) for b in base) > 1e-9:
+            nearest = min(range(1, len(base)), key=lambda i: abs(base[i] - s)) if len(base) > 1 else None
+            if nearest is None or s >= 1.0:
+                continue
+            base[nearest] = s
+    return sorted(set(base), reverse=True) + [0.0]
+
+
+def euler_sample_sigmas(
+    velocity_fn: Callable[[torch.Tensor, float], torch.Tensor],
+    noise: torch.Tensor,
+    sigmas: list[float],
+    keep: Callable[[int, float, torch.Tensor], None] | None = None,
+) -> torch.Tensor:
+    """Plain Euler over an explicit decreasing sigma list ending at 0: x <- x + (s_next - s) * v(x, s).
+
+    The same update as FlowMatchEulerDiscreteScheduler.step; ``keep(i, sigma, x)`` sees every state."""
+    x = noise
+    for i, (s, s_next) in enumerate(zip(sigmas[:-1], sigmas[1:], strict=True)):
+        if keep is not None:
+            keep(i, s, x)
+        x = x + (s_next - s) * velocity_fn(x, s)
+    if keep is not None:
+        keep(len(sigmas) - 1, sigmas[-1], x)
+    return x

@@ -179,6 +179,9 @@ class ModelConfig(_Section):
     freq_dim: int = Field(256, ge=2, multiple_of=2)
     eps: float = Field(1e-6, gt=0)
     patch_size: tuple[int, int, int] = (1, 2, 2)
+    prompt: str = "a person is speaking and listening"  # fixed (paper 3.2): embedded once and cached
+    # local umT5 (transformers) directory with its tokenizer; None: a fixed seeded embedding (the demo)
+    text_encoder_path: str | None = None
 
     @model_validator(mode="after")
     def _patch(self) -> ModelConfig:
@@ -227,12 +230,42 @@ class StudentConfig(_Section):
         return self
 
 
+class TrainConfig(_Section):
+    """What every training stage shares: the data windows, checkpoints, logging, multi-process training."""
+
+    latents_dir: str = "data/latents"  # VAE latents + audio tokens of the curated clips' training windows
+    checkpoint_dir: str = "data/checkpoints"  # <stage>/step_*.pt (resume), <stage>/final.pt (next stage's input)
+    window_chunks: int = Field(5, ge=1)  # generation chunks per training window: 1 + window_chunks*C latent frames
+    window_stride_chunks: int = Field(0, ge=0)  # window start every this many chunks; 0: windows do not overlap
+    checkpoint_every: int = Field(25, ge=1)  # steps between resumable checkpoints
+    keep_checkpoints: int = Field(2, ge=1)  # step checkpoints kept per stage (the newest)
+    log_every: int = Field(1, ge=1)  # steps between MLflow metric points
+    grad_clip: float = Field(1.0, ge=0)  # max gradient norm; 0 disables
+    weight_decay: float = Field(0.0, ge=0)
+    parallel: Literal["ddp", "fsdp"] = "ddp"  # multi-process (torchrun): replicate + all-reduce, or FSDP2 shards
+    sample_video: bool = True  # each stage logs a sample mp4 (with its audio) of a validation window
+    val_windows: int = Field(2, ge=1)  # validation windows used for evaluations and the sample
+
+
 class TeacherConfig(_Section):
     """Bidirectional teacher fine-tuning (paper: 20000 it, batch 32, lr 5e-6)."""
 
     iterations: int = Field(200, ge=0)
     batch_size: int = Field(2, ge=1)
     lr: float = Field(1e-4, gt=0)
+    audio_dropout: float = Field(0.1, ge=0, le=1)  # both audio streams zeroed together: the CFG "uncond" branch
+    timestep_shift: float = Field(5.0, gt=0)  # training sigmas: shift(u), u ~ U(0, 1)
+
+
+class OdePairsConfig(_Section):
+    """Teacher ODE trajectories for the student's initialisation (Self-Forcing: 48 Euler steps, shift 8, CFG 6)."""
+
+    out_dir: str = "data/ode_pairs"  # index.parquet + shards/*.pt
+    steps: int = Field(24, ge=2)
+    shift: float = Field(5.0, gt=0)
+    cfg_scale: float = Field(3.0, ge=1)  # audio classifier-free guidance (1: none)
+    max_pairs: int = Field(0, ge=0)  # 0: one pair per training window
+    batch_size: int = Field(4, ge=1)  # windows per sampler call and per shard
 
 
 class OdeInitConfig(_Section):
@@ -249,7 +282,18 @@ class DistillConfig(_Section):
     iterations: int = Field(50, ge=0)
     batch_size: int = Field(2, ge=1)
     lr: float = Field(1e-5, gt=0)
-    sid_alpha: float = 1.2
+    fake_lr: float = Field(1e-5, gt=0)  # the fake-score network's learning rate
+    sid_alpha: float = 1.2  # SiD's alpha (official default 1.2; Self-Forcing's port uses 1.0)
+    real_guidance: float = Field(1.0, ge=1)  # CFG scale of the teacher score (1: no guidance)
+    sigma_range: tuple[float, float] = (0.02, 0.98)  # noise levels at which the two scores are compared
+    context: Literal["noisy", "clean"] = "noisy"  # student forcing context (paper: noisy, like student.context)
+
+    @model_validator(mode="after")
+    def _sigmas(self) -> DistillConfig:
+        lo, hi = self.sigma_range
+        if not 0 < lo < hi < 1:
+            raise ValueError("distill.sigma_range: give [low, high] with 0 < low < high < 1")
+        return self
 
 
 class RefineConfig(_Section):
@@ -258,7 +302,16 @@ class RefineConfig(_Section):
     iterations: int = Field(20, ge=0)
     batch_size: int = Field(2, ge=1)
     lr: float = Field(1e-5, gt=0)
-    num_qformers: int = Field(3, ge=1)  # N_Q
+    disc_lr: float = Field(1e-5, gt=0)
+    num_qformers: int = Field(3, ge=1)  # N_Q, at evenly spaced intermediate layers of the backbone
+    qformer_queries: int = Field(4, ge=1)  # learnable queries per frame
+    qformer_layers: int = Field(1, ge=1)
+    qformer_dim: int = Field(64, ge=8)  # Q-Former hidden size
+    r1_weight: float = Field(1.0, ge=0)  # approximate R1 on real samples
+    r2_weight: float = Field(1.0, ge=0)  # approximate R2 on generated samples
+    penalty_sigma: float = Field(0.01, gt=0)  # finite-difference step of the approximate R1/R2
+    disc_sigma_range: tuple[float, float] = (0.0, 0.3)  # both real and generated latents are noised to this level
+    global_weight: float = Field(1.0, ge=0)  # Global Consistency Branch weight next to the Local Realism Branch
 
 
 class Config(_Section):
@@ -271,7 +324,9 @@ class Config(_Section):
     vae: VaeConfig = VaeConfig()
     audio: AudioConfig = AudioConfig()
     student: StudentConfig = StudentConfig()
+    train: TrainConfig = TrainConfig()
     teacher: TeacherConfig = TeacherConfig()
+    ode_pairs: OdePairsConfig = OdePairsConfig()
     ode_init: OdeInitConfig = OdeInitConfig()
     distill: DistillConfig = DistillConfig()
     refine: RefineConfig = RefineConfig()

@@ -30,9 +30,39 @@ def _curate(cfg: Config, root: Path, **options) -> StageResult:
     return run_curate(cfg, root, **options)
 
 
+def _teacher(cfg: Config, root: Path) -> StageResult:
+    from tasks.training.teacher import run_teacher
+
+    return run_teacher(cfg, root)
+
+
+def _ode_pairs(cfg: Config, root: Path) -> StageResult:
+    from tasks.training.ode_pairs import run_ode_pairs
+
+    return run_ode_pairs(cfg, root)
+
+
+def _distill(cfg: Config, root: Path) -> StageResult:
+    from tasks.training.distill import run_distill
+
+    return run_distill(cfg, root)
+
+
+def _refine(cfg: Config, root: Path) -> StageResult:
+    from tasks.training.refine import run_refine
+
+    return run_refine(cfg, root)
+
+
 STAGES: dict[str, Stage] = {
     "corpus": Stage("corpus", _corpus, "generate the demo corpus of two-person conversations (SpeakerVid layout)"),
     "curate": Stage("curate", _curate, "active-speaker masks, pose/quality filters, listen-ratio balancing -> "
                     "data/manifests/curated.parquet"),
+    "teacher": Stage("teacher", _teacher, "encode training windows; fine-tune the bidirectional teacher "
+                     "(flow matching, masked talk/listen audio, audio dropout for CFG)"),
+    "ode_pairs": Stage("ode_pairs", _ode_pairs, "teacher ODE trajectories kept at the student's noise levels"),
+    "distill": Stage("distill", _distill, "ODE initialisation of the causal student, then SiD with student forcing"),
+    "refine": Stage("refine", _refine, "adversarial refinement on real clips with the consistency-aware "
+                    "discriminator"),
 }
 ORDER = list(STAGES)

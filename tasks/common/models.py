@@ -70,7 +70,9 @@ def build_dit(cfg: Config, audio_dim: int, pretrained: bool = True) -> AudioDiT:
 def build_vae(cfg: Config, pretrained: bool = True) -> VideoVAE:
     v = cfg.vae
     path = v.pretrained_path if pretrained else None
-    vae = VideoVAE(build_wan_vae(v.kind, v.z_dim, v.base_dim, path))
+    with torch.random.fork_rng():  # a random VAE (the demo) must be the same one in every stage and process
+        torch.manual_seed(cfg.project.seed)
+        vae = VideoVAE(build_wan_vae(v.kind, v.z_dim, v.base_dim, path))
     if (vae.temporal, vae.spatial, vae.z_dim) != (v.temporal_compression, v.spatial_compression, v.z_dim):
         raise ConfigError(
             f"vae.* says z_dim {v.z_dim}, {v.temporal_compression}x time, {v.spatial_compression}x space, but the "

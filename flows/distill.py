@@ -1,0 +1,16 @@
+"""Flow `distill`. ODE initialisation of the causal student, then SiD with student forcing.
+
+Multi-process training runs outside Prefect with torchrun (README, "Training on several GPUs"); the flow runs
+the stage in its worker's process."""
+
+from __future__ import annotations
+
+from prefect import flow
+
+from flows.common import run_stage_flow
+
+
+@flow(name="distill", log_prints=True)
+def distill_flow(configs: list[str] | None = None, sets: list[str] | None = None, root: str | None = None,
+                parent_run_id: str | None = None, force: bool = False) -> dict:
+    return run_stage_flow("distill", configs, sets, root, parent_run_id, force)

@@ -1,0 +1,1 @@
+"""Training stages: teacher fine-tuning, ODE pairs, distillation (ODE init + SiD), adversarial refinement."""

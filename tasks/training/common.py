@@ -1,0 +1,217 @@
+"""Pieces the four training stages share: the run context, models from checkpoints, the sample videos."""
+
+from __future__ import annotations
+
+import copy
+import logging
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from model.audio import AudioConditioner
+from model.dit import AudioDiT, PreparedContext
+from model.sampling import NUM_TRAIN_TIMESTEPS, cfg_velocity, euler_sample_sigmas, predict_x0, teacher_sigmas
+from model.streaming import StreamingGenerator
+from model.text import prompt_embedding
+from model.vae import VideoVAE
+from tasks.common.media import write_video, write_wav
+from tasks.common.models import build_audio, build_dit, build_vae, device_of, dtype_of, stream_settings
+from tasks.config import Config
+from tasks.training.data import WindowSet
+from tasks.training.engine import Checkpoints, Dist, config_digest, init_dist, rank_from_env
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Run:
+    """One stage's process-wide context."""
+
+    cfg: Config
+    root: Path
+    dist: Dist
+    device: torch.device
+    dtype: torch.dtype
+    text: torch.Tensor  # [1, text_len, text_dim], the fixed prompt's embedding
+    audio: AudioConditioner
+    progress: bool
+
+    @property
+    def checkpoint_root(self) -> Path:
+        return self.root / self.cfg.train.checkpoint_dir
+
+    def checkpoints(self, stage: str, fingerprint: str) -> Checkpoints:
+        return Checkpoints(self.checkpoint_root / stage, fingerprint, self.cfg.train.keep_checkpoints)
+
+    def text_batch(self, b: int) -> torch.Tensor:
+        return self.text.to(self.device, self.dtype).expand(b, -1, -1)
+
+    def context(self, dit: AudioDiT, b: int) -> PreparedContext:
+        """The prompt's cross-attention K/V for ``dit`` (recomputed per step when ``dit`` trains)."""
+        return dit.prepare_text(self.text_batch(b))
+
+
+def start_run(cfg: Config, root: Path, progress: bool = True) -> Run:
+    dist = init_dist(device_of(cfg))
+    text = prompt_embedding(cfg.model.prompt, cfg.model.text_len, cfg.model.text_dim, cfg.model.text_encoder_path,
+                            cache_dir=root / "data" / "cache", dtype=dtype_of(cfg))  # fmt: skip
+    audio = build_audio(cfg).to(dist.device)
+    return Run(cfg, root, dist, dist.device, dtype_of(cfg), text.float(), audio, progress and dist.main)
+
+
+def run_fingerprint(cfg: Config, sections: list[str], extra: dict | None = None) -> str:
+    """Digest of the config sections a stage's result depends on, minus how long it runs and how it logs."""
+    skip = {"iterations", "checkpoint_every", "keep_checkpoints", "log_every", "sample_video"}
+    data = {}
+    for name in sections:
+        value = cfg.section(name)
+        dumped = value.model_dump(mode="json") if hasattr(value, "model_dump") else value
+        if isinstance(dumped, dict):
+            dumped = {k: v for k, v in dumped.items() if k not in skip}
+        data[name] = dumped
+    return config_digest({**data, **(extra or {})})
+
+
+def model_sections() -> list[str]:
+    return ["project.seed", "project.dtype", "model", "vae", "audio", "video", "student", "train"]
+
+
+def dit_from_state(cfg: Config, audio: AudioConditioner, state: dict, device: torch.device) -> AudioDiT:
+    dit = build_dit(cfg, audio.token_dim, pretrained=False).to(device)
+    dit.load_state_dict(state)
+    return dit
+
+
+def frozen(model: nn.Module) -> nn.Module:
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def trainable(model: nn.Module, on: bool = True) -> nn.Module:
+    for p in model.parameters():
+        p.requires_grad_(on)
+    return model
+
+
+def clone(model: nn.Module) -> nn.Module:
+    return copy.deepcopy(model)
+
+
+def frame_mask(b: int, frames: int, device: torch.device) -> torch.Tensor:
+    """[B, frames] selecting the generated frames (frame 0, the clean reference, excluded)."""
+    m = torch.ones(b, frames, device=device)
+    m[:, 0] = 0
+    return m
+
+
+def per_frame_t(sigma: torch.Tensor, frames: int) -> torch.Tensor:
+    """Per-sample sigmas [B] -> per-frame timesteps [B, frames], 0 at the clean reference."""
+    t = (sigma[:, None] * NUM_TRAIN_TIMESTEPS).expand(-1, frames).clone()
+    t[:, 0] = 0
+    return t
+
+
+def teacher_velocity(teacher: AudioDiT, context: PreparedContext, talk: torch.Tensor, listen: torch.Tensor,
+                     guidance: float):  # fmt: skip
+    """velocity_fn(x, sigma) of the bidirectional teacher with audio classifier-free guidance; the reference
+    frame (0) stays clean."""
+
+    def fn(x: torch.Tensor, sigma: float | torch.Tensor) -> torch.Tensor:
+        b, _, f = x.shape[:3]
+        s = torch.as_tensor(sigma, device=x.device, dtype=torch.float32).reshape(-1).expand(b)
+        t = per_frame_t(s, f)
+        dtype = teacher.dtype
+        v = teacher(x.to(dtype), t, context, talk.to(dtype), listen.to(dtype)).float()
+        if guidance != 1.0:
+            zeros = torch.zeros_like(talk, dtype=dtype)
+            v = cfg_velocity(v, teacher(x.to(dtype), t, context, zeros, zeros).float(), guidance)
+        v[:, :, 0] = 0  # the reference is given, not generated
+        return v
+
+    return fn
+
+
+def teacher_x0(teacher: AudioDiT, context: PreparedContext, x_t: torch.Tensor, sigma: torch.Tensor,
+               talk: torch.Tensor, listen: torch.Tensor, guidance: float) -> torch.Tensor:  # fmt: skip
+    """x0 prediction of the teacher at per-sample noise levels ``sigma`` [B]."""
+    v = teacher_velocity(teacher, context, talk, listen, guidance)(x_t, sigma)
+    return predict_x0(x_t, v, sigma.view(-1, 1, 1, 1, 1))
+
+
+# -------------------------------------------------------------------------------------------------- samples
+def _wave_file(wave: torch.Tensor, sample_rate: int, directory: Path) -> Path:
+    path = directory / "audio.wav"
+    write_wav(path, wave.float().numpy(), sample_rate)
+    return path
+
+
+def _to_uint8(frames: torch.Tensor) -> list[np.ndarray]:
+    """[3, T, H, W] in [-1, 1] -> T RGB uint8 frames."""
+    x = ((frames.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 3, 0).cpu().numpy()
+    return list(x)
+
+
+def write_sample(path: Path, frames: torch.Tensor, wave: torch.Tensor, cfg: Config) -> Path:
+    """An mp4 of ``frames`` [3, T, H, W] with ``wave`` muxed in."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        audio = _wave_file(wave, cfg.audio.sample_rate, Path(tmp))
+        write_video(path, _to_uint8(frames), cfg.video.fps, audio_path=audio, audio_rate=cfg.audio.sample_rate)
+    return path
+
+
+@torch.no_grad()
+def teacher_sample(run: Run, teacher: AudioDiT, vae: VideoVAE, val: WindowSet, out: Path) -> Path:
+    """The teacher's Euler + CFG sample of the first validation window (frames 1.., the window's audio)."""
+    cfg = run.cfg
+    w = val.take([0])
+    lat = w.latents.to(run.device)
+    g = torch.Generator().manual_seed(cfg.project.seed)
+    x = torch.randn(lat.shape, generator=g).to(run.device)
+    x[:, :, :1] = lat[:, :, :1]
+    fn = teacher_velocity(teacher.eval(), run.context(teacher, 1), w.talk.to(run.device), w.listen.to(run.device),
+                          cfg.ode_pairs.cfg_scale)  # fmt: skip
+    x0 = euler_sample_sigmas(fn, x, teacher_sigmas(cfg.ode_pairs.steps, cfg.ode_pairs.shift))
+    return latent_sample(run, vae, x0, w.wave[0], out)
+
+
+@torch.no_grad()
+def latent_sample(run: Run, vae: VideoVAE, latents: torch.Tensor, wave: torch.Tensor, out: Path) -> Path:
+    """Decode [1, z, 1 + F, h, w] (reference first) and write it with the window's audio."""
+    frames = vae.decode(latents.to(run.device))[0]
+    return write_sample(out, frames, wave, run.cfg)
+
+
+@torch.no_grad()
+def student_sample(run: Run, student: AudioDiT, vae: VideoVAE, val: WindowSet, out: Path) -> Path:
+    """The student streaming the first validation window through StreamingGenerator (the product path):
+    the avatar's voice is the window's audio where it speaks, the other voice the rest."""
+    cfg = run.cfg
+    w = val.take([0])
+    gen = StreamingGenerator(student.eval(), vae, run.audio, run.text, stream_settings(cfg))
+    ref = w.reference[0].float().to(run.device) / 127.5 - 1.0
+    gen.start(ref)
+    spf = cfg.audio.sample_rate // cfg.video.fps
+    mask = w.mask[0].repeat_interleave(spf)
+    avatar, other = w.wave[0] * mask, w.wave[0] * (1 - mask)
+    frames = []
+    step = gen.samples_per_chunk
+    for i in range(cfg.train.window_chunks):
+        piece = slice(spf + i * step, spf + (i + 1) * step)  # audio of video frames 1.. (frame 0 is the reference)
+        frames.append(gen.step(avatar[piece], other[piece])[0])
+    video = torch.cat(frames, dim=1)
+    return write_sample(out, video, w.wave[0, spf : spf + video.shape[1] * spf], cfg)
+
+
+def sample_vae(cfg: Config) -> VideoVAE:
+    return build_vae(cfg).eval()
+
+
+def is_main_process() -> bool:
+    return rank_from_env() == 0

@@ -1,0 +1,283 @@
+"""What every training stage shares: processes (torchrun), per-step randomness, resumable checkpoints,
+metrics, the loop with its progress bar.
+
+Multi-process training. Launch any stage with ``torchrun --nproc_per_node K -m flows.cli <stage>``: each rank
+computes its slice of the global batch (``batch_size`` is per rank) and gradients are averaged over ranks
+before every optimiser step -- data parallelism, exactly what DDP computes. The all-reduce is explicit
+(:meth:`Dist.average_gradients`, one bucketed call) rather than DDP's backward hooks because student forcing
+runs several forward passes with autograd per step (one exit step per chunk), which DDP's reducer does not
+accept. ``train.parallel=fsdp`` (the paper profile, CUDA) shards each transformer block with FSDP2
+(``torch.distributed.fsdp.fully_shard``), which reduces gradients itself.
+
+Exact resume. All randomness of step ``s`` comes from generators seeded by (seed, stage, s) and drawn for the
+whole global batch before slicing, so a run resumed from a checkpoint at step s computes the same steps as
+the uninterrupted run, and K ranks compute what one rank computes on the K-times batch. A checkpoint holds
+the models, the optimisers, the step and a fingerprint of what the run depends on; a run whose fingerprint
+differs (changed config, new upstream weights) starts over instead of resuming something else.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import random
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as tdist
+from torch import nn
+from tqdm import tqdm
+
+log = logging.getLogger(__name__)
+
+
+# ---------------------------------------------------------------------------------------------- processes
+@dataclass
+class Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def average_gradients(self, params: Iterable[nn.Parameter]) -> None:
+        """Mean of every gradient over the ranks (one all-reduce of a flat buffer)."""
+        if self.world == 1:
+            return
+        grads = [p.grad for p in params if p.grad is not None]
+        if not grads:
+            return
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        tdist.all_reduce(flat)
+        flat /= self.world
+        offset = 0
+        for g in grads:
+            g.copy_(flat[offset : offset + g.numel()].view_as(g))
+            offset += g.numel()
+
+    def mean(self, value: float) -> float:
+        """Mean of a scalar over the ranks (for logging the global batch's loss)."""
+        if self.world == 1:
+            return value
+        t = torch.tensor([value], dtype=torch.float64, device=self.device)
+        tdist.all_reduce(t)
+        return float(t.item()) / self.world
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            tdist.barrier()
+
+    def slice(self, batch: torch.Tensor | None) -> torch.Tensor | None:
+        """This rank's part of a global batch (dimension 0)."""
+        if batch is None or self.world == 1:
+            return batch
+        per = batch.shape[0] // self.world
+        return batch[self.rank * per : (self.rank + 1) * per]
+
+
+def init_dist(device: torch.device) -> Dist:
+    """torchrun's environment -> a process group (gloo on CPU, NCCL on CUDA); one process without it."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return Dist(device=device)
+    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    if device.type == "cuda":
+        torch.cuda.set_device(local)
+        device = torch.device("cuda", local)
+    if not tdist.is_initialized():
+        tdist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return Dist(rank=rank, world=world, local_rank=local, device=device)
+
+
+def rank_from_env() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+def shard_model(model: nn.Module, dist: Dist, parallel: str) -> nn.Module:
+    """FSDP2 per transformer block, then the root, for ``train.parallel=fsdp`` with several ranks."""
+    if parallel != "fsdp" or dist.world == 1:
+        return model
+    from torch.distributed.fsdp import fully_shard
+
+    for block in getattr(model, "blocks", []):
+        fully_shard(block)
+    fully_shard(model)
+    return model
+
+
+def sharded(parallel: str, dist: Dist) -> bool:
+    return parallel == "fsdp" and dist.world > 1
+
+
+# -------------------------------------------------------------------------------------------- randomness
+def step_generator(seed: int, stage: str, step: int, stream: str = "") -> torch.Generator:
+    """The generator of one step's draws: the same on every rank and after a resume."""
+    digest = hashlib.sha256(f"{seed}/{stage}/{step}/{stream}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
+
+
+def global_batch(gen: torch.Generator, num_items: int, size: int) -> torch.Tensor:
+    """Indices of one global batch, drawn with replacement."""
+    return torch.randint(num_items, (size,), generator=gen)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+# -------------------------------------------------------------------------------------------- checkpoints
+def file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()[:16]
+
+
+def config_digest(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+class Checkpoints:
+    """``<dir>/step_<n>.pt`` (resume points, newest ``keep`` kept) and ``<dir>/final.pt`` (the result)."""
+
+    def __init__(self, directory: Path, fingerprint: str, keep: int = 2) -> None:
+        self.dir, self.fingerprint, self.keep = Path(directory), fingerprint, keep
+
+    def steps(self) -> list[Path]:
+        return sorted(self.dir.glob("step_*.pt"), key=lambda p: int(p.stem.split("_")[1]))
+
+    def latest(self) -> dict | None:
+        """The newest step checkpoint made with the same fingerprint, else None (older ones are removed)."""
+        for path in reversed(self.steps()):
+            try:
+                state = torch.load(path, map_location="cpu", weights_only=False)
+            except Exception as exc:  # noqa: BLE001 -- a torn file from a crash: use the one before
+                log.warning("%s: unreadable (%s), trying an older checkpoint", path, exc)
+                continue
+            if state.get("fingerprint") == self.fingerprint:
+                return state
+            log.info("%s: made with other settings (%s != %s): starting over", path, state.get("fingerprint"),
+                     self.fingerprint)  # fmt: skip
+            break
+        for path in self.steps():
+            path.unlink()
+        final = self.dir / "final.pt"
+        if final.is_file():
+            final.unlink()
+        return None
+
+    def save(self, step: int, state: dict) -> Path:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        path = self.dir / f"step_{step:07d}.pt"
+        _atomic_save({**state, "step": step, "fingerprint": self.fingerprint}, path)
+        for old in self.steps()[: -self.keep]:
+            old.unlink()
+        return path
+
+    def save_final(self, state: dict) -> Path:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        path = self.dir / "final.pt"
+        _atomic_save({**state, "fingerprint": self.fingerprint}, path)
+        return path
+
+    def final(self) -> dict | None:
+        path = self.dir / "final.pt"
+        if not path.is_file():
+            return None
+        state = torch.load(path, map_location="cpu", weights_only=False)
+        return state if state.get("fingerprint") == self.fingerprint else None
+
+
+def _atomic_save(obj: dict, path: Path) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def load_final(path: Path, what: str) -> dict:
+    """A stage's final.pt, with an error that says which stage to run when it is missing."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"{path}: no {what} checkpoint; run that stage first")
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def state_dict_of(model: nn.Module) -> dict:
+    """A full (unsharded) CPU state dict, also from an FSDP2 model."""
+    sd = model.state_dict()
+    out = {}
+    for k, v in sd.items():
+        if hasattr(v, "full_tensor"):
+            v = v.full_tensor()
+        out[k] = v.detach().cpu().clone()
+    return out
+
+
+# ------------------------------------------------------------------------------------------------- loop
+class Metrics:
+    """Per-step metrics: MLflow (rank 0, when a run is active) and a JSON-lines file next to the checkpoints."""
+
+    def __init__(self, path: Path | None, prefix: str, every: int, enabled: bool, fresh: bool = False) -> None:
+        self.path, self.prefix, self.every, self.enabled = path, prefix, every, enabled
+        self.history: list[dict] = []
+        if fresh and enabled and path is not None and path.is_file():
+            path.unlink()  # a run from step 0 starts its history over
+
+    def log(self, step: int, values: dict[str, float]) -> None:
+        row = {"step": step, **values}
+        self.history.append(row)
+        if not self.enabled:
+            return
+        if self.path is not None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with open(self.path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+        if step % self.every == 0:
+            try:
+                import mlflow
+
+                if mlflow.active_run() is not None:
+                    mlflow.log_metrics({f"{self.prefix}/{k}": float(v) for k, v in values.items()}, step=step)
+            except ImportError:  # pragma: no cover
+                pass
+
+
+def run_loop(
+    name: str,
+    start: int,
+    total: int,
+    step_fn: Callable[[int], dict[str, float]],
+    save_fn: Callable[[int], None],
+    metrics: Metrics,
+    checkpoint_every: int,
+    progress: bool,
+) -> dict[str, float]:
+    """Steps ``start .. total - 1``; a checkpoint every ``checkpoint_every`` steps and after the last one."""
+    last: dict[str, float] = {}
+    t0 = time.perf_counter()
+    bar = tqdm(range(start, total), initial=start, total=total, desc=name, unit="it", disable=not progress)
+    for step in bar:
+        values = step_fn(step)
+        for k, v in values.items():
+            if not np.isfinite(v):
+                raise FloatingPointError(f"{name}: {k} is {v} at step {step}; the last good checkpoint is kept")
+        metrics.log(step, values)
+        last = values
+        bar.set_postfix({k: f"{v:.4g}" for k, v in list(values.items())[:3]})
+        if (step + 1) % checkpoint_every == 0 or step + 1 == total:
+            save_fn(step + 1)
+    bar.close()
+    if total > start:
+        last = {**last, "seconds_per_step": (time.perf_counter() - t0) / (total - start)}
+    return last

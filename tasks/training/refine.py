@@ -1,0 +1,189 @@
+"""Stage `refine` (paper 3.1.2): adversarial refinement of the distilled student against REAL curated clips.
+
+The discriminator (model/discriminator.py) is the teacher's backbone with N_Q Q-Formers of learnable per-frame
+queries at intermediate blocks: a Local Realism Branch (a logit per frame) and a Global Consistency Branch
+(the reference frame's feature cross-attending to every later frame's, one logit). Both real windows and the
+student's rollouts (student forcing, one random exit step per chunk carrying the gradient, the same reference
+frame and audio as the real window) are noised to a random level in ``refine.disc_sigma_range`` before the
+discriminator sees them. Losses: relativistic (D: softplus(D(fake) - D(real)), G: the mirror), per branch,
+global weighted by ``refine.global_weight``; D also takes the approximate R1 (real) and R2 (generated)
+penalties ||D(x + s eps) - D(x)||^2 with s = ``refine.penalty_sigma``. One G step and one D step per iteration.
+
+Outputs: data/checkpoints/refine/{step_*,final}.pt (final: the refined student), data/reports/refine/
+{metrics.json, sample.mp4}.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from model.discriminator import ConsistencyAwareDiscriminator
+from model.losses import approx_r1, approx_r2, relativistic_d_loss, relativistic_g_loss
+from model.rollout import student_rollout
+from model.sampling import add_noise, student_sigmas
+from tasks.common.models import build_layout
+from tasks.common.stage import StageResult
+from tasks.config import Config
+from tasks.training.common import (
+    dit_from_state,
+    model_sections,
+    per_frame_t,
+    run_fingerprint,
+    sample_vae,
+    start_run,
+    student_sample,
+    trainable,
+)
+from tasks.training.data import load_windows
+from tasks.training.engine import (
+    Metrics,
+    file_digest,
+    global_batch,
+    load_final,
+    run_loop,
+    shard_model,
+    state_dict_of,
+    step_generator,
+)
+
+STAGE = "refine"
+
+
+def build_discriminator(cfg: Config, backbone, frames: int) -> ConsistencyAwareDiscriminator:
+    r = cfg.refine
+    return ConsistencyAwareDiscriminator(backbone, r.num_qformers, r.qformer_queries, r.qformer_layers,
+                                         r.qformer_dim, max_frames=frames)  # fmt: skip
+
+
+def branch_losses(real: dict, fake: dict, weight: float, d_side: bool) -> torch.Tensor:
+    fn = relativistic_d_loss if d_side else relativistic_g_loss
+    return fn(real["local"], fake["local"]) + weight * fn(real["global_"], fake["global_"])
+
+
+def run_refine(cfg: Config, root: Path, progress: bool = True) -> StageResult:
+    run = start_run(cfg, root, progress)
+    dist, device, r = run.dist, run.device, cfg.refine
+    teacher_path = run.checkpoint_root / "teacher" / "final.pt"
+    student_path = run.checkpoint_root / "distill" / "final.pt"
+    student = dit_from_state(cfg, run.audio, load_final(student_path, "distilled student (stage distill)")["model"],
+                             device)  # fmt: skip
+    backbone = dit_from_state(cfg, run.audio, load_final(teacher_path, "teacher")["model"], device)
+    data = load_windows(cfg, root, "train")
+    n_frames = data.latents.shape[2]
+    disc = build_discriminator(cfg, backbone, n_frames).to(device)
+    upstream = {"teacher": file_digest(teacher_path), "student": file_digest(student_path)}
+    ckpt = run.checkpoints(STAGE, run_fingerprint(cfg, model_sections() + [STAGE], upstream))
+    opt_g = torch.optim.AdamW(student.parameters(), lr=r.lr, betas=(0.0, 0.999), weight_decay=cfg.train.weight_decay)
+    opt_d = torch.optim.AdamW(disc.parameters(), lr=r.disc_lr, betas=(0.0, 0.999), weight_decay=cfg.train.weight_decay)
+    start = 0
+    state = ckpt.latest()
+    if state is not None:
+        student.load_state_dict(state["model"])
+        disc.load_state_dict(state["discriminator"])
+        opt_g.load_state_dict(state["optimizer"])
+        opt_d.load_state_dict(state["disc_optimizer"])
+        start = state["step"]
+    student = shard_model(student.train(), dist, cfg.train.parallel)
+    disc.train()
+    layout = build_layout(cfg)
+    sigmas = student_sigmas(cfg.student.steps, cfg.student.timestep_shift)
+    chunks = layout.chunks(n_frames)[1:]
+    gb = r.batch_size * dist.world
+    lat_shape = data.latents.shape[1:]
+    lo, hi = r.disc_sigma_range
+
+    def disc_fn(x: torch.Tensor, t: torch.Tensor, talk, listen):
+        b = x.shape[0]
+        return disc(x.to(run.dtype), t, run.text_batch(b), talk.to(run.dtype), listen.to(run.dtype))
+
+    def step(s: int) -> dict[str, float]:
+        g = step_generator(cfg.project.seed, STAGE, s)
+        idx = global_batch(g, len(data), gb)
+        gen_shape = (gb, lat_shape[0], n_frames - 1, *lat_shape[2:])
+        noise = torch.randn(gen_shape, generator=g)
+        renoise = torch.randn((max(len(sigmas) - 1, 1), *gen_shape), generator=g)
+        exits = torch.randint(len(sigmas), (len(chunks),), generator=g).tolist()
+        sigma = lo + (hi - lo) * torch.rand(gb, generator=g)
+        eps_real = torch.randn((gb, *lat_shape), generator=g)
+        eps_fake = torch.randn((gb, *lat_shape), generator=g)
+        idx, noise, sigma, eps_real, eps_fake = (dist.slice(v) for v in (idx, noise, sigma, eps_real, eps_fake))
+        if dist.world > 1:
+            renoise = renoise[:, dist.rank * r.batch_size : (dist.rank + 1) * r.batch_size]
+        b = idx.shape[0]
+        real = data.latents[idx].to(device)
+        talk, listen = data.talk[idx].to(device), data.listen[idx].to(device)
+        sg = sigma.to(device).view(-1, 1, 1, 1, 1)
+        t = per_frame_t(sigma.to(device), n_frames)
+
+        def noised(x: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+            return torch.cat([x[:, :, :1], add_noise(x[:, :, 1:], eps[:, :, 1:].to(device), sg)], 2)
+
+        # generator step: the student's rollout against the frozen discriminator
+        trainable(disc, False)
+        fake = student_rollout(student, real[:, :, :1], run.context(student, b), talk, listen, layout, sigmas,
+                               noise.to(device), renoise.to(device), exits, cfg.student.context)  # fmt: skip
+        real_t, fake_t = noised(real, eps_real), noised(fake, eps_fake)
+        with torch.no_grad():
+            d_real = disc_fn(real_t, t, talk, listen)
+        loss_g = branch_losses(d_real, disc_fn(fake_t, t, talk, listen), r.global_weight, d_side=False)
+        opt_g.zero_grad(set_to_none=True)
+        loss_g.backward()
+        dist.average_gradients(student.parameters())
+        gnorm = torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.train.grad_clip or float("inf"))
+        opt_g.step()
+
+        # discriminator step: relativistic loss + approximate R1 (real) / R2 (generated)
+        trainable(disc, True)
+        fake_t = fake_t.detach()
+        d_real, d_fake = disc_fn(real_t, t, talk, listen), disc_fn(fake_t, t, talk, listen)
+        loss_adv = branch_losses(d_real, d_fake, r.global_weight, d_side=True)
+
+        def logits(x: torch.Tensor) -> torch.Tensor:
+            out = disc_fn(x, t, talk, listen)
+            return torch.cat([out["local"], out["global_"][:, None]], 1)
+
+        r1 = approx_r1(logits, real_t, r.penalty_sigma, generator=step_generator(cfg.project.seed, STAGE, s, "r1"))
+        r2 = approx_r2(logits, fake_t, r.penalty_sigma, generator=step_generator(cfg.project.seed, STAGE, s, "r2"))
+        loss_d = loss_adv + r.r1_weight * r1 + r.r2_weight * r2
+        opt_d.zero_grad(set_to_none=True)
+        loss_d.backward()
+        dist.average_gradients(disc.parameters())
+        torch.nn.utils.clip_grad_norm_(disc.parameters(), cfg.train.grad_clip or float("inf"))
+        opt_d.step()
+        return {"g_loss": dist.mean(float(loss_g.detach())), "d_loss": dist.mean(float(loss_adv.detach())), "r1": dist.mean(float(r1.detach())),
+                "r2": dist.mean(float(r2.detach())), "d_real_local": float(d_real["local"].mean()),
+                "d_fake_local": float(d_fake["local"].mean()), "grad_norm": float(gnorm)}  # fmt: skip
+
+    def save(s: int) -> None:
+        sd, dsd = state_dict_of(student), state_dict_of(disc)
+        if dist.main:
+            ckpt.save(s, {"model": sd, "discriminator": dsd, "optimizer": opt_g.state_dict(),
+                          "disc_optimizer": opt_d.state_dict()})  # fmt: skip
+
+    metrics = Metrics(ckpt.dir / "metrics.jsonl", STAGE, cfg.train.log_every, dist.main, fresh=start == 0)
+    last = run_loop(STAGE, start, r.iterations, step, save, metrics, cfg.train.checkpoint_every, run.progress)
+    result = StageResult(STAGE)
+    sd = state_dict_of(student)
+    if dist.main:
+        final = ckpt.save_final({"model": sd, "spec": student.spec.to_json(), "step": r.iterations})
+        report = root / "data" / "reports" / STAGE
+        report.mkdir(parents=True, exist_ok=True)
+        m = {"steps": float(r.iterations), "windows_train": float(len(data)),
+             **{f"last_{k}": v for k, v in last.items()}}  # fmt: skip
+        (report / "metrics.json").write_text(json.dumps(m, indent=2))
+        artifacts = [report / "metrics.json"]
+        if cfg.train.sample_video:
+            val = load_windows(cfg, root, "val", limit=cfg.train.val_windows)
+            artifacts.append(student_sample(run, student, sample_vae(cfg), val, report / "sample.mp4"))
+        result = StageResult(
+            STAGE, metrics=m, artifacts=artifacts, outputs=[final],
+            summary=(f"refine: {r.iterations} adversarial steps on {len(data)} real windows; G loss "
+                     f"{last.get('g_loss', float('nan')):.4g}, D loss {last.get('d_loss', float('nan')):.4g}, "
+                     f"R1 {last.get('r1', float('nan')):.3g}, R2 {last.get('r2', float('nan')):.3g}; the refined "
+                     f"student streamed data/reports/refine/sample.mp4"),
+        )  # fmt: skip
+    dist.barrier()
+    return result

@@ -1,0 +1,132 @@
+"""Stage `teacher`: fine-tune the bidirectional audio-driven DiT (paper 3.2) with the flow-matching loss.
+
+A training sample is one window: the clean reference as latent frame 0 (timestep 0), the F later latent frames
+noised to one sigma (x_t = (1 - s) x0 + s eps, s = shift(u), u ~ U(0, 1)); the network predicts the velocity
+eps - x0 on those frames, conditioned on the talking and listening audio tokens (the curated mask applied to
+the features) and the fixed prompt. With probability ``teacher.audio_dropout`` both audio streams are zeroed
+together, which trains the unconditional branch used by classifier-free guidance.
+
+Outputs: data/latents/ (the encoded windows every later stage reads), data/checkpoints/teacher/{step_*,final}.pt,
+data/reports/teacher/{metrics.json, sample.mp4}.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from model.losses import flow_matching_loss
+from model.sampling import add_noise, shift_sigma
+from tasks.common.models import build_dit, build_vae
+from tasks.common.stage import StageResult
+from tasks.config import Config
+from tasks.training.common import (
+    frame_mask,
+    model_sections,
+    per_frame_t,
+    run_fingerprint,
+    start_run,
+    teacher_sample,
+)  # fmt: skip
+from tasks.training.data import build_windows, load_windows
+from tasks.training.engine import Metrics, global_batch, run_loop, shard_model, state_dict_of, step_generator
+
+STAGE = "teacher"
+
+
+def run_teacher(cfg: Config, root: Path, progress: bool = True) -> StageResult:
+    run = start_run(cfg, root, progress)
+    dist, device, t = run.dist, run.device, cfg.teacher
+    report = root / "data" / "reports" / STAGE
+    vae = build_vae(cfg).eval()
+    failures: dict[str, str] = {}
+    if dist.main:
+        _, failures = build_windows(cfg, root, vae, run.audio, progress=run.progress)
+    dist.barrier()
+    data = load_windows(cfg, root, "train")
+    val = load_windows(cfg, root, "val", limit=cfg.train.val_windows)
+
+    model = build_dit(cfg, run.audio.token_dim)  # Wan weights from model.pretrained_path, or the demo's random init
+    ckpt = run.checkpoints(STAGE, run_fingerprint(cfg, model_sections() + [STAGE]))
+    opt = torch.optim.AdamW(model.parameters(), lr=t.lr, weight_decay=cfg.train.weight_decay)
+    start = 0
+    state = ckpt.latest()
+    if state is not None:
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        start = state["step"]
+    model = shard_model(model.train(), dist, cfg.train.parallel)
+    n_frames = data.latents.shape[2]
+    gb = t.batch_size * dist.world
+
+    def step(s: int) -> dict[str, float]:
+        g = step_generator(cfg.project.seed, STAGE, s)
+        idx = global_batch(g, len(data), gb)
+        sigma = shift_sigma(torch.rand(gb, generator=g), t.timestep_shift)
+        noise = torch.randn((gb, *data.latents.shape[1:]), generator=g)
+        keep_audio = (torch.rand(gb, generator=g) >= t.audio_dropout).float()
+        idx, sigma, noise, keep_audio = (dist.slice(v) for v in (idx, sigma, noise, keep_audio))
+        x0 = data.latents[idx].to(device)
+        noise = noise.to(device)
+        sigma = sigma.to(device)
+        x_t = x0.clone()
+        x_t[:, :, 1:] = add_noise(x0[:, :, 1:], noise[:, :, 1:], sigma.view(-1, 1, 1, 1, 1))
+        keep = keep_audio.view(-1, 1, 1, 1).to(device)
+        talk, listen = data.talk[idx].to(device) * keep, data.listen[idx].to(device) * keep
+        b = x0.shape[0]
+        v = model(x_t.to(run.dtype), per_frame_t(sigma, n_frames), run.text_batch(b), talk.to(run.dtype),
+                  listen.to(run.dtype)).float()  # fmt: skip
+        loss = flow_matching_loss(v, noise, x0, frame_mask(b, n_frames, device))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        dist.average_gradients(model.parameters())
+        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip or float("inf"))
+        opt.step()
+        return {"loss": dist.mean(float(loss.detach())), "grad_norm": float(gnorm)}
+
+    def save(s: int) -> None:
+        sd = state_dict_of(model)
+        if dist.main:
+            ckpt.save(s, {"model": sd, "optimizer": opt.state_dict()})
+
+    metrics = Metrics(ckpt.dir / "metrics.jsonl", STAGE, cfg.train.log_every, dist.main, fresh=start == 0)
+    last = run_loop(STAGE, start, t.iterations, step, save, metrics, cfg.train.checkpoint_every, run.progress)
+    result = StageResult(STAGE)
+    final_sd = state_dict_of(model)
+    if dist.main:
+        final = ckpt.save_final({"model": final_sd, "spec": model.spec.to_json(), "step": t.iterations})
+        history = _history(ckpt.dir / "metrics.jsonl", t.iterations)
+        m = {"windows_train": float(len(data)), "windows_val": float(len(val)), "steps": float(t.iterations), **history}
+        m.update({f"last_{k}": v for k, v in last.items()})
+        report.mkdir(parents=True, exist_ok=True)
+        (report / "metrics.json").write_text(json.dumps(m, indent=2))
+        artifacts = [report / "metrics.json"]
+        if cfg.train.sample_video:
+            artifacts.append(teacher_sample(run, model, vae, val, report / "sample.mp4"))
+        result = StageResult(
+            STAGE, metrics=m, artifacts=artifacts, outputs=[final], failures=failures,
+            summary=(f"teacher: {t.iterations} steps on {len(data)} windows; flow-matching loss "
+                     f"{history.get('loss_first', float('nan')):.4f} -> {history.get('loss_last', float('nan')):.4f} "
+                     f"(mean of the first / last 10% of steps)"),
+        )  # fmt: skip
+    dist.barrier()
+    return result
+
+
+def _history(path: Path, total: int) -> dict[str, float]:
+    """Mean loss over the first and the last tenth of the steps (from the whole run's metrics file)."""
+    rows: dict[int, float] = {}
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            r = json.loads(line)
+            if r["step"] < total:
+                rows[r["step"]] = r["loss"]  # a resumed run re-logs the steps after its checkpoint: keep the newest
+    if not rows:
+        return {}
+    steps = sorted(rows)
+    k = max(1, len(steps) // 10)
+    first = sum(rows[s] for s in steps[:k]) / k
+    last = sum(rows[s] for s in steps[-k:]) / k
+    return {"loss_first": first, "loss_last": last}

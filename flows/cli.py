@@ -30,13 +30,17 @@ def build_parser() -> argparse.ArgumentParser:
     _config_args(p)
     p.add_argument("--stages", default="", help=f"comma-separated subset of: {','.join(ORDER)}")
     p.add_argument("--force", action="store_true", help="run stages even when DVC says they are up to date")
-    p = sub.add_parser("bench", help="benchmark the streaming student (--model-only) or the curation stage (--curation)")
+    p = sub.add_parser("bench", help="benchmark the streaming student (--model-only), the curation stage "
+                                     "(--curation) or identity drift over a long stream (--drift)")
     _config_args(p)
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--model-only", action="store_true",
                       help="time the models alone on synthetic input (random weights unless the config names some)")
     mode.add_argument("--curation", action="store_true",
                       help="time the curate stage's decode, active speaker detection and head pose on real clips")
+    mode.add_argument("--drift", action="store_true",
+                      help="identity drift of the trained student over a long stream: rolling cache vs + reference "
+                           "sink vs + sink + RAPR (same weights, seed and inputs)")
     p.add_argument("--json", action="store_true", help="print the report as JSON instead of a table")
     p.add_argument("--chunks", type=int, default=500, help="--model-only: chunks to stream through the DiT (default 500)")
     p.add_argument("--vae-chunks", type=int, default=60, help="--model-only: chunks to decode with the VAE (default 60)")
@@ -48,9 +52,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="--curation: seconds of each clip to curate, from its start (default 10)")
     p.add_argument("--torch-threads", type=int, default=None,
                    help="--curation: torch intra-op threads (default: torch's own choice, as the stage runs)")
+    p.add_argument("--frames", type=int, default=1000,
+                   help="--drift: video frames to stream per setting (default 1000 = 40 s at 25 fps)")
+    p.add_argument("--checkpoint", default=None, metavar="PATH",
+                   help="--drift: student checkpoint (default: data/checkpoints/refine/final.pt, else "
+                        "distill/final.pt); 'random' for the seeded untrained student")
+    p.add_argument("--window-s", type=float, default=2.0,
+                   help="--drift: seconds per measurement window (default 2.0)")
     p.add_argument("--out", default=None,
                    help="where to write the JSON report (default data/reports/model_bench.json, or "
-                        "data/reports/curation_bench.json with --curation)")  # fmt: skip
+                        "data/reports/curation_bench.json with --curation, data/reports/drift_bench.json "
+                        "with --drift)")  # fmt: skip
     p = sub.add_parser("config", help="print the effective, validated configuration")
     _config_args(p)
     sub.add_parser("stages", help="list the stages in pipeline order")
@@ -77,7 +89,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "bench":
             return _bench(args, cfg, root)
         from tasks.runner import run_stage
+        from tasks.training.engine import rank_from_env
 
+        if rank_from_env() > 0:  # torchrun: only rank 0 records the run in MLflow
+            cfg.tracking.enabled = False
         outcome = run_stage(args.command, cfg, root)
         print(outcome.summary)
         for item, reason in outcome.failures.items():
@@ -119,9 +134,15 @@ def _bench(args, cfg, root: Path) -> int:
         report = run_model_bench(cfg, chunks=args.chunks, vae_chunks=args.vae_chunks,
                                  teacher_steps=args.teacher_steps, progress=not args.json)  # fmt: skip
         default_out = "data/reports/model_bench.json"
+    elif args.drift:
+        from tasks.evaluation.drift_bench import format_report, run_drift_bench
+
+        report = run_drift_bench(cfg, root, frames=args.frames, checkpoint=args.checkpoint, window_s=args.window_s,
+                                 progress=not args.json)  # fmt: skip
+        default_out = "data/reports/drift_bench.json"
     else:
-        raise ConfigError("bench needs --model-only (the models alone, no trained checkpoint) or --curation "
-                          "(the curate stage on real clips)")  # fmt: skip
+        raise ConfigError("bench needs --model-only (the models alone, no trained checkpoint), --curation "
+                          "(the curate stage on real clips) or --drift (the trained student's identity drift)")
     out = root / (args.out or default_out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2))

@@ -154,8 +154,8 @@ def run_refine(cfg: Config, root: Path, progress: bool = True) -> StageResult:
         torch.nn.utils.clip_grad_norm_(disc.parameters(), cfg.train.grad_clip or float("inf"))
         opt_d.step()
         return {"g_loss": dist.mean(float(loss_g.detach())), "d_loss": dist.mean(float(loss_adv.detach())), "r1": dist.mean(float(r1.detach())),
-                "r2": dist.mean(float(r2.detach())), "d_real_local": float(d_real["local"].mean()),
-                "d_fake_local": float(d_fake["local"].mean()), "grad_norm": float(gnorm)}  # fmt: skip
+                "r2": dist.mean(float(r2.detach())), "d_real_local": float(d_real["local"].detach().mean()),
+                "d_fake_local": float(d_fake["local"].detach().mean()), "grad_norm": float(gnorm)}  # fmt: skip
 
     def save(s: int) -> None:
         sd, dsd = state_dict_of(student), state_dict_of(disc)

@@ -1,0 +1,277 @@
+"""The training stages on a tiny curated project: the losses that run, where gradients flow, exact resume,
+and 2 processes (gloo) against 1 with the doubled batch."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from model.attention import CausalLayout
+from model.dit import AudioDiT, DiTSpec
+from model.rollout import student_rollout
+from model.sampling import student_sigmas
+from tests.conftest import REPO, tool_env
+from tests.training_data import make_project, tiny_config
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory):
+    """Teacher, ODE pairs and distillation run once on the tiny project; tests copy it."""
+    from tasks.training.distill import run_distill
+    from tasks.training.ode_pairs import run_ode_pairs
+    from tasks.training.teacher import run_teacher
+
+    root = make_project(tmp_path_factory.mktemp("train") / "p")
+    cfg = tiny_config(root)
+    run_teacher(cfg, root, progress=False)
+    run_ode_pairs(cfg, root, progress=False)
+    run_distill(cfg, root, progress=False)
+    return root
+
+
+def history(root, stage):
+    path = root / "data/checkpoints" / stage / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def copy_project(src, dst):
+    shutil.copytree(src, dst)
+    return dst
+
+
+# ------------------------------------------------------------------------------------------- the stages
+def test_teacher_windows_and_loss(project):
+    import pandas as pd
+
+    index = pd.read_parquet(project / "data/latents/index.parquet")
+    # 2 s = 50 frames -> 2 windows of 25 per clip; the unselected clip is the validation clip
+    assert sorted(index.groupby("split").size().items()) == [("train", 4), ("val", 2)]
+    assert set(index[index.split == "val"].clip_id) == {"va_a"}
+    packed = torch.load(project / "data/latents/tr_a.pt", weights_only=True)
+    assert packed["latents"].shape == (2, 16, 7, 8, 8)
+    # slot 0 (the reference) is silent; talk and listen never overlap (the mask splits the features)
+    assert packed["talk"][:, 0].abs().sum() == 0 and packed["listen"][:, 0].abs().sum() == 0
+    assert ((packed["talk"] != 0) & (packed["listen"] != 0)).sum() == 0
+    rows = history(project, "teacher")
+    assert [r["step"] for r in rows] == [0, 1, 2, 3] and all(r["loss"] > 0 for r in rows)
+    final = torch.load(project / "data/checkpoints/teacher/final.pt", weights_only=False)
+    assert final["step"] == 4 and "blocks.0.audio_attn.to_q.weight" in final["model"]
+
+
+def test_ode_pairs_keep_the_student_levels(project):
+    from tasks.training.ode_pairs import load_pairs
+
+    index, states, x0, sigmas = load_pairs(tiny_config(project), project, "train")
+    assert sigmas == pytest.approx(student_sigmas(3, 5.0))
+    assert states.shape == (4, 3, 16, 6, 8, 8) and x0.shape == (4, 16, 6, 8, 8)
+    assert not torch.equal(states[:, 0], x0)  # sigma 1 is pure noise, x0 the ODE's end
+
+
+def test_ode_pairs_resume_skips_done_pairs(project, tmp_path):
+    from tasks.training.ode_pairs import run_ode_pairs
+
+    root = copy_project(project, tmp_path / "p")
+    result = run_ode_pairs(tiny_config(root), root, progress=False)
+    assert result.metrics["pairs_made_now"] == 0 and result.metrics["pairs_train"] == 4
+
+
+def test_the_generator_loss_that_runs_is_sid(project, tmp_path, monkeypatch):
+    """Record what the SiD step feeds its loss and check the value against the formula in float64."""
+    import tasks.training.distill as distill
+
+    calls = []
+    real = distill.sid_generator_loss
+
+    def spy(x, f_real, f_fake, alpha, mask=None):
+        out = real(x, f_real, f_fake, alpha, mask=mask)
+        calls.append((x.detach().clone(), f_real.detach().clone(), f_fake.detach().clone(), alpha, out.item()))
+        return out
+
+    monkeypatch.setattr(distill, "sid_generator_loss", spy)
+    root = copy_project(project, tmp_path / "p")
+    shutil.rmtree(root / "data/checkpoints/distill")
+    cfg = tiny_config(root)
+    cfg.distill.sid_alpha = 1.2
+    distill.run_distill(cfg, root, progress=False)
+    assert len(calls) == cfg.distill.iterations
+    saw_nonzero = False
+    for x, fr, ff, alpha, value in calls:
+        assert alpha == 1.2
+        x, fr, ff = x[:, :, 1:].double(), fr[:, :, 1:].double(), ff[:, :, 1:].double()  # the reference is excluded
+        per = ((fr - ff) * ((fr - x) - alpha * (fr - ff))).flatten(1).mean(1)
+        w = (x - fr).abs().flatten(1).mean(1).clamp(min=1e-5)
+        assert value == pytest.approx(float((per / w).mean()), rel=1e-9, abs=1e-15)
+        dmd = (0.5 * ((x - (x - (ff - fr) / w.view(-1, 1, 1, 1, 1))) ** 2)).mean()  # what DMD would give
+        saw_nonzero |= abs(value) > 0 and abs(value - float(dmd)) > 1e-9
+    assert saw_nonzero  # after the fake score moved off the teacher, SiD and DMD values differ
+
+
+def test_distill_improves_the_match_to_the_teacher(project):
+    metrics = json.loads((project / "data/reports/distill/metrics.json").read_text())
+    for key in ("ode_match_mse_before", "ode_match_mse_after", "sid_last_sid_loss", "sid_last_fake_loss"):
+        assert key in metrics and metrics[key] == metrics[key]  # present and not NaN
+    final = torch.load(project / "data/checkpoints/distill/final.pt", weights_only=False)
+    teacher = torch.load(project / "data/checkpoints/teacher/final.pt", weights_only=False)
+    assert any(not torch.equal(final["model"][k], teacher["model"][k]) for k in final["model"])
+
+
+# ------------------------------------------------------------------------------------------- exact resume
+def test_teacher_resume_equals_uninterrupted(project, tmp_path):
+    from tasks.training.teacher import run_teacher
+
+    root = copy_project(project, tmp_path / "p")
+    shutil.rmtree(root / "data/checkpoints/teacher")
+    cfg = tiny_config(root)
+    cfg.teacher.iterations = 2
+    run_teacher(cfg, root, progress=False)  # "interrupted" after step 2 (its checkpoint)
+    cfg.teacher.iterations = 4
+    run_teacher(cfg, root, progress=False)  # resumes at step 2
+    resumed = {r["step"]: r["loss"] for r in history(root, "teacher")}
+    straight = {r["step"]: r["loss"] for r in history(project, "teacher")}
+    assert sorted(resumed) == [0, 1, 2, 3]
+    assert [resumed[s] for s in (2, 3)] == [straight[s] for s in (2, 3)]  # bit-identical
+
+
+def test_sid_resume_equals_uninterrupted(project, tmp_path):
+    from tasks.training.distill import run_distill
+
+    root = copy_project(project, tmp_path / "p")
+    shutil.rmtree(root / "data/checkpoints/distill/sid")
+    cfg = tiny_config(root)
+    cfg.distill.iterations = 2
+    run_distill(cfg, root, progress=False)
+    cfg.distill.iterations = 4
+    run_distill(cfg, root, progress=False)
+    resumed = {r["step"]: (r["sid_loss"], r["fake_loss"]) for r in history(root, "distill/sid")}
+    straight = {r["step"]: (r["sid_loss"], r["fake_loss"]) for r in history(project, "distill/sid")}
+    assert [resumed[s] for s in (2, 3)] == [straight[s] for s in (2, 3)]
+
+
+def test_changed_settings_start_over(project, tmp_path):
+    from tasks.training.teacher import run_teacher
+
+    root = copy_project(project, tmp_path / "p")
+    cfg = tiny_config(root)
+    cfg.teacher.lr = 3e-4  # not a longer run of the same thing: the old checkpoints are not resumed
+    run_teacher(cfg, root, progress=False)
+    rows = history(root, "teacher")
+    assert [r["step"] for r in rows] == [0, 1, 2, 3]
+    assert rows[1]["loss"] != history(project, "teacher")[1]["loss"]
+
+
+def test_refine_runs_with_finite_losses(project, tmp_path):
+    from tasks.training.refine import run_refine
+
+    root = copy_project(project, tmp_path / "p")
+    cfg = tiny_config(root)
+    result = run_refine(cfg, root, progress=False)
+    rows = history(root, "refine")
+    assert len(rows) == 2
+    for r in rows:
+        assert all(v == v and abs(v) < 1e6 for v in r.values())
+    assert {"g_loss", "d_loss", "r1", "r2"} <= set(rows[0])
+    assert (root / "data/checkpoints/refine/final.pt").is_file() and result.metrics["steps"] == 2
+
+
+# ------------------------------------------------------------------------------ student forcing gradients
+def tiny_dit() -> AudioDiT:
+    torch.manual_seed(0)
+    return AudioDiT(DiTSpec(num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=4, text_dim=8,
+                            ffn_dim=32, num_layers=2, audio_dim=6))  # fmt: skip
+
+
+def test_gradient_reaches_the_student_only_through_the_exit_steps():
+    dit = tiny_dit()
+    layout = CausalLayout(chunk_frames=2, sink_frames=3, window_frames=2, rapr=True, max_distance=4)
+    sigmas = student_sigmas(3, 5.0)
+    g = torch.Generator().manual_seed(1)
+    b, frames = 2, 6
+    ref = torch.randn(b, 4, 1, 4, 4, generator=g)
+    noise = torch.randn(b, 4, frames, 4, 4, generator=g)
+    renoise = torch.randn(2, b, 4, frames, 4, 4, generator=g)
+    talk = torch.randn(b, 1 + frames, 5, 6, generator=g)
+    listen = torch.randn(b, 1 + frames, 5, 6, generator=g)
+    ctx = dit.prepare_text(torch.randn(b, 3, 8, generator=g))
+    exits = [2, 0, 1]
+    calls = []
+
+    def hook(module, args, kwargs, output):
+        calls.append({"grad": torch.is_grad_enabled(), "input_has_graph": args[0].grad_fn is not None,
+                      "frame_start": kwargs["frame_start"], "out_grad": output.requires_grad})  # fmt: skip
+
+    handle = dit.register_forward_hook(hook, with_kwargs=True)
+    out = student_rollout(dit, ref, ctx, talk, listen, layout, sigmas, noise, renoise, exits, "noisy")
+    handle.remove()
+    # the reference pass, then 3 steps per chunk; exactly the exit step of each chunk records a graph
+    graph_steps = [(c["frame_start"], i) for i, c in enumerate(calls) if c["out_grad"]]
+    assert len(calls) == 1 + 3 * 3
+    assert graph_steps == [(1, 1 + 2), (3, 4 + 0), (5, 7 + 1)]
+    assert not any(c["input_has_graph"] for c in calls)  # every step starts from a detached state
+    # the cache holds no graph, and the output is the exit steps' x0 (same values as a no-grad rollout)
+    ctx_ng = dit.prepare_text(torch.randn(b, 3, 8, generator=torch.Generator().manual_seed(9)))
+    del ctx_ng
+    with torch.no_grad():
+        again = student_rollout(dit, ref, ctx, talk, listen, layout, sigmas, noise, renoise, exits, "noisy",
+                                grad=False)  # fmt: skip
+    assert torch.allclose(out.detach(), again, atol=1e-6)
+    out[:, :, 1:].pow(2).mean().backward()
+    grads = [p.grad for p in dit.parameters() if p.grad is not None]
+    assert grads and all(torch.isfinite(gr).all() for gr in grads)
+    # a chunk's output depends (through the graph) only on its own exit step: its gradient w.r.t. an earlier
+    # chunk's output is zero because that output reached it only through the detached cache
+    dit.zero_grad()
+    out2 = student_rollout(dit, ref, ctx, talk, listen, layout, sigmas, noise, renoise, exits, "noisy")
+    first = out2[:, :, 1:3]
+    assert torch.autograd.grad(out2[:, :, 3:5].sum(), first, allow_unused=True, retain_graph=True)[0] is None
+
+
+def test_exit_step_choice_changes_the_output():
+    dit = tiny_dit()
+    layout = CausalLayout(chunk_frames=2, sink_frames=3, window_frames=2)
+    g = torch.Generator().manual_seed(2)
+    args = dict(reference=torch.randn(1, 4, 1, 4, 4, generator=g), context=dit.prepare_text(torch.randn(1, 3, 8)),
+                audio_talk=None, audio_listen=None, layout=layout, sigmas=student_sigmas(3, 5.0),
+                noise=torch.randn(1, 4, 4, 4, 4, generator=g), renoise=torch.randn(2, 1, 4, 4, 4, 4, generator=g))  # fmt: skip
+    with torch.no_grad():
+        last = student_rollout(dit, exit_steps=[2, 2], grad=False, **args)
+        early = student_rollout(dit, exit_steps=[0, 2], grad=False, **args)
+    assert torch.equal(last[:, :, 3:], early[:, :, 3:])  # the cache (context) is what inference writes either way
+    assert not torch.allclose(last[:, :, 1:3], early[:, :, 1:3])  # the first chunk's output is its exit step's x0
+
+
+# --------------------------------------------------------------------------- 2 processes vs 1, torchrun
+@pytest.mark.slow
+def test_two_gloo_processes_match_one_with_the_doubled_batch(project, tmp_path):
+    root = copy_project(project, tmp_path / "p")
+    shutil.copy(REPO / "params.yaml", root / "params.yaml")
+    common = ["--set", "tracking.enabled=false", "--set", "train.window_chunks=2", "--set", "train.val_windows=1",
+              "--set", "train.sample_video=false", "--set", "teacher.iterations=3",
+              "--set", "train.checkpoint_every=3"]  # fmt: skip
+    env = tool_env(root)
+    env["OMP_NUM_THREADS"] = "1"
+
+    def launch(nproc: int, batch: int, ckdir: str) -> dict:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+               "-m", "flows.cli", "teacher", *common, "--set", f"teacher.batch_size={batch}",
+               "--set", f"train.checkpoint_dir={ckdir}"]  # fmt: skip
+        if nproc == 1:
+            cmd = [sys.executable, "-m", "flows.cli", "teacher", *common, "--set", f"teacher.batch_size={batch}",
+                   "--set", f"train.checkpoint_dir={ckdir}"]  # fmt: skip
+        proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        return torch.load(root / ckdir / "teacher/final.pt", weights_only=False)
+
+    two = launch(2, 1, "data/ck_two")
+    one = launch(1, 2, "data/ck_one")
+    diffs = {k: (two["model"][k] - one["model"][k]).abs().max().item() for k in one["model"]}
+    assert max(diffs.values()) < 1e-5, sorted(diffs.items(), key=lambda kv: -kv[1])[:3]
+    start = torch.load(root / "data/checkpoints/teacher/final.pt", weights_only=False)  # another run: differs
+    assert any(not torch.allclose(start["model"][k], one["model"][k]) for k in one["model"])
+    loss_two = [json.loads(x)["loss"] for x in (root / "data/ck_two/teacher/metrics.jsonl").read_text().splitlines()]
+    loss_one = [json.loads(x)["loss"] for x in (root / "data/ck_one/teacher/metrics.jsonl").read_text().splitlines()]
+    assert loss_two == pytest.approx(loss_one, rel=1e-5)

@@ -250,7 +250,7 @@ class TrainConfig(_Section):
 class TeacherConfig(_Section):
     """Bidirectional teacher fine-tuning (paper: 20000 it, batch 32, lr 5e-6)."""
 
-    iterations: int = Field(200, ge=0)
+    iterations: int = Field(600, ge=0)
     batch_size: int = Field(2, ge=1)
     lr: float = Field(1e-4, gt=0)
     audio_dropout: float = Field(0.1, ge=0, le=1)  # both audio streams zeroed together: the CFG "uncond" branch
@@ -271,7 +271,7 @@ class OdePairsConfig(_Section):
 class OdeInitConfig(_Section):
     """ODE-pair regression that initialises the causal student (paper: 5000 it, batch 8, lr 2e-6)."""
 
-    iterations: int = Field(100, ge=0)
+    iterations: int = Field(200, ge=0)
     batch_size: int = Field(2, ge=1)
     lr: float = Field(1e-4, gt=0)
 
@@ -279,7 +279,7 @@ class OdeInitConfig(_Section):
 class DistillConfig(_Section):
     """SiD distillation with student forcing (paper: 6000 it, batch 16, lr 3e-6)."""
 
-    iterations: int = Field(50, ge=0)
+    iterations: int = Field(60, ge=0)
     batch_size: int = Field(2, ge=1)
     lr: float = Field(1e-5, gt=0)
     fake_lr: float = Field(1e-5, gt=0)  # the fake-score network's learning rate
@@ -299,10 +299,10 @@ class DistillConfig(_Section):
 class RefineConfig(_Section):
     """Adversarial refinement with the consistency-aware discriminator (paper: 1400 it, batch 32, lr 5e-6)."""
 
-    iterations: int = Field(20, ge=0)
+    iterations: int = Field(30, ge=0)
     batch_size: int = Field(2, ge=1)
     lr: float = Field(1e-5, gt=0)
-    disc_lr: float = Field(1e-5, gt=0)
+    disc_lr: float = Field(1e-4, gt=0)
     num_qformers: int = Field(3, ge=1)  # N_Q, at evenly spaced intermediate layers of the backbone
     qformer_queries: int = Field(4, ge=1)  # learnable queries per frame
     qformer_layers: int = Field(1, ge=1)
@@ -311,6 +311,13 @@ class RefineConfig(_Section):
     r2_weight: float = Field(1.0, ge=0)  # approximate R2 on generated samples
     penalty_sigma: float = Field(0.01, gt=0)  # finite-difference step of the approximate R1/R2
     disc_sigma_range: tuple[float, float] = (0.0, 0.3)  # both real and generated latents are noised to this level
+
+    @model_validator(mode="after")
+    def _range(self) -> RefineConfig:
+        lo, hi = self.disc_sigma_range
+        if not 0 <= lo <= hi < 1:
+            raise ValueError("refine.disc_sigma_range: give [low, high] with 0 <= low <= high < 1")
+        return self
     global_weight: float = Field(1.0, ge=0)  # Global Consistency Branch weight next to the Local Realism Branch
 
 

@@ -11,11 +11,17 @@ import yaml
 from tests.conftest import shared_path, tool_env
 
 TINY = {"num_conversations": 1, "duration_s": 3.0, "workers": 1}
+# the training stages at a few steps each: the wiring, not the learning (tests/test_training.py has that)
+TINY_TRAINING = {"teacher": {"iterations": 3}, "ode_init": {"iterations": 2}, "distill": {"iterations": 2},
+                 "refine": {"iterations": 2, "qformer_dim": 16}, "train": {"checkpoint_every": 2}}  # fmt: skip
+STAGES = ["corpus", "curate", "teacher", "ode_pairs", "distill", "refine"]
 
 
 def set_params(root, **corpus):
     params = yaml.safe_load((root / "params.yaml").read_text())
     params["corpus"].update(corpus)
+    for section, values in TINY_TRAINING.items():
+        params[section].update(values)
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 
 
@@ -46,7 +52,7 @@ def test_dvc_repro_twice_then_only_on_change(clone):
     assert "up to date" in dvc(clone, "status").stdout
     # the CLI run (dvc's cmd) was tracked in MLflow with its metrics and contact sheet
     client, found = runs(clone)
-    assert [r.data.tags["streamavatar.stage"] for r in found] == ["corpus", "curate"]
+    assert [r.data.tags["streamavatar.stage"] for r in found] == STAGES
     assert found[0].data.metrics["clips_ok"] == 2
     assert "corpus/contact_sheet.png" in [a.path for a in client.list_artifacts(found[0].info.run_id, "corpus")]
     # one parameter changes: DVC sees it and re-runs the stage
@@ -88,13 +94,21 @@ def test_full_pipeline_flow_records_mlflow_and_leaves_dvc_clean(clone):
     assert len(parents) == 4
     first_parent = parents[0].info.run_id
     nested = [r for r in children if r.data.tags.get("mlflow.parentRunId") == first_parent]
-    assert [r.data.tags["streamavatar.stage"] for r in nested] == ["corpus", "curate"]
+    assert [r.data.tags["streamavatar.stage"] for r in nested] == STAGES
     assert nested[0].data.metrics["clips_ok"] == 2 and nested[0].data.params["corpus.num_conversations"] == "1"
     arts = [a.path for a in client.list_artifacts(nested[0].info.run_id, "corpus")]
     assert {"corpus/contact_sheet.png", "corpus/metrics.json", "corpus/corpus.parquet"} <= set(arts)
     assert nested[1].data.metrics["clips_ok"] == 2 and nested[1].data.params["curate.source"] == "synthetic"
     arts = [a.path for a in client.list_artifacts(nested[1].info.run_id, "curate")]
     assert {"curate/curated.parquet", "curate/histograms.png", "curate/asd_frames.png"} <= set(arts)
+    # every training stage logged per-step metrics and a sample video with its audio
+    by_stage = {r.data.tags["streamavatar.stage"]: r for r in nested}
+    for stage, metric, steps in [("teacher", "teacher/loss", 3), ("distill", "sid/sid_loss", 2),
+                                 ("distill", "ode_init/loss", 2), ("refine", "refine/g_loss", 2)]:  # fmt: skip
+        assert len(client.get_metric_history(by_stage[stage].info.run_id, metric)) == steps, (stage, metric)
+    for stage in ("teacher", "ode_pairs", "distill", "refine"):
+        arts = [a.path for a in client.list_artifacts(by_stage[stage].info.run_id, stage)]
+        assert f"{stage}/sample.mp4" in arts and f"{stage}/metrics.json" in arts, (stage, arts)
     # the second run found the stage up to date and said so in its nested run
     skipped = [r for r in children if r.data.tags.get("mlflow.parentRunId") == parents[1].info.run_id]
     assert skipped[0].data.tags["streamavatar.status"] == "up-to-date"

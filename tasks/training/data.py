@@ -182,6 +182,17 @@ def build_windows(cfg: Config, root: Path, vae: VideoVAE, audio: AudioConditione
     return index, failures
 
 
+def windows_digest(cfg: Config, root: Path) -> str:
+    """What the encoded windows are (clips, windows, splits, encoding settings): part of every training
+    stage's fingerprint, so new data restarts training instead of resuming a run made on other data."""
+    index_path = root / cfg.train.latents_dir / INDEX
+    if not index_path.is_file():
+        return "none"
+    index = pd.read_parquet(index_path)
+    rows = sorted(zip(index.clip_id, index.window, index.start_frame, index.split, strict=True))
+    return hashlib.sha256(json.dumps([fingerprint(cfg), [list(map(str, r)) for r in rows]]).encode()).hexdigest()[:16]
+
+
 def load_windows(cfg: Config, root: Path, split: str, limit: int | None = None) -> WindowSet:
     """The windows of ``split`` ("train" or "val") from data/latents, stacked."""
     index_path = root / cfg.train.latents_dir / INDEX

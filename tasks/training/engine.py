@@ -233,6 +233,8 @@ class Metrics:
         self.history: list[dict] = []
         if fresh and enabled and path is not None and path.is_file():
             path.unlink()  # a run from step 0 starts its history over
+        elif path is not None and path.is_file():  # a resumed run continues the history of the steps before it
+            self.history = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
     def log(self, step: int, values: dict[str, float]) -> None:
         row = {"step": step, **values}
@@ -278,6 +280,8 @@ def run_loop(
         if (step + 1) % checkpoint_every == 0 or step + 1 == total:
             save_fn(step + 1)
     bar.close()
+    if total <= start and metrics.history:  # nothing left to run (a finished stage re-run): its last step
+        last = {k: v for k, v in metrics.history[-1].items() if k != "step"}
     if total > start:
         last = {**last, "seconds_per_step": (time.perf_counter() - t0) / (total - start)}
     return last

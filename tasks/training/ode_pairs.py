@@ -31,7 +31,7 @@ from tasks.training.common import (
     start_run,
     teacher_velocity,
 )
-from tasks.training.data import WindowSet, load_windows
+from tasks.training.data import WindowSet, load_windows, windows_digest
 from tasks.training.engine import file_digest, load_final, step_generator
 
 STAGE = "ode_pairs"
@@ -91,7 +91,7 @@ def run_ode_pairs(cfg: Config, root: Path, progress: bool = True) -> StageResult
     sigmas = teacher_sigmas(c.steps, c.shift, keep_sigmas)
     keep_at = [sigmas.index(s) for s in keep_sigmas]
     # pairs made by another teacher or sampler are not mixed with new ones
-    meta = {"teacher": file_digest(teacher_path), "sigmas": sigmas, "cfg_scale": c.cfg_scale, "seed": cfg.project.seed}
+    meta = {"teacher": file_digest(teacher_path), "data": windows_digest(cfg, root), "sigmas": sigmas, "cfg_scale": c.cfg_scale, "seed": cfg.project.seed}
     meta_path = out / "meta.json"
     if meta_path.is_file() and json.loads(meta_path.read_text()) != meta:
         for f in (out / "shards").glob("*.pt"):

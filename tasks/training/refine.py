@@ -37,7 +37,7 @@ from tasks.training.common import (
     student_sample,
     trainable,
 )
-from tasks.training.data import load_windows
+from tasks.training.data import load_windows, windows_digest
 from tasks.training.engine import (
     Metrics,
     file_digest,
@@ -74,7 +74,8 @@ def run_refine(cfg: Config, root: Path, progress: bool = True) -> StageResult:
     data = load_windows(cfg, root, "train")
     n_frames = data.latents.shape[2]
     disc = build_discriminator(cfg, backbone, n_frames).to(device)
-    upstream = {"teacher": file_digest(teacher_path), "student": file_digest(student_path)}
+    upstream = {"teacher": file_digest(teacher_path), "student": file_digest(student_path),
+                "data": windows_digest(cfg, root)}
     ckpt = run.checkpoints(STAGE, run_fingerprint(cfg, model_sections() + [STAGE], upstream))
     opt_g = torch.optim.AdamW(student.parameters(), lr=r.lr, betas=(0.0, 0.999), weight_decay=cfg.train.weight_decay)
     opt_d = torch.optim.AdamW(disc.parameters(), lr=r.disc_lr, betas=(0.0, 0.999), weight_decay=cfg.train.weight_decay)

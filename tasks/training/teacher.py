@@ -30,7 +30,7 @@ from tasks.training.common import (
     start_run,
     teacher_sample,
 )  # fmt: skip
-from tasks.training.data import build_windows, load_windows
+from tasks.training.data import build_windows, load_windows, windows_digest
 from tasks.training.engine import Metrics, global_batch, run_loop, shard_model, state_dict_of, step_generator
 
 STAGE = "teacher"
@@ -49,7 +49,7 @@ def run_teacher(cfg: Config, root: Path, progress: bool = True) -> StageResult:
     val = load_windows(cfg, root, "val", limit=cfg.train.val_windows)
 
     model = build_dit(cfg, run.audio.token_dim)  # Wan weights from model.pretrained_path, or the demo's random init
-    ckpt = run.checkpoints(STAGE, run_fingerprint(cfg, model_sections() + [STAGE]))
+    ckpt = run.checkpoints(STAGE, run_fingerprint(cfg, model_sections() + [STAGE], {"data": windows_digest(cfg, root)}))
     opt = torch.optim.AdamW(model.parameters(), lr=t.lr, weight_decay=cfg.train.weight_decay)
     start = 0
     state = ckpt.latest()

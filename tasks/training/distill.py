@@ -50,6 +50,7 @@ from tasks.training.engine import (
     file_digest,
     global_batch,
     load_final,
+    optimizer_step,
     run_loop,
     shard_model,
     state_dict_of,
@@ -151,11 +152,7 @@ def ode_init(run: Run, student, fingerprint: str):
         pred = predict_x0(x, v, frame_sigma[:, None, :, None, None])
         target = torch.cat([windows.latents[idx, :, :1], x0[idx]], dim=2).to(device)
         loss = x0_regression_loss(pred, target, frame_mask(b, n_frames, device))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        dist.average_gradients(student.parameters())
-        gnorm = torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.train.grad_clip or float("inf"))
-        opt.step()
+        gnorm = optimizer_step(loss, opt, student, dist, cfg.train.grad_clip)
         return {"loss": dist.mean(float(loss.detach())), "grad_norm": float(gnorm)}
 
     def save(s: int) -> None:
@@ -271,11 +268,7 @@ def sid(run: Run, student, teacher, fingerprint: str):
         f_real = teacher_x0(teacher, teacher_ctx, x_t, sg, talk, listen, d.real_guidance)
         f_fake = teacher_x0(fake, run.context(fake, b), x_t, sg, talk, listen, 1.0)
         loss_g = sid_generator_loss(x, f_real, f_fake, d.sid_alpha, mask=mask_all[:b])
-        opt_g.zero_grad(set_to_none=True)
-        loss_g.backward()
-        dist.average_gradients(student.parameters())
-        gnorm = torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.train.grad_clip or float("inf"))
-        opt_g.step()
+        gnorm = optimizer_step(loss_g, opt_g, student, dist, cfg.train.grad_clip)
 
         # fake score: denoising (flow-matching) loss on the detached sample
         trainable(fake, True)
@@ -286,11 +279,7 @@ def sid(run: Run, student, teacher, fingerprint: str):
         v = fake(xf_t.to(run.dtype), per_frame_t(sf, n_frames), run.text_batch(b), talk.to(run.dtype),
                  listen.to(run.dtype)).float()  # fmt: skip
         loss_f = fake_score_loss(v, ef, xd, mask_all[:b])
-        opt_f.zero_grad(set_to_none=True)
-        loss_f.backward()
-        dist.average_gradients(fake.parameters())
-        torch.nn.utils.clip_grad_norm_(fake.parameters(), cfg.train.grad_clip or float("inf"))
-        opt_f.step()
+        optimizer_step(loss_f, opt_f, fake, dist, cfg.train.grad_clip)
         return {"sid_loss": dist.mean(float(loss_g.detach())), "fake_loss": dist.mean(float(loss_f.detach())),
                 "grad_norm": float(gnorm), "exit_mean": sum(exits) / len(exits)}  # fmt: skip
 

@@ -225,6 +225,17 @@ def state_dict_of(model: nn.Module) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------- loop
+def optimizer_step(loss: torch.Tensor, opt: torch.optim.Optimizer, model: nn.Module, dist: Dist, clip: float) -> float:
+    """backward, gradients averaged over the ranks, clipped to ``clip`` (0: no clipping), one step; the norm."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    dist.average_gradients(model.parameters())
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip or float("inf"))
+    opt.step()
+    return float(norm)
+
+
+
 class Metrics:
     """Per-step metrics: MLflow (rank 0, when a run is active) and a JSON-lines file next to the checkpoints."""
 
@@ -246,13 +257,10 @@ class Metrics:
             with open(self.path, "a") as f:
                 f.write(json.dumps(row) + "\n")
         if step % self.every == 0:
-            try:
-                import mlflow
+            import mlflow
 
-                if mlflow.active_run() is not None:
-                    mlflow.log_metrics({f"{self.prefix}/{k}": float(v) for k, v in values.items()}, step=step)
-            except ImportError:  # pragma: no cover
-                pass
+            if mlflow.active_run() is not None:
+                mlflow.log_metrics({f"{self.prefix}/{k}": float(v) for k, v in values.items()}, step=step)
 
 
 def run_loop(

@@ -43,6 +43,7 @@ from tasks.training.engine import (
     file_digest,
     global_batch,
     load_final,
+    optimizer_step,
     run_loop,
     shard_model,
     state_dict_of,
@@ -130,11 +131,7 @@ def run_refine(cfg: Config, root: Path, progress: bool = True) -> StageResult:
         with torch.no_grad():
             d_real = disc_fn(real_t, t, talk, listen)
         loss_g = branch_losses(d_real, disc_fn(fake_t, t, talk, listen), r.global_weight, d_side=False)
-        opt_g.zero_grad(set_to_none=True)
-        loss_g.backward()
-        dist.average_gradients(student.parameters())
-        gnorm = torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.train.grad_clip or float("inf"))
-        opt_g.step()
+        gnorm = optimizer_step(loss_g, opt_g, student, dist, cfg.train.grad_clip)
 
         # discriminator step: relativistic loss + approximate R1 (real) / R2 (generated)
         trainable(disc, True)
@@ -149,11 +146,7 @@ def run_refine(cfg: Config, root: Path, progress: bool = True) -> StageResult:
         r1 = approx_r1(logits, real_t, r.penalty_sigma, generator=step_generator(cfg.project.seed, STAGE, s, "r1"))
         r2 = approx_r2(logits, fake_t, r.penalty_sigma, generator=step_generator(cfg.project.seed, STAGE, s, "r2"))
         loss_d = loss_adv + r.r1_weight * r1 + r.r2_weight * r2
-        opt_d.zero_grad(set_to_none=True)
-        loss_d.backward()
-        dist.average_gradients(disc.parameters())
-        torch.nn.utils.clip_grad_norm_(disc.parameters(), cfg.train.grad_clip or float("inf"))
-        opt_d.step()
+        optimizer_step(loss_d, opt_d, disc, dist, cfg.train.grad_clip)
         return {"g_loss": dist.mean(float(loss_g.detach())), "d_loss": dist.mean(float(loss_adv.detach())), "r1": dist.mean(float(r1.detach())),
                 "r2": dist.mean(float(r2.detach())), "d_real_local": float(d_real["local"].detach().mean()),
                 "d_fake_local": float(d_fake["local"].detach().mean()), "grad_norm": float(gnorm)}  # fmt: skip

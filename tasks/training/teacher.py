@@ -31,7 +31,15 @@ from tasks.training.common import (
     teacher_sample,
 )  # fmt: skip
 from tasks.training.data import build_windows, load_windows, windows_digest
-from tasks.training.engine import Metrics, global_batch, run_loop, shard_model, state_dict_of, step_generator
+from tasks.training.engine import (
+    Metrics,
+    global_batch,
+    optimizer_step,
+    run_loop,
+    shard_model,
+    state_dict_of,
+    step_generator,
+)
 
 STAGE = "teacher"
 
@@ -79,11 +87,7 @@ def run_teacher(cfg: Config, root: Path, progress: bool = True) -> StageResult:
         v = model(x_t.to(run.dtype), per_frame_t(sigma, n_frames), run.text_batch(b), talk.to(run.dtype),
                   listen.to(run.dtype)).float()  # fmt: skip
         loss = flow_matching_loss(v, noise, x0, frame_mask(b, n_frames, device))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        dist.average_gradients(model.parameters())
-        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip or float("inf"))
-        opt.step()
+        gnorm = optimizer_step(loss, opt, model, dist, cfg.train.grad_clip)
         return {"loss": dist.mean(float(loss.detach())), "grad_norm": float(gnorm)}
 
     def save(s: int) -> None:

@@ -13,4 +13,5 @@ class StageResult:
     artifacts: list[Path] = field(default_factory=list)  # files worth logging to MLflow (images, videos, json)
     outputs: list[Path] = field(default_factory=list)  # what the stage wrote for the next stage
     failures: dict[str, str] = field(default_factory=dict)  # item id -> reason (quarantined, not fatal)
+    tables: dict[str, list[dict]] = field(default_factory=dict)  # MLflow tables: artifact file -> rows
     summary: str = ""

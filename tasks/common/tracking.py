@@ -85,6 +85,11 @@ def log_result(result: StageResult, root: Path) -> None:
         path = Path(path)
         if path.is_file():
             mlflow.log_artifact(str(path), artifact_path=result.stage)
+    for name, rows in result.tables.items():
+        if rows:
+            import pandas as pd
+
+            mlflow.log_table(data=pd.DataFrame(rows), artifact_file=f"{result.stage}/{name}")
     if result.failures:
         mlflow.log_dict(result.failures, f"{result.stage}/failures.json")
     mlflow.set_tag("streamavatar.summary", result.summary[:5000])

@@ -1,0 +1,1 @@
+"""Inference: the trained student turned into video files (`streamavatar generate`)."""

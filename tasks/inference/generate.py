@@ -1,0 +1,226 @@
+"""`streamavatar generate`: a reference image and a conversation's audio in, a talking/listening mp4 out.
+
+The avatar talks on its own voice (``audio``) and listens to the other person's (``listen_to``). Both tracks
+are decoded by ffmpeg from any audio or video file (any rate, any channel count) to mono at
+``audio.sample_rate``, padded with silence to the longer one and streamed chunk by chunk through
+``StreamingGenerator``, exactly the product's path: ``start(reference)`` then one ``step`` (DiT denoising and
+streaming VAE decode) per chunk of 4C video frames. Frames go to the encoder as they are produced, so memory
+stays flat however long the audio is, and the mp4 (with the mix of both voices as its AAC track) only takes
+its final name once it is complete.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from model.streaming import StreamingGenerator
+from model.text import prompt_embedding
+from tasks.common.media import MediaError, iter_frames, probe, read_audio, write_video, write_wav
+from tasks.common.models import build_audio, build_vae, device_of, dtype_of, stream_settings
+from tasks.common.student import load_student
+from tasks.config import Config, ConfigError
+
+log = logging.getLogger(__name__)
+
+
+# ------------------------------------------------------------------------------------------------ inputs
+def fit_reference(image: np.ndarray, width: int, height: int) -> torch.Tensor:
+    """RGB uint8 [h, w, 3] of any size -> [3, height, width] float in [-1, 1]: centre-cropped to the target
+    aspect ratio (nothing is stretched), then resized with area interpolation."""
+    h, w = image.shape[:2]
+    if w * height > h * width:  # wider than the target: crop the sides
+        keep = max(1, min(w, round(h * width / height)))
+        x0 = (w - keep) // 2
+        image = image[:, x0 : x0 + keep]
+    else:  # taller (or the same aspect): crop top and bottom
+        keep = max(1, min(h, round(w * height / width)))
+        y0 = (h - keep) // 2
+        image = image[y0 : y0 + keep]
+    resized = cv2.resize(np.ascontiguousarray(image), (width, height), interpolation=cv2.INTER_AREA)
+    return torch.from_numpy(resized).permute(2, 0, 1).float() / 127.5 - 1.0
+
+
+def read_reference(path: str | Path, width: int, height: int) -> torch.Tensor:
+    """Any image file ffmpeg reads (jpg, png, webp, ...; a video's first frame too) as the reference
+    [3, height, width] in [-1, 1]. Raises MediaError naming the file when it cannot be read."""
+    path = Path(path)
+    info = probe(path)  # MediaError for a missing or unreadable file
+    if info.video_codec is None or info.width < 1 or info.height < 1:
+        raise MediaError(f"{path}: not an image (no picture ffmpeg can decode)")
+    frames = iter_frames(path)
+    try:
+        first = next(frames, None)
+    finally:
+        frames.close()
+    if first is None:
+        raise MediaError(f"{path}: no picture could be decoded")
+    return fit_reference(first, width, height)
+
+
+def read_voice(path: str | Path, sample_rate: int, seconds: float | None) -> np.ndarray:
+    """One voice as float32 mono at ``sample_rate`` (the first ``seconds`` when given); MediaError when the
+    file cannot be decoded or holds no audio."""
+    wave = read_audio(path, sample_rate, duration=seconds)
+    if wave.size == 0:
+        raise MediaError(f"{path}: no audio in the file (0 samples decoded)")
+    return wave
+
+
+def conversation(avatar: np.ndarray, other: np.ndarray | None, samples: int | None = None
+                 ) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+    """(avatar, other) of equal length: the longer track's, the shorter padded with silence (``other`` is
+    silence when None), then cut to ``samples`` when given."""
+    other = np.zeros(0, np.float32) if other is None else other
+    n = max(avatar.size, other.size) if samples is None else min(samples, max(avatar.size, other.size))
+    return _fit(avatar, n), _fit(other, n)
+
+
+def mix(avatar: np.ndarray, other: np.ndarray) -> np.ndarray:
+    """What a viewer hears: both voices summed, scaled down only if the sum would clip."""
+    both = avatar.astype(np.float32) + other.astype(np.float32)
+    peak = float(np.abs(both).max()) if both.size else 0.0
+    return both / peak if peak > 1.0 else both
+
+
+def _fit(wave: np.ndarray, n: int) -> np.ndarray:
+    out = np.zeros(n, np.float32)
+    m = min(n, wave.size)
+    out[:m] = wave[:m]
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ streaming
+def _to_uint8(video: torch.Tensor) -> np.ndarray:
+    """[3, T, H, W] in [-1, 1] -> [T, H, W, 3] RGB uint8."""
+    return ((video.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 3, 0).cpu().numpy()
+
+
+def stream_frames(gen: StreamingGenerator, avatar: torch.Tensor, other: torch.Tensor, frames: int,
+                  bar: tqdm | None = None) -> Iterator[np.ndarray]:  # fmt: skip
+    """RGB uint8 frames, one ``gen.step`` per chunk of ``gen.samples_per_chunk`` samples of both voices (each
+    already padded to whole chunks), stopping after ``frames`` frames. ``gen`` must be started."""
+    step = gen.samples_per_chunk
+    chunks = math.ceil(avatar.numel() / step)
+    left = frames
+    for i in range(chunks):
+        if left <= 0:
+            break
+        piece = slice(i * step, (i + 1) * step)
+        video = _to_uint8(gen.step(avatar[piece], other[piece])[0])[:left]
+        left -= len(video)
+        if bar is not None:
+            bar.update(1)
+        yield from video
+
+
+def _partial(path: Path) -> Path:
+    return path.with_name(path.stem + ".partial" + path.suffix)  # where write_video encodes to
+
+
+# ------------------------------------------------------------------------------------------------ generate
+def generate(
+    cfg: Config, root: Path, reference: Path, audio: Path, out: Path, listen_to: Path | None = None,
+    checkpoint: str | None = None, seconds: float | None = None, progress: bool = True,
+) -> dict[str, Any]:  # fmt: skip
+    """Write ``out`` (an mp4): the avatar of ``reference`` talking on ``audio`` and listening to
+    ``listen_to``, at the profile's size and frame rate, with the mix of both voices as its sound.
+
+    ``checkpoint``: a student checkpoint path, None for the last trained one (refine, else distill) or
+    "random" (the seeded untrained student). ``seconds``: use only the first this many seconds of audio.
+    Returns a summary: frames, seconds, chunks, the checkpoint, timings and the real-time factor (time spent
+    generating and encoding / seconds of audio, model loading excluded; ``rtf_with_load`` includes it).
+    Raises ConfigError (bad arguments, no checkpoint) or MediaError (an input that cannot be read).
+    """
+    t_all = time.perf_counter()
+    root, reference, audio, out = Path(root), Path(reference), Path(audio), Path(out)
+    if out.suffix.lower() != ".mp4":
+        raise ConfigError(f"--out {out}: the output must be an .mp4 file")
+    if seconds is not None and not seconds > 0:
+        raise ConfigError(f"--seconds must be positive, got {seconds}")
+    sr, fps = cfg.audio.sample_rate, cfg.video.fps
+    width, height = cfg.video.width, cfg.video.height
+    if sr % fps:
+        raise ConfigError(f"audio.sample_rate {sr} is not a whole number of samples per frame at {fps} fps")
+    spf = sr // fps
+
+    # the inputs first: a bad file fails before any model is loaded
+    ref = read_reference(reference, width, height)
+    voice = read_voice(audio, sr, seconds)
+    heard = read_voice(listen_to, sr, seconds) if listen_to is not None else None
+    avatar, other = conversation(voice, heard, None if seconds is None else round(seconds * sr))
+    samples = avatar.size
+    audio_s = samples / sr
+    frames = math.ceil(samples / spf)
+
+    device = device_of(cfg)
+    conditioner = build_audio(cfg).to(device)
+    dit, student = load_student(cfg, root, checkpoint, conditioner, device)
+    vae = build_vae(cfg).eval()
+    if device.type != "cpu":
+        vae.vae.to(dtype_of(cfg))  # as build_generator: the network only, the latent mean/std stay float32
+    m = cfg.model  # the prompt embedding exactly as the training stages made it (seeded in the demo)
+    text = prompt_embedding(m.prompt, m.text_len, m.text_dim, m.text_encoder_path,
+                            cache_dir=root / "data" / "cache", dtype=dtype_of(cfg)).float()  # fmt: skip
+    gen = StreamingGenerator(dit, vae, conditioner, text, stream_settings(cfg))
+    step = gen.samples_per_chunk
+    chunks = math.ceil(samples / step)
+    padded = chunks * step  # the last chunk is completed with silence; its extra frames are dropped
+    talk, listen = torch.from_numpy(_fit(avatar, padded)), torch.from_numpy(_fit(other, padded))
+    load_s = time.perf_counter() - t_all
+    log.info("generate: %s, %.2f s of audio -> %d frames in %d chunks of %d frames (%dx%d @ %d fps), student %s",
+             out, audio_s, frames, chunks, gen.chunk_video_frames, width, height, fps, student["label"])  # fmt: skip
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp, tqdm(total=chunks, desc="generate", unit="chunk",
+                                                    disable=not progress, leave=False) as bar:  # fmt: skip
+        # the sound track: both voices, padded to whole frames so the two streams end together
+        track = Path(tmp) / "mix.wav"
+        write_wav(track, _fit(mix(avatar, other), frames * spf), sr)
+        gen.start(ref)
+        try:
+            write_video(out, stream_frames(gen, talk, listen, frames, bar), fps, audio_path=track, audio_rate=sr)
+        except BaseException:
+            _partial(out).unlink(missing_ok=True)  # an interrupted run leaves nothing behind
+            raise
+    stream_s = time.perf_counter() - t0
+    wall_s = time.perf_counter() - t_all
+    return {
+        "out": str(out), "frames": frames, "seconds": frames / fps, "audio_seconds": audio_s, "chunks": chunks,
+        "chunk_video_frames": gen.chunk_video_frames, "fps": fps, "size": f"{width}x{height}",
+        "checkpoint": student["label"], "checkpoint_path": student["path"], "trained_student": student["trained"],
+        "checkpoint_step": student["step"], "reference": str(reference), "audio": str(audio),
+        "listen_to": None if listen_to is None else str(listen_to), "device": str(device),
+        "torch_threads": torch.get_num_threads(), "load_s": load_s, "stream_s": stream_s, "wall_s": wall_s,
+        "rtf": stream_s / audio_s, "rtf_with_load": wall_s / audio_s,
+    }  # fmt: skip
+
+
+def format_summary(s: dict[str, Any]) -> str:
+    """The summary as a few lines for the terminal."""
+    step = f" (step {s['checkpoint_step']})" if s.get("checkpoint_step") else ""
+    where = s["device"] if s["device"] != "cpu" else f"cpu, {s['torch_threads']} threads"
+    rt = "faster than real time" if s["rtf"] < 1 else "slower than real time"
+    return "\n".join([
+        f"generated {s['out']}",
+        f"  video:      {s['frames']} frames = {s['seconds']:.2f} s at {s['size']} @ {s['fps']} fps "
+        f"({s['chunks']} chunks of {s['chunk_video_frames']} frames), audio {s['audio_seconds']:.2f} s",
+        f"  voices:     talks on {s['audio']}" + (f", listens to {s['listen_to']}" if s["listen_to"] else
+                                                   " (no --listen-to: listens to silence)"),
+        f"  reference:  {s['reference']}",
+        f"  checkpoint: {s['checkpoint']}{step}",
+        f"  speed:      real-time factor {s['rtf']:.3f} on this machine ({where}; {rt}): {s['stream_s']:.2f} s "
+        f"generating + encoding for {s['audio_seconds']:.2f} s of audio; {s['wall_s']:.2f} s wall including "
+        f"{s['load_s']:.2f} s of loading (RTF {s['rtf_with_load']:.3f})",
+    ])  # fmt: skip

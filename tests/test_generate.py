@@ -1,0 +1,188 @@
+"""`streamavatar generate`: reference image + the avatar's voice (+ the other voice) -> an mp4 with sound.
+
+Every run uses the seeded untrained student (--checkpoint random) of the default tiny profile in an empty
+project root, so nothing needs `make demo`; the real avatar fixtures in ../shared are the inputs.
+"""
+
+from __future__ import annotations
+
+import math
+import subprocess
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from flows.cli import main as cli_main
+from model.streaming import StreamingGenerator
+from tasks.common.media import MediaError, ffmpeg_exe, probe, read_audio, read_frames, write_wav
+from tasks.config import Config, ConfigError, load_config
+from tasks.inference.generate import conversation, fit_reference, generate, mix
+from tests.conftest import REPO
+
+FIXTURES = REPO.parent / "shared" / "fixtures" / "avatars"
+SR = 16000
+
+
+@pytest.fixture
+def root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """An empty project root (no params.yaml, no checkpoints): the CLI runs on the default tiny profile."""
+    project = tmp_path / "project"
+    project.mkdir()
+    monkeypatch.setenv("STREAMAVATAR_ROOT", str(project))
+    return project
+
+
+@pytest.fixture
+def steps(monkeypatch: pytest.MonkeyPatch) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Every StreamingGenerator.step call's (avatar chunk, other chunk), the real step still running."""
+    calls: list[tuple[torch.Tensor, torch.Tensor]] = []
+    real = StreamingGenerator.step
+
+    def spy(self: StreamingGenerator, avatar: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
+        calls.append((avatar.clone(), other.clone()))
+        return real(self, avatar, other)
+
+    monkeypatch.setattr(StreamingGenerator, "step", spy)
+    return calls
+
+
+def config(root: Path) -> Config:
+    return load_config(sets=["project.device=cpu"], root=root)
+
+
+def run_cli(root: Path, *args: str) -> int:
+    return cli_main(["generate", "--checkpoint", "random", "--set", "project.device=cpu", *args])
+
+
+def lavfi(path: Path, source: str, *out_args: str) -> Path:
+    """An audio file made by ffmpeg from a lavfi source, e.g. ``sine=frequency=220:duration=1``."""
+    subprocess.run([ffmpeg_exe(), "-hide_banner", "-loglevel", "error", "-y", "-f", "lavfi", "-i", source,
+                    *out_args, str(path)], check=True)  # fmt: skip
+    return path
+
+
+def fixture_pair() -> tuple[Path, Path]:
+    """The avatar fixture with the shortest voice (a real photo and a real recording)."""
+    pairs = [(jpg, jpg.with_suffix(".wav")) for jpg in sorted(FIXTURES.glob("*.jpg")) if jpg.with_suffix(".wav").is_file()]
+    if not pairs:
+        pytest.skip(f"no avatar fixtures (jpg + wav) in {FIXTURES}")
+    return min(pairs, key=lambda p: probe(p[1]).duration_s)
+
+
+def test_fixture_end_to_end_through_the_cli(root, tmp_path, capsys):
+    image, voice = fixture_pair()
+    out = tmp_path / "videos" / "nested" / "out.mp4"  # the folder does not exist yet
+    assert run_cli(root, "--reference", str(image), "--audio", str(voice), "--out", str(out)) == 0
+    printed = capsys.readouterr().out
+    cfg = config(root)
+    seconds = read_audio(voice, SR).size / SR
+    frames = math.ceil(seconds * cfg.video.fps - 1e-9)
+    assert out.is_file() and not list(out.parent.glob("*.partial*"))
+    info = probe(out)
+    assert (info.video_codec, info.width, info.height) == ("h264", cfg.video.width, cfg.video.height)
+    assert info.fps == cfg.video.fps and info.audio_codec == "aac"
+    assert len(read_frames(out)) == frames
+    assert abs(info.duration_s - seconds) <= 1 / cfg.video.fps + 1e-6
+    assert abs(read_audio(out, SR).size / SR - seconds) <= 1 / cfg.video.fps + 1e-6
+    for needle in (f"{frames} frames", "real-time factor", "random", str(out)):
+        assert needle in printed, needle
+
+
+def test_the_video_follows_the_longer_voice_and_carries_both(root, tmp_path, steps):
+    avatar = lavfi(tmp_path / "me.wav", "sine=frequency=220:duration=1.0", "-ar", "16000", "-af", "volume=0.5")
+    other = lavfi(tmp_path / "you.wav", "sine=frequency=330:duration=2.0", "-ar", "22050", "-ac", "2",
+                  "-af", "volume=0.5")  # fmt: skip
+    out = tmp_path / "talk.mp4"
+    cfg = config(root)
+    s = generate(cfg, root, FIXTURES / "boy.jpg", avatar, out, listen_to=other, checkpoint="random", progress=False)
+    fps, spf = cfg.video.fps, SR // cfg.video.fps
+    assert s["frames"] == len(read_frames(out)) == 2 * fps and s["seconds"] == pytest.approx(2.0)
+    assert s["listen_to"] == str(other) and s["rtf"] > 0
+    # the generator talks on the avatar's voice and listens to the other one, chunk by chunk
+    a, o = read_audio(avatar, SR), read_audio(other, SR)
+    assert len(steps) == s["chunks"] == math.ceil(o.size / steps[0][0].numel())
+    talk, listen = torch.cat([c[0] for c in steps]), torch.cat([c[1] for c in steps])
+    assert torch.allclose(talk[: a.size], torch.from_numpy(a)) and talk[a.size :].abs().max() == 0
+    assert torch.allclose(listen[: o.size], torch.from_numpy(o))
+    # the sound track is the mix: only the other voice is heard after the avatar's 1 s
+    heard = read_audio(out, SR)
+    expected = mix(*conversation(a, o))
+    n = min(heard.size, expected.size)
+    assert n >= expected.size - spf
+    assert np.corrcoef(heard[:n], expected[:n])[0, 1] > 0.9
+    late = heard[int(1.2 * SR) : int(1.9 * SR)]
+    assert np.sqrt(np.mean(late**2)) > 0.5 * np.sqrt(np.mean(o[int(1.2 * SR) : int(1.9 * SR)] ** 2))
+
+
+def test_stereo_mp3_and_odd_sized_png_are_accepted(root, tmp_path, steps):
+    mp3 = lavfi(tmp_path / "x.mp3", "sine=frequency=220:duration=1.5", "-ac", "2", "-ar", "44100")
+    png = tmp_path / "odd.png"
+    yy, xx = np.mgrid[0:177, 0:301]
+    cv2.imwrite(str(png), np.stack([xx % 256, yy % 256, (xx + yy) % 256], -1).astype(np.uint8))
+    out = tmp_path / "mp3.mp4"
+    assert run_cli(root, "--reference", str(png), "--audio", str(mp3), "--out", str(out)) == 0
+    cfg = config(root)
+    samples = read_audio(mp3, SR).size
+    spc = steps[0][0].numel()
+    assert spc == 4 * cfg.student.chunk_frames * SR // cfg.video.fps
+    assert len(steps) == math.ceil(samples / spc)  # one streaming step per chunk, nothing else
+    info = probe(out)
+    assert (info.width, info.height, info.audio_codec) == (cfg.video.width, cfg.video.height, "aac")
+    assert len(read_frames(out)) == math.ceil(samples / (SR // cfg.video.fps))
+
+
+def test_seconds_cuts_the_audio(root, tmp_path):
+    image, voice = fixture_pair()
+    out = tmp_path / "cut.mp4"
+    s = generate(config(root), root, image, voice, out, checkpoint="random", seconds=0.5, progress=False)
+    assert s["frames"] == len(read_frames(out)) == math.ceil(0.5 * config(root).video.fps)
+
+
+def test_the_reference_is_centre_cropped_not_stretched():
+    img = np.zeros((177, 301, 3), np.uint8)
+    img[:, :] = (0, 0, 255)  # blue sides...
+    x0 = (301 - 177) // 2
+    img[:, x0 : x0 + 177] = (255, 0, 0)  # ...around a red centre square: a square crop is all red
+    ref = fit_reference(img, 64, 64)
+    assert ref.shape == (3, 64, 64) and ref.min() >= -1 and ref.max() <= 1
+    assert torch.allclose(ref[0], torch.ones(64, 64)) and torch.allclose(ref[2], -torch.ones(64, 64))
+    tall = fit_reference(np.full((720, 400, 3), 128, np.uint8), 64, 32)
+    assert tall.shape == (3, 32, 64)
+
+
+def test_bad_inputs_exit_2_naming_the_file(root, tmp_path, capsys):
+    image, voice = fixture_pair()
+    bad = tmp_path / "x.wav"
+    bad.write_text("this is not audio\n")
+    out = str(tmp_path / "o.mp4")
+    assert run_cli(root, "--reference", str(image), "--audio", str(bad), "--out", out) == 2
+    assert "error:" in (err := capsys.readouterr().err) and str(bad) in err
+    missing = tmp_path / "nobody.jpg"
+    assert run_cli(root, "--reference", str(missing), "--audio", str(voice), "--out", out) == 2
+    assert str(missing) in capsys.readouterr().err
+    assert run_cli(root, "--reference", str(image), "--audio", str(voice), "--out", str(tmp_path / "o.avi")) == 2
+    assert ".mp4" in capsys.readouterr().err
+    assert run_cli(root, "--reference", str(image), "--audio", str(voice), "--listen-to", str(bad), "--out", out) == 2
+    assert str(bad) in capsys.readouterr().err
+    empty = tmp_path / "empty.wav"
+    write_wav(empty, np.zeros(0, np.float32), SR)
+    assert run_cli(root, "--reference", str(image), "--audio", str(empty), "--out", out) == 2
+    assert str(empty) in capsys.readouterr().err
+    assert not Path(out).exists()
+    with pytest.raises(MediaError, match="nobody.jpg"):
+        generate(config(root), root, missing, voice, Path(out), checkpoint="random", progress=False)
+
+
+def test_without_a_trained_student_the_way_out_is_named(root, tmp_path, capsys):
+    image, voice = fixture_pair()
+    out = tmp_path / "o.mp4"
+    args = ["generate", "--reference", str(image), "--audio", str(voice), "--out", str(out)]
+    assert cli_main(args) == 2
+    err = capsys.readouterr().err
+    assert "make demo" in err and "--checkpoint random" in err
+    with pytest.raises(ConfigError, match="make demo"):
+        generate(config(root), root, image, voice, out, progress=False)
+    assert not out.exists()

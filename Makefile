@@ -41,6 +41,8 @@ demo: install
 	@echo "  data/ode_pairs/                the teacher's ODE states at the student's noise levels + final x0"
 	@echo "  data/checkpoints/<stage>/      step_*.pt (resume) and final.pt: teacher, distill (student), refine (refined student)"
 	@echo "  data/reports/<stage>/          metrics.json + sample.mp4 (with its audio) for teacher, ode_pairs, distill, refine"
+	@echo "  data/reports/benchmark.json    real-time speed: DiT / VAE RTF and first-frame delay, sequential vs pipelined"
+	@echo "  data/reports/metrics.json      ground truth vs teacher vs student on held-out clips; table in data/reports/evaluate/"
 	@echo "  mlflow.db + mlruns/            the MLflow run of this pipeline run, a nested run per stage"
 	@echo "Look at them:"
 	@echo "  make ui                        MLflow UI on http://127.0.0.1:$(MLFLOW_PORT) (experiment 'streamavatar')"

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 import flows  # noqa: F401  (sets PREFECT_HOME and telemetry before anything imports prefect)
-from tasks.config import ConfigError, load_config, project_root, to_yaml
+from tasks.config import ConfigError, load_config, project_root, resolve_path, to_yaml
 from tasks.registry import ORDER, STAGES
 
 
@@ -30,8 +30,10 @@ def build_parser() -> argparse.ArgumentParser:
     _config_args(p)
     p.add_argument("--stages", default="", help=f"comma-separated subset of: {','.join(ORDER)}")
     p.add_argument("--force", action="store_true", help="run stages even when DVC says they are up to date")
-    p = sub.add_parser("bench", help="benchmark the streaming student (--model-only), the curation stage "
-                                     "(--curation) or identity drift over a long stream (--drift)")
+    p = sub.add_parser("bench", help="the benchmark stage: real-time speed of the streaming student, DiT and VAE "
+                                     "sequential vs pipelined (default; data/reports/benchmark.json + MLflow); or "
+                                     "the models alone (--model-only), the curation stage (--curation), identity "
+                                     "drift over a long stream (--drift)")
     _config_args(p)
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--model-only", action="store_true",
@@ -60,9 +62,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--window-s", type=float, default=2.0,
                    help="--drift: seconds per measurement window (default 2.0)")
     p.add_argument("--out", default=None,
-                   help="where to write the JSON report (default data/reports/model_bench.json, or "
+                   help="where to write the JSON report (default benchmark.report = data/reports/benchmark.json; "
+                        "data/reports/model_bench.json with --model-only, or "
                         "data/reports/curation_bench.json with --curation, data/reports/drift_bench.json "
                         "with --drift)")  # fmt: skip
+    p = sub.add_parser("generate", help="make an mp4 of the avatar in a reference image talking on one voice and "
+                                        "listening to another, streamed chunk by chunk by the trained student")
+    _config_args(p)
+    p.add_argument("--reference", required=True, metavar="IMAGE",
+                   help="the avatar's picture (jpg, png, webp, ... any size: centre-cropped to the profile's "
+                        "aspect and resized)")
+    p.add_argument("--audio", required=True, metavar="AUDIO",
+                   help="the avatar's own voice (wav, mp3, m4a, ... any rate or channels): it talks on it")
+    p.add_argument("--listen-to", default=None, metavar="AUDIO",
+                   help="the other person's voice: the avatar listens to it (default: silence); the video "
+                        "lasts as long as the longer of the two")
+    p.add_argument("--out", required=True, metavar="OUT.mp4", help="the video to write (with both voices mixed)")
+    p.add_argument("--checkpoint", default=None, metavar="PATH",
+                   help="student checkpoint (default: data/checkpoints/refine/final.pt, else distill/final.pt); "
+                        "'random' for the seeded untrained student")
+    p.add_argument("--seconds", type=float, default=None, help="use only the first S seconds of the audio")
+    p = sub.add_parser("reevaluate", help="the re-evaluation flow (what a schedule runs): the current student on "
+                                          "the fixed evaluation set, appended to data/reports/reevaluate/"
+                                          "history.parquet with a plot")
+    _config_args(p)
+    p.add_argument("--checkpoint", default=None, metavar="PATH",
+                   help="student checkpoint (default evaluate.checkpoint: refine/final.pt, else distill/final.pt)")
     p = sub.add_parser("config", help="print the effective, validated configuration")
     _config_args(p)
     sub.add_parser("stages", help="list the stages in pipeline order")
@@ -88,6 +113,15 @@ def main(argv: list[str] | None = None) -> int:
             return _pipeline(args, root)
         if args.command == "bench":
             return _bench(args, cfg, root)
+        if args.command == "reevaluate":
+            from flows.reevaluate import reevaluate_flow
+
+            result = reevaluate_flow(configs=args.config, sets=args.sets, root=str(root), checkpoint=args.checkpoint)
+            print(f"re-evaluated {result['row']['checkpoint']} on {result['row']['windows']} windows; history "
+                  f"{result['history']} ({result['rows']} rows), plot {result['plot']}")
+            return 0
+        if args.command == "generate":
+            return _generate(args, cfg, root)
         from tasks.runner import run_stage
         from tasks.training.engine import rank_from_env
 
@@ -140,15 +174,38 @@ def _bench(args, cfg, root: Path) -> int:
         report = run_drift_bench(cfg, root, frames=args.frames, checkpoint=args.checkpoint, window_s=args.window_s,
                                  progress=not args.json)  # fmt: skip
         default_out = "data/reports/drift_bench.json"
-    else:
-        raise ConfigError("bench needs --model-only (the models alone, no trained checkpoint), --curation "
-                          "(the curate stage on real clips) or --drift (the trained student's identity drift)")
+    else:  # the benchmark stage itself: recorded in MLflow like `streamavatar benchmark`
+        from tasks.evaluation.benchmark import format_report
+        from tasks.runner import run_stage
+
+        if args.out:
+            cfg.benchmark.report = args.out
+        run_stage("benchmark", cfg, root)
+        out = resolve_path(cfg.benchmark.report, root)
+        report = json.loads(out.read_text())
+        print(json.dumps(report, indent=2) if args.json else f"{format_report(report)}\n  report: {out}")
+        return 0
     out = root / (args.out or default_out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2))
     print(json.dumps(report, indent=2) if args.json else format_report(report))
     if not args.json:
         print(f"  report: {out}")
+    return 0
+
+
+def _generate(args, cfg, root: Path) -> int:
+    from tasks.common.media import MediaError
+    from tasks.inference.generate import format_summary, generate
+
+    try:
+        summary = generate(cfg, root, Path(args.reference), Path(args.audio), Path(args.out),
+                           listen_to=Path(args.listen_to) if args.listen_to else None, checkpoint=args.checkpoint,
+                           seconds=args.seconds)  # fmt: skip
+    except MediaError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(format_summary(summary))
     return 0
 
 

@@ -7,9 +7,11 @@ from pathlib import Path
 
 from prefect import flow, get_run_logger
 
+from flows.benchmark import benchmark_flow
 from flows.corpus import corpus_flow
 from flows.curate import curate_flow
 from flows.distill import distill_flow
+from flows.evaluate import evaluate_flow
 from flows.ode_pairs import ode_pairs_flow
 from flows.refine import refine_flow
 from flows.teacher import teacher_flow
@@ -18,7 +20,7 @@ from tasks.config import load_config, project_root
 from tasks.registry import ORDER
 
 STAGE_FLOWS = {"corpus": corpus_flow, "curate": curate_flow, "teacher": teacher_flow, "ode_pairs": ode_pairs_flow,
-               "distill": distill_flow, "refine": refine_flow}
+               "distill": distill_flow, "refine": refine_flow, "benchmark": benchmark_flow, "evaluate": evaluate_flow}
 
 
 @flow(name="full-pipeline", log_prints=True)

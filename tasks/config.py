@@ -320,6 +320,44 @@ class RefineConfig(_Section):
         return self
     global_weight: float = Field(1.0, ge=0)  # Global Consistency Branch weight next to the Local Realism Branch
 
+class BenchmarkConfig(_Section):
+    """Stage `benchmark` (`streamavatar bench`): real-time speed of the streaming student, module by module."""
+
+    report: str = "data/reports/benchmark.json"
+    # "auto": data/checkpoints/refine/final.pt, else distill/final.pt, else the seeded random student (speed does
+    # not depend on the weights' values); or a path; or "random"
+    checkpoint: str = "auto"
+    chunks: int = Field(40, ge=2)  # measured chunks per mode
+    warmup_chunks: int = Field(2, ge=0)  # streamed (and discarded) before measuring: kernels, allocator
+    # how the pipelined mode overlaps the VAE decode of chunk k with the DiT of chunk k+1: a worker thread
+    # (torch releases the GIL in its kernels; on GPU the VAE runs on vae_device) or a worker process (CPU)
+    pipeline: Literal["thread", "process"] = "thread"
+    vae_device: str = ""  # e.g. "cuda:1" (the paper's second GPU); "" = project.device
+    dit_threads: int = Field(0, ge=0)  # CPU intra-op threads of the DiT in the pipelined mode (0: torch's choice)
+    vae_threads: int = Field(0, ge=0)  # same for the VAE worker process (pipeline: process)
+
+
+class EvaluateConfig(_Section):
+    """Stage `evaluate` and the re-evaluation flow: teacher, student and ground truth on held-out clips."""
+
+    report: str = "data/reports/metrics.json"
+    out_dir: str = "data/reports/evaluate"  # table.csv, eval_set.json, the evaluation videos
+    history_dir: str = "data/reports/reevaluate"  # the re-evaluation flow: history.parquet + history.png
+    max_clips: int = Field(4, ge=1)  # held-out (validation) clips in the fixed evaluation set
+    windows_per_clip: int = Field(1, ge=1)
+    teacher: bool = True  # also sample the teacher (Euler + CFG, ode_pairs.steps/cfg_scale) for the table
+    keypoint_min_side: int = Field(256, ge=64)  # frames are upscaled to this shorter side before mediapipe
+    keypoint_norm_height: int = Field(512, ge=64)  # keypoints are measured in a frame scaled to this height
+    max_lag_frames: int = Field(10, ge=1)  # audio-envelope vs mouth-opening correlation: lags searched
+    sync_vshift: int = Field(15, ge=1)  # SyncNet offset search: +- frames
+    identity_window_s: float = Field(0.5, gt=0)
+    # local weight files; empty or missing: the metric is reported as "skipped: ...", never estimated
+    syncnet_path: str = ""  # syncnet_v2.model (Chung & Zisserman), a state dict
+    inception_path: str = ""  # TorchScript Inception-v3 for FID, e.g. NVlabs inception-2015-12-05.pt
+    i3d_path: str = ""  # TorchScript I3D for FVD, e.g. StyleGAN-V i3d_torchscript.pt
+    fvd_clip_frames: int = Field(16, ge=8)
+    checkpoint: str = "auto"  # the student evaluated: as benchmark.checkpoint
+
 
 class Config(_Section):
     project: ProjectConfig = ProjectConfig()
@@ -337,6 +375,8 @@ class Config(_Section):
     ode_init: OdeInitConfig = OdeInitConfig()
     distill: DistillConfig = DistillConfig()
     refine: RefineConfig = RefineConfig()
+    benchmark: BenchmarkConfig = BenchmarkConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
 
     def section(self, dotted: str) -> Any:
         """The value at a dotted key, e.g. ``corpus`` or ``corpus.seed``."""

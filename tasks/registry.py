@@ -54,6 +54,18 @@ def _refine(cfg: Config, root: Path) -> StageResult:
     return run_refine(cfg, root)
 
 
+def _benchmark(cfg: Config, root: Path) -> StageResult:
+    from tasks.evaluation.benchmark import run_benchmark_stage
+
+    return run_benchmark_stage(cfg, root)
+
+
+def _evaluate(cfg: Config, root: Path) -> StageResult:
+    from tasks.evaluation.evaluate import run_evaluate
+
+    return run_evaluate(cfg, root)
+
+
 STAGES: dict[str, Stage] = {
     "corpus": Stage("corpus", _corpus, "generate the demo corpus of two-person conversations (SpeakerVid layout)"),
     "curate": Stage("curate", _curate, "active-speaker masks, pose/quality filters, listen-ratio balancing -> "
@@ -64,5 +76,9 @@ STAGES: dict[str, Stage] = {
     "distill": Stage("distill", _distill, "ODE initialisation of the causal student, then SiD with student forcing"),
     "refine": Stage("refine", _refine, "adversarial refinement on real clips with the consistency-aware "
                     "discriminator"),
+    "benchmark": Stage("benchmark", _benchmark, "real-time speed of the streaming student: RTF and first-frame "
+                       "delay of DiT and VAE, sequential vs pipelined (VAE of chunk k overlaps DiT of k+1)"),
+    "evaluate": Stage("evaluate", _evaluate, "metrics of teacher, student and ground truth on held-out clips: "
+                      "keypoint variances, lip sync, FID/FVD, identity over time, flicker"),
 }
 ORDER = list(STAGES)

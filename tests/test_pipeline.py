@@ -13,8 +13,9 @@ from tests.conftest import shared_path, tool_env
 TINY = {"num_conversations": 1, "duration_s": 3.0, "workers": 1}
 # the training stages at a few steps each: the wiring, not the learning (tests/test_training.py has that)
 TINY_TRAINING = {"teacher": {"iterations": 3}, "ode_init": {"iterations": 2}, "distill": {"iterations": 2},
-                 "refine": {"iterations": 2, "qformer_dim": 16}, "train": {"checkpoint_every": 2}}  # fmt: skip
-STAGES = ["corpus", "curate", "teacher", "ode_pairs", "distill", "refine"]
+                 "refine": {"iterations": 2, "qformer_dim": 16}, "train": {"checkpoint_every": 2},
+                 "benchmark": {"chunks": 2, "warmup_chunks": 0}, "evaluate": {"max_clips": 1}}  # fmt: skip
+STAGES = ["corpus", "curate", "teacher", "ode_pairs", "distill", "refine", "benchmark", "evaluate"]
 
 
 def set_params(root, **corpus):
@@ -109,6 +110,11 @@ def test_full_pipeline_flow_records_mlflow_and_leaves_dvc_clean(clone):
     for stage in ("teacher", "ode_pairs", "distill", "refine"):
         arts = [a.path for a in client.list_artifacts(by_stage[stage].info.run_id, stage)]
         assert f"{stage}/sample.mp4" in arts and f"{stage}/metrics.json" in arts, (stage, arts)
+    # the benchmark and the evaluation table are in MLflow
+    bench = client.get_run(by_stage["benchmark"].info.run_id).data.metrics
+    assert {"dit_rtf", "vae_rtf", "sequential_rtf", "pipelined_rtf", "pipeline_speedup"} <= set(bench)
+    arts = [a.path for a in client.list_artifacts(by_stage["evaluate"].info.run_id, "evaluate")]
+    assert {"evaluate/metrics.json", "evaluate/table.csv", "evaluate/metrics_table.json"} <= set(arts), arts
     # the second run found the stage up to date and said so in its nested run
     skipped = [r for r in children if r.data.tags.get("mlflow.parentRunId") == parents[1].info.run_id]
     assert skipped[0].data.tags["streamavatar.status"] == "up-to-date"

@@ -1,0 +1,387 @@
+"""Stage `evaluate` and the re-evaluation flow: ground truth, teacher and student on a fixed held-out set.
+
+The evaluation set is the first ``evaluate.windows_per_clip`` windows of up to ``evaluate.max_clips``
+validation clips of data/latents (clips the student never trained on), listed with a digest in
+``<out_dir>/eval_set.json``. For each window every system makes the same 4C x window_chunks frames that follow
+the window's first frame (the reference):
+
+* ground_truth: the curated clip's own frames;
+* teacher: the bidirectional teacher, Euler with audio CFG (ode_pairs.steps / shift / cfg_scale), the
+  reference as clean frame 0, decoded by the VAE;
+* student: the streaming student through StreamingGenerator, chunk by chunk, talking on the avatar's own
+  voice (the window's audio where its mask says speaking) and listening to the rest.
+
+Every metric (tasks/evaluation/metrics.py, lipsync.py, fidelity.py; definitions in DEFINITIONS and the
+README) is computed per window and averaged per system; FID and FVD compare each system's frames with the
+ground truth's. A metric that cannot be computed says why ("skipped: no weights at PATH", "no face
+detected"), never a made-up number.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from tqdm import tqdm
+
+from model.sampling import euler_sample_sigmas, teacher_sigmas
+from tasks.common.media import MediaError, read_frames
+from tasks.common.stage import StageResult
+from tasks.config import Config, ConfigError, resolve_path
+from tasks.evaluation import fidelity, lipsync, metrics
+
+log = logging.getLogger(__name__)
+
+SYSTEMS = ("ground_truth", "teacher", "student")
+DEFINITIONS = {
+    "hkv": "hand keypoint variance over the whole clip: per hand (mediapipe Hands, 21 points, left/right by "
+           "handedness), per keypoint and coordinate, the variance over the frames where it is detected, in px^2 "
+           "of the frame scaled to evaluate.keypoint_norm_height; averaged over keypoints, then over hands",
+    "lbkv": "body keypoint variance (mediapipe Pose, 33 points, visibility >= 0.5) over listening frames only "
+            "(the avatar's speaking mask is 0), as keypoint variance above (paper Table 2)",
+    "lhkv": "hand keypoint variance over listening frames only",
+    "lfkv": "face keypoint variance (mediapipe FaceMesh, 468 points) over listening frames only",
+    "lip_corr": "Pearson correlation between the avatar voice's RMS envelope per video frame and the mouth "
+                "opening (inner-lip gap / face height) at the best lag in +-evaluate.max_lag_frames",
+    "lip_lag": "that best lag in frames; positive = the mouth moves after the audio",
+    "sync_c": "SyncNet confidence (median minus minimum of the mean embedding distance over offsets "
+              "+-evaluate.sync_vshift); needs evaluate.syncnet_path",
+    "sync_d": "SyncNet distance: the minimum over offsets of the mean embedding distance",
+    "identity_dist": "1 - normalised cross-correlation of the grey face region with the reference frame's, "
+                     "per frame, averaged per evaluate.identity_window_s window, then over windows",
+    "identity_last_over_first": "identity distance in the last window / in the first (> 1: drifting away)",
+    "flicker": "mean |I_t - (I_{t-1} + I_{t+1}) / 2| over pixels and frames, 0-255 scale: 0 for still or "
+               "linearly changing pixels, large for frame-to-frame alternation",
+    "mean_abs_diff": "mean |I_t - I_{t-1}| over pixels and frames, 0-255 scale (all motion, not only flicker)",
+    "face_rate": "fraction of frames with a face detected (FaceMesh)",
+    "fid": "Frechet distance between Inception-v3 pool features of the system's frames and the ground truth's "
+           "(needs evaluate.inception_path)",
+    "fvd": "Frechet distance between I3D features of evaluate.fvd_clip_frames-frame clips of the system and "
+           "the ground truth (needs evaluate.i3d_path)",
+}
+SCALARS = ("hkv", "lbkv", "lhkv", "lfkv", "lip_corr", "lip_lag", "sync_c", "sync_d", "identity_dist",
+           "identity_last_over_first", "flicker", "mean_abs_diff", "face_rate", "body_rate", "hand_rate")  # fmt: skip
+
+
+# ------------------------------------------------------------------------------------------------ the set
+@dataclass
+class EvalItem:
+    clip_id: str
+    window: int
+    frames: np.ndarray  # [T, H, W, 3] uint8 ground-truth frames after the reference
+    reference: np.ndarray  # [H, W, 3] uint8, the window's first frame
+    latents: torch.Tensor  # [1, z, 1 + F, h, w] the window's latents (the teacher's frame 0)
+    talk: torch.Tensor
+    listen: torch.Tensor
+    wave: torch.Tensor  # [samples] the window's audio from frame 0
+    mask: np.ndarray  # [1 + T] 1 speaking, 0 listening
+
+    @property
+    def name(self) -> str:
+        return f"{self.clip_id}_w{self.window}"
+
+
+def evaluation_set(cfg: Config, root: Path) -> tuple[list[EvalItem], dict[str, Any]]:
+    """The fixed held-out evaluation set and its description (clips, windows, digest)."""
+    from tasks.training.data import load_windows
+
+    e = cfg.evaluate
+    windows = load_windows(cfg, root, "val")
+    idx = windows.index
+    chosen: list[int] = []
+    for clip in sorted(idx.clip_id.unique())[: e.max_clips]:
+        rows = idx.index[idx.clip_id == clip].tolist()
+        rows.sort(key=lambda i: int(idx.window[i]))
+        chosen += rows[: e.windows_per_clip]
+    manifest_path = root / cfg.curate.manifest
+    if not manifest_path.is_file():
+        raise ConfigError(f"{cfg.curate.manifest}: no curated manifest; run `streamavatar curate` first")
+    manifest = pd.read_parquet(manifest_path).set_index("clip_id")
+    items: list[EvalItem] = []
+    v = cfg.video
+    for i in chosen:
+        clip, start = idx.clip_id[i], int(idx.start_frame[i])
+        length = int(windows.mask[i].numel())
+        video = root / manifest.loc[clip, "video_path"]
+        frames = read_frames(video, v.width, v.height, v.fps)[start : start + length]
+        if len(frames) < length:
+            raise MediaError(f"{video}: {len(frames) + start} frames, the window needs {start + length}")
+        items.append(EvalItem(
+            clip_id=clip, window=int(idx.window[i]), frames=frames[1:], reference=frames[0],
+            latents=windows.latents[i : i + 1], talk=windows.talk[i : i + 1], listen=windows.listen[i : i + 1],
+            wave=windows.wave[i], mask=windows.mask[i].numpy(),
+        ))  # fmt: skip
+    listing = [{"clip_id": it.clip_id, "window": it.window, "frames": len(it.frames)} for it in items]
+    digest = hashlib.sha256(json.dumps(listing).encode()).hexdigest()[:16]
+    return items, {"items": listing, "digest": digest, "source": f"val windows of {cfg.train.latents_dir}"}
+
+
+# ------------------------------------------------------------------------------------------------ systems
+def _to_uint8(video: torch.Tensor) -> np.ndarray:
+    """[3, T, H, W] in [-1, 1] -> [T, H, W, 3] uint8."""
+    return ((video.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 3, 0).cpu().numpy()
+
+
+def _voices(cfg: Config, item: EvalItem) -> tuple[torch.Tensor, torch.Tensor]:
+    """(avatar's own voice, the other voice) for the frames after the reference."""
+    spf = cfg.audio.sample_rate // cfg.video.fps
+    mask = torch.from_numpy(item.mask[1:]).float().repeat_interleave(spf)
+    wave = item.wave[spf : spf + mask.numel()]
+    mask = mask[: wave.numel()]
+    return wave * mask, wave * (1 - mask)
+
+
+@torch.no_grad()
+def student_frames(cfg: Config, gen, item: EvalItem) -> np.ndarray:
+    avatar, other = _voices(cfg, item)
+    gen.start(torch.from_numpy(item.reference).permute(2, 0, 1).float() / 127.5 - 1.0)
+    step = gen.samples_per_chunk
+    chunks = math.ceil(len(item.frames) / gen.chunk_video_frames)
+    pad = chunks * step - avatar.numel()
+    avatar, other = torch.nn.functional.pad(avatar, (0, pad)), torch.nn.functional.pad(other, (0, pad))
+    out = [gen.step(avatar[k * step : (k + 1) * step], other[k * step : (k + 1) * step])[0] for k in range(chunks)]
+    return _to_uint8(torch.cat(out, dim=1))[: len(item.frames)]
+
+
+@torch.no_grad()
+def teacher_frames(cfg: Config, teacher, vae, text: torch.Tensor, item: EvalItem) -> np.ndarray:
+    from tasks.training.common import teacher_velocity
+
+    device = next(teacher.parameters()).device
+    lat = item.latents.to(device)
+    g = torch.Generator().manual_seed(cfg.project.seed)
+    x = torch.randn(lat.shape, generator=g).to(device)
+    x[:, :, :1] = lat[:, :, :1]
+    context = teacher.prepare_text(text.to(device, teacher.dtype))
+    fn = teacher_velocity(teacher, context, item.talk.to(device), item.listen.to(device), cfg.ode_pairs.cfg_scale)
+    x0 = euler_sample_sigmas(fn, x, teacher_sigmas(cfg.ode_pairs.steps, cfg.ode_pairs.shift))
+    video = vae.decode(x0)[0]  # [3, 1 + T, H, W], frame 0 the reference
+    return _to_uint8(video[:, 1:])[: len(item.frames)]
+
+
+# ------------------------------------------------------------------------------------------------ metrics
+def item_metrics(cfg: Config, frames: np.ndarray, item: EvalItem) -> dict[str, Any]:
+    """Every per-window metric of one system's frames (None where it cannot be computed, with a note)."""
+    e = cfg.evaluate
+    fps, sr = cfg.video.fps, cfg.audio.sample_rate
+    listening = item.mask[1 : 1 + len(frames)] == 0
+    kp = metrics.extract_keypoints(frames, norm_height=e.keypoint_norm_height, min_side=e.keypoint_min_side)
+    rates = kp.detection_rates()
+    out: dict[str, Any] = {"hkv": metrics.hkv(kp), **metrics.listening_kv(kp, listening),
+                           "face_rate": rates.get("face"), "body_rate": rates.get("body"),
+                           "hand_rate": rates.get("hands")}  # fmt: skip
+    avatar, _ = _voices(cfg, item)
+    env = metrics.audio_envelope(avatar.numpy(), sr, fps, len(frames))
+    lag = metrics.lagged_correlation(env, metrics.mouth_series(kp.face), e.max_lag_frames)
+    out["lip_corr"], out["lip_lag"] = lag["best_corr"], lag["best_lag"]
+    sync = _sync(cfg, frames, kp, avatar.numpy())
+    out["sync_status"] = sync["status"]
+    out["sync_c"], out["sync_d"] = sync.get("sync_c"), sync.get("sync_d")
+    out.update(metrics.flicker(frames))
+    ident = metrics.identity_over_time(frames, item.reference, fps, e.identity_window_s, face_landmarks=kp.face,
+                                       norm_height=e.keypoint_norm_height)
+    out["identity_dist"], out["identity_last_over_first"] = ident["mean"], ident["last_over_first"]
+    out["identity_by_window"] = ident["distance"]
+    notes = []
+    if not rates.get("face"):
+        notes.append("no face detected: face keypoints, mouth and lip correlation undefined")
+    if not rates.get("hands"):
+        notes.append("no hands detected")
+    out["notes"] = notes
+    return out
+
+
+def face_boxes(face: np.ndarray, height: int, norm_height: int) -> np.ndarray:
+    """[T, 4] x1, y1, x2, y2 in the frame's pixels from FaceMesh keypoints (normalised frame), NaN without face."""
+    pts = face * (height / norm_height)
+    boxes = np.full((len(face), 4), np.nan)
+    seen = np.isfinite(pts).all(axis=2).any(axis=1)
+    if seen.any():
+        p = pts[seen]
+        boxes[seen] = np.stack([np.nanmin(p[..., 0], 1), np.nanmin(p[..., 1], 1), np.nanmax(p[..., 0], 1),
+                                np.nanmax(p[..., 1], 1)], axis=1)  # fmt: skip
+    return boxes
+
+
+def _sync(cfg: Config, frames: np.ndarray, kp: metrics.Keypoints, voice: np.ndarray) -> dict[str, Any]:
+    """SyncNet on face-centred crops (as syncnet_python cuts them, boxes from FaceMesh), when it can run."""
+    e = cfg.evaluate
+    if not e.syncnet_path or not Path(e.syncnet_path).expanduser().is_file():
+        return lipsync.sync_metrics(e.syncnet_path, frames, voice, cfg.audio.sample_rate)  # the "skipped: ..."
+    if cfg.video.fps != 25:
+        return {"status": f"skipped: SyncNet needs 25 fps video (video.fps is {cfg.video.fps})"}
+    boxes = face_boxes(kp.face, frames.shape[1], e.keypoint_norm_height)
+    if not np.isfinite(boxes).any():
+        return {"status": "skipped: no face detected for the SyncNet crops"}
+    crops = lipsync.face_crops(frames, boxes)
+    return lipsync.sync_metrics(e.syncnet_path, crops, voice, cfg.audio.sample_rate, vshift=e.sync_vshift)
+
+
+def _mean(values: list) -> float | None:
+    vals = [float(v) for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
+    return statistics.fmean(vals) if vals else None
+
+
+def aggregate(items: list[dict[str, Any]]) -> dict[str, Any]:
+    return {k: _mean([it.get(k) for it in items]) for k in SCALARS}
+
+
+# ------------------------------------------------------------------------------------------------ the run
+def _load_teacher(cfg: Config, root: Path, audio, device):
+    from tasks.training.common import dit_from_state
+
+    path = root / cfg.train.checkpoint_dir / "teacher" / "final.pt"
+    if not path.is_file():
+        return None, f"skipped: no teacher checkpoint at {path.relative_to(root)}"
+    blob = torch.load(path, map_location="cpu", weights_only=False)
+    return dit_from_state(cfg, audio, blob["model"], device).eval(), str(path.relative_to(root))
+
+
+def evaluate_systems(cfg: Config, root: Path, systems: tuple[str, ...] = SYSTEMS, checkpoint: str | None = None,
+                     progress: bool = True, video_dir: Path | None = None) -> dict[str, Any]:  # fmt: skip
+    """Run the chosen systems on the evaluation set and measure everything; returns the report."""
+    from tasks.evaluation.benchmark import build_stream, resolve_student
+
+    t0 = time.perf_counter()
+    items, eval_set = evaluation_set(cfg, root)
+    gen, student = build_stream(cfg, root, resolve_student(cfg, root, checkpoint or cfg.evaluate.checkpoint))
+    teacher, teacher_label = (None, "not requested")
+    if "teacher" in systems:
+        teacher, teacher_label = _load_teacher(cfg, root, gen.audio, gen.device)
+    frames: dict[str, list[np.ndarray]] = {s: [] for s in systems}
+    per_item: dict[str, list[dict]] = {s: [] for s in systems}
+    status = {s: "ok" for s in systems}
+    if teacher is None and "teacher" in systems:
+        status["teacher"] = teacher_label
+    for item in tqdm(items, desc="evaluate", unit="window", disable=not progress):
+        made = {"ground_truth": item.frames}
+        if "student" in systems:
+            made["student"] = student_frames(cfg, gen, item)
+        if teacher is not None:
+            made["teacher"] = teacher_frames(cfg, teacher, gen.vae, gen._text, item)
+        for name, video in made.items():
+            if name not in systems:
+                continue
+            frames[name].append(video)
+            row = item_metrics(cfg, video, item)
+            row.update(clip_id=item.clip_id, window=item.window)
+            per_item[name].append(row)
+        if video_dir is not None:
+            _write_comparison(cfg, video_dir / f"{item.name}.mp4", item, made)
+    report: dict[str, Any] = {
+        "eval_set": eval_set, "student": student["label"], "teacher": teacher_label,
+        "definitions": DEFINITIONS, "systems": {},
+    }  # fmt: skip
+    e = cfg.evaluate
+    for name in systems:
+        if status[name] != "ok":
+            report["systems"][name] = {"status": status[name]}
+            continue
+        entry: dict[str, Any] = {"status": "ok", "aggregate": aggregate(per_item[name]), "items": per_item[name]}
+        if name == "ground_truth":
+            entry["fid"] = {"status": "reference set"}
+            entry["fvd"] = {"status": "reference set"}
+        else:
+            real = [it.frames for it in items]  # the reference set, whichever systems were asked for
+            entry["fid"] = fidelity.fid(np.concatenate(real), np.concatenate(frames[name]), e.inception_path)
+            entry["fvd"] = fidelity.fvd(real, frames[name], e.i3d_path, clip_len=e.fvd_clip_frames)
+        report["systems"][name] = entry
+    report["table"] = table(report)
+    report["seconds"] = time.perf_counter() - t0
+    return report
+
+
+def _write_comparison(cfg: Config, path: Path, item: EvalItem, made: dict[str, np.ndarray]) -> None:
+    """ground truth | teacher | student side by side, with the window's audio."""
+    from tasks.training.common import write_sample
+
+    order = [made[s] for s in SYSTEMS if s in made]
+    n = min(len(v) for v in order)
+    video = np.concatenate([v[:n] for v in order], axis=2)  # [T, H, W * k, 3]
+    spf = cfg.audio.sample_rate // cfg.video.fps
+    tensor = torch.from_numpy(video).permute(3, 0, 1, 2).float() / 127.5 - 1.0
+    write_sample(path, tensor, item.wave[spf : spf + n * spf], cfg)
+
+
+def _value(x: Any) -> Any:
+    return None if x is None or (isinstance(x, float) and math.isnan(x)) else x
+
+
+def table(report: dict) -> list[dict]:
+    """One row per system: every aggregate metric, FID and FVD (value or why not)."""
+    rows = []
+    for name, entry in report["systems"].items():
+        row: dict[str, Any] = {"system": name}
+        if entry.get("status") != "ok":
+            row["status"] = entry.get("status")
+            rows.append(row)
+            continue
+        row.update({k: _value(v) for k, v in entry["aggregate"].items()})
+        for k in ("fid", "fvd"):
+            r = entry[k]
+            row[k] = r.get("value") if r.get("status") == "ok" else r.get("status")
+        row["status"] = "ok"
+        rows.append(row)
+    return rows
+
+
+def format_table(rows: list[dict]) -> str:
+    cols = ["system", "hkv", "lbkv", "lhkv", "lfkv", "lip_corr", "lip_lag", "sync_c", "sync_d", "identity_dist",
+            "flicker", "face_rate", "fid", "fvd"]  # fmt: skip
+
+    def cell(v: Any) -> str:
+        if v is None:
+            return "n/a"
+        if isinstance(v, float):
+            return f"{v:.4g}"
+        text = str(v)
+        return "skipped" if text.startswith("skipped") else text
+
+    lines = [" | ".join(cols), " | ".join("---" for _ in cols)]
+    lines += [" | ".join(cell(r.get(c)) for c in cols) for r in rows]
+    return "\n".join(lines)
+
+
+def run_evaluate(cfg: Config, root: Path, progress: bool = True) -> StageResult:
+    e = cfg.evaluate
+    out_dir = resolve_path(e.out_dir, root)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    report = evaluate_systems(cfg, root, progress=progress, video_dir=out_dir / "videos")
+    (out_dir / "eval_set.json").write_text(json.dumps(report["eval_set"], indent=2))
+    pd.DataFrame(report["table"]).to_csv(out_dir / "table.csv", index=False)
+    text = format_table(report["table"])
+    (out_dir / "table.md").write_text(text + "\n")
+    out = resolve_path(e.report, root)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".partial")
+    tmp.write_text(json.dumps(report, indent=2, default=_json_default))
+    tmp.replace(out)
+    log.info("evaluation (%d windows)\n%s", len(report["eval_set"]["items"]), text)
+    flat = {f"{row['system']}_{k}": float(v) for row in report["table"] for k, v in row.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and v is not None}  # fmt: skip
+    videos = sorted((out_dir / "videos").glob("*.mp4"))
+    skipped = sorted({str(row.get(k)) for row in report["table"] for k in ("fid", "fvd")
+                      if str(row.get(k)).startswith("skipped")})  # fmt: skip
+    summary = (f"evaluate: {len(report['eval_set']['items'])} held-out windows, systems "
+               f"{', '.join(report['systems'])}; " + ("; ".join(skipped) if skipped else "FID/FVD computed"))
+    return StageResult("evaluate", metrics=flat, artifacts=[out, out_dir / "table.csv", out_dir / "table.md",
+                       *videos[:2]], outputs=[out, out_dir], summary=summary,
+                       tables={"metrics_table.json": report["table"]})  # fmt: skip
+
+
+def _json_default(x: Any) -> Any:
+    if isinstance(x, (np.floating, np.integer)):
+        return x.item()
+    if isinstance(x, np.ndarray):
+        return x.tolist()
+    raise TypeError(f"not JSON serialisable: {type(x).__name__}")

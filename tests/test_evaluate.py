@@ -1,0 +1,176 @@
+"""The evaluate stage and the re-evaluation flow on a tiny trained project: the table has every system and
+metric, per-window values agree with the metric functions, FID/FVD say why they are skipped (never a number
+without weights), and re-evaluation appends to a history with a plot."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from tasks.config import ConfigError
+from tests.training_data import make_project, tiny_config
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory):
+    from tasks.training.teacher import run_teacher
+
+    root = make_project(tmp_path_factory.mktemp("eval"))
+    cfg = tiny_config(root)
+    cfg.teacher.iterations = 1
+    run_teacher(cfg, root, progress=False)  # data/latents (with a val window) + the teacher checkpoint
+    return root
+
+
+def _cfg(root):
+    cfg = tiny_config(root)
+    cfg.evaluate.checkpoint = "random"  # the seeded untrained student: the wiring, not the quality
+    cfg.ode_pairs.steps = 4
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def evaluated(project):
+    from tasks.evaluation.evaluate import run_evaluate
+
+    cfg = _cfg(project)
+    result = run_evaluate(cfg, project, progress=False)
+    return cfg, result, json.loads((project / cfg.evaluate.report).read_text())
+
+
+def test_report_table_has_every_system_and_metric(evaluated, project):
+    from tasks.evaluation.evaluate import DEFINITIONS, SCALARS
+
+    cfg, result, report = evaluated
+    assert list(report["systems"]) == ["ground_truth", "teacher", "student"]
+    assert [r["system"] for r in report["table"]] == ["ground_truth", "teacher", "student"]
+    for row in report["table"]:
+        assert row["status"] == "ok"
+        for key in (*SCALARS, "fid", "fvd"):
+            assert key in row, key
+    for key in ("hkv", "lbkv", "lhkv", "lfkv", "lip_corr", "sync_c", "identity_dist", "flicker", "fid", "fvd"):
+        assert key in DEFINITIONS
+    # no weights configured: FID / FVD / SyncNet say so and give no number
+    for system in ("teacher", "student"):
+        entry = report["systems"][system]
+        assert entry["fid"]["status"].startswith("skipped") and "value" not in entry["fid"]
+        assert entry["fvd"]["status"].startswith("skipped") and "value" not in entry["fvd"]
+        assert all(it["sync_c"] is None and it["sync_status"].startswith("skipped") for it in entry["items"])
+    assert result.tables["metrics_table.json"] == report["table"]
+    out = project / cfg.evaluate.out_dir
+    assert (out / "table.csv").is_file() and (out / "table.md").is_file()
+    assert pd.read_csv(out / "table.csv").system.tolist() == ["ground_truth", "teacher", "student"]
+    videos = sorted((out / "videos").glob("*.mp4"))
+    assert len(videos) == len(report["eval_set"]["items"]) >= 1
+    assert json.loads((out / "eval_set.json").read_text())["digest"] == report["eval_set"]["digest"]
+
+
+def test_per_window_values_are_the_metric_functions(evaluated, project):
+    from tasks.evaluation import metrics
+    from tasks.evaluation.evaluate import evaluation_set
+
+    cfg, _, report = evaluated
+    items, eval_set = evaluation_set(cfg, project)
+    assert eval_set["digest"] == report["eval_set"]["digest"]  # a fixed set: the same windows every time
+    item = items[0]
+    assert item.frames.shape[0] == item.mask.shape[0] - 1  # the frames after the reference
+    gt = report["systems"]["ground_truth"]["items"][0]
+    direct = metrics.flicker(item.frames)
+    assert gt["flicker"] == pytest.approx(direct["flicker"]) and gt["mean_abs_diff"] == pytest.approx(
+        direct["mean_abs_diff"])
+    ident = metrics.identity_over_time(item.frames, item.reference, cfg.video.fps, cfg.evaluate.identity_window_s)
+    assert len(gt["identity_by_window"]) == len(ident["distance"])
+    # the student really streamed: its frames differ from the ground truth's
+    st = report["systems"]["student"]["items"][0]
+    assert st["flicker"] != pytest.approx(gt["flicker"])
+    agg = report["systems"]["student"]["aggregate"]
+    assert agg["flicker"] == pytest.approx(np.mean([it["flicker"] for it in report["systems"]["student"]["items"]]))
+
+
+def test_reevaluation_appends_history_and_plots(project):
+    from tasks.evaluation.reevaluate import run_reevaluation
+
+    cfg = _cfg(project)
+    first = run_reevaluation(cfg, project, progress=False)
+    second = run_reevaluation(cfg, project, progress=False)
+    history = pd.read_parquet(first["history"])
+    assert len(history) == second["rows"] == 2
+    assert history.eval_set_digest.nunique() == 1
+    assert history.checkpoint.str.contains("random").all() and (history.checkpoint_sha256 == "none").all()
+    assert np.allclose(history.flicker, history.flicker.iloc[0])  # same student, same set: same numbers
+    assert history.fid.isna().all() and history.fid_status.str.startswith("skipped").all()
+    png = project / cfg.evaluate.history_dir / "history.png"
+    assert png.is_file() and png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_no_validation_windows_is_a_clear_error(tmp_path):
+    from tasks.evaluation.evaluate import evaluation_set
+
+    cfg = _cfg(tmp_path)
+    with pytest.raises(ConfigError, match="no training windows"):
+        evaluation_set(cfg, tmp_path)
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
+def test_fid_fvd_with_weight_files_give_numbers(project, tmp_path):
+    """With (tiny, TorchScript) feature nets at the configured paths, FID/FVD are computed from the frames:
+    the ground truth is the reference set and each system's value equals the distance computed directly."""
+    from tasks.evaluation import fidelity
+    from tasks.evaluation.evaluate import evaluate_systems, evaluation_set
+    from tests.test_fidelity import ImageNet, VideoNet, script
+
+    cfg = _cfg(project)
+    cfg.evaluate.windows_per_clip = 2  # two clips: FVD needs a covariance
+    cfg.evaluate.fvd_clip_frames = 8
+    cfg.evaluate.inception_path = str(script(ImageNet(), tmp_path / "inception.pt"))
+    cfg.evaluate.i3d_path = str(script(VideoNet(), tmp_path / "i3d.pt"))
+    report = evaluate_systems(cfg, project, systems=("ground_truth", "student"), progress=False)
+    st = report["systems"]["student"]
+    assert st["fid"]["status"] == "ok" and st["fvd"]["status"] == "ok", (st["fid"], st["fvd"])
+    items, _ = evaluation_set(cfg, project)
+    assert st["fid"]["n_real"] == sum(len(it.frames) for it in items) == st["fid"]["n_fake"]
+    assert st["fvd"]["n_real"] == len(items) == 2
+    assert st["fid"]["value"] > 0
+    assert report["systems"]["ground_truth"]["fid"] == {"status": "reference set"}
+    gt = np.concatenate([it.frames for it in items])
+    again = fidelity.fid(gt, gt, cfg.evaluate.inception_path)
+    assert again["value"] == pytest.approx(0, abs=1e-3)
+
+
+def test_syncnet_runs_on_face_crops_of_a_real_clip(tmp_path):
+    """A SyncNet weights file (random init, syncnet_v2 key names) at evaluate.syncnet_path: the stage cuts
+    face-centred crops from FaceMesh boxes and searches the 31 offsets; without a face it says why."""
+    import torch
+
+    from model.syncnet import SyncNet
+    from tasks.common.media import read_audio, read_frames
+    from tasks.config import Config
+    from tasks.evaluation import metrics
+    from tasks.evaluation.evaluate import _sync, face_boxes
+    from tests.conftest import shared_path
+
+    clip = sorted(shared_path("fixtures", "speakervid").glob("*.mp4"))[0]
+    frames = read_frames(clip, width=256, fps=25, duration=1.6)
+    wave = read_audio(clip, 16000, duration=1.6)
+    kp = metrics.extract_keypoints(frames)
+    boxes = face_boxes(kp.face, frames.shape[1], 512)
+    seen = np.isfinite(boxes).all(axis=1)
+    assert seen.mean() > 0.5
+    assert (boxes[seen, 2] > boxes[seen, 0]).all() and (boxes[seen, 3] <= frames.shape[1] + 1).all()
+    cfg = Config()
+    assert _sync(cfg, frames, kp, wave)["status"] == "skipped: evaluate.syncnet_path is not set"
+    cfg.evaluate.syncnet_path = str(tmp_path / "nothing.model")
+    assert _sync(cfg, frames, kp, wave)["status"] == f"skipped: no weights at {tmp_path / 'nothing.model'}"
+    torch.manual_seed(0)
+    path = tmp_path / "syncnet_v2.model"
+    torch.save({f"__S__.{k}": v for k, v in SyncNet().state_dict().items()}, path)
+    cfg.evaluate.syncnet_path = str(path)
+    out = _sync(cfg, frames, kp, wave)
+    assert out["status"] == "ok", out
+    assert len(out["dists_by_offset"]) == 31 and out["sync_d"] == pytest.approx(min(out["dists_by_offset"]))
+    assert out["sync_c"] >= 0
+    blank = metrics.Keypoints(kp.body * np.nan, kp.left_hand, kp.right_hand, kp.face * np.nan)
+    assert _sync(cfg, frames, blank, wave)["status"] == "skipped: no face detected for the SyncNet crops"

@@ -70,8 +70,11 @@ def build_parser() -> argparse.ArgumentParser:
                                         "listening to another, streamed chunk by chunk by the trained student")
     _config_args(p)
     p.add_argument("--reference", required=True, metavar="IMAGE",
-                   help="the avatar's picture (jpg, png, webp, ... any size: centre-cropped to the profile's "
-                        "aspect and resized)")
+                   help="the avatar's picture (jpg, png, webp, ... any size: cropped to the profile's aspect "
+                        "around the face, see --crop, and resized)")
+    p.add_argument("--crop", choices=("face", "centre"), default="face",
+                   help="where the crop to the profile's aspect sits: around the face FaceMesh finds (default; "
+                        "the centre when it finds none) or always the centre")
     p.add_argument("--audio", required=True, metavar="AUDIO",
                    help="the avatar's own voice (wav, mp3, m4a, ... any rate or channels): it talks on it")
     p.add_argument("--listen-to", default=None, metavar="AUDIO",
@@ -180,7 +183,7 @@ def _bench(args, cfg, root: Path) -> int:
 
         if args.out:
             cfg.benchmark.report = args.out
-        run_stage("benchmark", cfg, root)
+        run_stage("benchmark", cfg, root, orchestrated=True, force=True)  # dvc.lock follows, as after a flow run
         out = resolve_path(cfg.benchmark.report, root)
         report = json.loads(out.read_text())
         print(json.dumps(report, indent=2) if args.json else f"{format_report(report)}\n  report: {out}")
@@ -201,7 +204,7 @@ def _generate(args, cfg, root: Path) -> int:
     try:
         summary = generate(cfg, root, Path(args.reference), Path(args.audio), Path(args.out),
                            listen_to=Path(args.listen_to) if args.listen_to else None, checkpoint=args.checkpoint,
-                           seconds=args.seconds)  # fmt: skip
+                           seconds=args.seconds, crop=args.crop)  # fmt: skip
     except MediaError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -28,8 +28,8 @@ def report(tmp_path_factory):
 
 
 def test_report_has_every_field(report):
-    for key in ("profile", "student", "hardware", "setup_s", "dit", "vae", "sequential", "pipelined", "peak_memory",
-                "paper_table5"):
+    for key in ("profile", "student", "hardware", "setup_s", "dit", "vae", "sequential", "pipelined", "live",
+                "peak_memory", "paper_table5"):
         assert key in report, key
     for module in ("dit", "vae"):
         m = report[module]
@@ -52,6 +52,9 @@ def test_report_has_every_field(report):
     assert pipe["speedup_vs_sequential"] == pytest.approx(seq["wall_s"] / pipe["wall_s"])
     assert pipe["worker"] == "thread" and pipe["vae_device"] == "cpu"
     assert pipe["bound_by"] in ("dit", "vae") and pipe["ideal_speedup"] >= 1
+    live = report["live"]
+    assert live["first_frame_delay_s"] > 0 and live["chunk_latency"]["p50_ms"] > 0 and "keeps_up" in live
+    assert live["latency_s"] == pytest.approx(live["first_frame_delay_s"] + chunk_s)
     assert report["peak_memory"]["process_peak_rss_bytes"] > 50 * 2**20
     hw = report["hardware"]
     assert hw["device"] == "cpu" and hw["cpu_count"] >= 1 and hw["torch"]

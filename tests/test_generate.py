@@ -153,6 +153,29 @@ def test_the_reference_is_centre_cropped_not_stretched():
     assert tall.shape == (3, 32, 64)
 
 
+def test_the_crop_follows_the_face_on_a_real_portrait():
+    """On the portrait fixtures (taller than square) a centre crop can cut the head off; the face crop keeps
+    the face FaceMesh finds in the frame, centred across and FACE_HEADROOM down."""
+    from tasks.common.media import read_frames
+    from tasks.inference.generate import FACE_HEADROOM, face_centre, read_reference
+
+    found = 0
+    for image in sorted(FIXTURES.glob("*.jpg")):
+        full = read_frames(image)[0]
+        h, w = full.shape[:2]
+        centre = face_centre(full)
+        if centre is None or h <= w:
+            continue
+        found += 1
+        keep = w  # a square crop of a portrait keeps the whole width
+        y0 = int(np.clip(round(centre[1] - FACE_HEADROOM * keep), 0, h - keep))
+        expected = fit_reference(full[y0 : y0 + keep], 64, 64)
+        assert torch.equal(read_reference(image, 64, 64, crop="face"), expected)
+        assert y0 <= centre[1] <= y0 + keep  # the face is inside the crop
+        assert torch.equal(read_reference(image, 64, 64, crop="centre"), fit_reference(full, 64, 64))
+    assert found >= 1, "FaceMesh found no face on any portrait fixture"
+
+
 def test_bad_inputs_exit_2_naming_the_file(root, tmp_path, capsys):
     image, voice = fixture_pair()
     bad = tmp_path / "x.wav"

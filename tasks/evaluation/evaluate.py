@@ -356,7 +356,8 @@ def run_evaluate(cfg: Config, root: Path, progress: bool = True) -> StageResult:
     e = cfg.evaluate
     out_dir = resolve_path(e.out_dir, root)
     out_dir.mkdir(parents=True, exist_ok=True)
-    report = evaluate_systems(cfg, root, progress=progress, video_dir=out_dir / "videos")
+    systems = SYSTEMS if e.teacher else tuple(s for s in SYSTEMS if s != "teacher")
+    report = evaluate_systems(cfg, root, systems=systems, progress=progress, video_dir=out_dir / "videos")
     (out_dir / "eval_set.json").write_text(json.dumps(report["eval_set"], indent=2))
     pd.DataFrame(report["table"]).to_csv(out_dir / "table.csv", index=False)
     text = format_table(report["table"])

@@ -35,25 +35,48 @@ log = logging.getLogger(__name__)
 
 
 # ------------------------------------------------------------------------------------------------ inputs
-def fit_reference(image: np.ndarray, width: int, height: int) -> torch.Tensor:
-    """RGB uint8 [h, w, 3] of any size -> [3, height, width] float in [-1, 1]: centre-cropped to the target
-    aspect ratio (nothing is stretched), then resized with area interpolation."""
+FACE_HEADROOM = 0.4  # with a face: its centre sits this far down a crop taller than... (fraction of the crop)
+
+
+def face_centre(image: np.ndarray) -> tuple[float, float] | None:
+    """(x, y) pixel centre of the face FaceMesh finds in an RGB uint8 image, or None."""
+    from tasks.common.facemesh import FaceMesh
+
+    mesh = FaceMesh(static_image_mode=True)
+    try:
+        lm = mesh(image)
+    finally:
+        mesh.close()
+    if lm is None:
+        return None
+    return float(lm[:, 0].mean()), float(lm[:, 1].mean())
+
+
+def fit_reference(image: np.ndarray, width: int, height: int, centre: tuple[float, float] | None = None
+                  ) -> torch.Tensor:  # fmt: skip
+    """RGB uint8 [h, w, 3] of any size -> [3, height, width] float in [-1, 1]: cropped to the target aspect
+    ratio (nothing is stretched), then resized with area interpolation. The crop is centred on the image, or,
+    given ``centre`` (the face), placed so the face is centred across and FACE_HEADROOM of the way down,
+    clamped to the image."""
     h, w = image.shape[:2]
     if w * height > h * width:  # wider than the target: crop the sides
         keep = max(1, min(w, round(h * width / height)))
-        x0 = (w - keep) // 2
+        x0 = (w - keep) // 2 if centre is None else int(np.clip(round(centre[0] - keep / 2), 0, w - keep))
         image = image[:, x0 : x0 + keep]
     else:  # taller (or the same aspect): crop top and bottom
         keep = max(1, min(h, round(w * height / width)))
-        y0 = (h - keep) // 2
+        y0 = (h - keep) // 2 if centre is None else int(np.clip(round(centre[1] - FACE_HEADROOM * keep), 0, h - keep))
         image = image[y0 : y0 + keep]
     resized = cv2.resize(np.ascontiguousarray(image), (width, height), interpolation=cv2.INTER_AREA)
     return torch.from_numpy(resized).permute(2, 0, 1).float() / 127.5 - 1.0
 
 
-def read_reference(path: str | Path, width: int, height: int) -> torch.Tensor:
+def read_reference(path: str | Path, width: int, height: int, crop: str = "face") -> torch.Tensor:
     """Any image file ffmpeg reads (jpg, png, webp, ...; a video's first frame too) as the reference
-    [3, height, width] in [-1, 1]. Raises MediaError naming the file when it cannot be read."""
+    [3, height, width] in [-1, 1]. ``crop`` "face": the crop follows the face FaceMesh finds (centre crop when
+    it finds none); "centre": always the centre. Raises MediaError naming the file when it cannot be read."""
+    if crop not in ("face", "centre"):
+        raise ValueError(f"crop must be 'face' or 'centre', got {crop!r}")
     path = Path(path)
     info = probe(path)  # MediaError for a missing or unreadable file
     if info.video_codec is None or info.width < 1 or info.height < 1:
@@ -65,7 +88,10 @@ def read_reference(path: str | Path, width: int, height: int) -> torch.Tensor:
         frames.close()
     if first is None:
         raise MediaError(f"{path}: no picture could be decoded")
-    return fit_reference(first, width, height)
+    h, w = first.shape[:2]
+    if crop == "centre" or w * height == h * width:
+        return fit_reference(first, width, height)
+    return fit_reference(first, width, height, face_centre(first))
 
 
 def read_voice(path: str | Path, sample_rate: int, seconds: float | None) -> np.ndarray:
@@ -131,7 +157,7 @@ def _partial(path: Path) -> Path:
 # ------------------------------------------------------------------------------------------------ generate
 def generate(
     cfg: Config, root: Path, reference: Path, audio: Path, out: Path, listen_to: Path | None = None,
-    checkpoint: str | None = None, seconds: float | None = None, progress: bool = True,
+    checkpoint: str | None = None, seconds: float | None = None, progress: bool = True, crop: str = "face",
 ) -> dict[str, Any]:  # fmt: skip
     """Write ``out`` (an mp4): the avatar of ``reference`` talking on ``audio`` and listening to
     ``listen_to``, at the profile's size and frame rate, with the mix of both voices as its sound.
@@ -155,7 +181,9 @@ def generate(
     spf = sr // fps
 
     # the inputs first: a bad file fails before any model is loaded
-    ref = read_reference(reference, width, height)
+    if crop not in ("face", "centre"):
+        raise ConfigError(f"--crop must be 'face' or 'centre', got {crop!r}")
+    ref = read_reference(reference, width, height, crop)
     voice = read_voice(audio, sr, seconds)
     heard = read_voice(listen_to, sr, seconds) if listen_to is not None else None
     avatar, other = conversation(voice, heard, None if seconds is None else round(seconds * sr))

@@ -24,7 +24,7 @@ def test_each_stage_has_cli_flow_and_dvc_stage():
         assert name in commands
         assert STAGE_FLOWS[name].name == name
         assert dvc[name]["cmd"] == f"streamavatar {name}"
-        assert dvc[name]["outs"], name
+        assert dvc[name].get("outs") or dvc[name].get("metrics"), name  # every stage leaves a file
     assert list(dvc) == ORDER == list(STAGES)
     assert stage_params(REPO, "corpus") == ["corpus"]
 

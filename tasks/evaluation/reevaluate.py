@@ -87,13 +87,14 @@ def plot_history(history: pd.DataFrame, out: Path) -> Path:
         ax.plot(list(x), history[col], marker="o")
         gt = f"gt_{col}"
         if gt in history and history[gt].notna().any():
-            ax.plot(list(x), history[gt], linestyle="--", color="grey", label="ground truth")
+            ax.plot(list(x), history[gt], linestyle="--", marker="x", color="grey", label="ground truth")
             ax.legend(loc="best", fontsize=7)
         ax.set_ylabel(col, fontsize=8)
         ax.grid(alpha=0.3)
     if not cols:
         axes[0, 0].text(0.5, 0.5, "no metric has a value yet", ha="center", va="center")
     axes[-1, 0].set_xlabel("evaluation run (oldest first)")
+    axes[-1, 0].set_xticks(list(x))
     labels = [f"{i}: {t:%Y-%m-%d %H:%M} {c}" for i, (t, c) in enumerate(zip(history.evaluated_at,
                                                                             history.checkpoint_sha256, strict=False), 1)]
     fig.suptitle("student on the fixed evaluation set", fontsize=10)

@@ -60,10 +60,10 @@ def clean_prompt(text: str) -> str:
     """diffusers' prompt_clean (ftfy is optional there and absent here): unescape HTML, squeeze whitespace."""
     try:
         import ftfy
-
+    except ImportError:  # optional, as in diffusers: without it the text is only unescaped and squeezed
+        ftfy = None
+    if ftfy is not None:
         text = ftfy.fix_text(text)
-    except ImportError:
-        pass
     text = html.unescape(html.unescape(text)).strip()
     return re.sub(r"\s+", " ", text).strip()
 

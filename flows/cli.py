@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -91,6 +92,15 @@ def build_parser() -> argparse.ArgumentParser:
     _config_args(p)
     p.add_argument("--checkpoint", default=None, metavar="PATH",
                    help="student checkpoint (default evaluate.checkpoint: refine/final.pt, else distill/final.pt)")
+    p = sub.add_parser("serve", help="start on 127.0.0.1 a Prefect server + worker and an MLflow server, create "
+                                     "the work pool and deploy prefect.yaml (what `make serve` runs)")
+    p.add_argument("--prefect-port", type=int, default=int(os.environ.get("PREFECT_PORT", 4200)),
+                   help="Prefect API and UI port (default $PREFECT_PORT or 4200)")
+    p.add_argument("--mlflow-port", type=int, default=int(os.environ.get("MLFLOW_PORT", 5000)),
+                   help="MLflow server port (default $MLFLOW_PORT or 5000)")
+    p.add_argument("--status", action="store_true", help="only say what is running")
+    p.add_argument("--no-deploy", action="store_true", help="start the services without (re)deploying")
+    sub.add_parser("stop", help="stop exactly the processes `streamavatar serve` started (what `make stop` runs)")
     p = sub.add_parser("config", help="print the effective, validated configuration")
     _config_args(p)
     sub.add_parser("stages", help="list the stages in pipeline order")
@@ -104,6 +114,8 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     root = project_root()
     try:
+        if args.command in ("serve", "stop"):
+            return _serve(args, root)
         if args.command == "stages":
             for name in ORDER:
                 print(f"{name:12s} {STAGES[name].help}")
@@ -128,9 +140,10 @@ def main(argv: list[str] | None = None) -> int:
         from tasks.runner import run_stage
         from tasks.training.engine import rank_from_env
 
-        if rank_from_env() > 0:  # torchrun: only rank 0 records the run in MLflow
+        rank = rank_from_env()
+        if rank > 0:  # torchrun: only rank 0 records the run in MLflow (and holds the data/ lock)
             cfg.tracking.enabled = False
-        outcome = run_stage(args.command, cfg, root)
+        outcome = run_stage(args.command, cfg, root, lock=rank == 0)
         print(outcome.summary)
         for item, reason in outcome.failures.items():
             print(f"  failed: {item}: {reason}", file=sys.stderr)
@@ -138,6 +151,27 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+
+
+def _serve(args, root: Path) -> int:
+    from flows import serve
+
+    if args.command == "stop":
+        serve.stop(root)
+        return 0
+    if args.status:
+        serve.status(root)
+        return 0
+    ports = serve.Ports(prefect=args.prefect_port, mlflow=args.mlflow_port)
+    try:
+        info = serve.start(root, ports, deploy=not args.no_deploy)
+    except serve.ServeError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    serve.write_env_file(root, ports)
+    print()
+    print(serve.HOWTO.format(**info))
+    return 0
 
 
 def _pipeline(args, root: Path) -> int:

@@ -9,14 +9,16 @@ from prefect import task
 from tasks.config import load_config, project_root
 from tasks.runner import Outcome, run_stage
 
-# retries cover transient failures (a worker killed, a file system hiccup); stages are resumable, so a retry
-# continues where the failed attempt stopped
-stage_task = task(run_stage, name="run-stage", retries=1, retry_delay_seconds=5)
+# retries (orchestration.retries / retry_delay_s) cover transient failures (a file system hiccup, a tracking
+# server restarting); stages are resumable, so a retry continues where the failed attempt stopped
+stage_task = task(run_stage, name="run-stage")
 
 
 def run_stage_flow(name: str, configs: list[str] | None, sets: list[str] | None, root: str | None,
                    parent_run_id: str | None, force: bool) -> dict:
     root_path = Path(root).resolve() if root else project_root()
     cfg = load_config(configs, sets, root=root_path)
-    outcome: Outcome = stage_task(name, cfg, root_path, parent_run_id=parent_run_id, orchestrated=True, force=force)
+    retrying = stage_task.with_options(retries=cfg.orchestration.retries,
+                                       retry_delay_seconds=cfg.orchestration.retry_delay_s)
+    outcome: Outcome = retrying(name, cfg, root_path, parent_run_id=parent_run_id, orchestrated=True, force=force)
     return outcome.__dict__

@@ -15,12 +15,28 @@ from flows.evaluate import evaluate_flow
 from flows.ode_pairs import ode_pairs_flow
 from flows.refine import refine_flow
 from flows.teacher import teacher_flow
-from tasks.common import tracking
+from tasks.common import locking, tracking
 from tasks.config import load_config, project_root
 from tasks.registry import ORDER
 
 STAGE_FLOWS = {"corpus": corpus_flow, "curate": curate_flow, "teacher": teacher_flow, "ode_pairs": ode_pairs_flow,
                "distill": distill_flow, "refine": refine_flow, "benchmark": benchmark_flow, "evaluate": evaluate_flow}
+
+
+def _prefect_tags() -> dict[str, str]:
+    from prefect.runtime import deployment, flow_run
+
+    tags = {"prefect.flow_run_id": str(flow_run.id or ""), "prefect.flow_run_name": str(flow_run.name or "")}
+    if deployment.name:
+        tags["prefect.deployment"] = f"full-pipeline/{deployment.name}"
+    return tags
+
+
+def _who() -> str:
+    from prefect.runtime import deployment, flow_run
+
+    where = f"deployment full-pipeline/{deployment.name}" if deployment.name else "full-pipeline"
+    return f"flow run {flow_run.name} ({where})"
 
 
 @flow(name="full-pipeline", log_prints=True)
@@ -39,7 +55,10 @@ def full_pipeline(configs: list[str] | None = None, sets: list[str] | None = Non
     outcomes = {}
     t0 = time.perf_counter()
     name = f"full-pipeline {time.strftime('%Y-%m-%d %H:%M:%S')}"
-    with tracking.pipeline_run(cfg, root_path, name, tags={"streamavatar.configs": ",".join(configs or [])}) as run_id:
+    tags = {"streamavatar.configs": ",".join(configs or []), **_prefect_tags()}
+    # one writer of data/ at a time, across deployments and entry points (a second run is refused, naming us)
+    with locking.hold(root_path, _who(), timeout_s=cfg.orchestration.lock_timeout_s), \
+            tracking.pipeline_run(cfg, root_path, name, tags=tags) as run_id:
         for stage in chosen:
             outcome = STAGE_FLOWS[stage](configs=configs, sets=sets, root=str(root_path), parent_run_id=run_id,
                                          force=force)

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 DEFAULT_PARAMS = "params.yaml"
 
@@ -359,6 +359,48 @@ class EvaluateConfig(_Section):
     checkpoint: str = "auto"  # the student evaluated: as benchmark.checkpoint
 
 
+class OrchestrationConfig(_Section):
+    """How Prefect runs the stages (flows/): retries of a failing stage, and the lock that keeps two runs from
+    writing data/ at once."""
+
+    # a stage that raises is run again this many times (stages resume, so a retry continues the work)
+    retries: int = Field(1, ge=0, le=10)
+    retry_delay_s: float = Field(10.0, ge=0)
+    # a run that finds data/ locked by another run waits this long for it, then refuses with the holder's
+    # name; 0 = refuse at once
+    lock_timeout_s: float = Field(0.0, ge=0)
+
+
+class RegistryConfig(_Section):
+    """The MLflow model registry: the refine stage registers the refined student as a new version with alias
+    `candidate`; the re-evaluation flow promotes it to `champion` only when it beats the champion on the fixed
+    evaluation set (evaluate.*)."""
+
+    enabled: bool = True
+    model_name: str = "streamavatar-student"
+    # metric (a key of the evaluation's student aggregate, or fid / fvd) -> which way is better. The candidate
+    # is promoted when it is better on at least one of these and worse on none (metrics either model lacks
+    # are left out, and said so)
+    compare: dict[str, Literal["max", "min"]] = Field(default_factory=lambda: {
+        "lip_corr": "max", "sync_c": "max", "sync_d": "min", "identity_dist": "min", "flicker": "min",
+        "fid": "min", "fvd": "min"})  # fmt: skip
+    # a relative difference up to this counts as a tie (|a - b| <= tolerance * max(|a|, |b|))
+    tolerance: float = Field(0.01, ge=0, le=1)
+
+    @field_validator("compare")
+    @classmethod
+    def _known_metrics(cls, v: dict[str, str]) -> dict[str, str]:
+        known = {"hkv", "lbkv", "lhkv", "lfkv", "lip_corr", "lip_lag", "sync_c", "sync_d", "identity_dist",
+                 "identity_last_over_first", "flicker", "mean_abs_diff", "face_rate", "body_rate", "hand_rate",
+                 "fid", "fvd"}  # fmt: skip
+        unknown = sorted(set(v) - known)
+        if unknown:
+            raise ValueError(f"registry.compare: unknown metric(s) {unknown}; metrics: {sorted(known)}")
+        if not v:
+            raise ValueError("registry.compare: give at least one metric to compare")
+        return v
+
+
 class Config(_Section):
     project: ProjectConfig = ProjectConfig()
     tracking: TrackingConfig = TrackingConfig()
@@ -377,6 +419,8 @@ class Config(_Section):
     refine: RefineConfig = RefineConfig()
     benchmark: BenchmarkConfig = BenchmarkConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
+    registry: RegistryConfig = RegistryConfig()
+    orchestration: OrchestrationConfig = OrchestrationConfig()
 
     def section(self, dotted: str) -> Any:
         """The value at a dotted key, e.g. ``corpus`` or ``corpus.seed``."""

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import yaml
 
-from tasks.common import tracking
+from tasks.common import locking, model_registry, tracking
 from tasks.config import Config, load_config
 from tasks.registry import STAGES
 
@@ -94,13 +94,26 @@ def run_stage(
     orchestrated: bool = False,
     force: bool = False,
     options: dict | None = None,
+    lock: bool = True,
 ) -> Outcome:
     """Run stage ``name``. ``orchestrated`` (Prefect) also skips a stage DVC says is up to date and records
     the outputs in dvc.lock afterwards; from `dvc repro` (the CLI), DVC does both itself. ``options`` go to
-    the stage function as keyword arguments (how a flow hands curate its cluster mapper)."""
+    the stage function as keyword arguments (how a flow hands curate its cluster mapper).
+
+    The stage holds the project's data/ lock while it runs (tasks/common/locking.py): a second run that
+    wants to write data/ at the same time is refused with the holder's name (``lock=False``: a torchrun rank
+    other than 0, whose rank 0 holds it)."""
     if name not in STAGES:
         raise KeyError(f"unknown stage {name!r}; stages: {', '.join(STAGES)}")
     root = Path(root).resolve()
+    if not lock:
+        return _run_stage(name, cfg, root, parent_run_id, orchestrated, force, options)
+    with locking.hold(root, f"stage {name}", timeout_s=cfg.orchestration.lock_timeout_s):
+        return _run_stage(name, cfg, root, parent_run_id, orchestrated, force, options)
+
+
+def _run_stage(name: str, cfg: Config, root: Path, parent_run_id: str | None, orchestrated: bool, force: bool,
+               options: dict | None) -> Outcome:  # fmt: skip
     params = _section_dump(cfg, stage_params(root, name))
     tracked = matches_params_file(cfg, root, name)
     if orchestrated and not force and tracked and dvc_up_to_date(root, name):
@@ -118,6 +131,9 @@ def run_stage(
             import mlflow
 
             tracking.log_result(result, root)
+            if result.model is not None and cfg.registry.enabled:
+                reg = model_registry.register_student(cfg, root, Path(result.model), stage=name)
+                result.summary += f"; registered {reg['name']} v{reg['version']} as '{model_registry.CANDIDATE}'"
             mlflow.set_tag("streamavatar.status", "ran")
     dvc_note = ""
     if orchestrated:

@@ -15,3 +15,4 @@ class StageResult:
     failures: dict[str, str] = field(default_factory=dict)  # item id -> reason (quarantined, not fatal)
     tables: dict[str, list[dict]] = field(default_factory=dict)  # MLflow tables: artifact file -> rows
     summary: str = ""
+    model: Path | None = None  # a trained student checkpoint to log and register in MLflow's model registry

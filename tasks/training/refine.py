@@ -173,7 +173,7 @@ def run_refine(cfg: Config, root: Path, progress: bool = True) -> StageResult:
             val = load_windows(cfg, root, "val", limit=cfg.train.val_windows)
             artifacts.append(student_sample(run, student, sample_vae(cfg), val, report / "sample.mp4"))
         result = StageResult(
-            STAGE, metrics=m, artifacts=artifacts, outputs=[final],
+            STAGE, metrics=m, artifacts=artifacts, outputs=[final], model=final,
             summary=(f"refine: {r.iterations} adversarial steps on {len(data)} real windows; G loss "
                      f"{last.get('g_loss', float('nan')):.4g}, D loss {last.get('d_loss', float('nan')):.4g}, "
                      f"R1 {last.get('r1', float('nan')):.3g}, R2 {last.get('r2', float('nan')):.3g}; the refined "

@@ -1,0 +1,106 @@
+"""Failure behaviour of the orchestration: the data/ lock refuses a second writer and names the first, a stage
+that fails transiently is retried as orchestration.retries says, and one that keeps failing fails its run."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+from tasks.common import locking
+from tasks.common.stage import StageResult
+from tests.conftest import tool_env
+
+
+@pytest.fixture
+def holder(tmp_path):
+    """Another process holding the project's data/ lock, as a running pipeline would."""
+    script = textwrap.dedent(f"""
+        import sys, time
+        from tasks.common import locking
+        with locking.hold({str(tmp_path)!r}, "flow run brave-otter (deployment full-pipeline/demo)"):
+            print("held", flush=True)
+            time.sleep(120)
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "held"
+    yield proc
+    proc.kill()
+    proc.wait()
+
+
+def test_second_writer_is_refused_with_the_holders_name(tmp_path, holder):
+    from tasks.config import Config
+    from tasks.runner import run_stage
+
+    cfg = Config()
+    cfg.tracking.enabled = False
+    with pytest.raises(locking.Busy) as err:
+        run_stage("corpus", cfg, tmp_path)
+    msg = str(err.value)
+    assert "flow run brave-otter (deployment full-pipeline/demo)" in msg and f"pid {holder.pid}" in msg
+    assert "nothing was changed" in msg
+    assert not (tmp_path / "data" / "raw").exists()  # the stage never started
+    # the CLI (what dvc repro runs) says the same and exits 2
+    proc = subprocess.run([sys.executable, "-m", "flows.cli", "corpus"], cwd=tmp_path, env=tool_env(tmp_path),
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert proc.returncode == 2 and "brave-otter" in proc.stderr, proc.stderr
+    # once the holder is gone (even killed: the kernel drops the lock), the next run gets it
+    holder.kill()
+    holder.wait()
+    with locking.hold(tmp_path, "test"):
+        pass
+
+
+def test_lock_waits_when_told_and_is_reentrant(tmp_path, holder):
+    t0 = time.monotonic()
+    with pytest.raises(locking.Busy, match="after waiting 1 s"):
+        with locking.hold(tmp_path, "waiter", timeout_s=1.0):
+            pass
+    assert time.monotonic() - t0 >= 0.9
+    holder.kill()
+    holder.wait()
+    with locking.hold(tmp_path, "outer"):
+        with locking.hold(tmp_path, "inner"):  # a flow holds it and its stages take it again
+            pass
+        assert locking.holder(locking.lock_path(tmp_path))["what"] == "outer"
+
+
+def _flaky(fail_times: int, calls: list):
+    def run(cfg, root, **_):
+        calls.append(time.monotonic())
+        if len(calls) <= fail_times:
+            raise OSError(f"transient: attempt {len(calls)} could not reach the file system")
+        return StageResult("corpus", metrics={"attempts": float(len(calls))}, summary="ok")
+
+    return run
+
+
+def test_transient_failure_is_retried_and_a_persistent_one_fails_the_run(tmp_path, monkeypatch):
+    from prefect.testing.utilities import prefect_test_harness
+
+    from flows.corpus import corpus_flow
+    from tasks import registry
+
+    calls: list = []
+    monkeypatch.setitem(registry.STAGES, "corpus", registry.Stage("corpus", _flaky(1, calls), "flaky"))
+    sets = ["tracking.enabled=false", "orchestration.retries=2", "orchestration.retry_delay_s=0.5"]
+    with prefect_test_harness(server_startup_timeout=120):
+        out = corpus_flow(sets=sets, root=str(tmp_path), parent_run_id=None, force=False)
+        assert out["status"] == "ran" and out["metrics"]["attempts"] == 2.0 and len(calls) == 2
+        assert calls[1] - calls[0] >= 0.5  # the configured delay
+        calls.clear()
+        monkeypatch.setitem(registry.STAGES, "corpus", registry.Stage("corpus", _flaky(10, calls), "flaky"))
+        with pytest.raises(OSError, match="attempt 3"):
+            corpus_flow(sets=sets, root=str(tmp_path), parent_run_id=None, force=False)
+        assert len(calls) == 3  # the first attempt and two retries, then the run fails
+        calls.clear()
+        with pytest.raises(OSError, match="attempt 1"):  # retries 0: no second attempt
+            corpus_flow(sets=[*sets, "orchestration.retries=0"], root=str(tmp_path), parent_run_id=None, force=False)
+        assert len(calls) == 1
+    # the failed attempts let go of the data/ lock
+    with locking.hold(tmp_path, "after"):
+        pass

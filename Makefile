@@ -8,6 +8,7 @@ TORCH_SPEC ?= torch==2.13.0
 BIN := $(CURDIR)/$(VENV)/bin
 STAMP := $(VENV)/.installed
 MLFLOW_PORT ?= 5000
+PREFECT_PORT ?= 4200
 
 export PATH := $(BIN):$(PATH)
 export PREFECT_HOME := $(CURDIR)/.prefect
@@ -16,7 +17,7 @@ export MLFLOW_DISABLE_TELEMETRY := true
 export DVC_NO_ANALYTICS := 1
 export DO_NOT_TRACK := 1
 
-.PHONY: install demo test test-fast ui lint clean
+.PHONY: install demo test test-fast ui serve stop lint clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -59,8 +60,17 @@ ui: install
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --default-artifact-root $(CURDIR)/mlruns \
 		--host 127.0.0.1 --port $(MLFLOW_PORT)
 
+# the pipeline as a service on 127.0.0.1: Prefect server (UI on PREFECT_PORT) + process worker + MLflow server
+# (MLFLOW_PORT; mlflow.db, artifacts in mlruns/), the work pool and prefect.yaml's deployments. Processes, their
+# logs and a shell env file are in .serve/; `make stop` stops exactly those processes.
+serve: install
+	$(BIN)/streamavatar serve --prefect-port $(PREFECT_PORT) --mlflow-port $(MLFLOW_PORT)
+
+stop:
+	@if [ -x $(BIN)/streamavatar ]; then $(BIN)/streamavatar stop; else echo "nothing to stop (no $(VENV))"; fi
+
 lint: install
 	$(BIN)/ruff check flows tasks model tests
 
-clean:
+clean: stop
 	rm -rf data/raw data/reports .prefect mlflow.db mlruns dvc.lock .dvc/cache .dvc/tmp

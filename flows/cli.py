@@ -86,12 +86,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="student checkpoint (default: data/checkpoints/refine/final.pt, else distill/final.pt); "
                         "'random' for the seeded untrained student")
     p.add_argument("--seconds", type=float, default=None, help="use only the first S seconds of the audio")
-    p = sub.add_parser("reevaluate", help="the re-evaluation flow (what a schedule runs): the current student on "
-                                          "the fixed evaluation set, appended to data/reports/reevaluate/"
-                                          "history.parquet with a plot")
+    p = sub.add_parser("reevaluate", help="the re-evaluation flow (what the nightly schedule runs): the registry's "
+                                          "champion and candidate (or a checkpoint) on the fixed evaluation set, "
+                                          "the candidate promoted only if better; appended to "
+                                          "data/reports/reevaluate/history.parquet with a plot")
     _config_args(p)
     p.add_argument("--checkpoint", default=None, metavar="PATH",
-                   help="student checkpoint (default evaluate.checkpoint: refine/final.pt, else distill/final.pt)")
+                   help="evaluate this student checkpoint instead of the registry's champion and candidate (without "
+                        "a registered version: evaluate.checkpoint, refine/final.pt, else distill/final.pt)")
     p = sub.add_parser("serve", help="start on 127.0.0.1 a Prefect server + worker and an MLflow server, create "
                                      "the work pool and deploy prefect.yaml (what `make serve` runs)")
     p.add_argument("--prefect-port", type=int, default=int(os.environ.get("PREFECT_PORT", 4200)),
@@ -132,8 +134,12 @@ def main(argv: list[str] | None = None) -> int:
             from flows.reevaluate import reevaluate_flow
 
             result = reevaluate_flow(configs=args.config, sets=args.sets, root=str(root), checkpoint=args.checkpoint)
-            print(f"re-evaluated {result['row']['checkpoint']} on {result['row']['windows']} windows; history "
-                  f"{result['history']} ({result['rows']} rows), plot {result['plot']}")
+            for row in result["rows_added"]:
+                alias = f" ({row['alias']})" if row.get("alias") else ""
+                print(f"re-evaluated {row['checkpoint']}{alias} on {row['windows']} windows")
+            if result["decision"] is not None:
+                print(f"registry: candidate v{result['decision']['candidate']}: {result['decision']['reason']}")
+            print(f"history {result['history']} ({result['rows']} rows), plot {result['plot']}")
             return 0
         if args.command == "generate":
             return _generate(args, cfg, root)

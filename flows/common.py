@@ -6,12 +6,20 @@ from pathlib import Path
 
 from prefect import task
 
-from tasks.config import load_config, project_root
+from tasks.config import ConfigError, load_config, project_root
 from tasks.runner import Outcome, run_stage
 
 # retries (orchestration.retries / retry_delay_s) cover transient failures (a file system hiccup, a tracking
 # server restarting); stages are resumable, so a retry continues where the failed attempt stopped
-stage_task = task(run_stage, name="run-stage")
+
+
+def transient(task, task_run, state) -> bool:
+    """Retry condition: anything but a ConfigError (a bad setting, a missing input file, data/ locked by
+    another run), which would only fail again."""
+    return not isinstance(state.data, ConfigError)
+
+
+stage_task = task(run_stage, name="run-stage", retry_condition_fn=transient)
 
 
 def run_stage_flow(name: str, configs: list[str] | None, sets: list[str] | None, root: str | None,

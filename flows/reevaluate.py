@@ -9,10 +9,11 @@ from pathlib import Path
 
 from prefect import flow, task
 
+from flows.common import transient
 from tasks.config import load_config, project_root
 from tasks.evaluation.reevaluate import run_reevaluation
 
-reevaluate_task = task(run_reevaluation, name="re-evaluate-student", retries=1, retry_delay_seconds=5)
+reevaluate_task = task(run_reevaluation, name="re-evaluate-student", retry_condition_fn=transient)
 
 
 @flow(name="re-evaluate", log_prints=True)
@@ -20,4 +21,6 @@ def reevaluate_flow(configs: list[str] | None = None, sets: list[str] | None = N
                     checkpoint: str | None = None) -> dict:
     root_path = Path(root).resolve() if root else project_root()
     cfg = load_config(configs, sets, root=root_path)
-    return reevaluate_task(cfg, root_path, checkpoint=checkpoint, progress=False)
+    retrying = reevaluate_task.with_options(retries=cfg.orchestration.retries,
+                                            retry_delay_seconds=cfg.orchestration.retry_delay_s)
+    return retrying(cfg, root_path, checkpoint=checkpoint, progress=False)

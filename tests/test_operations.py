@@ -12,6 +12,7 @@ import pytest
 
 from tasks.common import locking
 from tasks.common.stage import StageResult
+from tasks.config import ConfigError
 from tests.conftest import tool_env
 
 
@@ -100,6 +101,17 @@ def test_transient_failure_is_retried_and_a_persistent_one_fails_the_run(tmp_pat
         calls.clear()
         with pytest.raises(OSError, match="attempt 1"):  # retries 0: no second attempt
             corpus_flow(sets=[*sets, "orchestration.retries=0"], root=str(tmp_path), parent_run_id=None, force=False)
+        assert len(calls) == 1
+        # a ConfigError (bad setting, missing input, data/ locked) is not retried: it would fail again
+        calls.clear()
+
+        def bad_config(cfg, root, **_):
+            calls.append(1)
+            raise ConfigError("corpus.faces_dir: no such folder")
+
+        monkeypatch.setitem(registry.STAGES, "corpus", registry.Stage("corpus", bad_config, "bad"))
+        with pytest.raises(ConfigError, match="no such folder"):
+            corpus_flow(sets=sets, root=str(tmp_path), parent_run_id=None, force=False)
         assert len(calls) == 1
     # the failed attempts let go of the data/ lock
     with locking.hold(tmp_path, "after"):

@@ -92,7 +92,7 @@ def plot_history(history: pd.DataFrame, out: Path) -> Path:
         ax.grid(alpha=0.3)
     if not cols:
         axes[0, 0].text(0.5, 0.5, "no metric has a value yet", ha="center", va="center")
-    axes[-1, 0].set_xlabel("evaluation run (oldest first)")
+    axes[-1, 0].set_xlabel("history row (oldest first): one per student evaluated")
     axes[-1, 0].set_xticks(list(x))
     labels = [f"{i}: {t:%Y-%m-%d %H:%M} {c}" for i, (t, c) in enumerate(zip(history.evaluated_at,
                                                                             history.checkpoint_sha256, strict=False), 1)]

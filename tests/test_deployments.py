@@ -155,6 +155,8 @@ def test_served_deployments_end_to_end(clone):
         assert s.flow_run(first)["state"]["type"] == "COMPLETED", s.states(first)
         parent = _pipeline_run(client, first)
         assert parent.info.status == "FINISHED" and parent.data.tags["prefect.deployment"] == "full-pipeline/demo"
+        # the worker's runs logged through the MLflow server, not straight into mlflow.db
+        assert parent.data.tags["streamavatar.tracking_uri"] == s.env["MLFLOW_TRACKING_URI"]
         stages = _stage_runs(client, parent)
         assert list(stages) == STAGES and _ran(stages) == set(STAGES)
         assert stages["curate"][0].data.metrics["clips_ok"] == 2

@@ -16,7 +16,9 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 
 def tracking_uri(cfg: Config, root: Path) -> str:
-    uri = cfg.tracking.tracking_uri
+    """$MLFLOW_TRACKING_URI when set (`make serve` sets it for the worker, so deployment runs log through the
+    MLflow server), else tracking.tracking_uri with a relative SQLite path made absolute under ``root``."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or cfg.tracking.tracking_uri
     if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
         return f"sqlite:///{(Path(root) / uri.removeprefix('sqlite:///')).resolve()}"
     return uri
@@ -50,7 +52,8 @@ def pipeline_run(cfg: Config, root: Path, name: str, tags: dict | None = None) -
     import mlflow
 
     setup(cfg, root)
-    with mlflow.start_run(run_name=name, tags={"streamavatar.kind": "pipeline", **(tags or {})}) as run:
+    tags = {"streamavatar.kind": "pipeline", "streamavatar.tracking_uri": mlflow.get_tracking_uri(), **(tags or {})}
+    with mlflow.start_run(run_name=name, tags=tags) as run:
         mlflow.log_params(_params(flatten(cfg.model_dump(mode="json"))))
         yield run.info.run_id
 

@@ -28,6 +28,9 @@ STATE_DIR = ".serve"
 ORDER = ("prefect-server", "mlflow-server", "prefect-worker")  # start order; stop runs it backwards
 
 
+_CHILDREN: dict[int, subprocess.Popen] = {}  # what this process started: waited on while starting
+
+
 class ServeError(RuntimeError):
     """Something `serve` could not do; the message says what and where to look."""
 
@@ -99,10 +102,10 @@ def _alive(record: dict) -> bool:
         os.kill(pid, 0)
     except (ProcessLookupError, PermissionError):
         return False
-    cmd = _cmdline(pid)
-    if not cmd:  # no /proc (not Linux): trust the pid
+    if not Path("/proc/self").exists():  # no /proc (not Linux): trust the pid
         return True
-    return record.get("marker", "") in " ".join(cmd)
+    # a zombie or a process that is not ours has another (or an empty) command line
+    return record.get("marker", "") in " ".join(_cmdline(pid))
 
 
 def records(root: Path) -> dict[str, dict]:
@@ -129,6 +132,7 @@ def _spawn(root: Path, name: str, cmd: list[str], env: dict[str, str], marker: s
     record = {"name": name, "pid": proc.pid, "cmd": cmd, "marker": marker, "log": str(log),
               "started": time.time()}  # fmt: skip
     _record_path(root, name).write_text(json.dumps(record, indent=2))
+    _CHILDREN[proc.pid] = proc
     return record
 
 
@@ -152,8 +156,9 @@ def _tail(path: str, lines: int = 25) -> str:
 
 def _wait(what: str, check, record: dict, timeout_s: float) -> None:
     deadline = time.monotonic() + timeout_s
+    proc = _CHILDREN[record["pid"]]
     while time.monotonic() < deadline:
-        if not _alive(record):
+        if proc.poll() is not None:
             raise ServeError(f"{what} exited while starting; its log ({record['log']}) ends with:\n"
                              f"{_tail(record['log'])}")  # fmt: skip
         try:
@@ -270,15 +275,15 @@ def stop(root: Path, only: list[str] | None = None, timeout_s: float = 30, echo=
             if _alive(rec):
                 _signal_group(rec["pid"], signal.SIGKILL)
                 time.sleep(0.5)
+            # the leader is gone; children of its group it left behind still carry its group id
+            try:
+                os.killpg(rec["pid"], signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
             echo(f"{name}: stopped (pid {rec['pid']})")
             stopped.append(name)
-        else:
+        else:  # its pid may belong to another program by now: leave it alone
             echo(f"{name}: was not running (pid {rec['pid']} gone)")
-        # a killed leader can leave its group's children: they still carry its group id
-        try:
-            os.killpg(rec["pid"], signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
         _record_path(root, name).unlink(missing_ok=True)
     if not records(root):
         (_state(root) / "endpoints.json").unlink(missing_ok=True)

@@ -116,3 +116,38 @@ def test_transient_failure_is_retried_and_a_persistent_one_fails_the_run(tmp_pat
     # the failed attempts let go of the data/ lock
     with locking.hold(tmp_path, "after"):
         pass
+
+
+# ------------------------------------------------------------------------------ `streamavatar serve` / stop
+def test_serve_refuses_a_taken_port_and_stop_leaves_other_processes_alone(tmp_path):
+    import json
+    import socket
+
+    from flows import serve
+
+    (tmp_path / "prefect.yaml").write_text("deployments: []\n")
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        with pytest.raises(serve.ServeError, match=f"port {port} on 127.0.0.1 is in use by another program"):
+            serve.start(tmp_path, serve.Ports(prefect=port, mlflow=port + 1 if port < 65535 else port - 1))
+    assert not list((tmp_path / ".serve").glob("*.json"))  # nothing was started, nothing recorded
+    messages: list[str] = []
+    assert serve.stop(tmp_path, echo=messages.append) == [] and "nothing to stop" in messages[-1]
+    # a recorded pid that now belongs to another program (pids get reused) is not signalled
+    other = subprocess.Popen(["sleep", "60"], start_new_session=True)
+    while not serve._cmdline(other.pid):  # until it has exec'd
+        time.sleep(0.05)
+    try:
+        record = {"name": "prefect-server", "pid": other.pid, "cmd": ["prefect", "server", "start"],
+                  "marker": "server start", "log": str(tmp_path / "x.log"), "started": 0}  # fmt: skip
+        (tmp_path / ".serve" / "prefect-server.json").write_text(json.dumps(record))
+        messages.clear()
+        assert serve.stop(tmp_path, echo=messages.append) == []
+        time.sleep(0.5)
+        assert "was not running" in messages[0] and other.poll() is None  # still alive
+        assert not (tmp_path / ".serve" / "prefect-server.json").exists()
+    finally:
+        other.kill()
+        other.wait()

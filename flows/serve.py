@@ -65,7 +65,8 @@ def service_env(root: Path, ports: Ports) -> dict[str, str]:
         "STREAMAVATAR_ROOT": str(root),
         "PREFECT_HOME": env.get("PREFECT_HOME") or str(root / ".prefect"),
         "PREFECT_API_URL": ports.prefect_api,
-        "MLFLOW_TRACKING_URI": ports.mlflow_uri,
+        "MLFLOW_TRACKING_URI": ports.mlflow_uri,  # the mlflow CLI and MlflowClient() of a user's shell
+        "STREAMAVATAR_TRACKING_URI": ports.mlflow_uri,  # the pipeline's runs (tasks/common/tracking.py)
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
         "MLFLOW_DISABLE_TELEMETRY": "true",
         "DVC_NO_ANALYTICS": "1",
@@ -321,7 +322,7 @@ Day to day (in another terminal; `source .serve/env` first so the prefect CLI ta
 def write_env_file(root: Path, ports: Ports) -> Path:
     """.serve/env: `source` it to point the prefect / mlflow CLIs of a shell at the running services."""
     env = service_env(root, ports)
-    keys = ("STREAMAVATAR_ROOT", "PREFECT_HOME", "PREFECT_API_URL", "MLFLOW_TRACKING_URI",
+    keys = ("STREAMAVATAR_ROOT", "PREFECT_HOME", "PREFECT_API_URL", "MLFLOW_TRACKING_URI", "STREAMAVATAR_TRACKING_URI",
             "PREFECT_SERVER_ANALYTICS_ENABLED", "MLFLOW_DISABLE_TELEMETRY", "DVC_NO_ANALYTICS")  # fmt: skip
     path = _state(root) / "env"
     path.write_text("".join(f"export {k}={env[k]}\n" for k in keys)

@@ -38,8 +38,8 @@ class ProjectConfig(_Section):
 class TrackingConfig(_Section):
     enabled: bool = True
     experiment: str = "streamavatar"
-    # relative sqlite paths and artifact folders resolve against the project root; $MLFLOW_TRACKING_URI, when
-    # set, wins (`make serve` points its worker at the MLflow server that way)
+    # relative sqlite paths and artifact folders resolve against the project root; $STREAMAVATAR_TRACKING_URI,
+    # when set, wins (`make serve` points its worker at the MLflow server that way)
     tracking_uri: str = "sqlite:///mlflow.db"
     artifact_dir: str = "mlruns"
 

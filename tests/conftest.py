@@ -13,6 +13,7 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 # a shell that sourced .serve/env points MLflow at a running server: the tests use their own stores
 os.environ.pop("MLFLOW_TRACKING_URI", None)
+os.environ.pop("STREAMAVATAR_TRACKING_URI", None)
 os.environ.pop("PREFECT_API_URL", None)
 
 REPO = Path(__file__).resolve().parents[1]

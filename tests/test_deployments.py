@@ -53,6 +53,7 @@ class Served:
         self.env = tool_env(root)
         self.env.update(PREFECT_API_URL=f"http://127.0.0.1:{self.prefect_port}/api",
                         MLFLOW_TRACKING_URI=f"http://127.0.0.1:{self.mlflow_port}",
+                        STREAMAVATAR_TRACKING_URI=f"http://127.0.0.1:{self.mlflow_port}",
                         # no 03:00 UTC nightly run sneaking into the test: runs here are triggered by hand
                         PREFECT_SERVER_SERVICES_SCHEDULER_ENABLED="false", PREFECT_WORKER_QUERY_SECONDS="2")
         self.api = self.env["PREFECT_API_URL"]

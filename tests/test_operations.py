@@ -151,3 +151,21 @@ def test_serve_refuses_a_taken_port_and_stop_leaves_other_processes_alone(tmp_pa
     finally:
         other.kill()
         other.wait()
+
+
+def test_each_project_logs_to_its_own_store_and_the_served_uri_wins(tmp_path, monkeypatch):
+    """mlflow.set_tracking_uri writes $MLFLOW_TRACKING_URI: a second project in the same process must still
+    get its own store; $STREAMAVATAR_TRACKING_URI (what `make serve` gives its worker) overrides the config."""
+    import mlflow
+
+    from tasks.common import tracking
+    from tasks.config import Config
+
+    cfg = Config()
+    a, b = tmp_path / "a", tmp_path / "b"
+    for root in (a, b):
+        root.mkdir()
+        tracking.setup(cfg, root)
+        assert mlflow.get_tracking_uri() == f"sqlite:///{root / 'mlflow.db'}"
+    monkeypatch.setenv("STREAMAVATAR_TRACKING_URI", f"sqlite:///{tmp_path / 'served.db'}")
+    assert tracking.tracking_uri(cfg, a) == f"sqlite:///{tmp_path / 'served.db'}"

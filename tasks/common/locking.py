@@ -33,6 +33,10 @@ def lock_path(root: Path, name: str = "pipeline") -> Path:
     return Path(root).resolve() / "data" / f".{name}.lock"
 
 
+def _info_path(path: Path) -> Path:
+    return path.with_name(path.name + ".json")  # data/.pipeline.lock.json
+
+
 def _lock(path: Path) -> FileLock:
     with _GUARD:
         key = str(path)
@@ -44,7 +48,7 @@ def _lock(path: Path) -> FileLock:
 
 def holder(path: Path) -> dict:
     """What the lock's holder wrote about itself ({} when nothing is known)."""
-    info = path.with_suffix(".json")
+    info = _info_path(path)
     try:
         return json.loads(info.read_text())
     except (OSError, ValueError):
@@ -80,9 +84,9 @@ def hold(root: Path, what: str, timeout_s: float = 0.0, name: str = "pipeline") 
     try:
         if outermost:
             info = {"pid": os.getpid(), "host": socket.gethostname(), "what": what, "since": time.time()}
-            tmp = path.with_suffix(".json.partial")
+            tmp = path.with_name(path.name + ".json.partial")
             tmp.write_text(json.dumps(info))
-            tmp.replace(path.with_suffix(".json"))
+            tmp.replace(_info_path(path))
         yield path
     finally:
         lock.release()

@@ -11,14 +11,18 @@ from tasks.common.stage import StageResult
 from tasks.config import Config, flatten
 
 PARENT_ENV = "STREAMAVATAR_MLFLOW_PARENT_RUN"  # set by a pipeline run so stage processes nest under it
+URI_ENV = "STREAMAVATAR_TRACKING_URI"  # overrides tracking.tracking_uri (the served worker's MLflow server)
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 
 def tracking_uri(cfg: Config, root: Path) -> str:
-    """$MLFLOW_TRACKING_URI when set (`make serve` sets it for the worker, so deployment runs log through the
-    MLflow server), else tracking.tracking_uri with a relative SQLite path made absolute under ``root``."""
-    uri = os.environ.get("MLFLOW_TRACKING_URI") or cfg.tracking.tracking_uri
+    """$STREAMAVATAR_TRACKING_URI when set (`make serve` sets it for the worker, so deployment runs log through
+    the MLflow server), else tracking.tracking_uri with a relative SQLite path made absolute under ``root``.
+
+    Not $MLFLOW_TRACKING_URI: mlflow.set_tracking_uri writes that variable itself, so it would pin every later
+    project of the same process to the first one's store."""
+    uri = os.environ.get(URI_ENV) or cfg.tracking.tracking_uri
     if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
         return f"sqlite:///{(Path(root) / uri.removeprefix('sqlite:///')).resolve()}"
     return uri

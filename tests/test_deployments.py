@@ -95,6 +95,21 @@ class Served:
         return self.cli(sys.executable, "-m", "dvc", *args, timeout=300).stdout
 
 
+def _running(pid: int, grace_s: float = 5.0) -> bool:
+    """The process still runs (an exited one that its new parent has not reaped yet, a zombie, does not)."""
+    deadline = time.monotonic() + grace_s
+    while True:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except (OSError, IndexError):
+            return False
+        if state in ("Z", "X"):
+            return False
+        if time.monotonic() > deadline:
+            return True
+        time.sleep(0.2)
+
+
 def _stage_runs(client, pipeline_run) -> dict[str, list]:
     exp = pipeline_run.info.experiment_id
     kids = client.search_runs([exp], f"tags.`mlflow.parentRunId` = '{pipeline_run.info.run_id}'",
@@ -239,11 +254,7 @@ def test_served_deployments_end_to_end(clone):
         stopped = s.cli(str(BIN / "streamavatar"), "stop", check=False, timeout=120)
     assert stopped.returncode == 0, stopped.stderr
     for name, rec in records.items():  # every process `serve` started is gone, and its ports are free
-        try:
-            os.kill(rec["pid"], 0)
-            alive = True
-        except ProcessLookupError:
-            alive = False
+        alive = _running(rec["pid"])
         if alive:
             os.killpg(rec["pid"], signal.SIGKILL)
         assert not alive, f"{name} (pid {rec['pid']}) still runs after `streamavatar stop`"

@@ -44,11 +44,13 @@ demo: install
 	@echo "  data/reports/<stage>/          metrics.json + sample.mp4 (with its audio) for teacher, ode_pairs, distill, refine"
 	@echo "  data/reports/benchmark.json    real-time speed: DiT / VAE RTF and first-frame delay, sequential vs pipelined"
 	@echo "  data/reports/metrics.json      ground truth vs teacher vs student on held-out clips; table in data/reports/evaluate/"
-	@echo "  mlflow.db + mlruns/            the MLflow run of this pipeline run, a nested run per stage"
+	@echo "  mlflow.db + mlruns/            the MLflow run of this pipeline run, a nested run per stage, and the refined"
+	@echo "                                 student registered as model streamavatar-student (alias candidate)"
 	@echo "Look at them:"
 	@echo "  make ui                        MLflow UI on http://127.0.0.1:$(MLFLOW_PORT) (experiment 'streamavatar')"
 	@echo "  .venv/bin/dvc status           DVC agrees the outputs match params.yaml and the code"
 	@echo "  .venv/bin/dvc repro            re-runs only what changed (nothing, right after make demo)"
+	@echo "  make serve                     the same as Prefect deployments on a server + worker, with an MLflow server"
 
 test: install
 	$(BIN)/python -m pytest -q

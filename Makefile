@@ -75,4 +75,6 @@ lint: install
 	$(BIN)/ruff check flows tasks model tests
 
 clean: stop
-	rm -rf data/raw data/reports .prefect mlflow.db mlruns dvc.lock .dvc/cache .dvc/tmp
+	rm -rf data/raw data/reports .prefect mlflow.db mlruns dvc.lock .dvc/cache .dvc/tmp .serve
+	@# the folders' tracked .gitignore files (which keep the stages' metrics.json out of git) come back
+	@git checkout -- data/raw data/reports 2>/dev/null || true

@@ -10,6 +10,7 @@ it started before signalling it.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -162,11 +163,9 @@ def _wait(what: str, check, record: dict, timeout_s: float) -> None:
         if proc.poll() is not None:
             raise ServeError(f"{what} exited while starting; its log ({record['log']}) ends with:\n"
                              f"{_tail(record['log'])}")  # fmt: skip
-        try:
+        with contextlib.suppress(httpx.HTTPError):  # not listening yet
             if check():
                 return
-        except httpx.HTTPError:
-            pass
         time.sleep(0.5)
     raise ServeError(f"{what} did not become ready in {timeout_s:g} s; see {record['log']}:\n{_tail(record['log'])}")
 
@@ -250,9 +249,8 @@ def start(root: Path, ports: Ports, *, deploy: bool = True, timeout_s: float = 1
 
 def _signal_group(pid: int, sig: int) -> None:
     try:
-        os.killpg(pid, sig)  # the process started its own session: its group id is its pid
-    except ProcessLookupError:
-        pass
+        with contextlib.suppress(ProcessLookupError):  # already gone
+            os.killpg(pid, sig)  # the process started its own session: its group id is its pid
     except PermissionError:
         os.kill(pid, sig)
 
@@ -277,10 +275,8 @@ def stop(root: Path, only: list[str] | None = None, timeout_s: float = 30, echo=
                 _signal_group(rec["pid"], signal.SIGKILL)
                 time.sleep(0.5)
             # the leader is gone; children of its group it left behind still carry its group id
-            try:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(rec["pid"], signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
             echo(f"{name}: stopped (pid {rec['pid']})")
             stopped.append(name)
         else:  # its pid may belong to another program by now: leave it alone

@@ -3,6 +3,7 @@ that fails transiently is retried as orchestration.retries says, and one that ke
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import textwrap
@@ -52,21 +53,21 @@ def test_second_writer_is_refused_with_the_holders_name(tmp_path, holder):
     # once the holder is gone (even killed: the kernel drops the lock), the next run gets it
     holder.kill()
     holder.wait()
-    with locking.hold(tmp_path, "test"):
-        pass
+    with locking.hold(tmp_path, "test") as path:
+        assert locking.holder(path)["pid"] == os.getpid()
 
 
 def test_lock_waits_when_told_and_is_reentrant(tmp_path, holder):
     t0 = time.monotonic()
     with pytest.raises(locking.Busy, match="after waiting 1 s"):
         with locking.hold(tmp_path, "waiter", timeout_s=1.0):
-            pass
+            raise AssertionError("the lock was taken while another process holds it")
     assert time.monotonic() - t0 >= 0.9
     holder.kill()
     holder.wait()
     with locking.hold(tmp_path, "outer"):
-        with locking.hold(tmp_path, "inner"):  # a flow holds it and its stages take it again
-            pass
+        with locking.hold(tmp_path, "inner") as path:  # a flow holds it and its stages take it again
+            assert locking.holder(path)["what"] == "outer"  # the outermost holder is who others see
         assert locking.holder(locking.lock_path(tmp_path))["what"] == "outer"
 
 
@@ -114,8 +115,8 @@ def test_transient_failure_is_retried_and_a_persistent_one_fails_the_run(tmp_pat
             corpus_flow(sets=sets, root=str(tmp_path), parent_run_id=None, force=False)
         assert len(calls) == 1
     # the failed attempts let go of the data/ lock
-    with locking.hold(tmp_path, "after"):
-        pass
+    with locking.hold(tmp_path, "after") as path:
+        assert locking.holder(path)["what"] == "after"
 
 
 # ------------------------------------------------------------------------------ `streamavatar serve` / stop

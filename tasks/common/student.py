@@ -9,7 +9,9 @@ import torch
 
 from model.audio import AudioConditioner
 from model.dit import AudioDiT
-from tasks.common.models import build_dit
+from model.streaming import StreamingGenerator
+from model.text import prompt_embedding
+from tasks.common.models import build_audio, build_dit, build_vae, device_of, dtype_of, stream_settings
 from tasks.config import Config, ConfigError, resolve_path
 
 RANDOM = "random"  # --checkpoint random: the seeded, untrained student
@@ -57,3 +59,16 @@ def load_student(cfg: Config, root: Path, checkpoint: str | Path | None, audio: 
                           f"another profile?): {str(exc).splitlines()[0]}") from None  # fmt: skip
     shown = path.relative_to(root) if path.is_relative_to(root) else path
     return dit.eval(), {"path": str(shown), "label": str(shown), "trained": True, "step": blob.get("step")}
+
+
+def build_stream(cfg: Config, root: Path, checkpoint: str | Path | None) -> tuple[StreamingGenerator, dict]:
+    """The product's StreamingGenerator around the chosen student, and what that student is."""
+    device = device_of(cfg)
+    audio = build_audio(cfg).to(device)
+    dit, info = load_student(cfg, root, checkpoint, audio, device)
+    vae = build_vae(cfg).eval()
+    if device.type != "cpu":
+        vae.vae.to(dtype_of(cfg))  # the network only: the latent statistics stay float32
+    text = prompt_embedding(cfg.model.prompt, cfg.model.text_len, cfg.model.text_dim, cfg.model.text_encoder_path,
+                            cache_dir=root / "data" / "cache", dtype=dtype_of(cfg))  # fmt: skip
+    return StreamingGenerator(dit, vae, audio, text.float(), stream_settings(cfg)), info

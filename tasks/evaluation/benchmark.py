@@ -43,10 +43,9 @@ import torch
 from tqdm import tqdm
 
 from model.streaming import StreamingGenerator
-from model.text import prompt_embedding
-from tasks.common.models import build_audio, build_vae, device_of, dtype_of, stream_settings
+from tasks.common.models import build_vae
 from tasks.common.stage import StageResult
-from tasks.common.student import RANDOM, default_checkpoint, load_student
+from tasks.common.student import RANDOM, build_stream, default_checkpoint  # noqa: F401  (build_stream re-exported)
 from tasks.config import Config, ConfigError, resolve_path
 from tasks.evaluation.model_bench import _pct, _test_audio, hardware
 
@@ -74,19 +73,6 @@ def resolve_student(cfg: Config, root: Path, choice: str) -> str | Path | None:
     if choice == "auto":
         return default_checkpoint(cfg, root) or RANDOM
     return RANDOM if choice == RANDOM else resolve_path(choice, root)
-
-
-def build_stream(cfg: Config, root: Path, checkpoint: str | Path | None) -> tuple[StreamingGenerator, dict]:
-    """The product's StreamingGenerator around the chosen student, and what that student is."""
-    device = device_of(cfg)
-    audio = build_audio(cfg).to(device)
-    dit, info = load_student(cfg, root, checkpoint, audio, device)
-    vae = build_vae(cfg).eval()
-    if device.type != "cpu":
-        vae.vae.to(dtype_of(cfg))  # the network only: the latent statistics stay float32
-    text = prompt_embedding(cfg.model.prompt, cfg.model.text_len, cfg.model.text_dim, cfg.model.text_encoder_path,
-                            cache_dir=root / "data" / "cache", dtype=dtype_of(cfg))  # fmt: skip
-    return StreamingGenerator(dit, vae, audio, text.float(), stream_settings(cfg)), info
 
 
 # ------------------------------------------------------------------------------------------------ workers

@@ -34,18 +34,12 @@ from tqdm import tqdm
 
 from model.attention import CausalLayout
 from model.streaming import StreamingGenerator
-from model.text import prompt_embedding
 from model.vae import VideoVAE
 from tasks.common.media import MediaError, read_audio, read_frames
 from tasks.common.models import (
-    build_audio,
     build_layout,
-    build_vae,
-    device_of,
-    dtype_of,
-    stream_settings,
 )
-from tasks.common.student import RANDOM, default_checkpoint, load_student  # noqa: F401  (re-exported)
+from tasks.common.student import RANDOM, build_stream, default_checkpoint, load_student  # noqa: F401  (re-exported)
 from tasks.config import Config, ConfigError, resolve_path
 from tasks.evaluation.model_bench import hardware
 
@@ -276,19 +270,11 @@ def run_drift_bench(
         raise ConfigError(f"--window-s must be positive, got {window_s}")
     t_all = time.perf_counter()
     root = Path(root)
-    device = device_of(cfg)
-    audio = build_audio(cfg).to(device)
-    dit, student = load_student(cfg, root, checkpoint, audio, device)
-    vae = build_vae(cfg).eval()
-    if device.type != "cpu":
-        vae.vae.to(dtype_of(cfg))  # as build_generator: the network only, the latent mean/std stay float32
-    m = cfg.model  # the prompt embedding exactly as the training stages made it (seeded in the demo)
-    text = prompt_embedding(m.prompt, m.text_len, m.text_dim, m.text_encoder_path,
-                            cache_dir=root / "data" / "cache", dtype=dtype_of(cfg)).float()
+    # the product's generator; each layout below streams the same student, VAE, audio and prompt
+    probe, student = build_stream(cfg, root, checkpoint)
+    dit, vae, audio, text, base_settings = probe.dit, probe.vae, probe.audio, probe._text, probe.settings
     layouts = drift_layouts(cfg)
-    base_settings = stream_settings(cfg)
     fps = cfg.video.fps
-    probe = StreamingGenerator(dit, vae, audio, text, base_settings)
     cvf, spc = probe.chunk_video_frames, probe.samples_per_chunk
     chunks = math.ceil(frames / cvf)
     inputs = drift_inputs(cfg, root, chunks * spc)
@@ -343,7 +329,7 @@ def run_drift_bench(
                     "dtype": cfg.project.dtype, "steps": base_settings.steps,
                     "context": base_settings.context, "seed": base_settings.seed},
         "flat_grey_frame": anchor,
-        "hardware": hardware(device),
+        "hardware": hardware(probe.device),
         "settings": results,
         "wall_s": time.perf_counter() - t_all,
     }  # fmt: skip

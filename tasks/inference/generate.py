@@ -25,10 +25,8 @@ import torch
 from tqdm import tqdm
 
 from model.streaming import StreamingGenerator
-from model.text import prompt_embedding
 from tasks.common.media import MediaError, iter_frames, probe, read_audio, write_video, write_wav
-from tasks.common.models import build_audio, build_vae, device_of, dtype_of, stream_settings
-from tasks.common.student import load_student
+from tasks.common.student import build_stream
 from tasks.config import Config, ConfigError
 
 log = logging.getLogger(__name__)
@@ -191,16 +189,7 @@ def generate(
     audio_s = samples / sr
     frames = math.ceil(samples / spf)
 
-    device = device_of(cfg)
-    conditioner = build_audio(cfg).to(device)
-    dit, student = load_student(cfg, root, checkpoint, conditioner, device)
-    vae = build_vae(cfg).eval()
-    if device.type != "cpu":
-        vae.vae.to(dtype_of(cfg))  # as build_generator: the network only, the latent mean/std stay float32
-    m = cfg.model  # the prompt embedding exactly as the training stages made it (seeded in the demo)
-    text = prompt_embedding(m.prompt, m.text_len, m.text_dim, m.text_encoder_path,
-                            cache_dir=root / "data" / "cache", dtype=dtype_of(cfg)).float()  # fmt: skip
-    gen = StreamingGenerator(dit, vae, conditioner, text, stream_settings(cfg))
+    gen, student = build_stream(cfg, root, checkpoint)
     step = gen.samples_per_chunk
     chunks = math.ceil(samples / step)
     padded = chunks * step  # the last chunk is completed with silence; its extra frames are dropped
@@ -229,7 +218,7 @@ def generate(
         "chunk_video_frames": gen.chunk_video_frames, "fps": fps, "size": f"{width}x{height}",
         "checkpoint": student["label"], "checkpoint_path": student["path"], "trained_student": student["trained"],
         "checkpoint_step": student["step"], "reference": str(reference), "audio": str(audio),
-        "listen_to": None if listen_to is None else str(listen_to), "device": str(device),
+        "listen_to": None if listen_to is None else str(listen_to), "device": str(gen.device),
         "torch_threads": torch.get_num_threads(), "load_s": load_s, "stream_s": stream_s, "wall_s": wall_s,
         "rtf": stream_s / audio_s, "rtf_with_load": wall_s / audio_s,
     }  # fmt: skip

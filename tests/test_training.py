@@ -81,40 +81,62 @@ def test_ode_pairs_resume_skips_done_pairs(project, tmp_path):
 
 
 def test_the_generator_loss_that_runs_is_sid(project, tmp_path, monkeypatch):
-    """Record what the SiD step feeds its loss and check the value against the formula in float64."""
+    """Record what the SiD step feeds its loss and check the value against the formula in float64, and that
+    f_real is the frozen teacher's guided x0 and f_fake the fake score's (swapping them must fail)."""
     import tasks.training.distill as distill
 
-    calls = []
-    real = distill.sid_generator_loss
+    calls, scores = [], []
+    real, real_x0 = distill.sid_generator_loss, distill.teacher_x0
+    teacher_sd = torch.load(project / "data/checkpoints/teacher/final.pt", weights_only=False)["model"]
+
+    def spy_x0(model, context, x_t, sigma, talk, listen, guidance):
+        out = real_x0(model, context, x_t, sigma, talk, listen, guidance)
+        is_teacher = not model.training and all(torch.equal(v, teacher_sd[k]) for k, v in model.state_dict().items())
+        scores.append((is_teacher, guidance, out.detach().clone()))
+        return out
 
     def spy(x, f_real, f_fake, alpha, mask=None):
         out = real(x, f_real, f_fake, alpha, mask=mask)
-        calls.append((x.detach().clone(), f_real.detach().clone(), f_fake.detach().clone(), alpha, out.item()))
+        calls.append((x.detach().clone(), f_real.detach().clone(), f_fake.detach().clone(), alpha, out.item(),
+                      scores[-2:]))  # fmt: skip
         return out
 
     monkeypatch.setattr(distill, "sid_generator_loss", spy)
+    monkeypatch.setattr(distill, "teacher_x0", spy_x0)
     root = copy_project(project, tmp_path / "p")
     shutil.rmtree(root / "data/checkpoints/distill")
     cfg = tiny_config(root)
     cfg.distill.sid_alpha = 1.2
+    cfg.distill.real_guidance = 3.0
     distill.run_distill(cfg, root, progress=False)
     assert len(calls) == cfg.distill.iterations
     saw_nonzero = False
-    for x, fr, ff, alpha, value in calls:
+    for x, fr, ff, alpha, value, (first, second) in calls:
         assert alpha == 1.2
+        # which score is which: the real one comes from the frozen teacher with the configured guidance
+        (t_is_teacher, t_guidance, t_out), (f_is_teacher, f_guidance, f_out) = first, second
+        assert t_is_teacher and t_guidance == 3.0 and torch.equal(fr, t_out)
+        assert not f_is_teacher and f_guidance == 1.0 and torch.equal(ff, f_out)
         x, fr, ff = x[:, :, 1:].double(), fr[:, :, 1:].double(), ff[:, :, 1:].double()  # the reference is excluded
         per = ((fr - ff) * ((fr - x) - alpha * (fr - ff))).flatten(1).mean(1)
         w = (x - fr).abs().flatten(1).mean(1).clamp(min=1e-5)
         assert value == pytest.approx(float((per / w).mean()), rel=1e-9, abs=1e-15)
         dmd = (0.5 * ((x - (x - (ff - fr) / w.view(-1, 1, 1, 1, 1))) ** 2)).mean()  # what DMD would give
         saw_nonzero |= abs(value) > 0 and abs(value - float(dmd)) > 1e-9
-    assert saw_nonzero  # after the fake score moved off the teacher, SiD and DMD values differ
+    assert saw_nonzero  # the guided real score differs from the fake one: SiD and DMD values differ
 
 
 def test_distill_improves_the_match_to_the_teacher(project):
     metrics = json.loads((project / "data/reports/distill/metrics.json").read_text())
-    for key in ("ode_match_mse_before", "ode_match_mse_after", "sid_last_sid_loss", "sid_last_fake_loss"):
+    for key in ("ode_match_mse_before", "ode_match_mse_after", "ode_match_fd_before", "ode_match_fd_after",
+                "sid_fd_teacher_before", "sid_fd_teacher_after", "sid_last_sid_loss", "sid_last_fake_loss"):
         assert key in metrics and metrics[key] == metrics[key]  # present and not NaN
+    # ODE init, on held-out pairs: the objective and the student's own samples from the same noise improve
+    assert metrics["ode_x0_mse_after"] < 0.9 * metrics["ode_x0_mse_before"], metrics
+    assert metrics["ode_match_mse_after"] < metrics["ode_match_mse_before"], metrics
+    # SiD starts from the ODE-initialised student and has a gradient from its first step (guided real score)
+    assert metrics["sid_fd_teacher_before"] == metrics["ode_match_fd_after"]
+    assert metrics["sid_grad_norm_first"] > 1e-4 and metrics["sid_score_gap_first"] > 0, metrics
     final = torch.load(project / "data/checkpoints/distill/final.pt", weights_only=False)
     teacher = torch.load(project / "data/checkpoints/teacher/final.pt", weights_only=False)
     assert any(not torch.equal(final["model"][k], teacher["model"][k]) for k in final["model"])
@@ -164,7 +186,7 @@ def test_changed_settings_start_over(project, tmp_path):
     assert rows[1]["loss"] != history(project, "teacher")[1]["loss"]
 
 
-def test_refine_runs_with_finite_losses(project, tmp_path):
+def test_refine_trains_both_players_and_reports_against_its_baseline(project, tmp_path):
     from tasks.training.refine import run_refine
 
     root = copy_project(project, tmp_path / "p")
@@ -174,8 +196,29 @@ def test_refine_runs_with_finite_losses(project, tmp_path):
     assert len(rows) == 2
     for r in rows:
         assert all(v == v and abs(v) < 1e6 for v in r.values())
-    assert {"g_loss", "d_loss", "r1", "r2"} <= set(rows[0])
-    assert (root / "data/checkpoints/refine/final.pt").is_file() and result.metrics["steps"] == 2
+    assert {"g_loss", "d_loss", "r1", "r2", "penalty_share"} <= set(rows[0])
+    m = json.loads((root / "data/reports/refine/metrics.json").read_text())
+    assert m == result.metrics and m["steps"] == 2
+    # held-out before / after, measured on the same windows and noise
+    for key in ("fd_real_before", "fd_real_after", "mse_real_before", "mse_real_after"):
+        assert m[key] == m[key] and m[key] >= 0
+    assert m["fd_real_before"] != m["fd_real_after"]
+    # R1/R2 are measured and their share of D's loss is what it says (how large it grows once D separates real
+    # from generated: tests/test_training_overfit.py; a fresh D is flat, so two steps give ~0 here)
+    for r in rows:
+        assert r["r1"] > 0 and r["r2"] > 0
+        pen = cfg.refine.r1_weight * r["r1"] + cfg.refine.r2_weight * r["r2"]
+        assert r["penalty_share"] == pytest.approx(pen / (r["d_loss"] + pen), rel=1e-4)
+    assert m["penalty_share_mean"] == pytest.approx(sum(r["penalty_share"] for r in rows) / 2)
+    # both players moved: the student off the distilled one, the discriminator off its initialisation
+    final = torch.load(root / "data/checkpoints/refine/final.pt", weights_only=False)["model"]
+    distilled = torch.load(root / "data/checkpoints/distill/final.pt", weights_only=False)["model"]
+    assert any(not torch.equal(final[k], distilled[k]) for k in final)
+    step = torch.load(sorted((root / "data/checkpoints/refine").glob("step_*.pt"))[-1], weights_only=False)
+    teacher = torch.load(root / "data/checkpoints/teacher/final.pt", weights_only=False)["model"]
+    disc = step["discriminator"]
+    assert any(not torch.equal(disc[f"backbone.{k}"], teacher[k]) for k in teacher if f"backbone.{k}" in disc)
+    assert (root / "data/checkpoints/refine/final.pt").is_file()
 
 
 # ------------------------------------------------------------------------------ student forcing gradients
@@ -222,12 +265,20 @@ def test_gradient_reaches_the_student_only_through_the_exit_steps():
     out[:, :, 1:].pow(2).mean().backward()
     grads = [p.grad for p in dit.parameters() if p.grad is not None]
     assert grads and all(torch.isfinite(gr).all() for gr in grads)
-    # a chunk's output depends (through the graph) only on its own exit step: its gradient w.r.t. an earlier
-    # chunk's output is zero because that output reached it only through the detached cache
+    # a chunk's output depends (through the graph) only on its own exit step: the gradient of a later chunk's
+    # output w.r.t. an earlier chunk's audio (a leaf INPUT of the rollout, which reaches the later chunk only
+    # through the cache that chunk's last step wrote with autograd on) is exactly zero, because cache writes
+    # are detached; the earlier chunk's own output does depend on it (the check is not vacuous)
     dit.zero_grad()
-    out2 = student_rollout(dit, ref, ctx, talk, listen, layout, sigmas, noise, renoise, exits, "noisy")
-    first = out2[:, :, 1:3]
-    assert torch.autograd.grad(out2[:, :, 3:5].sum(), first, allow_unused=True, retain_graph=True)[0] is None
+    with torch.no_grad():  # audio attention starts with a zero output projection: give the audio a way in
+        for block in dit.blocks:
+            block.audio_attn.to_out.weight.normal_(0, 0.2, generator=torch.Generator().manual_seed(3))
+    talk_leaf = talk.clone().requires_grad_(True)
+    out2 = student_rollout(dit, ref, ctx, talk_leaf, listen, layout, sigmas, noise, renoise, [2, 2, 2], "noisy")
+    (own,) = torch.autograd.grad(out2[:, :, 1:3].pow(2).sum(), talk_leaf, retain_graph=True)
+    assert own[:, 1:3].abs().sum() > 0
+    (later,) = torch.autograd.grad(out2[:, :, 3:7].pow(2).sum(), talk_leaf)
+    assert later[:, 3:7].abs().sum() > 0 and later[:, :3].abs().sum() == 0
 
 
 def test_exit_step_choice_changes_the_output():

@@ -23,7 +23,8 @@ def tiny_config(root: Path) -> Config:
     cfg.train.sample_video = False
     cfg.teacher.iterations = 4
     cfg.ode_pairs.steps = 6
-    cfg.ode_init.iterations = 2
+    cfg.ode_init.iterations = 4
+    cfg.ode_init.lr = 1e-3  # enough steps to beat the untrained student on the held-out pairs
     cfg.distill.iterations = 4
     cfg.refine.iterations = 2
     cfg.refine.qformer_dim = 16

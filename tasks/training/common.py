@@ -14,7 +14,14 @@ from torch import nn
 
 from model.audio import AudioConditioner
 from model.dit import AudioDiT, PreparedContext
-from model.sampling import NUM_TRAIN_TIMESTEPS, cfg_velocity, euler_sample_sigmas, predict_x0, teacher_sigmas
+from model.sampling import (
+    NUM_TRAIN_TIMESTEPS,
+    add_noise,
+    cfg_velocity,
+    euler_sample_sigmas,
+    predict_x0,
+    teacher_sigmas,
+)
 from model.streaming import StreamingGenerator
 from model.text import prompt_embedding
 from model.vae import VideoVAE
@@ -117,6 +124,11 @@ def per_frame_t(sigma: torch.Tensor, frames: int) -> torch.Tensor:
     return t
 
 
+def noised(x: torch.Tensor, eps: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """x [B, z, 1 + F, h, w] with frames 1.. noised to per-sample ``sigma`` [B]; the reference stays clean."""
+    return torch.cat([x[:, :, :1], add_noise(x[:, :, 1:], eps[:, :, 1:], sigma.view(-1, 1, 1, 1, 1))], 2)
+
+
 def teacher_velocity(teacher: AudioDiT, context: PreparedContext, talk: torch.Tensor, listen: torch.Tensor,
                      guidance: float):  # fmt: skip
     """velocity_fn(x, sigma) of the bidirectional teacher with audio classifier-free guidance; the reference
@@ -215,3 +227,41 @@ def sample_vae(cfg: Config) -> VideoVAE:
 
 def is_main_process() -> bool:
     return rank_from_env() == 0
+
+
+# ------------------------------------------------------------------------------------------ held-out measures
+@torch.no_grad()
+def latent_fd(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Frechet distance between Gaussians fitted to the per-position latent vectors of two sets of latent
+    clips [B, z, F, h, w] (every frame and pixel of a clip is one z-dimensional sample): a distribution-level
+    distance that, unlike a same-noise MSE, does not ask a generator to reproduce one particular sample.
+    ||mu_a - mu_b||^2 + tr(C_a + C_b - 2 (C_a^1/2 C_b C_a^1/2)^1/2), in float64."""
+
+    def stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        v = x.double().movedim(1, -1).reshape(-1, x.shape[1])
+        return v.mean(0), torch.cov(v.T).reshape(x.shape[1], x.shape[1])
+
+    (mu_a, ca), (mu_b, cb) = stats(a), stats(b)
+    w, q = torch.linalg.eigh(ca)
+    root_a = q @ torch.diag(w.clamp(min=0).sqrt()) @ q.T
+    cross = torch.linalg.eigvalsh(root_a @ cb @ root_a).clamp(min=0).sqrt().sum()
+    return float(((mu_a - mu_b) ** 2).sum() + torch.trace(ca) + torch.trace(cb) - 2 * cross)
+
+
+@torch.no_grad()
+def student_samples(student: AudioDiT, text: torch.Tensor, reference: torch.Tensor, talk: torch.Tensor,
+                    listen: torch.Tensor, layout, sigmas: list[float], noise: torch.Tensor, seed: int,
+                    context_mode: str) -> torch.Tensor:  # fmt: skip
+    """The student's own N-step streaming samples [B, z, 1 + F, h, w] from ``noise`` [B, z, F, h, w] (the
+    re-noising drawn from ``seed``), every chunk run to its last step: what inference produces."""
+    from model.rollout import student_rollout
+
+    g = torch.Generator().manual_seed(seed)
+    renoise = torch.randn((max(len(sigmas) - 1, 1), *noise.shape), generator=g).to(noise.device)
+    chunks = layout.chunks(1 + noise.shape[2])[1:]
+    was = student.training
+    student.eval()
+    out = student_rollout(student, reference, student.prepare_text(text), talk, listen, layout, sigmas, noise,
+                          renoise, [len(sigmas) - 1] * len(chunks), context_mode, grad=False)  # fmt: skip
+    student.train(was)
+    return out

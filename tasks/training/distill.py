@@ -4,13 +4,16 @@
    latent frames, the Reference Sink, the rolling window and RAPR of ``student.*``, in training exactly as in
    streaming). Each step takes ODE pairs, picks for every chunk one of the kept noise levels, feeds the chunk
    the teacher's state at that level, and regresses the student's x0 prediction onto the teacher's final x0.
-   Reported: how far the student's own few-step samples (through the streaming path, from the pair's initial
-   noise) are from the teacher's ODE outputs on validation pairs, before and after.
+   Reported on held-out (validation) pairs, before and after: how far the student's own few-step samples
+   (through the streaming path, from the pair's initial noise) are from the teacher's ODE outputs from the SAME
+   noise (MSE), and as distributions (latent Frechet distance, tasks/training/common.py).
 2. SiD (``distill.*``). Per step, 1:1: the student rolls out a clip through its streaming path (student
    forcing; one random exit step per chunk carries the gradient, model/rollout.py), the sample is noised at a
    random level, the frozen teacher (real score, CFG ``distill.real_guidance``) and the fake-score network
    (initialised from the teacher) predict x0, and the generator takes the SiD loss (model/losses.py,
    ``distill.sid_alpha``); then the fake-score network takes its denoising loss on the detached sample.
+   Reported: the same two held-out measures before (= after ODE init) and after SiD, and the generator's
+   gradient norm and the real-fake score gap over the run (a SiD that starts at zero gradient shows here).
 
 Outputs: data/checkpoints/distill/{ode_init,sid}/ (resume points), data/checkpoints/distill/final.pt (the
 student), data/reports/distill/{metrics.json, sample.mp4}.
@@ -19,33 +22,38 @@ student), data/reports/distill/{metrics.json, sample.mp4}.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from model.losses import fake_score_loss, sid_generator_loss, x0_regression_loss
 from model.rollout import student_rollout
-from model.sampling import NUM_TRAIN_TIMESTEPS, add_noise, predict_x0, student_sigmas
+from model.sampling import NUM_TRAIN_TIMESTEPS, predict_x0, student_sigmas
 from tasks.common.models import build_layout
 from tasks.common.stage import StageResult
-from tasks.config import Config
+from tasks.config import Config, DistillConfig
 from tasks.training.common import (
     Run,
     clone,
     dit_from_state,
     frame_mask,
     frozen,
+    latent_fd,
     model_sections,
+    noised,
     per_frame_t,
     run_fingerprint,
     sample_vae,
     start_run,
     student_sample,
+    student_samples,
     teacher_x0,
     trainable,
 )
 from tasks.training.data import windows_digest
 from tasks.training.engine import (
+    Dist,
     Metrics,
     file_digest,
     global_batch,
@@ -70,17 +78,18 @@ def run_distill(cfg: Config, root: Path, progress: bool = True) -> StageResult:
     upstream = {"teacher": file_digest(teacher_path), "data": windows_digest(cfg, root),
                 "pairs": file_digest(pairs_index) if pairs_index.is_file() else None}  # fmt: skip
 
-    # 1. ODE initialisation
+    # 1. ODE initialisation; measured on held-out pairs before and after
     student = dit_from_state(cfg, run.audio, teacher_state, run.device)
     before, reg_before = ode_match(run, student), ode_regression(run, student)
     fp_init = run_fingerprint(cfg, model_sections() + ["ode_init"], upstream)
     student, init_last = ode_init(run, student, fp_init)
     after, reg_after = ode_match(run, student), ode_regression(run, student)
 
-    # 2. SiD with student forcing
+    # 2. SiD with student forcing; measured on the same held-out pairs before (= after ODE init) and after
     teacher = frozen(dit_from_state(cfg, run.audio, teacher_state, run.device))
     fp_sid = run_fingerprint(cfg, model_sections() + ["ode_init", STAGE], upstream)
     student, sid_last, sid_hist = sid(run, student, teacher, fp_sid)
+    sid_after = ode_match(run, student)
 
     result = StageResult(STAGE)
     sd = state_dict_of(student)
@@ -89,8 +98,12 @@ def run_distill(cfg: Config, root: Path, progress: bool = True) -> StageResult:
         final = ckpt.save_final({"model": sd, "spec": student.spec.to_json(), "step": cfg.distill.iterations})
         report = root / "data" / "reports" / STAGE
         report.mkdir(parents=True, exist_ok=True)
-        m = {"ode_match_mse_before": before, "ode_match_mse_after": after,
+        m = {"ode_match_mse_before": before["mse"], "ode_match_mse_after": after["mse"],
+             "ode_match_fd_before": before["fd"], "ode_match_fd_after": after["fd"],
              "ode_x0_mse_before": reg_before, "ode_x0_mse_after": reg_after,
+             "sid_ode_match_mse_before": after["mse"], "sid_ode_match_mse_after": sid_after["mse"],
+             "sid_fd_teacher_before": after["fd"], "sid_fd_teacher_after": sid_after["fd"],
+             "sid_real_guidance": float(cfg.distill.real_guidance), "val_pairs": before["pairs"],
              **{f"ode_init_last_{k}": v for k, v in init_last.items()},
              **{f"sid_last_{k}": v for k, v in sid_last.items()}, **sid_hist}  # fmt: skip
         (report / "metrics.json").write_text(json.dumps(m, indent=2))
@@ -102,17 +115,32 @@ def run_distill(cfg: Config, root: Path, progress: bool = True) -> StageResult:
             artifacts.append(student_sample(run, student, sample_vae(cfg), val, report / "sample.mp4"))
         result = StageResult(
             STAGE, metrics=m, artifacts=artifacts, outputs=[final],
-            summary=(f"distill: ODE init {cfg.ode_init.iterations} steps; on validation pairs the student's x0 from "
-                     f"the teacher's states vs the teacher's ODE output (MSE) {reg_before:.4f} -> {reg_after:.4f}, "
-                     f"its own {cfg.student.steps}-step streaming samples vs the ODE output {before:.4f} -> {after:.4f}; "
-                     f"SiD {cfg.distill.iterations} steps, generator loss {sid_last.get('sid_loss', float('nan')):.4g}, "
-                     f"fake-score loss {sid_last.get('fake_loss', float('nan')):.4g}"),
+            summary=(f"distill on {before['pairs']:.0f} held-out ODE pairs: ODE init {cfg.ode_init.iterations} steps, "
+                     f"the student's x0 from the teacher's states vs the teacher's ODE output (MSE) "
+                     f"{reg_before:.4f} -> {reg_after:.4f}, its own {cfg.student.steps}-step streaming samples vs the "
+                     f"ODE output from the same noise {before['mse']:.4f} -> {after['mse']:.4f}; SiD "
+                     f"{cfg.distill.iterations} steps (real-score guidance {cfg.distill.real_guidance:g}, generator "
+                     f"grad norm {sid_hist.get('sid_grad_norm_mean', float('nan')):.3g}): same-noise MSE "
+                     f"{after['mse']:.4f} -> {sid_after['mse']:.4f}, latent Frechet distance to the teacher's ODE "
+                     f"outputs {after['fd']:.4f} -> {sid_after['fd']:.4f}"),
         )  # fmt: skip
     dist.barrier()
     return result
 
 
 # ------------------------------------------------------------------------------------------------ ODE init
+def ode_init_loss(student, x: torch.Tensor, frame_sigma: torch.Tensor, text: torch.Tensor, talk: torch.Tensor,
+                  listen: torch.Tensor, layout, target: torch.Tensor) -> torch.Tensor:  # fmt: skip
+    """The ODE-init objective of one batch: the block-causal student's x0 prediction from the teacher's states
+    ``x`` [B, z, 1 + F, h, w] at per-frame levels ``frame_sigma`` [B, 1 + F] (0 at the reference) against the
+    teacher's ODE output ``target`` (reference first); the reference frame is left out of the mean."""
+    b, n_frames, dt = x.shape[0], x.shape[2], student.dtype
+    v = student(x.to(dt), frame_sigma * NUM_TRAIN_TIMESTEPS, text.to(dt), talk.to(dt), listen.to(dt),
+                attention="block_causal", layout=layout).float()  # fmt: skip
+    pred = predict_x0(x, v, frame_sigma[:, None, :, None, None])
+    return x0_regression_loss(pred, target, frame_mask(b, n_frames, x.device))
+
+
 def ode_init(run: Run, student, fingerprint: str):
     cfg, dist, device = run.cfg, run.dist, run.device
     o = cfg.ode_init
@@ -145,13 +173,9 @@ def ode_init(run: Run, student, fingerprint: str):
             k = level[:, c]
             x[:, :, st:en] = states[idx, k][:, :, st - 1 : en - 1]
             frame_sigma[:, st:en] = sig[k][:, None]
-        x, frame_sigma = x.to(device), frame_sigma.to(device)
-        v = student(x.to(run.dtype), frame_sigma * NUM_TRAIN_TIMESTEPS, run.text_batch(b),
-                    windows.talk[idx].to(device, run.dtype), windows.listen[idx].to(device, run.dtype),
-                    attention="block_causal", layout=layout).float()  # fmt: skip
-        pred = predict_x0(x, v, frame_sigma[:, None, :, None, None])
         target = torch.cat([windows.latents[idx, :, :1], x0[idx]], dim=2).to(device)
-        loss = x0_regression_loss(pred, target, frame_mask(b, n_frames, device))
+        loss = ode_init_loss(student, x.to(device), frame_sigma.to(device), run.text_batch(b),
+                             windows.talk[idx].to(device), windows.listen[idx].to(device), layout, target)  # fmt: skip
         gnorm = optimizer_step(loss, opt, student, dist, cfg.train.grad_clip)
         return {"loss": dist.mean(float(loss.detach())), "grad_norm": float(gnorm)}
 
@@ -189,29 +213,79 @@ def ode_regression(run: Run, student) -> float:
 
 
 @torch.no_grad()
-def ode_match(run: Run, student) -> float:
-    """MSE between the student's few-step streaming samples and the teacher's ODE outputs, validation pairs,
-    from the same initial noise (the pair's state at sigma 1)."""
+def ode_match(run: Run, student) -> dict[str, float]:
+    """The student's few-step streaming samples against the teacher's ODE outputs on validation pairs, from
+    the same initial noise (the pair's state at sigma 1): ``mse`` (same noise, same sample) and ``fd`` (latent
+    Frechet distance, the distributions), and the number of ``pairs``."""
     cfg = run.cfg
     index, states, x0, _ = load_pairs(cfg, run.root, "val")
     windows = windows_for(cfg, run.root, index, "val")
-    layout = build_layout(cfg)
-    sigmas = student_sigmas(cfg.student.steps, cfg.student.timestep_shift)
-    b = len(index)
-    g = torch.Generator().manual_seed(cfg.project.seed)
-    renoise = torch.randn((max(len(sigmas) - 1, 1), *x0.shape), generator=g)
-    chunks = layout.chunks(1 + x0.shape[2])[1:]
-    was = student.training
-    student.eval()
     dev = run.device
-    out = student_rollout(student, windows.latents[:, :, :1].to(dev), run.context(student, b),
-                          windows.talk.to(dev), windows.listen.to(dev), layout, sigmas, states[:, 0].to(dev),
-                          renoise.to(dev), [len(sigmas) - 1] * len(chunks), cfg.student.context, grad=False)  # fmt: skip
-    student.train(was)
-    return float(((out[:, :, 1:].cpu() - x0) ** 2).mean())
+    out = student_samples(student, run.text_batch(len(index)), windows.latents[:, :, :1].to(dev),
+                          windows.talk.to(dev), windows.listen.to(dev), build_layout(cfg),
+                          student_sigmas(cfg.student.steps, cfg.student.timestep_shift), states[:, 0].to(dev),
+                          cfg.project.seed, cfg.student.context)[:, :, 1:].cpu()  # fmt: skip
+    return {"mse": float(((out - x0) ** 2).mean()), "fd": latent_fd(out, x0), "pairs": float(len(index))}
 
 
 # ------------------------------------------------------------------------------------------------------ SiD
+@dataclass
+class SidDraw:
+    """One SiD step's inputs and random draws (this rank's slice)."""
+
+    text: torch.Tensor  # [B, text_len, text_dim]
+    reference: torch.Tensor  # [B, z, 1, h, w]
+    talk: torch.Tensor  # [B, 1 + F, A, D]
+    listen: torch.Tensor
+    noise: torch.Tensor  # [B, z, F, h, w] each chunk's starting noise
+    renoise: torch.Tensor  # [max(N - 1, 1), B, z, F, h, w]
+    exits: list[int]  # one exit step per chunk
+    sigma_g: torch.Tensor  # [B] where the generator's sample is scored
+    eps_g: torch.Tensor  # [B, z, 1 + F, h, w]
+    sigma_f: torch.Tensor  # [B] where the fake score learns
+    eps_f: torch.Tensor
+
+
+def sid_update(student, teacher, fake, opt_g, opt_f, draw: SidDraw, layout, sigmas: list[float], d: DistillConfig,
+               dist: Dist | None = None, grad_clip: float = 0.0) -> dict[str, float]:  # fmt: skip
+    """One SiD iteration, 1:1: a generator step, then a fake-score step.
+
+    1. the student rolls out the clip (student forcing), the sample is noised at ``sigma_g``, the frozen teacher
+       (real score, with audio classifier-free guidance ``d.real_guidance`` against the audio-dropped
+       condition the teacher was trained with, as DMD / SiD-LSG guide the real score) and the fake score
+       predict x0, and the student takes the SiD loss. Guidance > 1 also gives the first steps a signal: with
+       the fake score a copy of the teacher and no guidance, f_real == f_fake and the loss is exactly zero.
+    2. the fake score takes its denoising loss on the detached sample, noised at ``sigma_f``.
+    """
+    dist = dist or Dist()
+    b, n_frames = draw.reference.shape[0], 1 + draw.noise.shape[2]
+    mask = frame_mask(b, n_frames, draw.reference.device)
+    # 1. generator
+    trainable(fake, False)
+    x = student_rollout(student, draw.reference, student.prepare_text(draw.text.to(student.dtype)), draw.talk,
+                        draw.listen, layout, sigmas, draw.noise, draw.renoise, draw.exits, d.context)  # fmt: skip
+    x_t = noised(x, draw.eps_g, draw.sigma_g)
+    f_real = teacher_x0(teacher, teacher.prepare_text(draw.text.to(teacher.dtype)), x_t, draw.sigma_g, draw.talk,
+                        draw.listen, d.real_guidance)  # fmt: skip
+    f_fake = teacher_x0(fake, fake.prepare_text(draw.text.to(fake.dtype)), x_t, draw.sigma_g, draw.talk,
+                        draw.listen, 1.0)  # fmt: skip
+    loss_g = sid_generator_loss(x, f_real, f_fake, d.sid_alpha, mask=mask)
+    gnorm = optimizer_step(loss_g, opt_g, student, dist, grad_clip)
+    # 2. fake score: denoising (flow-matching) loss on the detached sample
+    trainable(fake, True)
+    xd = x.detach()
+    dt = fake.dtype
+    v = fake(noised(xd, draw.eps_f, draw.sigma_f).to(dt), per_frame_t(draw.sigma_f, n_frames), draw.text.to(dt),
+             draw.talk.to(dt), draw.listen.to(dt)).float()  # fmt: skip
+    loss_f = fake_score_loss(v, draw.eps_f, xd, mask)
+    fnorm = optimizer_step(loss_f, opt_f, fake, dist, grad_clip)
+    with torch.no_grad():
+        gap = float(((f_real - f_fake)[:, :, 1:] ** 2).mean())
+    return {"sid_loss": dist.mean(float(loss_g.detach())), "fake_loss": dist.mean(float(loss_f.detach())),
+            "grad_norm": float(gnorm), "fake_grad_norm": float(fnorm), "score_gap": dist.mean(gap),
+            "exit_mean": sum(draw.exits) / len(draw.exits)}  # fmt: skip
+
+
 def sid(run: Run, student, teacher, fingerprint: str):
     cfg, dist, device = run.cfg, run.dist, run.device
     d = cfg.distill
@@ -239,8 +313,6 @@ def sid(run: Run, student, teacher, fingerprint: str):
     gb = d.batch_size * dist.world
     lat_shape = data.latents.shape[1:]
     lo, hi = d.sigma_range
-    teacher_ctx = run.context(teacher, d.batch_size)
-    mask_all = frame_mask(d.batch_size, n_frames, device)
 
     def step(s: int) -> dict[str, float]:
         g = step_generator(cfg.project.seed, "sid", s)
@@ -256,32 +328,10 @@ def sid(run: Run, student, teacher, fingerprint: str):
         idx, noise, sigma_g, eps_g, sigma_f, eps_f = (dist.slice(v) for v in (idx, noise, sigma_g, eps_g, sigma_f, eps_f))
         renoise = renoise[:, dist.rank * d.batch_size : (dist.rank + 1) * d.batch_size] if dist.world > 1 else renoise
         b = idx.shape[0]
-        ref = data.latents[idx, :, :1].to(device)
-        talk, listen = data.talk[idx].to(device), data.listen[idx].to(device)
-
-        # generator: student forcing rollout -> SiD loss against the teacher and the fake score
-        trainable(fake, False)
-        x = student_rollout(student, ref, run.context(student, b), talk, listen, layout, sigmas, noise.to(device),
-                            renoise.to(device), exits, d.context)  # fmt: skip
-        sg = sigma_g.to(device)
-        x_t = torch.cat([x[:, :, :1], add_noise(x[:, :, 1:], eps_g[:, :, 1:].to(device), sg.view(-1, 1, 1, 1, 1))], 2)
-        f_real = teacher_x0(teacher, teacher_ctx, x_t, sg, talk, listen, d.real_guidance)
-        f_fake = teacher_x0(fake, run.context(fake, b), x_t, sg, talk, listen, 1.0)
-        loss_g = sid_generator_loss(x, f_real, f_fake, d.sid_alpha, mask=mask_all[:b])
-        gnorm = optimizer_step(loss_g, opt_g, student, dist, cfg.train.grad_clip)
-
-        # fake score: denoising (flow-matching) loss on the detached sample
-        trainable(fake, True)
-        xd = x.detach()
-        sf = sigma_f.to(device)
-        ef = eps_f.to(device)
-        xf_t = torch.cat([xd[:, :, :1], add_noise(xd[:, :, 1:], ef[:, :, 1:], sf.view(-1, 1, 1, 1, 1))], 2)
-        v = fake(xf_t.to(run.dtype), per_frame_t(sf, n_frames), run.text_batch(b), talk.to(run.dtype),
-                 listen.to(run.dtype)).float()  # fmt: skip
-        loss_f = fake_score_loss(v, ef, xd, mask_all[:b])
-        optimizer_step(loss_f, opt_f, fake, dist, cfg.train.grad_clip)
-        return {"sid_loss": dist.mean(float(loss_g.detach())), "fake_loss": dist.mean(float(loss_f.detach())),
-                "grad_norm": float(gnorm), "exit_mean": sum(exits) / len(exits)}  # fmt: skip
+        draw = SidDraw(run.text_batch(b), data.latents[idx, :, :1].to(device), data.talk[idx].to(device),
+                       data.listen[idx].to(device), noise.to(device), renoise.to(device), exits, sigma_g.to(device),
+                       eps_g.to(device), sigma_f.to(device), eps_f.to(device))  # fmt: skip
+        return sid_update(student, teacher, fake, opt_g, opt_f, draw, layout, sigmas, d, dist, cfg.train.grad_clip)
 
     def save(s: int) -> None:
         sd, fsd = state_dict_of(student), state_dict_of(fake)
@@ -293,6 +343,11 @@ def sid(run: Run, student, teacher, fingerprint: str):
     last = run_loop("sid", start, d.iterations, step, save, metrics, cfg.train.checkpoint_every, run.progress)
     hist = {}
     if metrics.history:
-        vals = [r["sid_loss"] for r in metrics.history]
-        hist = {"sid_loss_min": min(vals), "sid_loss_max": max(vals)}
+        rows = [r for r in metrics.history if r["step"] < d.iterations]
+        vals = [r["sid_loss"] for r in rows]
+        norms = [r["grad_norm"] for r in rows]
+        hist = {"sid_loss_min": min(vals), "sid_loss_max": max(vals), "sid_grad_norm_first": norms[0],
+                "sid_grad_norm_mean": sum(norms) / len(norms), "sid_grad_norm_last": norms[-1]}  # fmt: skip
+        if "score_gap" in rows[0]:
+            hist["sid_score_gap_first"], hist["sid_score_gap_last"] = rows[0]["score_gap"], rows[-1]["score_gap"]
     return student, last, hist

@@ -16,6 +16,7 @@ Outputs: data/checkpoints/refine/{step_*,final}.pt (final: the refined student),
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -23,22 +24,27 @@ import torch
 from model.discriminator import ConsistencyAwareDiscriminator
 from model.losses import approx_r1, approx_r2, relativistic_d_loss, relativistic_g_loss
 from model.rollout import student_rollout
-from model.sampling import add_noise, student_sigmas
+from model.sampling import student_sigmas
 from tasks.common.models import build_layout
 from tasks.common.stage import StageResult
-from tasks.config import Config
+from tasks.config import Config, RefineConfig
 from tasks.training.common import (
+    Run,
     dit_from_state,
+    latent_fd,
     model_sections,
+    noised,
     per_frame_t,
     run_fingerprint,
     sample_vae,
     start_run,
     student_sample,
+    student_samples,
     trainable,
 )
-from tasks.training.data import load_windows, windows_digest
+from tasks.training.data import WindowSet, load_windows, windows_digest
 from tasks.training.engine import (
+    Dist,
     Metrics,
     file_digest,
     global_batch,
@@ -64,6 +70,92 @@ def branch_losses(real: dict, fake: dict, weight: float, d_side: bool) -> torch.
     return fn(real["local"], fake["local"]) + weight * fn(real["global_"], fake["global_"])
 
 
+@dataclass
+class RefineDraw:
+    """One adversarial step's inputs and random draws (this rank's slice)."""
+
+    text: torch.Tensor  # [B, text_len, text_dim]
+    real: torch.Tensor  # [B, z, 1 + F, h, w] real windows (frame 0: the reference the student starts from)
+    talk: torch.Tensor  # [B, 1 + F, A, D]
+    listen: torch.Tensor
+    noise: torch.Tensor  # [B, z, F, h, w]
+    renoise: torch.Tensor  # [max(N - 1, 1), B, z, F, h, w]
+    exits: list[int]
+    sigma: torch.Tensor  # [B] the level both real and generated latents are noised to before D sees them
+    eps_real: torch.Tensor  # [B, z, 1 + F, h, w]
+    eps_fake: torch.Tensor
+    gen_r1: torch.Generator | None = None  # the perturbations of the approximate R1 / R2
+    gen_r2: torch.Generator | None = None
+
+
+def refine_update(student, disc: ConsistencyAwareDiscriminator, opt_g, opt_d, draw: RefineDraw, layout,
+                  sigmas: list[float], r: RefineConfig, context_mode: str, dist: Dist | None = None,
+                  grad_clip: float = 0.0) -> dict[str, float]:  # fmt: skip
+    """One G step, then one D step; returns the step's metrics (``penalty_share``: (w1 R1 + w2 R2) / D's loss)."""
+    dist = dist or Dist()
+    n_frames = draw.real.shape[2]
+    t = per_frame_t(draw.sigma, n_frames)
+    dt = disc.backbone.dtype
+
+    def disc_fn(x: torch.Tensor) -> dict[str, torch.Tensor]:
+        return disc(x.to(dt), t, draw.text.to(dt), draw.talk.to(dt), draw.listen.to(dt))
+
+    # 1. generator step: the student's rollout against the frozen discriminator
+    trainable(disc, False)
+    fake = student_rollout(student, draw.real[:, :, :1], student.prepare_text(draw.text.to(student.dtype)), draw.talk,
+                           draw.listen, layout, sigmas, draw.noise, draw.renoise, draw.exits, context_mode)  # fmt: skip
+    real_t, fake_t = noised(draw.real, draw.eps_real, draw.sigma), noised(fake, draw.eps_fake, draw.sigma)
+    with torch.no_grad():
+        d_real = disc_fn(real_t)
+    loss_g = branch_losses(d_real, disc_fn(fake_t), r.global_weight, d_side=False)
+    gnorm = optimizer_step(loss_g, opt_g, student, dist, grad_clip)
+
+    # 2. discriminator step: relativistic loss + approximate R1 (real) / R2 (generated)
+    trainable(disc, True)
+    fake_t = fake_t.detach()
+    d_real, d_fake = disc_fn(real_t), disc_fn(fake_t)
+    loss_adv = branch_losses(d_real, d_fake, r.global_weight, d_side=True)
+
+    def logits(x: torch.Tensor) -> torch.Tensor:
+        out = disc_fn(x)
+        return torch.cat([out["local"], out["global_"][:, None]], 1)
+
+    r1 = approx_r1(logits, real_t, r.penalty_sigma, generator=draw.gen_r1)
+    r2 = approx_r2(logits, fake_t, r.penalty_sigma, generator=draw.gen_r2)
+    penalty = r.r1_weight * r1 + r.r2_weight * r2
+    loss_d = loss_adv + penalty
+    optimizer_step(loss_d, opt_d, disc, dist, grad_clip)
+    share = float(penalty.detach()) / max(float(loss_d.detach()), 1e-12)
+    return {"g_loss": dist.mean(float(loss_g.detach())), "d_loss": dist.mean(float(loss_adv.detach())),
+            "r1": dist.mean(float(r1.detach())), "r2": dist.mean(float(r2.detach())),
+            "penalty_share": dist.mean(share), "d_real_local": float(d_real["local"].detach().mean()),
+            "d_fake_local": float(d_fake["local"].detach().mean()), "grad_norm": float(gnorm)}  # fmt: skip
+
+
+@torch.no_grad()
+def held_out(run: Run, student, val: WindowSet) -> dict[str, float]:
+    """The student's streaming samples of the held-out windows (their reference and audio, seeded noise)
+    against the real clips: ``fd_real`` (latent Frechet distance, the distributions) and ``mse_real``."""
+    cfg, dev = run.cfg, run.device
+    real = val.latents
+    g = torch.Generator().manual_seed(cfg.project.seed)
+    noise = torch.randn((real.shape[0], real.shape[1], real.shape[2] - 1, *real.shape[3:]), generator=g)
+    out = student_samples(student, run.text_batch(len(val)), real[:, :, :1].to(dev), val.talk.to(dev),
+                          val.listen.to(dev), build_layout(cfg), student_sigmas(cfg.student.steps,
+                          cfg.student.timestep_shift), noise.to(dev), cfg.project.seed + 1,
+                          cfg.student.context)[:, :, 1:].cpu()  # fmt: skip
+    return {"fd_real": latent_fd(out, real[:, :, 1:]), "mse_real": float(((out - real[:, :, 1:]) ** 2).mean())}
+
+
+def _history(rows: list[dict], total: int) -> dict[str, float]:
+    """Run means of the penalties and their share of D's loss (the last step alone is one noisy draw)."""
+    rows = [x for x in rows if x["step"] < total and "penalty_share" in x]
+    if not rows:
+        return {}
+    mean = {k: sum(x[k] for x in rows) / len(rows) for k in ("penalty_share", "r1", "r2", "d_loss", "g_loss")}
+    return {f"{k}_mean": v for k, v in mean.items()}
+
+
 def run_refine(cfg: Config, root: Path, progress: bool = True) -> StageResult:
     run = start_run(cfg, root, progress)
     dist, device, r = run.dist, run.device, cfg.refine
@@ -78,6 +170,8 @@ def run_refine(cfg: Config, root: Path, progress: bool = True) -> StageResult:
     upstream = {"teacher": file_digest(teacher_path), "student": file_digest(student_path),
                 "data": windows_digest(cfg, root)}
     ckpt = run.checkpoints(STAGE, run_fingerprint(cfg, model_sections() + [STAGE], upstream))
+    val = load_windows(cfg, root, "val", limit=cfg.train.val_windows)
+    before = held_out(run, student, val)  # the distilled student, before any resumed refinement
     opt_g = torch.optim.AdamW(student.parameters(), lr=r.lr, betas=(0.0, 0.999), weight_decay=cfg.train.weight_decay)
     opt_d = torch.optim.AdamW(disc.parameters(), lr=r.disc_lr, betas=(0.0, 0.999), weight_decay=cfg.train.weight_decay)
     start = 0
@@ -97,10 +191,6 @@ def run_refine(cfg: Config, root: Path, progress: bool = True) -> StageResult:
     lat_shape = data.latents.shape[1:]
     lo, hi = r.disc_sigma_range
 
-    def disc_fn(x: torch.Tensor, t: torch.Tensor, talk, listen):
-        b = x.shape[0]
-        return disc(x.to(run.dtype), t, run.text_batch(b), talk.to(run.dtype), listen.to(run.dtype))
-
     def step(s: int) -> dict[str, float]:
         g = step_generator(cfg.project.seed, STAGE, s)
         idx = global_batch(g, len(data), gb)
@@ -115,41 +205,12 @@ def run_refine(cfg: Config, root: Path, progress: bool = True) -> StageResult:
         if dist.world > 1:
             renoise = renoise[:, dist.rank * r.batch_size : (dist.rank + 1) * r.batch_size]
         b = idx.shape[0]
-        real = data.latents[idx].to(device)
-        talk, listen = data.talk[idx].to(device), data.listen[idx].to(device)
-        sg = sigma.to(device).view(-1, 1, 1, 1, 1)
-        t = per_frame_t(sigma.to(device), n_frames)
-
-        def noised(x: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
-            return torch.cat([x[:, :, :1], add_noise(x[:, :, 1:], eps[:, :, 1:].to(device), sg)], 2)
-
-        # generator step: the student's rollout against the frozen discriminator
-        trainable(disc, False)
-        fake = student_rollout(student, real[:, :, :1], run.context(student, b), talk, listen, layout, sigmas,
-                               noise.to(device), renoise.to(device), exits, cfg.student.context)  # fmt: skip
-        real_t, fake_t = noised(real, eps_real), noised(fake, eps_fake)
-        with torch.no_grad():
-            d_real = disc_fn(real_t, t, talk, listen)
-        loss_g = branch_losses(d_real, disc_fn(fake_t, t, talk, listen), r.global_weight, d_side=False)
-        gnorm = optimizer_step(loss_g, opt_g, student, dist, cfg.train.grad_clip)
-
-        # discriminator step: relativistic loss + approximate R1 (real) / R2 (generated)
-        trainable(disc, True)
-        fake_t = fake_t.detach()
-        d_real, d_fake = disc_fn(real_t, t, talk, listen), disc_fn(fake_t, t, talk, listen)
-        loss_adv = branch_losses(d_real, d_fake, r.global_weight, d_side=True)
-
-        def logits(x: torch.Tensor) -> torch.Tensor:
-            out = disc_fn(x, t, talk, listen)
-            return torch.cat([out["local"], out["global_"][:, None]], 1)
-
-        r1 = approx_r1(logits, real_t, r.penalty_sigma, generator=step_generator(cfg.project.seed, STAGE, s, "r1"))
-        r2 = approx_r2(logits, fake_t, r.penalty_sigma, generator=step_generator(cfg.project.seed, STAGE, s, "r2"))
-        loss_d = loss_adv + r.r1_weight * r1 + r.r2_weight * r2
-        optimizer_step(loss_d, opt_d, disc, dist, cfg.train.grad_clip)
-        return {"g_loss": dist.mean(float(loss_g.detach())), "d_loss": dist.mean(float(loss_adv.detach())), "r1": dist.mean(float(r1.detach())),
-                "r2": dist.mean(float(r2.detach())), "d_real_local": float(d_real["local"].detach().mean()),
-                "d_fake_local": float(d_fake["local"].detach().mean()), "grad_norm": float(gnorm)}  # fmt: skip
+        draw = RefineDraw(run.text_batch(b), data.latents[idx].to(device), data.talk[idx].to(device),
+                          data.listen[idx].to(device), noise.to(device), renoise.to(device), exits, sigma.to(device),
+                          eps_real.to(device), eps_fake.to(device), step_generator(cfg.project.seed, STAGE, s, "r1"),
+                          step_generator(cfg.project.seed, STAGE, s, "r2"))  # fmt: skip
+        return refine_update(student, disc, opt_g, opt_d, draw, layout, sigmas, r, cfg.student.context, dist,
+                             cfg.train.grad_clip)  # fmt: skip
 
     def save(s: int) -> None:
         sd, dsd = state_dict_of(student), state_dict_of(disc)
@@ -159,25 +220,29 @@ def run_refine(cfg: Config, root: Path, progress: bool = True) -> StageResult:
 
     metrics = Metrics(ckpt.dir / "metrics.jsonl", STAGE, cfg.train.log_every, dist.main, fresh=start == 0)
     last = run_loop(STAGE, start, r.iterations, step, save, metrics, cfg.train.checkpoint_every, run.progress)
+    after = held_out(run, student, val)
     result = StageResult(STAGE)
     sd = state_dict_of(student)
     if dist.main:
         final = ckpt.save_final({"model": sd, "spec": student.spec.to_json(), "step": r.iterations})
         report = root / "data" / "reports" / STAGE
         report.mkdir(parents=True, exist_ok=True)
-        m = {"steps": float(r.iterations), "windows_train": float(len(data)),
-             **{f"last_{k}": v for k, v in last.items()}}  # fmt: skip
+        m = {"steps": float(r.iterations), "windows_train": float(len(data)), "windows_val": float(len(val)),
+             **{f"{k}_before": v for k, v in before.items()}, **{f"{k}_after": v for k, v in after.items()},
+             **_history(metrics.history, r.iterations), **{f"last_{k}": v for k, v in last.items()}}  # fmt: skip
         (report / "metrics.json").write_text(json.dumps(m, indent=2))
         artifacts = [report / "metrics.json"]
         if cfg.train.sample_video:
-            val = load_windows(cfg, root, "val", limit=cfg.train.val_windows)
             artifacts.append(student_sample(run, student, sample_vae(cfg), val, report / "sample.mp4"))
         result = StageResult(
             STAGE, metrics=m, artifacts=artifacts, outputs=[final], model=final,
-            summary=(f"refine: {r.iterations} adversarial steps on {len(data)} real windows; G loss "
-                     f"{last.get('g_loss', float('nan')):.4g}, D loss {last.get('d_loss', float('nan')):.4g}, "
-                     f"R1 {last.get('r1', float('nan')):.3g}, R2 {last.get('r2', float('nan')):.3g}; the refined "
-                     f"student streamed data/reports/refine/sample.mp4"),
+            summary=(f"refine: {r.iterations} adversarial steps on {len(data)} real windows; on {len(val)} held-out "
+                     f"windows the student's samples vs the real clips: latent Frechet distance "
+                     f"{before['fd_real']:.4f} -> {after['fd_real']:.4f}, same-window MSE {before['mse_real']:.4f} -> "
+                     f"{after['mse_real']:.4f}; G loss {last.get('g_loss', float('nan')):.4g}, D loss "
+                     f"{last.get('d_loss', float('nan')):.4g}, R1+R2 "
+                     f"{100 * m.get('penalty_share_mean', float('nan')):.1f}% of D's loss; the refined student "
+                     f"streamed data/reports/refine/sample.mp4"),
         )  # fmt: skip
     dist.barrier()
     return result

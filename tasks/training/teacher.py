@@ -66,7 +66,6 @@ def run_teacher(cfg: Config, root: Path, progress: bool = True) -> StageResult:
         opt.load_state_dict(state["optimizer"])
         start = state["step"]
     model = shard_model(model.train(), dist, cfg.train.parallel)
-    n_frames = data.latents.shape[2]
     gb = t.batch_size * dist.world
 
     def step(s: int) -> dict[str, float]:
@@ -77,16 +76,9 @@ def run_teacher(cfg: Config, root: Path, progress: bool = True) -> StageResult:
         keep_audio = (torch.rand(gb, generator=g) >= t.audio_dropout).float()
         idx, sigma, noise, keep_audio = (dist.slice(v) for v in (idx, sigma, noise, keep_audio))
         x0 = data.latents[idx].to(device)
-        noise = noise.to(device)
-        sigma = sigma.to(device)
-        x_t = x0.clone()
-        x_t[:, :, 1:] = add_noise(x0[:, :, 1:], noise[:, :, 1:], sigma.view(-1, 1, 1, 1, 1))
         keep = keep_audio.view(-1, 1, 1, 1).to(device)
         talk, listen = data.talk[idx].to(device) * keep, data.listen[idx].to(device) * keep
-        b = x0.shape[0]
-        v = model(x_t.to(run.dtype), per_frame_t(sigma, n_frames), run.text_batch(b), talk.to(run.dtype),
-                  listen.to(run.dtype)).float()  # fmt: skip
-        loss = flow_matching_loss(v, noise, x0, frame_mask(b, n_frames, device))
+        loss = teacher_loss(model, x0, sigma.to(device), noise.to(device), run.text_batch(x0.shape[0]), talk, listen)
         gnorm = optimizer_step(loss, opt, model, dist, cfg.train.grad_clip)
         return {"loss": dist.mean(float(loss.detach())), "grad_norm": float(gnorm)}
 
@@ -117,6 +109,17 @@ def run_teacher(cfg: Config, root: Path, progress: bool = True) -> StageResult:
         )  # fmt: skip
     dist.barrier()
     return result
+
+
+def teacher_loss(model, x0: torch.Tensor, sigma: torch.Tensor, noise: torch.Tensor, text: torch.Tensor,
+                 talk: torch.Tensor, listen: torch.Tensor) -> torch.Tensor:  # fmt: skip
+    """The flow-matching loss of one batch: frames 1.. of ``x0`` [B, z, 1 + F, h, w] noised to per-sample
+    ``sigma`` [B] with ``noise``, the reference (frame 0) clean at timestep 0 and out of the mean."""
+    b, n_frames, dt = x0.shape[0], x0.shape[2], model.dtype
+    x_t = x0.clone()
+    x_t[:, :, 1:] = add_noise(x0[:, :, 1:], noise[:, :, 1:], sigma.view(-1, 1, 1, 1, 1))
+    v = model(x_t.to(dt), per_frame_t(sigma, n_frames), text.to(dt), talk.to(dt), listen.to(dt)).float()
+    return flow_matching_loss(v, noise, x0, frame_mask(b, n_frames, x0.device))
 
 
 def _history(path: Path, total: int) -> dict[str, float]:

@@ -27,6 +27,11 @@ def build_parser() -> argparse.ArgumentParser:
     for name in ORDER:
         p = sub.add_parser(name, help=STAGES[name].help)
         _config_args(p)
+    p = sub.add_parser("pretrain", help="train the demo VAE from scratch on real talking-head clips at a longer "
+                       "budget (the demo's stand-in for pretrained Wan2.2 weights; not part of `make demo`)")
+    _config_args(p)
+    p.add_argument("--export", default=None, metavar="PATH",
+                   help="also copy the weights there with a provenance .json beside them, e.g. weights/demo_vae.pt")
     p = sub.add_parser("pipeline", help="run the Prefect flow full-pipeline (embedded Prefect, no server needed)")
     _config_args(p)
     p.add_argument("--stages", default="", help=f"comma-separated subset of: {','.join(ORDER)}")
@@ -143,6 +148,8 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command == "generate":
             return _generate(args, cfg, root)
+        if args.command == "pretrain":
+            return _pretrain(args, cfg, root)
         from tasks.runner import run_stage
         from tasks.training.engine import rank_from_env
 
@@ -177,6 +184,24 @@ def _serve(args, root: Path) -> int:
     serve.write_env_file(root, ports)
     print()
     print(serve.HOWTO.format(**info))
+    return 0
+
+
+def _pretrain(args, cfg, root: Path) -> int:
+    from tasks.common import tracking
+    from tasks.training.vae import run_pretrain
+
+    params = tracking.flatten({k: cfg.section(k).model_dump(mode="json") for k in ("vae", "vae_train", "pretrain",
+                                                                                 "video")})  # fmt: skip
+    with tracking.stage_run(cfg, root, "pretrain", params) as run:
+        result = run_pretrain(cfg, root, export=args.export)
+        if run is not None:
+            tracking.log_result(result, root)
+    print(result.summary)
+    for item, reason in result.failures.items():
+        print(f"  skipped: {item}: {reason}", file=sys.stderr)
+    for out in result.outputs:
+        print(f"  wrote {out}")
     return 0
 
 

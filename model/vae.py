@@ -1,4 +1,7 @@
-"""Wan VAE (diffusers AutoencoderKLWan) with normalised latents, reference encoding and streaming decode.
+"""The video autoencoder behind one interface: normalised latents, reference encoding and streaming decode.
+
+Two networks fit it: Wan's causal 3D VAE (diffusers AutoencoderKLWan; the paper profile loads Wan2.2's) and the
+demo's :class:`~model.causal_ae.CausalVideoAE` (trained by the ``vae`` stage on 2 CPU cores).
 
 Wan's causal 3D VAE maps 1 + 4k frames to 1 + k latent frames: the first latent frame is one image, each
 later one four frames. The reference image is therefore latent frame 0 on its own. Decoding runs latent
@@ -14,6 +17,8 @@ import torch
 from diffusers import AutoencoderKLWan
 from diffusers.models.autoencoders.autoencoder_kl_wan import unpatchify
 from torch import nn
+
+from model.causal_ae import CausalAEStreamState, CausalVideoAE
 
 # Wan2.2-TI2V-5B VAE architecture (its diffusers vae/config.json); weights and latent statistics come from
 # the checkpoint when one is given.
@@ -46,20 +51,28 @@ def build_wan_vae(kind: str, z_dim: int, base_dim: int, pretrained_path: str | N
 
 
 class VideoVAE(nn.Module):
-    """Pixels in [-1, 1] <-> latents normalised by the checkpoint's per-channel mean/std."""
+    """Pixels in [-1, 1] <-> latents normalised by the checkpoint's per-channel mean/std (Wan's config carries
+    them; for the causal autoencoder they are given, measured on its training frames)."""
 
-    def __init__(self, vae: AutoencoderKLWan) -> None:
+    def __init__(self, vae: AutoencoderKLWan | CausalVideoAE, latents_mean: list[float] | None = None,
+                 latents_std: list[float] | None = None) -> None:  # fmt: skip
         super().__init__()
         self.vae = vae
-        cfg = vae.config
-        self.register_buffer("mean", torch.tensor(cfg.latents_mean).view(1, -1, 1, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(cfg.latents_std).view(1, -1, 1, 1, 1), persistent=False)
-        self.temporal = cfg.scale_factor_temporal
-        self.spatial = cfg.scale_factor_spatial
+        self.causal_ae = isinstance(vae, CausalVideoAE)
+        if self.causal_ae:
+            z = vae.z_dim
+            mean, std = latents_mean or [0.0] * z, latents_std or [1.0] * z
+            self.temporal, self.spatial = vae.temporal, vae.spatial
+        else:
+            cfg = vae.config
+            mean, std = cfg.latents_mean, cfg.latents_std
+            self.temporal, self.spatial = cfg.scale_factor_temporal, cfg.scale_factor_spatial
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1, 1), persistent=False)
 
     @property
     def z_dim(self) -> int:
-        return self.vae.config.z_dim
+        return self.vae.z_dim if self.causal_ae else self.vae.config.z_dim
 
     def latent_size(self, height: int, width: int) -> tuple[int, int]:
         if height % self.spatial or width % self.spatial:
@@ -68,8 +81,9 @@ class VideoVAE(nn.Module):
 
     def encode(self, video: torch.Tensor) -> torch.Tensor:
         """[B, 3, 1 + 4k, H, W] in [-1, 1] -> normalised latent mean [B, z, 1 + k, h, w]."""
-        dist = self.vae.encode(video.to(self.mean.device, self.vae.dtype)).latent_dist
-        return (dist.mode().float() - self.mean) / self.std
+        video = video.to(self.mean.device, self.vae.dtype)
+        raw = self.vae.encode(video) if self.causal_ae else self.vae.encode(video).latent_dist.mode()
+        return (raw.float() - self.mean) / self.std
 
     def encode_reference(self, image: torch.Tensor) -> torch.Tensor:
         """[B, 3, H, W] in [-1, 1] -> latent frame 0, [B, z, 1, h, w]."""
@@ -78,6 +92,8 @@ class VideoVAE(nn.Module):
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Normalised latents [B, z, F, h, w] -> frames [B, 3, 1 + 4(F-1), H, W] in [-1, 1]."""
         z = (latents.float() * self.std + self.mean).to(self.vae.dtype)
+        if self.causal_ae:
+            return self.vae.decode(z).float()
         return self.vae.decode(z).sample.float()
 
     def stream_decoder(self) -> StreamingDecoder:
@@ -90,7 +106,10 @@ class StreamingDecoder:
     def __init__(self, video_vae: VideoVAE) -> None:
         self.video_vae = video_vae
         vae = video_vae.vae
-        self._feat_map: list = [None] * vae._cached_conv_counts["decoder"]
+        if video_vae.causal_ae:
+            self._state = CausalAEStreamState()
+        else:
+            self._feat_map: list = [None] * vae._cached_conv_counts["decoder"]
         self._first = True
         self.frames_decoded = 0
 
@@ -100,6 +119,10 @@ class StreamingDecoder:
         vvae = self.video_vae
         vae = vvae.vae
         z = (latents.float() * vvae.std + vvae.mean).to(vae.dtype)
+        if vvae.causal_ae:
+            out = vae.decode(z, self._state).clamp(-1.0, 1.0).float()
+            self.frames_decoded += out.shape[2]
+            return out
         x = vae.post_quant_conv(z)
         outs = []
         for i in range(x.shape[2]):

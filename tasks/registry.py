@@ -30,6 +30,12 @@ def _curate(cfg: Config, root: Path, **options) -> StageResult:
     return run_curate(cfg, root, **options)
 
 
+def _vae(cfg: Config, root: Path) -> StageResult:
+    from tasks.training.vae import run_vae
+
+    return run_vae(cfg, root)
+
+
 def _teacher(cfg: Config, root: Path) -> StageResult:
     from tasks.training.teacher import run_teacher
 
@@ -70,6 +76,8 @@ STAGES: dict[str, Stage] = {
     "corpus": Stage("corpus", _corpus, "generate the demo corpus of two-person conversations (SpeakerVid layout)"),
     "curate": Stage("curate", _curate, "active-speaker masks, pose/quality filters, listen-ratio balancing -> "
                     "data/manifests/curated.parquet"),
+    "vae": Stage("vae", _vae, "train the demo's causal streaming autoencoder on the curated clips (from the "
+                 "committed pretrained weights); held-out PSNR/SSIM vs bicubic; skipped for Wan VAEs"),
     "teacher": Stage("teacher", _teacher, "encode training windows; fine-tune the bidirectional teacher "
                      "(flow matching, masked talk/listen audio, audio dropout for CFG)"),
     "ode_pairs": Stage("ode_pairs", _ode_pairs, "teacher ODE trajectories kept at the student's noise levels"),

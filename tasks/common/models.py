@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import torch
 
 from model.attention import CausalLayout
 from model.audio import AudioConditioner, LogMelFeatures, Wav2Vec2Features
+from model.causal_ae import CausalVideoAE
 from model.dit import AudioDiT, DiTSpec, cast_keeping_fp32, load_wan_transformer
 from model.streaming import StreamingGenerator, StreamSettings
 from model.vae import VideoVAE, build_wan_vae
-from tasks.config import Config, ConfigError
+from tasks.config import Config, ConfigError, project_root, resolve_path
 
 log = logging.getLogger(__name__)
 
@@ -67,12 +69,40 @@ def build_dit(cfg: Config, audio_dim: int, pretrained: bool = True) -> AudioDiT:
     return cast_keeping_fp32(AudioDiT(spec).to(device), dtype)
 
 
-def build_vae(cfg: Config, pretrained: bool = True) -> VideoVAE:
+def build_causal_ae(cfg: Config) -> CausalVideoAE:
+    v = cfg.vae
+    return CausalVideoAE(v.z_dim, tuple(v.widths), v.temporal_compression, v.patch)
+
+
+def load_causal_ae(cfg: Config, path: str | Path, root: Path | None = None) -> VideoVAE:
+    """The causal autoencoder of a `vae` / `pretrain` checkpoint, with its latent statistics."""
+    file = resolve_path(path, root or project_root())
+    if not file.is_file():
+        hint = ("run `streamavatar vae` first" if Path(path).as_posix().endswith("vae/final.pt")
+                else "see README: the demo VAE")  # fmt: skip
+        raise ConfigError(f"vae.pretrained_path: {file} does not exist ({hint})")
+    state = torch.load(file, map_location="cpu", weights_only=True)
+    for key in ("model", "latents_mean", "latents_std", "spec"):
+        if key not in state:
+            raise ConfigError(f"{file}: not a causal autoencoder checkpoint (no '{key}')")
+    want = {"z_dim": cfg.vae.z_dim, "widths": list(cfg.vae.widths), "temporal": cfg.vae.temporal_compression,
+            "patch": cfg.vae.patch}  # fmt: skip
+    if state["spec"] != want:
+        raise ConfigError(f"{file} holds a causal autoencoder {state['spec']}, but vae.* says {want}")
+    ae = build_causal_ae(cfg)
+    ae.load_state_dict(state["model"])
+    return VideoVAE(ae, state["latents_mean"], state["latents_std"])
+
+
+def build_vae(cfg: Config, pretrained: bool = True, root: Path | None = None) -> VideoVAE:
     v = cfg.vae
     path = v.pretrained_path if pretrained else None
-    with torch.random.fork_rng():  # a random VAE (the demo) must be the same one in every stage and process
+    with torch.random.fork_rng():  # a random VAE (tests) must be the same one in every stage and process
         torch.manual_seed(cfg.project.seed)
-        vae = VideoVAE(build_wan_vae(v.kind, v.z_dim, v.base_dim, path))
+        if v.kind == "causal-ae":
+            vae = load_causal_ae(cfg, path, root) if path else VideoVAE(build_causal_ae(cfg))
+        else:
+            vae = VideoVAE(build_wan_vae(v.kind, v.z_dim, v.base_dim, path))
     if (vae.temporal, vae.spatial, vae.z_dim) != (v.temporal_compression, v.spatial_compression, v.z_dim):
         raise ConfigError(
             f"vae.* says z_dim {v.z_dim}, {v.temporal_compression}x time, {v.spatial_compression}x space, but the "

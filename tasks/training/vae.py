@@ -1,0 +1,386 @@
+"""Stages `vae` and `pretrain`: train the demo's causal streaming autoencoder (model/causal_ae.py).
+
+The paper fine-tunes a pretrained Wan2.2 whose VAE comes with it. The demo's stand-in has two steps:
+
+- ``pretrain`` (``streamavatar pretrain``, not part of ``make demo``): from scratch on real talking-head clips
+  (``pretrain.dirs``: ../shared/fixtures/talking and /speakervid by default), each cropped around the face FaceMesh
+  finds; clips named in ``pretrain.holdout`` are only evaluated on. Its result is committed as
+  ``weights/demo_vae.pt`` with its provenance (``weights/demo_vae.json``: command, data digest, metrics, time).
+- ``vae`` (in the pipeline, before ``teacher``): starts from ``vae_train.init_from`` (those weights; null: from
+  scratch) and trains on the curated training clips at the demo resolution; the curated validation clips are
+  held out. Writes ``vae_train.out`` (data/checkpoints/vae/final.pt), which ``vae.pretrained_path`` points at.
+  With ``vae.kind`` wan-tiny / wan2.2 (the paper profile) the stage has nothing to train and says so.
+
+A step: ``batch_size`` random ``clip_frames``-long windows (random horizontal flips), encoded, the latents
+perturbed by ``latent_noise`` x their per-channel std (the decoder learns to tolerate what the DiT will get
+wrong; relative to the std, so the encoder cannot outgrow it), decoded; loss MSE + ``l1_weight`` x L1.
+Both report PSNR / SSIM on held-out 17-frame windows against the untrained network (or the starting weights)
+and a bicubic baseline (downscale by the spatial factor and back: a comparable number of values per frame),
+and a contact sheet (rows: original, reconstruction, bicubic). Resumable: step checkpoints as every stage.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import sys
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from skimage.metrics import structural_similarity
+from tqdm import tqdm
+
+from model.causal_ae import CausalVideoAE
+from tasks.common.media import MediaError, read_frames
+from tasks.common.models import build_causal_ae
+from tasks.common.stage import StageResult
+from tasks.config import Config, ConfigError, resolve_path
+from tasks.training.data import choose_clips
+from tasks.training.engine import Checkpoints, Metrics, config_digest, run_loop, step_generator
+
+log = logging.getLogger(__name__)
+
+EVAL_FRAMES = 17  # 1 + 4 x 4: the reference and four latent steps
+VIDEO_EXT = {".mp4", ".mov", ".mkv", ".webm", ".avi"}
+
+
+# ------------------------------------------------------------------------------------------------- frames
+def face_box(frames: np.ndarray, scale: float) -> tuple[int, int, int] | None:
+    """(x0, y0, side) of a square around the face FaceMesh finds (median over 5 frames), or None."""
+    from tasks.common.facemesh import FaceMesh
+
+    mesh = FaceMesh(static_image_mode=True)
+    boxes = []
+    try:
+        for i in np.linspace(0, len(frames) - 1, 5).astype(int):
+            lm = mesh(frames[i])
+            if lm is not None:
+                boxes.append([lm[:, 0].min(), lm[:, 1].min(), lm[:, 0].max(), lm[:, 1].max()])
+    finally:
+        mesh.close()
+    if not boxes:
+        return None
+    x1, y1, x2, y2 = np.median(np.asarray(boxes), axis=0)
+    h, w = frames.shape[1:3]
+    side = int(min(scale * max(x2 - x1, y2 - y1), w, h))
+    x0 = int(np.clip((x1 + x2) / 2 - side / 2, 0, w - side))
+    y0 = int(np.clip((y1 + y2) / 2 - side / 2, 0, h - side))
+    return x0, y0, side
+
+
+def fixture_clips(cfg: Config, root: Path, progress: bool = True) -> tuple[dict, dict, dict[str, str]]:
+    """(train, held-out, failures) of ``pretrain.dirs``: name -> [T, H, W, 3] uint8 face crops at the demo size."""
+    p, v = cfg.pretrain, cfg.video
+    files = []
+    for d in p.dirs:
+        folder = resolve_path(d, root)
+        if not folder.is_dir():
+            raise ConfigError(f"pretrain.dirs: {folder} is not a folder")
+        files += sorted(f for f in folder.iterdir() if f.suffix.lower() in VIDEO_EXT)
+    train, held, failures = {}, {}, {}
+    for f in tqdm(files, desc="pretrain: face crops", unit="clip", disable=not progress):
+        try:
+            frames = read_frames(f, fps=v.fps, duration=p.max_seconds_per_clip)
+        except MediaError as exc:
+            failures[f.name] = str(exc)
+            continue
+        box = face_box(frames, p.face_scale)
+        if box is None:
+            failures[f.name] = "no face found"
+            continue
+        x0, y0, s = box
+        crops = np.stack([cv2.resize(fr[y0 : y0 + s, x0 : x0 + s], (v.width, v.height), interpolation=cv2.INTER_AREA)
+                          for fr in frames])  # fmt: skip
+        (held if f.stem in p.holdout else train)[f.stem] = crops
+    missing = sorted(set(p.holdout) - set(held))
+    if missing:
+        log.warning("pretrain.holdout: %s not found in pretrain.dirs", missing)
+    return train, held, failures
+
+
+def curated_clips(cfg: Config, root: Path, progress: bool = True) -> tuple[dict, dict, dict[str, str]]:
+    """(train, held-out, failures) of the curated manifest at the demo size: training clips and the held-out
+    ones, exactly as the teacher splits them."""
+    manifest = root / cfg.curate.manifest
+    if not manifest.is_file():
+        raise ConfigError(f"{cfg.curate.manifest}: no curated manifest; run `streamavatar curate` first")
+    train_rows, val_rows = choose_clips(pd.read_parquet(manifest))
+    v = cfg.video
+    out: tuple[dict, dict] = ({}, {})
+    failures = {}
+    todo = [(r, 0) for r in train_rows.itertuples()] + [(r, 1) for r in val_rows.itertuples()]
+    for r, which in tqdm(todo, desc="vae: read clips", unit="clip", disable=not progress):
+        try:
+            out[which][r.clip_id] = read_frames(root / r.video_path, v.width, v.height, v.fps)
+        except (MediaError, OSError) as exc:
+            failures[r.clip_id] = str(exc)
+    return out[0], out[1], failures
+
+
+def data_digest(clips: dict[str, np.ndarray]) -> str:
+    h = hashlib.sha256()
+    for name in sorted(clips):
+        h.update(name.encode())
+        h.update(hashlib.sha256(clips[name].tobytes()).digest())
+    return h.hexdigest()[:16]
+
+
+def _to_video(frames: np.ndarray) -> torch.Tensor:
+    """[T, H, W, 3] uint8 -> [3, T, H, W] in [-1, 1]."""
+    return torch.from_numpy(np.ascontiguousarray(frames)).permute(3, 0, 1, 2).float() / 127.5 - 1.0
+
+
+def sample_batch(clips: list[np.ndarray], n: int, frames: int, g: torch.Generator) -> torch.Tensor:
+    out = []
+    for _ in range(n):
+        c = clips[int(torch.randint(len(clips), (1,), generator=g))]
+        s = int(torch.randint(len(c) - frames + 1, (1,), generator=g))
+        x = _to_video(c[s : s + frames])
+        out.append(x.flip(-1) if torch.rand(1, generator=g) < 0.5 else x)
+    return torch.stack(out)
+
+
+def eval_windows(clips: dict[str, np.ndarray], count: int) -> list[torch.Tensor]:
+    """Up to ``count`` 17-frame windows spread evenly over the held-out clips (deterministic)."""
+    wins = []
+    for name in sorted(clips):
+        c = clips[name]
+        starts = list(range(0, len(c) - EVAL_FRAMES + 1, EVAL_FRAMES))
+        wins.append([_to_video(c[s : s + EVAL_FRAMES]) for s in starts])
+    out, i = [], 0
+    while len(out) < count and any(i < len(w) for w in wins):  # round robin: every clip gets its share
+        out += [w[i] for w in wins if i < len(w)]
+        i += 1
+    return out[:count]
+
+
+# ------------------------------------------------------------------------------------------------ measures
+def psnr_ssim(pred: torch.Tensor, target: torch.Tensor) -> tuple[float, float]:
+    """Mean PSNR (dB) and SSIM over frames; [3, T, H, W] in [-1, 1]."""
+    a = ((pred.clamp(-1, 1) + 1) * 127.5).round().permute(1, 2, 3, 0).numpy().astype(np.float64)
+    b = ((target.clamp(-1, 1) + 1) * 127.5).round().permute(1, 2, 3, 0).numpy().astype(np.float64)
+    psnrs, ssims = [], []
+    for x, y in zip(a, b, strict=True):
+        mse = float(np.mean((x - y) ** 2))
+        psnrs.append(100.0 if mse == 0 else 10 * math.log10(255.0**2 / mse))
+        ssims.append(structural_similarity(x, y, channel_axis=2, data_range=255.0))
+    return float(np.mean(psnrs)), float(np.mean(ssims))
+
+
+def bicubic(video: torch.Tensor, factor: int) -> torch.Tensor:
+    """The baseline: each frame downscaled by ``factor`` (area) and back up (bicubic)."""
+    frames = video.transpose(0, 1)  # [T, 3, H, W]
+    small = F.interpolate(frames, scale_factor=1 / factor, mode="area")
+    return F.interpolate(small, size=frames.shape[-2:], mode="bicubic", align_corners=False).transpose(0, 1)
+
+
+@torch.no_grad()
+def evaluate_ae(ae: CausalVideoAE, windows: list[torch.Tensor]) -> dict[str, float]:
+    ae.eval()
+    p, s = zip(*(psnr_ssim(ae.decode(ae.encode(w[None]))[0], w) for w in windows), strict=True)
+    ae.train()
+    return {"psnr": float(np.mean(p)), "ssim": float(np.mean(s))}
+
+
+def evaluate_bicubic(windows: list[torch.Tensor], factor: int) -> dict[str, float]:
+    p, s = zip(*(psnr_ssim(bicubic(w, factor), w) for w in windows), strict=True)
+    return {"psnr": float(np.mean(p)), "ssim": float(np.mean(s))}
+
+
+@torch.no_grad()
+def latent_stats(ae: CausalVideoAE, clips: dict[str, np.ndarray], frames: int) -> tuple[list[float], list[float]]:
+    """Per-channel mean and std of the latents of the training clips (windows of ``frames``)."""
+    ae.eval()
+    zs = []
+    for c in clips.values():
+        for s in range(0, len(c) - frames + 1, frames):
+            zs.append(ae.encode(_to_video(c[s : s + frames])[None]).transpose(0, 1).flatten(1))
+    z = torch.cat(zs, dim=1)
+    return z.mean(1).tolist(), z.std(1).clamp_min(1e-4).tolist()
+
+
+def contact_sheet(ae: CausalVideoAE, windows: list[torch.Tensor], factor: int, path: Path, n: int = 6) -> Path:
+    """Rows: original, reconstruction, bicubic; columns: frame 8 of up to ``n`` held-out windows."""
+    cols = []
+    with torch.no_grad():
+        for w in windows[:: max(1, len(windows) // n)][:n]:
+            rec = ae.decode(ae.encode(w[None]))[0]
+            col = [x[:, EVAL_FRAMES // 2] for x in (w, rec, bicubic(w, factor))]
+            cols.append(torch.cat(col, dim=1))
+    sheet = torch.cat(cols, dim=2)
+    img = ((sheet.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()
+    img = cv2.resize(img, (img.shape[1] * 3, img.shape[0] * 3), interpolation=cv2.INTER_NEAREST)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    cv2.imwrite(str(path), cv2.cvtColor(img, cv2.COLOR_RGB2BGR))
+    return path
+
+
+# ------------------------------------------------------------------------------------------------ training
+def spec_of(cfg: Config) -> dict:
+    v = cfg.vae
+    return {"z_dim": v.z_dim, "widths": list(v.widths), "temporal": v.temporal_compression, "patch": v.patch}
+
+
+def train_autoencoder(cfg: Config, stage: str, ckpt_dir: Path, train: dict, held: dict, init: dict | None,
+                      iterations: int, lr: float, progress: bool
+                      ) -> tuple[CausalVideoAE, dict, list[torch.Tensor]]:  # fmt: skip
+    """Trains (or resumes) the causal autoencoder; returns it and its metrics against the baselines."""
+    t = cfg.vae_train
+    if t.threads:
+        torch.set_num_threads(t.threads)
+    if (t.clip_frames - 1) % cfg.vae.temporal_compression:
+        raise ConfigError(f"vae_train.clip_frames must be 1 + {cfg.vae.temporal_compression}k, got {t.clip_frames}")
+    clips = [c for c in train.values() if len(c) >= t.clip_frames]
+    if not clips:
+        raise ConfigError(f"{stage}: no training clip with at least vae_train.clip_frames={t.clip_frames} frames")
+    windows = eval_windows(held, t.eval_windows)
+    if not windows:
+        raise ConfigError(f"{stage}: no held-out clip with at least {EVAL_FRAMES} frames to evaluate on")
+    torch.manual_seed(cfg.project.seed)
+    ae = build_causal_ae(cfg)
+    if init is not None:
+        ae.load_state_dict(init["model"])
+    before = evaluate_ae(ae, windows)
+    fingerprint = config_digest({"spec": spec_of(cfg), "video": cfg.video.model_dump(mode="json"), "lr": lr,
+                                 "train": {k: v for k, v in t.model_dump(mode="json").items() if k != "iterations"},
+                                 "data": data_digest(train), "init": init.get("digest") if init else None,
+                                 "seed": cfg.project.seed})  # fmt: skip
+    ckpt = Checkpoints(ckpt_dir, fingerprint, cfg.train.keep_checkpoints)
+    opt = torch.optim.AdamW(ae.parameters(), lr=lr, weight_decay=0.0)
+    start = 0
+    state = ckpt.latest()
+    if state is not None:
+        ae.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        start = state["step"]
+
+    def step(s: int) -> dict[str, float]:
+        g = step_generator(cfg.project.seed, stage, s)
+        x = sample_batch(clips, t.batch_size, t.clip_frames, g)
+        for group in opt.param_groups:  # linear warm-up, then cosine to 5%
+            warm = min(1.0, (s + 1) / max(1, t.warmup))
+            group["lr"] = lr * warm * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * s / max(1, iterations))))
+        z = ae.encode(x)
+        std = z.detach().std(dim=(0, 2, 3, 4), keepdim=True)
+        noise = torch.randn(z.shape, generator=g)
+        y = ae.decode(z + t.latent_noise * std * noise)
+        mse = F.mse_loss(y, x)
+        loss = mse + t.l1_weight * F.l1_loss(y, x)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        gnorm = torch.nn.utils.clip_grad_norm_(ae.parameters(), cfg.train.grad_clip or float("inf"))
+        opt.step()
+        return {"loss": float(loss.detach()), "psnr_train": 10 * math.log10(4.0 / max(float(mse.detach()), 1e-10)),
+                "grad_norm": float(gnorm)}  # fmt: skip
+
+    def save(s: int) -> None:
+        ckpt.save(s, {"model": ae.state_dict(), "optimizer": opt.state_dict()})
+
+    metrics = Metrics(ckpt.dir / "metrics.jsonl", stage, cfg.train.log_every, True, fresh=start == 0)
+    t0 = time.perf_counter()
+    last = run_loop(stage, start, iterations, step, save, metrics, cfg.train.checkpoint_every, progress)
+    after = evaluate_ae(ae, windows)
+    base = evaluate_bicubic(windows, cfg.vae.spatial_compression)
+    m = {"psnr": after["psnr"], "ssim": after["ssim"], "psnr_before": before["psnr"], "ssim_before": before["ssim"],
+         "psnr_bicubic": base["psnr"], "ssim_bicubic": base["ssim"], "psnr_gain_over_bicubic": after["psnr"] - base["psnr"],
+         "eval_windows": float(len(windows)), "train_clips": float(len(clips)), "heldout_clips": float(len(held)),
+         "train_frames": float(sum(len(c) for c in clips)), "steps": float(iterations),
+         "train_seconds": time.perf_counter() - t0, "params_m": sum(p.numel() for p in ae.parameters()) / 1e6}  # fmt: skip
+    m.update({f"last_{k}": v for k, v in last.items()})
+    return ae, m, windows
+
+
+def save_weights(cfg: Config, ae: CausalVideoAE, train: dict, path: Path, extra: dict) -> dict:
+    mean, std = latent_stats(ae, train, cfg.vae_train.clip_frames)
+    state = {"model": ae.state_dict(), "latents_mean": mean, "latents_std": std, "spec": spec_of(cfg), **extra}
+    state["digest"] = hashlib.sha256(json.dumps([extra.get("data_digest"), extra.get("metrics")],
+                                                sort_keys=True).encode()).hexdigest()[:16]  # fmt: skip
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    torch.save(state, tmp)
+    tmp.replace(path)
+    return state
+
+
+def _report(report: Path, m: dict, sheet: Path) -> list[Path]:
+    report.mkdir(parents=True, exist_ok=True)
+    (report / "metrics.json").write_text(json.dumps(m, indent=2))
+    return [report / "metrics.json", sheet]
+
+
+def _summary(stage: str, m: dict) -> str:
+    return (f"{stage}: held-out PSNR {m['psnr']:.2f} dB / SSIM {m['ssim']:.3f} (before training {m['psnr_before']:.2f} "
+            f"dB; bicubic baseline {m['psnr_bicubic']:.2f} dB / {m['ssim_bicubic']:.3f}) on {int(m['eval_windows'])} "
+            f"windows of {int(m['heldout_clips'])} held-out clips")  # fmt: skip
+
+
+def run_vae(cfg: Config, root: Path, progress: bool = True) -> StageResult:
+    """Stage `vae`: fine-tune the causal autoencoder on the curated training clips."""
+    report = root / "data" / "reports" / "vae"
+    if cfg.vae.kind != "causal-ae":
+        report.mkdir(parents=True, exist_ok=True)
+        m = {"skipped": 1.0}
+        (report / "metrics.json").write_text(json.dumps(m))
+        return StageResult("vae", metrics=m, summary=f"vae: nothing to train (vae.kind={cfg.vae.kind} is loaded "
+                                                     f"from vae.pretrained_path)")  # fmt: skip
+    t = cfg.vae_train
+    init = None
+    if t.init_from:
+        path = resolve_path(t.init_from, root)
+        if not path.is_file():
+            raise ConfigError(f"vae_train.init_from: {path} does not exist (null trains from scratch)")
+        init = torch.load(path, map_location="cpu", weights_only=True)
+        if init.get("spec") != spec_of(cfg):
+            raise ConfigError(f"vae_train.init_from: {path} holds {init.get('spec')}, vae.* says {spec_of(cfg)}")
+    train, held, failures = curated_clips(cfg, root, progress)
+    ae, m, windows = train_autoencoder(cfg, "vae", root / cfg.train.checkpoint_dir / "vae", train, held, init,
+                                       t.iterations, t.lr, progress)  # fmt: skip
+    m["init_from_pretrained"] = float(init is not None)
+    out = resolve_path(t.out, root)
+    save_weights(cfg, ae, train, out, {"data_digest": data_digest(train), "metrics": m})
+    sheet = contact_sheet(ae, windows, cfg.vae.spatial_compression, report / "reconstructions.png")
+    return StageResult("vae", metrics=m, artifacts=_report(report, m, sheet), outputs=[out], failures=failures,
+                       summary=_summary("vae", m))  # fmt: skip
+
+
+def run_pretrain(cfg: Config, root: Path, progress: bool = True, export: str | None = None) -> StageResult:
+    """`streamavatar pretrain`: the causal autoencoder from scratch on face crops of real clips."""
+    if cfg.vae.kind != "causal-ae":
+        raise ConfigError(f"pretrain trains the causal autoencoder; vae.kind is {cfg.vae.kind}")
+    p = cfg.pretrain
+    out_dir = resolve_path(p.out_dir, root)
+    t0 = time.time()
+    train, held, failures = fixture_clips(cfg, root, progress)
+    if not train:
+        raise ConfigError(f"pretrain.dirs {p.dirs}: no usable training clip ({failures})")
+    ae, m, windows = train_autoencoder(cfg, "pretrain", out_dir / "checkpoints", train, held, None, p.iterations,
+                                       p.lr, progress)  # fmt: skip
+    m["wall_seconds"] = time.time() - t0
+    provenance = {"command": " ".join(["streamavatar", *sys.argv[1:]]), "data_digest": data_digest(train), "metrics": m, "train_clips": sorted(train),
+                  "heldout_clips": sorted(held), "config": {"vae": cfg.vae.model_dump(mode="json"),
+                  "vae_train": cfg.vae_train.model_dump(mode="json"), "pretrain": p.model_dump(mode="json"),
+                  "video": cfg.video.model_dump(mode="json")}, "torch": str(torch.__version__)}  # fmt: skip
+    final = out_dir / "demo_vae.pt"
+    state = save_weights(cfg, ae, train, final, provenance)
+    sheet = contact_sheet(ae, windows, cfg.vae.spatial_compression, out_dir / "reconstructions.png")
+    artifacts = _report(out_dir, m, sheet)
+    outputs = [final]
+    if export:
+        dst = resolve_path(export, root)
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        dst.write_bytes(final.read_bytes())
+        info = {k: v for k, v in provenance.items() if k != "metrics"}
+        info.update({"metrics": m, "digest": state["digest"], "sha256": hashlib.sha256(dst.read_bytes()).hexdigest(),
+                     "size_bytes": dst.stat().st_size})  # fmt: skip
+        dst.with_suffix(".json").write_text(json.dumps(info, indent=2))
+        outputs += [dst, dst.with_suffix(".json")]
+    return StageResult("pretrain", metrics=m, artifacts=artifacts, outputs=outputs, failures=failures,
+                       summary=_summary("pretrain", m))  # fmt: skip
+

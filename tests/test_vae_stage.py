@@ -1,0 +1,138 @@
+"""The demo's causal streaming autoencoder and the stages that train it (`pretrain`, `vae`), on tiny real data."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from model.causal_ae import CausalAEStreamState, CausalVideoAE
+from model.vae import VideoVAE
+from tasks.common.models import build_vae
+from tasks.config import ConfigError, load_config
+from tasks.training.vae import bicubic, psnr_ssim, run_pretrain, run_vae
+from tests.conftest import shared_path
+
+CLIPS = ["PC-AVS__00086.mp4", "PC-AVS__620900105.mp4", "PC-AVS__517600055.mp4"]  # 224x224, 4-5 s each
+
+
+def test_causal_ae_shapes_and_streaming_equals_whole_decode():
+    torch.manual_seed(0)
+    ae = CausalVideoAE(z_dim=8, widths=(16, 32), temporal=4, patch=2).eval()
+    video = torch.rand(2, 3, 1 + 4 * 6, 32, 32) * 2 - 1
+    with torch.no_grad():
+        z = ae.encode(video)
+        assert z.shape == (2, 8, 7, 8, 8)
+        whole = ae.decode(z)
+        assert whole.shape == video.shape
+        state = CausalAEStreamState()
+        parts = [ae.decode(z[:, :, :1], state)] + [ae.decode(z[:, :, i : i + 3], state) for i in (1, 4)]
+    assert [p.shape[2] for p in parts] == [1, 12, 12]
+    torch.testing.assert_close(torch.cat(parts, dim=2), whole, rtol=0, atol=1e-5)
+    # causal: changing the last latent frame changes only its own four frames
+    z2 = z.clone()
+    z2[:, :, -1] += 1.0
+    with torch.no_grad():
+        other = ae.decode(z2)
+    assert torch.equal(other[:, :, :-4], whole[:, :, :-4])
+    assert not torch.allclose(other[:, :, -4:], whole[:, :, -4:])
+    # the encoder is causal too: latent frame 0 sees the reference image only
+    v2 = video.clone()
+    v2[:, :, 1:] = 0
+    with torch.no_grad():
+        torch.testing.assert_close(ae.encode(v2)[:, :, :1], z[:, :, :1])
+
+
+def test_video_vae_streaming_decoder_with_latent_statistics():
+    torch.manual_seed(1)
+    vae = VideoVAE(CausalVideoAE(4, (8, 16)), latents_mean=[0.5, -1.0, 2.0, 0.0], latents_std=[2.0, 1.0, 0.5, 1.0])
+    video = torch.rand(1, 3, 9, 16, 16) * 2 - 1
+    with torch.no_grad():
+        lat = vae.encode(video)
+        raw = vae.vae.encode(video)
+        torch.testing.assert_close(lat * vae.std + vae.mean, raw)
+        full = vae.decode(lat).clamp(-1, 1)
+        dec = vae.stream_decoder()
+        streamed = torch.cat([dec.decode(lat[:, :, :1]), dec.decode(lat[:, :, 1:])], dim=2)
+    torch.testing.assert_close(streamed, full, rtol=0, atol=1e-5)
+    assert dec.frames_decoded == 9
+
+
+def test_bicubic_baseline_and_psnr_known_values():
+    x = torch.zeros(3, 2, 8, 8)
+    assert psnr_ssim(x, x)[0] == 100.0
+    y = x + 2 * 16 / 255  # a uniform error of 16 grey levels
+    assert psnr_ssim(y, x)[0] == pytest.approx(10 * np.log10(255**2 / 16**2), abs=0.1)
+    flat = torch.full((3, 1, 8, 8), 0.3)
+    torch.testing.assert_close(bicubic(flat, 4), flat)  # a flat image survives down- and up-scaling
+
+
+@pytest.fixture(scope="module")
+def tiny_root(tmp_path_factory):
+    """A project root with three real talking clips (one held out) and a tiny causal autoencoder config."""
+    root = tmp_path_factory.mktemp("vae_root")
+    clips = root / "clips"
+    clips.mkdir()
+    for name in CLIPS:
+        shutil.copy(shared_path("fixtures", "talking", name), clips / name)
+    return root
+
+
+def tiny_cfg(root, *sets):
+    return load_config([], [
+        "video.width=32", "video.height=32", "vae.z_dim=8", "vae.widths=[16, 32]", "vae.patch=2",
+        "vae.spatial_compression=4", f"pretrain.dirs=[{root / 'clips'}]", "pretrain.holdout=[PC-AVS__00086]",
+        "pretrain.max_seconds_per_clip=2.0", "pretrain.iterations=40", "pretrain.lr=0.002",
+        f"pretrain.out_dir={root / 'pretrain'}", "vae_train.batch_size=4", "vae_train.eval_windows=3",
+        "vae_train.warmup=5", "train.checkpoint_every=20", "tracking.enabled=false", *sets,
+    ], root=root)  # fmt: skip
+
+
+def test_pretrain_learns_on_held_out_faces_and_exports_weights_with_provenance(tiny_root):
+    cfg = tiny_cfg(tiny_root)
+    result = run_pretrain(cfg, tiny_root, progress=False, export="weights/demo_vae.pt")
+    m = result.metrics
+    assert m["heldout_clips"] == 1 and m["train_clips"] == 2
+    # 40 steps on two clips: the held-out clip's reconstruction gains over 2.5 dB (measured: 10.1 -> 13.6 dB)
+    # and SSIM more than doubles (0.08 -> 0.37) against the untrained network
+    assert m["psnr"] > m["psnr_before"] + 2.5, m
+    assert m["ssim"] > 2 * m["ssim_before"], m
+    weights = tiny_root / "weights" / "demo_vae.pt"
+    info = json.loads((tiny_root / "weights" / "demo_vae.json").read_text())
+    assert info["heldout_clips"] == ["PC-AVS__00086"] and info["size_bytes"] == weights.stat().st_size
+    assert info["metrics"]["psnr"] == pytest.approx(m["psnr"])
+    assert (tiny_root / "pretrain" / "reconstructions.png").stat().st_size > 0
+    # every later stage loads it through vae.pretrained_path, latent statistics included
+    vae = build_vae(tiny_cfg(tiny_root, f"vae.pretrained_path={weights}"), root=tiny_root)
+    assert vae.causal_ae and not torch.equal(vae.std, torch.ones_like(vae.std))
+    with pytest.raises(ConfigError, match="causal autoencoder"):
+        build_vae(tiny_cfg(tiny_root, f"vae.pretrained_path={weights}", "vae.z_dim=4"), root=tiny_root)
+    # a re-run resumes from the last step checkpoint: nothing left to train, same result
+    again = run_pretrain(cfg, tiny_root, progress=False)
+    assert again.metrics["psnr"] == pytest.approx(m["psnr"], abs=1e-6)
+
+
+def test_vae_stage_finetunes_from_the_pretrained_weights_on_curated_clips(tiny_root):
+    weights = tiny_root / "weights" / "demo_vae.pt"
+    if not weights.is_file():
+        pytest.skip("needs the pretrain test's weights")
+    rows = []
+    for i, name in enumerate(CLIPS):
+        rows.append({"clip_id": f"c{i}", "video_path": f"clips/{name}", "mask_path": "m.npy", "status": "ok",
+                     "selected": True, "split": "val" if i == 0 else "train"})  # fmt: skip
+    (tiny_root / "data" / "manifests").mkdir(parents=True, exist_ok=True)
+    pd.DataFrame(rows).to_parquet(tiny_root / "data" / "manifests" / "curated.parquet")
+    cfg = tiny_cfg(tiny_root, "vae_train.init_from=weights/demo_vae.pt", "vae_train.iterations=6")
+    result = run_vae(cfg, tiny_root, progress=False)
+    m = result.metrics
+    assert m["init_from_pretrained"] == 1.0 and m["heldout_clips"] == 1
+    # it starts from the pretrained weights, which already reconstruct (13.7 dB measured; a random network ~10 dB)
+    assert m["psnr_before"] > 12.0, m
+    assert (tiny_root / "data" / "checkpoints" / "vae" / "final.pt").is_file()
+    assert (tiny_root / "data" / "reports" / "vae" / "reconstructions.png").is_file()
+    with pytest.raises(ConfigError, match="init_from"):
+        run_vae(tiny_cfg(tiny_root, "vae_train.init_from=weights/missing.pt"), tiny_root, progress=False)

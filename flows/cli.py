@@ -30,8 +30,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("pretrain", help="train the demo VAE from scratch on real talking-head clips at a longer "
                        "budget (the demo's stand-in for pretrained Wan2.2 weights; not part of `make demo`)")
     _config_args(p)
-    p.add_argument("--export", default=None, metavar="PATH",
-                   help="also copy the weights there with a provenance .json beside them, e.g. weights/demo_vae.pt")
+    p.add_argument("--export", default=None, metavar="DIR",
+                   help="also copy demo_vae.pt / demo_dit.pt there with a provenance .json beside each, e.g. weights")
+    p.add_argument("--what", default="all", choices=["all", "vae", "dit"],
+                   help="train both (default), only the VAE, or only the base DiT (on the VAE already pretrained)")
     p = sub.add_parser("pipeline", help="run the Prefect flow full-pipeline (embedded Prefect, no server needed)")
     _config_args(p)
     p.add_argument("--stages", default="", help=f"comma-separated subset of: {','.join(ORDER)}")
@@ -189,12 +191,12 @@ def _serve(args, root: Path) -> int:
 
 def _pretrain(args, cfg, root: Path) -> int:
     from tasks.common import tracking
-    from tasks.training.vae import run_pretrain
+    from tasks.training.pretrain import run_pretrain
 
     params = tracking.flatten({k: cfg.section(k).model_dump(mode="json") for k in ("vae", "vae_train", "pretrain",
-                                                                                 "video")})  # fmt: skip
+                                                                                 "video", "model")})  # fmt: skip
     with tracking.stage_run(cfg, root, "pretrain", params) as run:
-        result = run_pretrain(cfg, root, export=args.export)
+        result = run_pretrain(cfg, root, export=args.export, what=args.what)
         if run is not None:
             tracking.log_result(result, root)
     print(result.summary)

@@ -15,11 +15,12 @@ from flows.evaluate import evaluate_flow
 from flows.ode_pairs import ode_pairs_flow
 from flows.refine import refine_flow
 from flows.teacher import teacher_flow
+from flows.vae import vae_flow
 from tasks.common import locking, tracking
 from tasks.config import load_config, project_root
 from tasks.registry import ORDER
 
-STAGE_FLOWS = {"corpus": corpus_flow, "curate": curate_flow, "teacher": teacher_flow, "ode_pairs": ode_pairs_flow,
+STAGE_FLOWS = {"corpus": corpus_flow, "curate": curate_flow, "vae": vae_flow, "teacher": teacher_flow, "ode_pairs": ode_pairs_flow,
                "distill": distill_flow, "refine": refine_flow, "benchmark": benchmark_flow, "evaluate": evaluate_flow}
 
 

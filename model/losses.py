@@ -137,3 +137,15 @@ def approx_r1(
 
 # R2 is the same penalty evaluated on (detached) generator samples instead of real data.
 approx_r2 = approx_r1
+
+
+def gaussian_denoiser_velocity(x_t: torch.Tensor, sigma: torch.Tensor, mean: torch.Tensor, var: torch.Tensor
+                               ) -> torch.Tensor:  # fmt: skip
+    """The best velocity a denoiser with no learning can give: each latent element treated as an independent
+    Gaussian with its channel's ``mean`` and ``var`` ([1, z, 1, 1, 1]); x_t = (1 - s) x0 + s eps, v = eps - x0,
+    so E[v | x_t] = -mean + Cov(v, x_t) / Var(x_t) * (x_t - (1 - s) mean). The baseline a trained flow-matching
+    model must beat on held-out data. ``sigma``: [B]."""
+    s = sigma.view(-1, 1, 1, 1, 1).to(x_t.dtype)
+    cov = s - (1 - s) * var
+    var_t = (1 - s) ** 2 * var + s**2
+    return -mean + cov / var_t * (x_t - (1 - s) * mean)

@@ -13,7 +13,7 @@ from tasks.config import ConfigError, load_config
 from tasks.evaluation.benchmark import build_stream, run_pipelined, run_sequential
 from tests.conftest import REPO
 
-TINY = ["tracking.enabled=false", "benchmark.checkpoint=random", "benchmark.chunks=3", "benchmark.warmup_chunks=1"]
+TINY = ["tracking.enabled=false", "vae.pretrained_path=null", "benchmark.checkpoint=random", "benchmark.chunks=3", "benchmark.warmup_chunks=1"]
 
 
 def _sets(*extra: str) -> list[str]:

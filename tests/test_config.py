@@ -30,7 +30,7 @@ def test_merge_order_params_then_configs_then_sets(tmp_path):
     cfg = load_config([a, b], ["corpus.num_conversations=7", "corpus.seed=9"], root=tmp_path)
     assert (cfg.corpus.num_conversations, cfg.corpus.seed, cfg.corpus.fps) == (7, 9, 30)
     # untouched keys keep their defaults
-    assert cfg.corpus.duration_s == 10.0
+    assert cfg.corpus.duration_s == Config().corpus.duration_s
 
 
 def test_set_parses_yaml_values(tmp_path):
@@ -89,3 +89,19 @@ def test_paper_profile_has_the_papers_settings():
     assert (cfg.ode_init.iterations, cfg.ode_init.batch_size, cfg.ode_init.lr) == (5000, 8, 2e-6)
     assert (cfg.distill.iterations, cfg.distill.batch_size, cfg.distill.lr) == (6000, 16, 3e-6)
     assert (cfg.refine.iterations, cfg.refine.batch_size, cfg.refine.lr, cfg.refine.num_qformers) == (1400, 32, 5e-6, 3)
+
+
+def test_curate_takes_several_sources_and_the_single_source_keys_still_work(tmp_path):
+    cfg = load_config(root=tmp_path)
+    assert cfg.curate.sources == ["synthetic", "local"]  # the demo: its corpus and the shared real clips
+    cfg = load_config(sets=["curate.source=local", "curate.local_dir=clips"], root=tmp_path)
+    assert cfg.curate.sources == ["local"] and cfg.curate.local_dirs == ["clips"]
+    assert load_config(sets=["curate.source=synthetic"], root=tmp_path).curate.sources == ["synthetic"]
+    with pytest.raises(ConfigError, match="curate.sources: each source once"):
+        load_config(sets=["curate.sources=[local, local]"], root=tmp_path)
+    with pytest.raises(ConfigError, match="curate.local_dirs: give at least one folder"):
+        load_config(sets=["curate.sources=[local]", "curate.local_dirs=[]"], root=tmp_path)
+    with pytest.raises(ConfigError, match=r"'curate.sources.0' \(got 'youtube'\)"):
+        load_config(sets=["curate.sources=[youtube]"], root=tmp_path)
+    with pytest.raises(ConfigError, match="curate.balance_min_keep"):
+        load_config(sets=["curate.balance_min_keep=1.5"], root=tmp_path)

@@ -414,15 +414,20 @@ def test_build_audio_and_vae_from_config(tmp_path, w2v_path):
     cond = build_audio(load_config(root=tmp_path, use_params=False, sets=sets))
     assert isinstance(cond.extractor, Wav2Vec2Features) and cond.token_dim == 64
 
-    vae = build_vae(cfg, pretrained=False)
-    assert (vae.z_dim, vae.temporal, vae.spatial) == (16, 4, 8)
+    vae = build_vae(cfg, pretrained=False)  # the demo's causal autoencoder
+    assert vae.causal_ae and (vae.z_dim, vae.temporal, vae.spatial) == (16, 4, 4)
+    with pytest.raises(ValueError, match="spatial_compression is 16"):
+        load_config(root=tmp_path, use_params=False, sets=["vae.spatial_compression=16"])
+    with pytest.raises(ConfigError, match="run `streamavatar vae` first"):
+        build_vae(cfg, root=tmp_path)  # the default path: the vae stage's output, not there yet
+    wan = ["vae.kind=wan-tiny", "vae.spatial_compression=8"]
+    vae = build_vae(load_config(root=tmp_path, use_params=False, sets=wan), pretrained=False)
+    assert not vae.causal_ae and (vae.z_dim, vae.temporal, vae.spatial) == (16, 4, 8)
     with pytest.raises(ConfigError, match="16x space"):
-        build_vae(
-            load_config(root=tmp_path, use_params=False, sets=["vae.spatial_compression=16"]),
-            pretrained=False,
-        )
+        build_vae(load_config(root=tmp_path, use_params=False, sets=[*wan[:1], "vae.spatial_compression=16"]),
+                  pretrained=False)  # fmt: skip
     with pytest.raises(FileNotFoundError, match="vae.pretrained_path"):
-        build_vae(load_config(root=tmp_path, use_params=False, sets=[f"vae.pretrained_path={tmp_path}"]))
+        build_vae(load_config(root=tmp_path, use_params=False, sets=[*wan, f"vae.pretrained_path={tmp_path}"]))
 
 
 # ------------------------------------------------------------------------------------------------ sampling

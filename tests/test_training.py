@@ -53,7 +53,7 @@ def test_teacher_windows_and_loss(project):
     assert sorted(index.groupby("split").size().items()) == [("train", 4), ("val", 2)]
     assert set(index[index.split == "val"].clip_id) == {"va_a"}
     packed = torch.load(project / "data/latents/tr_a.pt", weights_only=True)
-    assert packed["latents"].shape == (2, 16, 7, 8, 8)
+    assert packed["latents"].shape == (2, 16, 7, 16, 16)  # 64x64 frames, 4x spatial compression
     # slot 0 (the reference) is silent; talk and listen never overlap (the mask splits the features)
     assert packed["talk"][:, 0].abs().sum() == 0 and packed["listen"][:, 0].abs().sum() == 0
     assert ((packed["talk"] != 0) & (packed["listen"] != 0)).sum() == 0
@@ -68,7 +68,7 @@ def test_ode_pairs_keep_the_student_levels(project):
 
     index, states, x0, sigmas = load_pairs(tiny_config(project), project, "train")
     assert sigmas == pytest.approx(student_sigmas(3, 5.0))
-    assert states.shape == (4, 3, 16, 6, 8, 8) and x0.shape == (4, 16, 6, 8, 8)
+    assert states.shape == (4, 3, 16, 6, 16, 16) and x0.shape == (4, 16, 6, 16, 16)
     assert not torch.equal(states[:, 0], x0)  # sigma 1 is pure noise, x0 the ODE's end
 
 

@@ -17,6 +17,9 @@ CLIPS = [("tr_a", True, "train"), ("tr_b", True, "train"), ("va_a", False, "trai
 def tiny_config(root: Path) -> Config:
     cfg = Config()
     cfg.tracking.enabled = False
+    cfg.vae.pretrained_path = None  # a random causal autoencoder: these tests train the DiT stages only
+    cfg.teacher.init_from = None
+    cfg.model.num_layers, cfg.model.num_heads, cfg.model.head_dim, cfg.model.ffn_dim = 2, 2, 16, 128
     cfg.train.window_chunks = 2  # 1 + 6 latent frames = 25 video frames per window
     cfg.train.checkpoint_every = 2
     cfg.train.val_windows = 1

@@ -66,7 +66,7 @@ def build_stream(cfg: Config, root: Path, checkpoint: str | Path | None) -> tupl
     device = device_of(cfg)
     audio = build_audio(cfg).to(device)
     dit, info = load_student(cfg, root, checkpoint, audio, device)
-    vae = build_vae(cfg).eval()
+    vae = build_vae(cfg, root=root).eval()
     if device.type != "cpu":
         vae.vae.to(dtype_of(cfg))  # the network only: the latent statistics stay float32
     text = prompt_embedding(cfg.model.prompt, cfg.model.text_len, cfg.model.text_dim, cfg.model.text_encoder_path,

@@ -43,7 +43,6 @@ import torch
 from tqdm import tqdm
 
 from model.streaming import StreamingGenerator
-from tasks.common.models import build_vae
 from tasks.common.stage import StageResult
 from tasks.common.student import RANDOM, build_stream, default_checkpoint  # noqa: F401  (build_stream re-exported)
 from tasks.config import Config, ConfigError, resolve_path
@@ -125,14 +124,12 @@ class _ThreadDecoder:
         return self.done
 
 
-def _process_worker(cfg_json: dict, threads: int, jobs, results) -> None:
-    """Worker process of the CPU pipelined mode: builds the same VAE from the config, decodes in order."""
-    from tasks.config import Config as _Config
-
+def _process_worker(vae, threads: int, jobs, results) -> None:
+    """Worker process of the CPU pipelined mode: a copy of the generator's VAE (trained weights and latent
+    statistics included), decodes in order."""
     if threads:
         torch.set_num_threads(threads)
-    cfg = _Config.model_validate(cfg_json)
-    vae = build_vae(cfg).eval()
+    vae = vae.eval()
     decoder = vae.stream_decoder()
     with torch.no_grad():
         while True:
@@ -153,8 +150,8 @@ class _ProcessDecoder:
     def __init__(self, gen: StreamingGenerator, cfg: Config, threads: int) -> None:
         ctx = torch.multiprocessing.get_context("spawn")
         self.jobs, self.results = ctx.Queue(maxsize=1), ctx.Queue()
-        self.proc = ctx.Process(target=_process_worker, args=(cfg.model_dump(mode="json"), threads, self.jobs,
-                                                               self.results), daemon=True)  # fmt: skip
+        vae = copy.deepcopy(gen.vae).cpu()
+        self.proc = ctx.Process(target=_process_worker, args=(vae, threads, self.jobs, self.results), daemon=True)
         self.proc.start()
         self.jobs.put((-1, gen.ref_latent.cpu()))
         self._get()  # the worker is up and primed before timing starts

@@ -221,8 +221,8 @@ def student_sample(run: Run, student: AudioDiT, vae: VideoVAE, val: WindowSet, o
     return write_sample(out, video, w.wave[0, spf : spf + video.shape[1] * spf], cfg)
 
 
-def sample_vae(cfg: Config) -> VideoVAE:
-    return build_vae(cfg).eval()
+def sample_vae(cfg: Config, root: Path | None = None) -> VideoVAE:
+    return build_vae(cfg, root=root).eval()
 
 
 def is_main_process() -> bool:
@@ -264,4 +264,37 @@ def student_samples(student: AudioDiT, text: torch.Tensor, reference: torch.Tens
     out = student_rollout(student, reference, student.prepare_text(text), talk, listen, layout, sigmas, noise,
                           renoise, [len(sigmas) - 1] * len(chunks), context_mode, grad=False)  # fmt: skip
     student.train(was)
+    return out
+
+
+EVAL_SIGMAS = (0.2, 0.5, 0.8)
+
+
+@torch.no_grad()
+def heldout_fm_losses(model: AudioDiT | None, latents: torch.Tensor, text: torch.Tensor, talk: torch.Tensor,
+                      listen: torch.Tensor, mean: torch.Tensor, var: torch.Tensor, seed: int = 0
+                      ) -> dict[str, float]:  # fmt: skip
+    """Flow-matching loss of held-out windows ``latents`` [B, z, 1 + F, h, w] at EVAL_SIGMAS with fixed noise (the
+    reference clean, as in training). ``model`` None: the per-channel Gaussian denoiser with the training latents'
+    ``mean`` / ``var`` [1, z, 1, 1, 1] -- the score of a model that learned nothing about faces or motion."""
+    from model.losses import gaussian_denoiser_velocity
+    from tasks.training.teacher import teacher_loss
+
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    device = latents.device
+    for s in EVAL_SIGMAS:
+        noise = torch.randn(latents.shape, generator=g).to(device)
+        sigma = torch.full((latents.shape[0],), s, device=device)
+        if model is None:
+            x_t = add_noise(latents[:, :, 1:], noise[:, :, 1:], s)
+            v = gaussian_denoiser_velocity(x_t, sigma, mean.to(device), var.to(device))
+            loss = float(((v - (noise[:, :, 1:] - latents[:, :, 1:])) ** 2).mean())
+        else:
+            was = model.training
+            model.eval()
+            loss = float(teacher_loss(model, latents, sigma, noise, text.expand(latents.shape[0], -1, -1), talk, listen))
+            model.train(was)
+        out[f"fm_loss_s{s}"] = loss
+    out["fm_loss"] = float(np.mean(list(out.values())))
     return out

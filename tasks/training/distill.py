@@ -112,7 +112,7 @@ def run_distill(cfg: Config, root: Path, progress: bool = True) -> StageResult:
             from tasks.training.data import load_windows
 
             val = load_windows(cfg, root, "val", limit=cfg.train.val_windows)
-            artifacts.append(student_sample(run, student, sample_vae(cfg), val, report / "sample.mp4"))
+            artifacts.append(student_sample(run, student, sample_vae(cfg, root), val, report / "sample.mp4"))
         result = StageResult(
             STAGE, metrics=m, artifacts=artifacts, outputs=[final],
             summary=(f"distill on {before['pairs']:.0f} held-out ODE pairs: ODE init {cfg.ode_init.iterations} steps, "

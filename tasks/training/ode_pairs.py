@@ -158,7 +158,7 @@ def run_ode_pairs(cfg: Config, root: Path, progress: bool = True) -> StageResult
         vindex, _, vx0, _ = load_pairs(cfg, root, "val")
         w = windows_for(cfg, root, vindex.iloc[:1], "val")
         lat = torch.cat([w.latents[:, :, :1], vx0[:1]], dim=2)
-        artifacts.append(latent_sample(run, sample_vae(cfg), lat, w.wave[0], report / "sample.mp4"))
+        artifacts.append(latent_sample(run, sample_vae(cfg, root), lat, w.wave[0], report / "sample.mp4"))
     return StageResult(STAGE, metrics=m, artifacts=artifacts, outputs=[index_path],
                        summary=(f"ode_pairs: {len(index)} pairs ({made} new), teacher {c.steps} Euler steps, CFG "
                                 f"{c.cfg_scale}, states kept at sigma {[round(s, 3) for s in keep_sigmas]}"))  # fmt: skip

@@ -233,7 +233,7 @@ def run_refine(cfg: Config, root: Path, progress: bool = True) -> StageResult:
         (report / "metrics.json").write_text(json.dumps(m, indent=2))
         artifacts = [report / "metrics.json"]
         if cfg.train.sample_video:
-            artifacts.append(student_sample(run, student, sample_vae(cfg), val, report / "sample.mp4"))
+            artifacts.append(student_sample(run, student, sample_vae(cfg, root), val, report / "sample.mp4"))
         result = StageResult(
             STAGE, metrics=m, artifacts=artifacts, outputs=[final], model=final,
             summary=(f"refine: {r.iterations} adversarial steps on {len(data)} real windows; on {len(val)} held-out "

@@ -21,9 +21,10 @@ from model.losses import flow_matching_loss
 from model.sampling import add_noise, shift_sigma
 from tasks.common.models import build_dit, build_vae
 from tasks.common.stage import StageResult
-from tasks.config import Config
+from tasks.config import Config, ConfigError, resolve_path
 from tasks.training.common import (
     frame_mask,
+    heldout_fm_losses,
     model_sections,
     per_frame_t,
     run_fingerprint,
@@ -33,6 +34,7 @@ from tasks.training.common import (
 from tasks.training.data import build_windows, load_windows, windows_digest
 from tasks.training.engine import (
     Metrics,
+    file_digest,
     global_batch,
     optimizer_step,
     run_loop,
@@ -48,7 +50,7 @@ def run_teacher(cfg: Config, root: Path, progress: bool = True) -> StageResult:
     run = start_run(cfg, root, progress)
     dist, device, t = run.dist, run.device, cfg.teacher
     report = root / "data" / "reports" / STAGE
-    vae = build_vae(cfg).eval()
+    vae = build_vae(cfg, root=root).eval()
     failures: dict[str, str] = {}
     if dist.main:
         _, failures = build_windows(cfg, root, vae, run.audio, progress=run.progress)
@@ -57,7 +59,19 @@ def run_teacher(cfg: Config, root: Path, progress: bool = True) -> StageResult:
     val = load_windows(cfg, root, "val", limit=cfg.train.val_windows)
 
     model = build_dit(cfg, run.audio.token_dim)  # Wan weights from model.pretrained_path, or the demo's random init
-    ckpt = run.checkpoints(STAGE, run_fingerprint(cfg, model_sections() + [STAGE], {"data": windows_digest(cfg, root)}))
+    init = None
+    if t.init_from and not cfg.model.pretrained_path:
+        init = load_base_dit(cfg, root, model)
+    ckpt = run.checkpoints(STAGE, run_fingerprint(cfg, model_sections() + [STAGE], {
+        "data": windows_digest(cfg, root), "init": init})  # fmt: skip
+    )
+    # held-out yardsticks before a step is taken: the starting network and the per-channel Gaussian denoiser
+    val_dev = val.latents.to(device)
+    mean = data.latents.mean(dim=(0, 2, 3, 4), keepdim=True)[:1]
+    var = data.latents.var(dim=(0, 2, 3, 4), keepdim=True)[:1]
+    text_val = run.text.to(device)
+    before = heldout_fm_losses(model, val_dev, text_val, val.talk.to(device), val.listen.to(device), mean, var)
+    gaussian = heldout_fm_losses(None, val_dev, text_val, val.talk, val.listen, mean, var)
     opt = torch.optim.AdamW(model.parameters(), lr=t.lr, weight_decay=cfg.train.weight_decay)
     start = 0
     state = ckpt.latest()
@@ -96,6 +110,13 @@ def run_teacher(cfg: Config, root: Path, progress: bool = True) -> StageResult:
         history = _history(ckpt.dir / "metrics.jsonl", t.iterations)
         m = {"windows_train": float(len(data)), "windows_val": float(len(val)), "steps": float(t.iterations), **history}
         m.update({f"last_{k}": v for k, v in last.items()})
+        after = heldout_fm_losses(model, val_dev, text_val, val.talk.to(device), val.listen.to(device), mean, var)
+        silent = torch.zeros_like(val.talk).to(device)
+        no_audio = heldout_fm_losses(model, val_dev, text_val, silent, silent, mean, var)
+        m.update({"val_fm_loss": after["fm_loss"], "val_fm_loss_before": before["fm_loss"],
+                  "val_fm_loss_gaussian": gaussian["fm_loss"], "val_fm_loss_no_audio": no_audio["fm_loss"],
+                  "init_from_base_dit": float(init is not None)})  # fmt: skip
+        m.update({f"val_{k}": v for k, v in after.items() if k != "fm_loss"})
         report.mkdir(parents=True, exist_ok=True)
         (report / "metrics.json").write_text(json.dumps(m, indent=2))
         artifacts = [report / "metrics.json"]
@@ -103,12 +124,25 @@ def run_teacher(cfg: Config, root: Path, progress: bool = True) -> StageResult:
             artifacts.append(teacher_sample(run, model, vae, val, report / "sample.mp4"))
         result = StageResult(
             STAGE, metrics=m, artifacts=artifacts, outputs=[final], failures=failures,
-            summary=(f"teacher: {t.iterations} steps on {len(data)} windows; flow-matching loss "
-                     f"{history.get('loss_first', float('nan')):.4f} -> {history.get('loss_last', float('nan')):.4f} "
-                     f"(mean of the first / last 10% of steps)"),
+            summary=(f"teacher: {t.iterations} steps on {len(data)} windows; held-out flow-matching loss "
+                     f"{m['val_fm_loss_before']:.4f} -> {m['val_fm_loss']:.4f} (per-channel Gaussian denoiser "
+                     f"{m['val_fm_loss_gaussian']:.4f}; with the audio silenced {m['val_fm_loss_no_audio']:.4f})"),
         )  # fmt: skip
     dist.barrier()
     return result
+
+
+def load_base_dit(cfg: Config, root: Path, model) -> str:
+    """teacher.init_from (the demo's base DiT from `streamavatar pretrain`) into ``model``; returns its digest."""
+    path = resolve_path(cfg.teacher.init_from, root)
+    if not path.is_file():
+        raise ConfigError(f"teacher.init_from: {path} does not exist (null starts from a random DiT)")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if state.get("spec") != model.spec.to_json():
+        raise ConfigError(f"teacher.init_from: {path} holds a DiT {state.get('spec')}, but model.* builds "
+                          f"{model.spec.to_json()}")  # fmt: skip
+    model.load_state_dict(state["model"])
+    return file_digest(path)
 
 
 def teacher_loss(model, x0: torch.Tensor, sigma: torch.Tensor, noise: torch.Tensor, text: torch.Tensor,

@@ -25,7 +25,6 @@ import hashlib
 import json
 import logging
 import math
-import sys
 import time
 from pathlib import Path
 
@@ -350,37 +349,13 @@ def run_vae(cfg: Config, root: Path, progress: bool = True) -> StageResult:
                        summary=_summary("vae", m))  # fmt: skip
 
 
-def run_pretrain(cfg: Config, root: Path, progress: bool = True, export: str | None = None) -> StageResult:
-    """`streamavatar pretrain`: the causal autoencoder from scratch on face crops of real clips."""
-    if cfg.vae.kind != "causal-ae":
-        raise ConfigError(f"pretrain trains the causal autoencoder; vae.kind is {cfg.vae.kind}")
+def pretrain_vae(cfg: Config, train: dict, held: dict, out_dir: Path, progress: bool, provenance: dict
+                 ) -> tuple[CausalVideoAE, dict, list[Path]]:  # fmt: skip
+    """The `pretrain` command's first half (tasks/training/pretrain.py): the autoencoder from scratch on face crops
+    of real clips; writes ``out_dir``/demo_vae.pt and its contact sheet."""
     p = cfg.pretrain
-    out_dir = resolve_path(p.out_dir, root)
-    t0 = time.time()
-    train, held, failures = fixture_clips(cfg, root, progress)
-    if not train:
-        raise ConfigError(f"pretrain.dirs {p.dirs}: no usable training clip ({failures})")
     ae, m, windows = train_autoencoder(cfg, "pretrain", out_dir / "checkpoints", train, held, None, p.iterations,
                                        p.lr, progress)  # fmt: skip
-    m["wall_seconds"] = time.time() - t0
-    provenance = {"command": " ".join(["streamavatar", *sys.argv[1:]]), "data_digest": data_digest(train), "metrics": m, "train_clips": sorted(train),
-                  "heldout_clips": sorted(held), "config": {"vae": cfg.vae.model_dump(mode="json"),
-                  "vae_train": cfg.vae_train.model_dump(mode="json"), "pretrain": p.model_dump(mode="json"),
-                  "video": cfg.video.model_dump(mode="json")}, "torch": str(torch.__version__)}  # fmt: skip
-    final = out_dir / "demo_vae.pt"
-    state = save_weights(cfg, ae, train, final, provenance)
+    save_weights(cfg, ae, train, out_dir / "demo_vae.pt", {**provenance, "metrics": m})
     sheet = contact_sheet(ae, windows, cfg.vae.spatial_compression, out_dir / "reconstructions.png")
-    artifacts = _report(out_dir, m, sheet)
-    outputs = [final]
-    if export:
-        dst = resolve_path(export, root)
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        dst.write_bytes(final.read_bytes())
-        info = {k: v for k, v in provenance.items() if k != "metrics"}
-        info.update({"metrics": m, "digest": state["digest"], "sha256": hashlib.sha256(dst.read_bytes()).hexdigest(),
-                     "size_bytes": dst.stat().st_size})  # fmt: skip
-        dst.with_suffix(".json").write_text(json.dumps(info, indent=2))
-        outputs += [dst, dst.with_suffix(".json")]
-    return StageResult("pretrain", metrics=m, artifacts=artifacts, outputs=outputs, failures=failures,
-                       summary=_summary("pretrain", m))  # fmt: skip
-
+    return ae, m, [sheet]

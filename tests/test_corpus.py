@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import logging
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -15,8 +17,9 @@ from tasks.config import load_config
 from tasks.corpus.build import run_corpus
 from tasks.corpus.speakervid import CLIP_RE, MergedAnno
 
+# the two bundled photos only (the shared portraits have their own tests below), 6 s conversations
 SMALL = ["corpus.num_conversations=2", "corpus.duration_s=6", "corpus.big_turn_prob=1.0", "corpus.workers=2",
-         "tracking.enabled=false"]
+         "tracking.enabled=false", "corpus.extra_faces_dirs=[]"]
 
 
 def generate(root: Path, *sets: str):
@@ -154,7 +157,7 @@ def test_resume_skips_finished_and_redoes_missing(corpus):
     assert len(list((root / cfg.corpus.out_dir / "videos").glob("*.mp4"))) == 2  # stale clips removed
 
 
-def test_bad_photo_is_quarantined_and_the_batch_goes_on(tmp_path):
+def test_photo_without_a_face_is_recorded_and_left_out(tmp_path):
     from PIL import Image
     from skimage import data
 
@@ -163,9 +166,63 @@ def test_bad_photo_is_quarantined_and_the_batch_goes_on(tmp_path):
     cfg, result = generate(tmp_path / "p", f"corpus.extra_faces=['{noface}']", "corpus.num_conversations=3",
                            "corpus.duration_s=2", "corpus.big_turn_prob=0")
     table = pd.read_parquet(tmp_path / "p" / cfg.corpus.out_dir / "corpus.parquet")
-    assert result.metrics["clips_ok"] == 2 and result.metrics["clips_failed"] == 4
-    failed = table[table.status == "failed"]
-    assert set(failed.conversation) == {1, 2} and all("coffee.png" in r for r in failed.reason)
+    assert result.metrics["clips_ok"] == 6 and result.metrics["clips_failed"] == 0  # the batch goes on
+    assert result.metrics["photos_without_face"] == 1 and "coffee" not in set(table.photo)
+    faces = json.loads((tmp_path / "p" / cfg.corpus.report_dir / "faces.json").read_text())
+    assert faces["without_face"] == [{"name": "coffee", "path": str(noface.resolve()), "reason": "no face found"}]
+    assert "photo coffee left out: no face found" in result.summary
+
+
+def test_every_shared_portrait_and_avatar_is_a_face(tmp_path):
+    """The demo's face folders: every photo with a face is used (side s of conversation i: face 2i + s), a
+    photo without one is recorded; the demo's conversation count covers them all."""
+    from tasks.corpus.build import face_photos, side_photos
+    from tasks.corpus.faces import IMAGE_SUFFIXES
+    from tests.conftest import shared_path
+
+    portraits, avatars = shared_path("fixtures", "portraits"), shared_path("fixtures", "avatars")
+    cfg = load_config(root=tmp_path)  # the demo profile's defaults: ../shared/fixtures/{portraits,avatars}
+    assert cfg.corpus.extra_faces_dirs == ["../shared/fixtures/portraits", "../shared/fixtures/avatars"]
+    faces = face_photos(cfg.corpus, tmp_path)
+    files = [p for d in (portraits, avatars) for p in d.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES]
+    assert faces.candidates == 2 + len(files) and len(files) == 26
+    names = [p.name for p in faces.usable]
+    left_out = {r["name"]: r["reason"] for r in faces.without_face}
+    assert left_out == {"music_producer": "no face found"}  # mediapipe finds no face in it
+    assert names[:2] == ["astronaut", "grace_hopper"] and set(names[2:]) == {p.stem for p in files} - set(left_out)
+    used = {p.name for i in range(cfg.corpus.num_conversations) for p in side_photos(i, faces.usable)}
+    assert used == set(names)
+    assert [p.name for p in side_photos(0, faces.usable)] == ["astronaut", "grace_hopper"]
+
+
+def test_face_folders_absent_ones_skipped_with_a_reason(tmp_path, caplog):
+    from PIL import Image
+    from skimage import data
+
+    from tests.conftest import shared_path
+
+    folder = tmp_path / "faces"
+    folder.mkdir()
+    shutil.copy(shared_path("fixtures", "avatars", "kitchen_grandmother.jpg"), folder / "grandma.jpg")
+    Image.fromarray(data.coffee()).save(folder / "coffee.png")
+    (folder / "notes.txt").write_text("not an image")
+    with caplog.at_level(logging.WARNING):
+        cfg, result = generate(tmp_path / "p", f"corpus.extra_faces_dirs=[{folder}, {tmp_path / 'absent'}]",
+                               "corpus.duration_s=2", "corpus.big_turn_prob=0")  # fmt: skip
+    assert f"{tmp_path / 'absent'} is absent" in caplog.text and "skipped" in caplog.text
+    assert result.metrics["face_dirs_missing"] == 1 and result.metrics["photos_without_face"] == 1
+    assert result.metrics["clips_ok"] == 4 and result.metrics["photos_usable"] == 3
+    table = pd.read_parquet(tmp_path / "p" / cfg.corpus.out_dir / "corpus.parquet")
+    assert list(table.photo) == ["astronaut", "grace_hopper", "grandma", "astronaut"]
+    faces = json.loads((tmp_path / "p" / cfg.corpus.report_dir / "faces.json").read_text())
+    assert faces["missing_dirs"] == [str(tmp_path / "absent")]
+    assert {u["name"]: u["conversations"] for u in faces["used"]} == {"astronaut": [0, 1], "grace_hopper": [0],
+                                                                      "grandma": [1]}
+    # a photo in the folder changes: only the conversation that shows it is made again
+    shutil.copy(shared_path("fixtures", "avatars", "fashion_blogger.jpg"), folder / "grandma.jpg")
+    _, again = generate(tmp_path / "p", f"corpus.extra_faces_dirs=[{folder}, {tmp_path / 'absent'}]",
+                        "corpus.duration_s=2", "corpus.big_turn_prob=0")  # fmt: skip
+    assert again.metrics["conversations_generated"] == 1 and again.metrics["conversations_skipped"] == 1
 
 
 def test_missing_photo_stops_before_any_work(tmp_path):

@@ -32,7 +32,7 @@ def _clips(folder, n=3):
 def test_dask_runner_gives_the_same_manifest(tmp_path):
     clips = _clips(tmp_path / "clips")
     weights = shared_path("models", "light-asd", "finetuning_TalkSet.model")
-    sets = ["tracking.enabled=false", "curate.source=local", f"curate.local_dir={clips}", "curate.pose_stride=3",
+    sets = ["tracking.enabled=false", "curate.sources=[local]", f"curate.local_dirs=[{clips}]", "curate.pose_stride=3",
             f"curate.asd_weights={weights}", "curate.min_duration_s=1.5", "curate.workers=2"]  # fmt: skip
 
     dask_root = tmp_path / "dask"

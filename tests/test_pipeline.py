@@ -12,7 +12,9 @@ from tests.conftest import shared_path, tool_env
 
 TINY = {"num_conversations": 1, "duration_s": 3.0, "workers": 1}
 # the training stages at a few steps each: the wiring, not the learning (tests/test_training.py has that)
-TINY_TRAINING = {"teacher": {"iterations": 3}, "ode_init": {"iterations": 2}, "distill": {"iterations": 2},
+# (and curation of the tiny corpus only: the demo's shared real clips are tests/test_curate.py's business)
+TINY_TRAINING = {"curate": {"sources": ["synthetic"]},
+                 "teacher": {"iterations": 3}, "ode_init": {"iterations": 2}, "distill": {"iterations": 2},
                  "refine": {"iterations": 2, "qformer_dim": 16}, "train": {"checkpoint_every": 2},
                  "benchmark": {"chunks": 2, "warmup_chunks": 0}, "evaluate": {"max_clips": 1}}  # fmt: skip
 STAGES = ["corpus", "curate", "teacher", "ode_pairs", "distill", "refine", "benchmark", "evaluate"]
@@ -101,7 +103,7 @@ def test_full_pipeline_flow_records_mlflow_and_leaves_dvc_clean(clone):
     assert nested[0].data.metrics["clips_ok"] == 2 and nested[0].data.params["corpus.num_conversations"] == "1"
     arts = [a.path for a in client.list_artifacts(nested[0].info.run_id, "corpus")]
     assert {"corpus/contact_sheet.png", "corpus/metrics.json", "corpus/corpus.parquet"} <= set(arts)
-    assert nested[1].data.metrics["clips_ok"] == 2 and nested[1].data.params["curate.source"] == "synthetic"
+    assert nested[1].data.metrics["clips_ok"] == 2 and nested[1].data.params["curate.sources"] == "['synthetic']"
     arts = [a.path for a in client.list_artifacts(nested[1].info.run_id, "curate")]
     assert {"curate/curated.parquet", "curate/histograms.png", "curate/asd_frames.png"} <= set(arts)
     # every training stage logged per-step metrics and a sample video with its audio

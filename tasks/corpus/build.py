@@ -8,14 +8,23 @@ Layout under ``corpus.out_dir``::
                                head yaw/pitch/roll, mouth opening, blink, gesture, both speech envelopes
     corpus.parquet             one row per clip (paths relative to the project root, status, reason)
 
+Faces: the photos bundled with installed packages, every image in ``corpus.extra_faces_dirs`` (the shared
+portraits and avatars; an absent folder is skipped with a logged reason) and the files in ``corpus.extra_faces``.
+Each is screened once for a face (FaceMesh; the answer is cached by file digest): a photo without one is recorded
+in the report's faces.json and left out. Side s of conversation i shows face (2i + s) mod F, so every usable
+face is used once the corpus has F / 2 conversations, and the first ones twice beyond that.
+
 A conversation is one unit of work: finished ones (their ground truth written last, with a fingerprint of the
-settings that shaped them) are skipped on re-run; a failing one is recorded with its reason and the rest goes on.
+settings and the two photos that shaped them) are skipped on re-run; a failing one is recorded with its reason
+and the rest goes on.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
+import os
 import shutil
 import tempfile
 import time
@@ -29,10 +38,12 @@ import pandas as pd
 from tasks.common.media import write_video, write_wav
 from tasks.common.parallel import map_jobs
 from tasks.common.stage import StageResult
-from tasks.config import Config, CorpusConfig
+from tasks.config import Config, CorpusConfig, resolve_path
 from tasks.corpus.speakervid import clip_name, synthetic_ytid
 
-CORPUS_VERSION = 1  # bump when the generator's output changes, so old conversations are regenerated
+log = logging.getLogger(__name__)
+
+CORPUS_VERSION = 2  # bump when the generator's output changes, so old conversations are regenerated
 SIDES = ("A", "B")
 MANIFEST_COLUMNS = [
     "clip_id", "conversation", "side", "partner_clip_id", "video_path", "anno_path", "gt_path", "identity",
@@ -41,10 +52,26 @@ MANIFEST_COLUMNS = [
 ]
 
 
-def fingerprint(cfg: CorpusConfig, index: int) -> str:
-    shaping = cfg.model_dump(mode="json", exclude={"out_dir", "report_dir", "workers", "num_conversations"})
-    blob = json.dumps({"v": CORPUS_VERSION, "i": index, "cfg": shaping}, sort_keys=True)
+@dataclass(frozen=True)
+class PhotoSpec:
+    """A face photo as the jobs receive it: loaded in the worker, named in the fingerprint by its content."""
+
+    name: str
+    path: str  # "" for a photo bundled with an installed package
+    digest: str  # sha1 of the file (of the pixels for a bundled photo)
+
+
+def fingerprint(cfg: CorpusConfig, index: int, photos: tuple[PhotoSpec, ...]) -> str:
+    shaping = cfg.model_dump(mode="json", exclude={"out_dir", "report_dir", "workers", "num_conversations",
+                                                   "extra_faces", "extra_faces_dirs"})  # fmt: skip
+    blob = json.dumps({"v": CORPUS_VERSION, "i": index, "cfg": shaping,
+                       "photos": [[p.name, p.digest] for p in photos]}, sort_keys=True)  # fmt: skip
     return hashlib.sha1(blob.encode()).hexdigest()[:16]
+
+
+def side_photos(index: int, photos: list[PhotoSpec]) -> tuple[PhotoSpec, PhotoSpec]:
+    """Conversation ``index``'s two faces: slots 2i and 2i + 1 of the face list, wrapping around."""
+    return photos[(2 * index) % len(photos)], photos[(2 * index + 1) % len(photos)]
 
 
 @dataclass(frozen=True)
@@ -53,6 +80,87 @@ class _Job:
     cfg: dict
     out_dir: str
     root: str
+    photos: tuple[PhotoSpec, PhotoSpec]
+
+
+# ------------------------------------------------------------------------------------------------ the faces
+@dataclass
+class FaceList:
+    usable: list[PhotoSpec]
+    without_face: list[dict]  # {"name", "path", "reason"}
+    missing_dirs: list[str]
+    candidates: int
+
+
+def _digest_file(path: Path) -> str:
+    return hashlib.sha1(path.read_bytes()).hexdigest()
+
+
+def face_photos(c: CorpusConfig, root: Path, cache_path: Path | None = None) -> FaceList:
+    """The usable face photos, in a fixed order: bundled, then each of ``extra_faces_dirs`` (sorted by name),
+    then ``extra_faces``. A missing or unreadable ``extra_faces`` file raises FaceError (a configuration error);
+    an absent folder is skipped with a logged reason; a photo with no face is recorded and left out."""
+    from tasks.corpus.faces import BUNDLED, bundled_photo, folder_photos, load_photo
+
+    explicit = []
+    for path in c.extra_faces:  # a missing or unreadable photo is a configuration error: stop before any work
+        p = resolve_path(path, root)
+        load_photo(p)
+        explicit.append(p)
+    files: list[Path] = []
+    missing = []
+    for folder in c.extra_faces_dirs:
+        d = resolve_path(folder, root)
+        if not d.is_dir():
+            log.warning("corpus.extra_faces_dirs: %s is absent (%s): skipped, the corpus uses the other faces",
+                        folder, d)  # fmt: skip
+            missing.append(folder)
+            continue
+        files += folder_photos(d)
+    cache: dict[str, str] = {}  # file digest -> "ok" or why the photo is left out, one "digest<TAB>verdict" a line
+    if cache_path is not None and cache_path.is_file():
+        try:
+            cache = dict(line.split("\t", 1) for line in cache_path.read_text().splitlines() if "\t" in line)
+        except OSError:
+            cache = {}
+    specs: list[tuple[PhotoSpec, object]] = []
+    without: list[dict] = []
+    for name in BUNDLED:
+        photo = bundled_photo(name)
+        specs.append((PhotoSpec(name, "", hashlib.sha1(photo.image.tobytes()).hexdigest()), photo))
+    for path in files + explicit:
+        try:
+            spec = PhotoSpec(path.stem, str(path.resolve()), _digest_file(path))
+        except OSError as exc:
+            without.append({"name": path.stem, "path": str(path), "reason": f"unreadable: {exc}"})
+            continue
+        specs.append((spec, path))
+    usable = []
+    for spec, source in specs:
+        verdict = cache.get(spec.digest)
+        if verdict is None:
+            verdict = _screen(source)
+            cache[spec.digest] = verdict
+        if verdict == "ok":
+            usable.append(spec)
+        else:
+            without.append({"name": spec.name, "path": spec.path or "(bundled)", "reason": verdict})
+            log.warning("corpus: face photo %s left out: %s", spec.path or spec.name, verdict)
+    if cache_path is not None:
+        cache_path.parent.mkdir(parents=True, exist_ok=True)
+        cache_path.write_text("".join(f"{k}\t{v}\n" for k, v in sorted(cache.items())))
+    return FaceList(usable, without, missing, len(BUNDLED) + len(files) + len(explicit))
+
+
+def _screen(source) -> str:
+    """'ok' when FaceMesh finds a face in the photo, else why not."""
+    from tasks.corpus.faces import FaceError, load_photo
+
+    try:
+        photo = load_photo(source) if isinstance(source, Path) else source
+    except FaceError as exc:
+        return str(exc)
+    return "ok" if _mesh()(photo.image) is not None else "no face found"
 
 
 # ------------------------------------------------------------------------------------------- one conversation
@@ -63,19 +171,27 @@ def _mesh():
     return FaceMesh(static_image_mode=True)
 
 
-@lru_cache(maxsize=4)
-def _photos(extra: tuple[str, ...]):
-    from tasks.corpus.faces import bundled_photos
+@lru_cache(maxsize=8)
+def _load(spec: PhotoSpec):
+    from tasks.corpus.faces import bundled_photo, load_photo
 
-    return bundled_photos(list(extra))
+    return bundled_photo(spec.name) if not spec.path else load_photo(spec.path)
 
 
 def _render_conversation(job: _Job) -> list[dict]:
+    from threadpoolctl import threadpool_limits
+
+    cfg = CorpusConfig.model_validate(job.cfg)
+    # the workers share the cores: one BLAS thread each (a multi-threaded solve per frame oversubscribes them)
+    with threadpool_limits(limits=max(1, (os.cpu_count() or 1) // max(1, cfg.workers))):
+        return _render(job, cfg)
+
+
+def _render(job: _Job, cfg: CorpusConfig) -> list[dict]:
     from tasks.corpus.animate import Animator, make_tracks
     from tasks.corpus.faces import Variant, make_identity
     from tasks.corpus.script import frame_envelope, plan_conversation, speaking_mask
 
-    cfg = CorpusConfig.model_validate(job.cfg)
     out, root = Path(job.out_dir), Path(job.root)
     rng = np.random.default_rng([cfg.seed, job.index])
     conv = plan_conversation(job.index, cfg, rng)
@@ -84,14 +200,13 @@ def _render_conversation(job: _Job) -> list[dict]:
     names = [clip_name(ytid, cfg.width, cfg.height, 1, side, p) for p, side in enumerate(SIDES)]
     envs = [frame_envelope(conv.side_audio[s], cfg.sample_rate, cfg.fps, n) for s in (0, 1)]
     masks = [speaking_mask(conv, s, cfg.fps, n) for s in (0, 1)]
-    photos = _photos(tuple(str(p if Path(p).is_absolute() else root / p) for p in cfg.extra_faces))
-    fp = fingerprint(cfg, job.index)
+    fp = fingerprint(cfg, job.index, job.photos)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         wav = Path(tmp) / "mix.wav"
         write_wav(wav, conv.mix, cfg.sample_rate)
         for s, side in enumerate(SIDES):
-            photo = photos[(job.index + s) % len(photos)]
+            photo = _load(job.photos[s])
             ident = make_identity(photo, Variant.draw(rng), cfg.width, cfg.height, _mesh(), f"{photo.name}-{job.index}{side}")
             tracks = make_tracks(envs[s], masks[s], masks[1 - s], cfg.fps, rng, cfg.big_turn_prob,
                                  tuple(cfg.big_turn_yaw_deg))
@@ -169,7 +284,7 @@ def _write_json_atomic(path: Path, obj: dict) -> None:
     tmp.replace(path)
 
 
-def _finished_rows(cfg: CorpusConfig, index: int, out: Path) -> list[dict] | None:
+def _finished_rows(cfg: CorpusConfig, index: int, out: Path, photos: tuple[PhotoSpec, ...]) -> list[dict] | None:
     ytid = synthetic_ytid(cfg.seed, index)
     rows = []
     for p, side in enumerate(SIDES):
@@ -181,7 +296,7 @@ def _finished_rows(cfg: CorpusConfig, index: int, out: Path) -> list[dict] | Non
             data = json.loads(gt.read_text())
         except (OSError, json.JSONDecodeError):
             return None
-        if data.get("fingerprint") != fingerprint(cfg, index):
+        if data.get("fingerprint") != fingerprint(cfg, index, photos):
             return None
         rows.append(data["row"])
     return rows
@@ -197,22 +312,20 @@ def run_corpus(cfg: Config, root: Path, progress: bool = True) -> StageResult:
         (out / sub).mkdir(parents=True, exist_ok=True)
     report_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    from tasks.corpus.faces import load_photo
-
-    for path in c.extra_faces:  # a missing or unreadable photo is a configuration error: stop before any work
-        load_photo(path if Path(path).is_absolute() else root / path)
+    faces = face_photos(c, root, out / "faces_screened.tsv")
+    pairs = {i: side_photos(i, faces.usable) for i in range(c.num_conversations)}
 
     rows: dict[int, list[dict]] = {}
     todo = []
     for i in range(c.num_conversations):
-        done = _finished_rows(c, i, out)
+        done = _finished_rows(c, i, out, pairs[i])
         if done is None:
             todo.append(i)
         else:
             rows[i] = done
     failures: dict[str, str] = {}
     if todo:
-        jobs = [_Job(i, c.model_dump(mode="json"), str(out), str(root.resolve())) for i in todo]
+        jobs = [_Job(i, c.model_dump(mode="json"), str(out), str(root.resolve()), pairs[i]) for i in todo]
         for job, result, exc in map_jobs(_render_conversation, jobs, c.workers, "corpus: conversations", "conv",
                                          progress):  # fmt: skip
             if exc is None:
@@ -237,6 +350,12 @@ def run_corpus(cfg: Config, root: Path, progress: bool = True) -> StageResult:
         "speaking_ratio_mean": float(ok.speaking_ratio.mean()) if len(ok) else 0.0,
         "listening_ratio_mean": float(ok.listening_ratio.mean()) if len(ok) else 0.0,
         "clips_with_turn_past_45deg": float((ok.max_abs_yaw > 45).sum()),
+        "photos_total": float(faces.candidates),
+        "photos_usable": float(len(faces.usable)),
+        "photos_without_face": float(len(faces.without_face)),
+        "photos_used": float(len({p.name for pair in pairs.values() for p in pair})),
+        "face_dirs_missing": float(len(faces.missing_dirs)),
+        "identities": float(ok.photo.nunique()) if len(ok) else 0.0,
         "seconds": seconds,
     }
     artifacts = [manifest]
@@ -246,11 +365,22 @@ def run_corpus(cfg: Config, root: Path, progress: bool = True) -> StageResult:
         sheet = report_dir / "contact_sheet.png"
         contact_sheet(ok, root, sheet)
         artifacts.append(sheet)
+    faces_path = report_dir / "faces.json"  # which photos were used, which were left out and why
+    faces_path.write_text(json.dumps({
+        "used": [{"name": p.name, "path": p.path or "(bundled)",
+                  "conversations": sorted(i for i, pair in pairs.items() if p in pair)} for p in faces.usable],
+        "without_face": faces.without_face,
+        "missing_dirs": faces.missing_dirs,
+    }, indent=1))
+    artifacts.append(faces_path)
     metrics_path = report_dir / "metrics.json"
     metrics_path.write_text(json.dumps(metrics, indent=2))
     artifacts.append(metrics_path)
+    notes = "".join([f"; face folder {d} absent: skipped" for d in faces.missing_dirs]
+                    + [f"; photo {r['name']} left out: {r['reason']}" for r in faces.without_face])
     summary = (f"corpus: {len(ok)} clips ok, {len(failures)} failed, {len(todo)} conversations generated and "
-               f"{c.num_conversations - len(todo)} already finished, in {seconds:.1f} s -> {_rel(out, root)}")
+               f"{c.num_conversations - len(todo)} already finished, {len(faces.usable)} faces, in "
+               f"{seconds:.1f} s -> {_rel(out, root)}{notes}")
     return StageResult("corpus", metrics=metrics, artifacts=artifacts, outputs=[out, report_dir],
                        failures=failures, summary=summary)
 
@@ -261,7 +391,7 @@ def _failed_rows(job: _Job, exc: Exception, failures: dict, c: CorpusConfig) -> 
     failures[f"conversation {job.index}"] = reason
     return [
         {**{k: None for k in MANIFEST_COLUMNS}, "clip_id": clip_name(ytid, c.width, c.height, 1, side, p),
-         "conversation": job.index, "side": side, "status": "failed", "reason": reason}
+         "conversation": job.index, "side": side, "photo": job.photos[p].name, "status": "failed", "reason": reason}
         for p, side in enumerate(SIDES)
     ]
 

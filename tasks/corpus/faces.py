@@ -22,6 +22,10 @@ class Photo:
     image: np.ndarray  # RGB uint8
 
 
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
+BUNDLED = ("astronaut", "grace_hopper")
+
+
 def bundled_photos(extra: list[str] | None = None) -> list[Photo]:
     """scikit-image's astronaut (NASA, public domain) and matplotlib's Grace Hopper (public domain), plus any
     user-supplied photos."""
@@ -38,6 +42,18 @@ def bundled_photos(extra: list[str] | None = None) -> list[Photo]:
     for path in extra or []:
         photos.append(load_photo(path))
     return photos
+
+
+def bundled_photo(name: str) -> Photo:
+    for photo in bundled_photos():
+        if photo.name == name:
+            return photo
+    raise FaceError(f"no bundled photo named {name!r}; bundled: {', '.join(BUNDLED)}")
+
+
+def folder_photos(folder: Path) -> list[Path]:
+    """Every image file directly inside ``folder``, sorted by name."""
+    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
 
 
 def load_photo(path: str | Path) -> Photo:

@@ -147,6 +147,7 @@ class ClipMask:
     mask: np.ndarray  # [T] int8: 1 speaking, 0 listening, -1 unknown (no face)
     face_found: np.ndarray  # [T] bool
     threshold: float = 0.0
+    boxes: np.ndarray | None = None  # [T, 4] the face track (x1, y1, x2, y2 pixels of the analysed frames)
 
 
 def speaking_mask(
@@ -166,7 +167,7 @@ def speaking_mask(
     mask = np.full(t, UNKNOWN, dtype=np.int8)
     score = np.full(t, np.nan)
     if not track.found.any():
-        return ClipMask(score, mask, track.found)
+        return ClipMask(score, mask, track.found, boxes=track.boxes)
     mfcc = mfcc_100hz(audio, sample_rate)
     short = 4 * t - len(mfcc)
     if 0 < short <= 4:  # the MFCC framing drops the last partial window: repeat it, do not drop a frame
@@ -180,7 +181,7 @@ def speaking_mask(
     th = clip_threshold(s[known[:n]], calibration, threshold, min_gap, min_share)
     mask[known] = (s[known[:n]] >= th).astype(np.int8)
     score[~known] = np.nan
-    return ClipMask(score, mask, track.found, th)
+    return ClipMask(score, mask, track.found, th, track.boxes)
 
 
 def frame_f1(pred: np.ndarray, truth: np.ndarray) -> dict[str, float]:

@@ -1,8 +1,11 @@
 """Stage `curate`: from raw clips to the curated manifest the training stages read.
 
-For every clip of the source (``curate.source``): probe, length check, per-frame speaking/listening mask by
-active speaker detection, head-pose filter, quality filters, normalisation to the profile's size and rate
-(tasks/curation/clip.py). Then listen-ratio categories, balancing and a train/val split by conversation.
+For every clip of the sources (``curate.sources``, all in one run): probe, length check, head-pose filter,
+quality filters, per-frame speaking/listening mask by active speaker detection, a head (or person) crop and
+normalisation to the profile's size and rate (tasks/curation/clip.py). Then listen-ratio categories, the
+train / val / unseen split by conversation (tasks/curation/balance.py: held-out data shares neither a
+conversation nor its audio with training; one whole identity is held out as ``unseen``) and balancing of the
+training clips.
 
 Outputs: ``curate.out_dir``/clips/*.mp4 and masks/*.npy, the manifest ``curate.manifest`` (one row per
 clip, columns in MANIFEST_COLUMNS, documented in the README), and a report under ``curate.report_dir``.
@@ -16,10 +19,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from functools import partial
 from pathlib import Path
 
@@ -28,17 +32,19 @@ import pandas as pd
 from tasks.common.parallel import map_jobs
 from tasks.common.stage import StageResult
 from tasks.config import Config, ConfigError, resolve_path
-from tasks.curation.balance import balance, category, split_of
+from tasks.curation.balance import SPLITS, balance, category, explain_balance, plan_splits
 from tasks.curation.clip import ClipSettings, curate_clip
-from tasks.curation.sources import SourceClip, local_clips, synthetic_clips
+from tasks.curation.sources import SourceClip, identity_of, local_clips, synthetic_clips
 
-CURATE_VERSION = 1  # bump when per-clip processing changes, so old rows are recomputed
+log = logging.getLogger(__name__)
+
+CURATE_VERSION = 2  # bump when per-clip processing changes, so old rows are recomputed
 MANIFEST_COLUMNS = [
-    "clip_id", "group", "source_path", "video_path", "mask_path", "duration_s", "num_frames", "fps",
-    "source_fps", "source_width", "source_height", "speaking_ratio", "listen_ratio", "unknown_ratio",
+    "clip_id", "group", "source", "identity", "source_path", "video_path", "mask_path", "duration_s", "num_frames",
+    "fps", "source_fps", "source_width", "source_height", "speaking_ratio", "listen_ratio", "unknown_ratio",
     "asd_threshold", "category", "selected", "split", "pose_frames", "pose_face_frames", "pose_mean_abs_yaw",
     "pose_mean_abs_pitch", "pose_mean_abs_roll", "pose_max_abs_yaw", "pose_max_abs_pitch", "pose_max_abs_roll",
-    "pose_beyond_fraction", "luminance", "face_sharpness", "status", "reason", "fingerprint",
+    "pose_beyond_fraction", "luminance", "face_sharpness", "crop_box", "status", "reason", "fingerprint",
 ]  # fmt: skip
 
 
@@ -56,19 +62,33 @@ def clip_settings(cfg: Config, root: Path) -> ClipSettings:
         max_pitch_deg=c.max_pitch_deg, max_roll_deg=c.max_roll_deg, max_pose_fraction=c.max_pose_fraction,
         min_face_fraction=c.min_face_fraction, pose_stride=c.pose_stride, luminance_range=tuple(c.luminance_range),
         min_face_sharpness=c.min_face_sharpness, torch_threads=max(1, (os.cpu_count() or 1) // c.workers),
+        max_duration_s=c.max_duration_s, crop=c.crop, head_scale=c.head_scale,
     )  # fmt: skip
 
 
-def list_sources(cfg: Config, root: Path, progress: bool = True) -> list[SourceClip]:
+def list_sources(cfg: Config, root: Path, progress: bool = True, notes: list[str] | None = None) -> list[SourceClip]:
+    """The clips of every source in ``curate.sources``, in that order. Local folders that are absent are
+    skipped with a logged reason, added to ``notes``."""
     c = cfg.curate
-    if c.source == "synthetic":
-        return synthetic_clips(root / cfg.corpus.out_dir)
-    if c.source == "speakervid":
-        from tasks.curation.speakervid import speakervid_clips
+    clips: list[SourceClip] = []
+    for source in c.sources:
+        if source == "synthetic":
+            clips += synthetic_clips(root / cfg.corpus.out_dir)
+        elif source == "speakervid":
+            from tasks.curation.speakervid import speakervid_clips
 
-        return speakervid_clips(c.speakervid, root, c.workers, progress)
-    folder = Path(c.local_dir)
-    return local_clips(folder if folder.is_absolute() else root / folder)
+            clips += [replace(clip, source="speakervid", identity=identity_of(clip.clip_id))
+                      for clip in speakervid_clips(c.speakervid, root, c.workers, progress)]  # fmt: skip
+        else:
+            found, skipped = local_clips([resolve_path(d, root) for d in c.local_dirs], c.local_groups)
+            for note in skipped:
+                log.warning("curate: %s", note)
+            if notes is not None:
+                notes += skipped
+            clips += found
+    if not clips:
+        raise FileNotFoundError(f"curate: no clips in curate.sources {c.sources} (local_dirs: {c.local_dirs})")
+    return clips
 
 
 def fingerprint(clip: SourceClip, settings: ClipSettings, root: Path) -> str:
@@ -100,7 +120,8 @@ def run_curate(cfg: Config, root: Path, progress: bool = True, mapper: Mapper = 
     c = cfg.curate
     t0 = time.perf_counter()
     settings = clip_settings(cfg, root)
-    clips = list_sources(cfg, root, progress)
+    notes: list[str] = []
+    clips = list_sources(cfg, root, progress, notes)
     if len({clip.clip_id for clip in clips}) != len(clips):
         raise ValueError("curate: two source clips share an id; rename one of them")
     manifest_path = root / c.manifest
@@ -128,7 +149,11 @@ def run_curate(cfg: Config, root: Path, progress: bool = True, mapper: Mapper = 
         rows[clip.clip_id] = {**row, "fingerprint": prints[clip.clip_id]}
         _write_journal(journal, rows[clip.clip_id])  # a run killed now keeps this clip
 
-    table = finish_table([rows[clip.clip_id] for clip in clips], cfg)
+    # where a clip comes from, its conversation and its person are the listing's, not the processing's: a
+    # resumed row takes today's (e.g. after curate.local_groups changed)
+    listed = [{**rows[clip.clip_id], "group": clip.group, "source": clip.source,
+               "identity": clip.identity or clip.clip_id} for clip in clips]  # fmt: skip
+    table, split_info = finish_table(listed, cfg)
     for row in table[table["status"] == "failed"].itertuples():
         failures[row.clip_id] = row.reason
     manifest_path.parent.mkdir(parents=True, exist_ok=True)
@@ -140,14 +165,21 @@ def run_curate(cfg: Config, root: Path, progress: bool = True, mapper: Mapper = 
 
     report_dir = root / c.report_dir
     metrics, artifacts = write_report(table, report_dir, root)
+    metrics.update(split_info.pop("metrics"))
     metrics.update(clips_processed=float(len(todo)), clips_skipped=float(len(clips) - len(todo)),
-                   seconds=time.perf_counter() - t0)  # fmt: skip
+                   local_dirs_skipped=float(len(notes)), seconds=time.perf_counter() - t0)  # fmt: skip
     (report_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    splits_path = report_dir / "splits.json"  # who is held out, why, and what balancing kept
+    splits_path.write_text(json.dumps({**split_info, "skipped_sources": notes}, indent=1))
+    sizes = ", ".join(f"{s} {int(metrics[f'split_{s}_clips'])} clips / {int(metrics[f'split_{s}_conversations'])} "
+                      f"conversations" for s in SPLITS)  # fmt: skip
     summary = (f"curate: {int(metrics['clips_ok'])} ok, {int(metrics['clips_rejected'])} rejected, "
                f"{int(metrics['clips_failed'])} failed of {len(clips)} ({len(todo)} processed, "
-               f"{len(clips) - len(todo)} up to date); {int(metrics['clips_selected'])} selected "
-               f"-> {c.manifest}")  # fmt: skip
-    return StageResult("curate", metrics=metrics, artifacts=[manifest_path, report_dir / "metrics.json", *artifacts],
+               f"{len(clips) - len(todo)} up to date); ok clips by split: {sizes}; unseen identities "
+               f"{split_info['unseen_identities']}; {int(metrics['clips_selected'])} training clips selected "
+               f"({split_info['balance']}) -> {c.manifest}" + "".join(f"; {n}" for n in notes))  # fmt: skip
+    return StageResult("curate", metrics=metrics,
+                       artifacts=[manifest_path, report_dir / "metrics.json", splits_path, *artifacts],
                        outputs=[root / c.out_dir, manifest_path, report_dir], failures=failures, summary=summary)  # fmt: skip
 
 
@@ -181,8 +213,9 @@ def _failed(clip: SourceClip, exc: Exception) -> dict:
             "reason": f"{type(exc).__name__}: {exc}"}  # fmt: skip
 
 
-def finish_table(rows: list[dict], cfg: Config) -> pd.DataFrame:
-    """Categories, balanced selection and split over all rows; fixed column order."""
+def finish_table(rows: list[dict], cfg: Config) -> tuple[pd.DataFrame, dict]:
+    """Categories, the split by conversation and the balanced selection of the training clips over all rows
+    (fixed column order), and what the split and the balancing did: {"metrics": {...}, ...} for the report."""
     c = cfg.curate
     table = pd.DataFrame(rows)
     for col in MANIFEST_COLUMNS:
@@ -193,9 +226,34 @@ def finish_table(rows: list[dict], cfg: Config) -> pd.DataFrame:
         category(float(r), c.speaking_max_listen, c.listening_min_listen) if s == "ok" else ""
         for r, s in zip(table["listen_ratio"].astype(float), table["status"], strict=True)
     ]
-    table["selected"] = balance(table, c.proportions, c.seed)
-    table["split"] = [split_of(str(g), c.val_fraction, c.seed) for g in table["group"]]
-    return table
+    # the clips the `pretrain` stage holds out to measure its autoencoder are never trained on here either
+    pretrain_holdout = list(getattr(getattr(cfg, "pretrain", None), "holdout", None) or [])
+    plan = plan_splits(table, c.val_fraction, c.val_min_conversations, c.seed, c.unseen_identities,
+                       c.unseen_min_identities, [*c.val_clips, *pretrain_holdout])  # fmt: skip
+    table["split"] = plan.split
+    train = table["split"] == "train"
+    # only training clips are balanced: held-out clips are never selected
+    table["selected"] = False
+    table.loc[train, "selected"] = balance(table[train], c.proportions, c.seed, c.balance_min_keep)
+    table["selected"] = table["selected"].astype(bool)
+    numbers, why = explain_balance(table[train], table.loc[train, "selected"], c.proportions, c.balance_min_keep)
+    ok = table["status"] == "ok"
+    metrics: dict[str, float] = {}
+    for s in SPLITS:
+        part = table[ok & (table["split"] == s)]
+        metrics[f"split_{s}_clips"] = float(len(part))
+        metrics[f"split_{s}_conversations"] = float(part["group"].nunique())
+        metrics[f"split_{s}_identities"] = float(part["identity"].nunique())
+        metrics[f"split_{s}_seconds"] = float(part["duration_s"].astype(float).sum()) if len(part) else 0.0
+    metrics["identities_ok"] = float(table.loc[ok, "identity"].nunique())
+    metrics["balance_min_keep"] = float(c.balance_min_keep)
+    metrics.update(numbers)
+    by_split = {s: {"conversations": sorted(set(table.loc[ok & (table["split"] == s), "group"])),
+                    "identities": sorted(set(table.loc[ok & (table["split"] == s), "identity"]))}
+                for s in ("val", "unseen")}  # fmt: skip
+    info = {"metrics": metrics, "unseen_identities": plan.unseen_identities, "held_out": by_split,
+            "split_notes": plan.notes, "balance": why}  # fmt: skip
+    return table, info
 
 
 

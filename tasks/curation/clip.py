@@ -1,4 +1,9 @@
-"""Curation of one clip: probe, length check, active-speaker mask, head pose, quality, normalisation.
+"""Curation of one clip: probe, length check, head pose, quality, active-speaker mask, crop, normalisation.
+
+The filters run before the active speaker detector (the costly part): a clip they reject is not scored. The crop
+(``crop="head"``) is a fixed square around the clip's median mediapipe face box, ``head_scale`` times its size,
+so the face fills most of the profile's small frame whatever the source's framing; ``crop="person"`` keeps the
+source's person box (merged_anno) or the centred frame.
 
 ``curate_clip`` takes plain, picklable arguments (a :class:`SourceClip` and a :class:`ClipSettings`) so that
 the same function runs in a local process pool, on a Dask or Ray worker, or in a test. It never raises for a
@@ -47,6 +52,24 @@ class ClipSettings:
     luminance_range: tuple[float, float]
     min_face_sharpness: float
     torch_threads: int = 1  # per worker process: cores / workers, so parallel clips do not oversubscribe
+    max_duration_s: float | None = None  # longer sources: their first max_duration_s seconds
+    crop: str = "person"  # head | person
+    head_scale: float = 1.7
+
+
+def head_box(boxes: np.ndarray, found: np.ndarray, width: int, height: int, scale: float
+             ) -> tuple[float, float, float, float] | None:  # fmt: skip
+    """A square around the median face box of a track (pixels of width x height frames), ``scale`` times its
+    larger side, centred a little above the box centre (forehead and hair rather than neck); normalised
+    x1 y1 x2 y2 (it may reach past the frame: the crop is fitted inside later). None without a face."""
+    b = boxes[found]
+    if not len(b):
+        return None
+    size = float(np.median(np.maximum(b[:, 2] - b[:, 0], b[:, 3] - b[:, 1])))
+    cx = float(np.median((b[:, 0] + b[:, 2]) / 2))
+    cy = float(np.median((b[:, 1] + b[:, 3]) / 2)) - 0.1 * size
+    half = scale * size / 2
+    return (cx - half) / width, (cy - half) / height, (cx + half) / width, (cy + half) / height
 
 
 @lru_cache(maxsize=2)
@@ -77,9 +100,10 @@ def curate_clip(clip: SourceClip, s: ClipSettings, root: str) -> dict:
     if info.duration_s < s.min_duration_s:
         return _row(clip, "rejected", f"too short: {info.duration_s:.2f} s < {s.min_duration_s} s",
                     duration_s=info.duration_s)  # fmt: skip
+    limit = s.max_duration_s if s.max_duration_s and info.duration_s > s.max_duration_s else None
     try:
-        frames = read_frames(src, width=min(s.analysis_width, info.width), fps=s.fps)
-        audio = read_audio(src, s.sample_rate)
+        frames = read_frames(src, width=min(s.analysis_width, info.width), fps=s.fps, duration=limit)
+        audio = read_audio(src, s.sample_rate, duration=limit)
     except MediaError as exc:
         return _row(clip, "failed", str(exc))
     n = min(len(frames), len(audio) * s.fps // s.sample_rate)
@@ -87,7 +111,26 @@ def curate_clip(clip: SourceClip, s: ClipSettings, root: str) -> dict:
     values: dict = {"duration_s": n / s.fps, "num_frames": n, "fps": s.fps, "source_fps": info.fps,
                     "source_width": info.width, "source_height": info.height}  # fmt: skip
 
-    # 1. active speaker mask (1 speaking, 0 listening, -1 unknown)
+    # 1. head pose
+    stats = pose_stats(clip_pose(frames, s.pose_stride), s.max_yaw_deg, s.max_pitch_deg, s.max_roll_deg)
+    values.update({f"pose_{k}": v for k, v in stats.as_dict().items()})
+    reasons = [r for r in [pose_verdict(stats, s.max_pose_fraction, s.min_face_fraction)] if r]
+
+    # 2. quality: luminance (every 5th frame is plenty for a median) and face sharpness
+    lum = float(np.median(luminance(frames[::5])))
+    values["luminance"] = lum
+    if not s.luminance_range[0] <= lum <= s.luminance_range[1]:
+        reasons.append(f"luminance {lum:.0f} outside {list(s.luminance_range)}")
+    track = detect_faces(frames[:: max(1, s.fps // 5)])
+    if track.found.any():
+        sharp = float(np.median(sharpness(face_crops(frames[:: max(1, s.fps // 5)], track)[track.found])))
+        values["face_sharpness"] = sharp
+        if sharp < s.min_face_sharpness:
+            reasons.append(f"face blurred: sharpness {sharp:.1f} < {s.min_face_sharpness}")
+    if reasons:  # a filter said no: the detector is not run
+        return _row(clip, "rejected", "; ".join(reasons), **values)
+
+    # 3. active speaker mask (1 speaking, 0 listening, -1 unknown)
     result = speaking_mask(_detector(s.asd, s.asd_weights), frames, audio, list(s.asd_durations), s.sample_rate,
                            s.asd_calibration, s.asd_threshold, s.asd_min_gap, s.asd_min_share)  # fmt: skip
     known = result.mask != UNKNOWN
@@ -103,29 +146,19 @@ def curate_clip(clip: SourceClip, s: ClipSettings, root: str) -> dict:
     np.save(mask_path, result.mask)
     values["mask_path"] = _rel(mask_path, root)
 
-    # 2. head pose
-    stats = pose_stats(clip_pose(frames, s.pose_stride), s.max_yaw_deg, s.max_pitch_deg, s.max_roll_deg)
-    values.update({f"pose_{k}": v for k, v in stats.as_dict().items()})
-    reasons = [r for r in [pose_verdict(stats, s.max_pose_fraction, s.min_face_fraction)] if r]
+    # 4. the crop: around the head, or the source's person box
+    box, margin = clip.bbox, 1.3
+    if s.crop == "head" and result.boxes is not None:
+        head = head_box(result.boxes, result.face_found, frames.shape[2], frames.shape[1], s.head_scale)
+        if head is not None:
+            box, margin = head, 1.0
+    values["crop_box"] = ",".join(f"{v:.4f}" for v in box) if box is not None else ""
 
-    # 3. quality: luminance and face sharpness
-    lum = float(np.median(luminance(frames)))
-    values["luminance"] = lum
-    if not s.luminance_range[0] <= lum <= s.luminance_range[1]:
-        reasons.append(f"luminance {lum:.0f} outside {list(s.luminance_range)}")
-    track = detect_faces(frames[:: max(1, s.fps // 5)])
-    if track.found.any():
-        sharp = float(np.median(sharpness(face_crops(frames[:: max(1, s.fps // 5)], track)[track.found])))
-        values["face_sharpness"] = sharp
-        if sharp < s.min_face_sharpness:
-            reasons.append(f"face blurred: sharpness {sharp:.1f} < {s.min_face_sharpness}")
-    if reasons:
-        return _row(clip, "rejected", "; ".join(reasons), **values)
-
-    # 4. normalised clip at the profile's size
+    # 5. normalised clip at the profile's size
     dst = out / "clips" / f"{clip.clip_id}.mp4"
     try:
-        normalize_clip(src, dst, info, s.fps, s.sample_rate, s.width, s.height, clip.bbox)
+        normalize_clip(src, dst, info, s.fps, s.sample_rate, s.width, s.height, box, margin=margin,
+                       duration=limit)  # fmt: skip
     except MediaError as exc:
         return _row(clip, "failed", str(exc), **values)
     values["video_path"] = _rel(dst, root)

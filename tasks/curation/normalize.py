@@ -33,7 +33,10 @@ def crop_window(info: MediaInfo, width: int, height: int, bbox: tuple[float, flo
 
 
 def normalize_clip(src: str | Path, dst: str | Path, info: MediaInfo, fps: int, sample_rate: int, width: int,
-                   height: int, bbox: tuple[float, float, float, float] | None = None, crf: int = 18) -> None:  # fmt: skip
+                   height: int, bbox: tuple[float, float, float, float] | None = None, crf: int = 18,
+                   margin: float = 1.3, duration: float | None = None) -> None:  # fmt: skip
+    """The clip at ``fps`` and ``sample_rate`` mono, the crop around ``bbox`` (grown by ``margin``) scaled to
+    width x height; its first ``duration`` seconds when given."""
     if info.video_codec is None:
         raise MediaError(f"{src}: no video stream")
     if info.audio_codec is None:
@@ -41,8 +44,8 @@ def normalize_clip(src: str | Path, dst: str | Path, info: MediaInfo, fps: int, 
     dst = Path(dst)
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = dst.with_name(f"{dst.stem}.partial.{os.getpid()}{dst.suffix}")
-    w, h, x, y = crop_window(info, width, height, bbox)
-    stream = ffmpeg.input(str(src))
+    w, h, x, y = crop_window(info, width, height, bbox, margin)
+    stream = ffmpeg.input(str(src), **({"t": f"{duration:.3f}"} if duration else {}))
     video = stream.video.filter("fps", fps=fps).filter("crop", w, h, x, y).filter("scale", width, height)
     audio = stream.audio.filter("aresample", sample_rate)
     out = ffmpeg.output(video, audio, str(tmp), vcodec="libx264", pix_fmt="yuv420p", crf=crf, preset="fast",

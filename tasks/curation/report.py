@@ -71,12 +71,39 @@ def write_report(table: pd.DataFrame, report_dir: Path, root: Path) -> tuple[dic
     sheet = asd_sheet(table, root, report_dir / "asd_frames.png")
     if sheet is not None:
         artifacts.append(sheet)
+    artifacts.append(curated_sheet(table, root, report_dir / "curated_frames.png"))
     return metrics, artifacts
 
 
-CLIP_COLUMNS = ["clip_id", "status", "category", "selected", "split", "duration_s", "speaking_ratio", "listen_ratio",
-                "unknown_ratio", "asd_threshold", "pose_mean_abs_yaw", "pose_max_abs_yaw", "pose_beyond_fraction",
-                "luminance", "face_sharpness", "reason"]  # fmt: skip
+def curated_sheet(table: pd.DataFrame, root: Path, out: Path, columns: int = 10) -> Path:
+    """The first frame of every ok clip as the models see it (after the crop), titled with its split: does the
+    face fill the frame, which people are held out."""
+    import matplotlib.pyplot as plt
+
+    from tasks.common.media import MediaError, read_frames
+
+    rows = table[(table["status"] == "ok") & table["video_path"].notna()]
+    n = max(1, len(rows))
+    cols = min(columns, n)
+    fig, axes = plt.subplots(-(-n // cols), cols, figsize=(1.3 * cols, 1.5 * -(-n // cols)), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, row in zip(axes.flat, rows.itertuples(), strict=False):
+        try:
+            ax.imshow(read_frames(_abs(row.video_path, root), duration=0.2)[0])
+        except MediaError:
+            continue
+        ax.set_title(f"{row.split}: {_short(str(row.identity or row.clip_id))[:14]}", fontsize=5)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+CLIP_COLUMNS = ["clip_id", "source", "group", "identity", "status", "category", "selected", "split", "duration_s",
+                "speaking_ratio", "listen_ratio", "unknown_ratio", "asd_threshold", "pose_mean_abs_yaw",
+                "pose_max_abs_yaw", "pose_beyond_fraction", "luminance", "face_sharpness", "crop_box",
+                "reason"]  # fmt: skip
 
 
 def asd_sheet(table: pd.DataFrame, root: Path, out: Path, max_clips: int = 16) -> Path | None:
@@ -86,13 +113,17 @@ def asd_sheet(table: pd.DataFrame, root: Path, out: Path, max_clips: int = 16) -
 
     from tasks.common.media import read_frames
 
-    rows = table[table["mask_path"].notna()].head(max_clips)
+    rows = table[table["mask_path"].notna()]
+    if "source" in rows:  # the same number of clips from each source, in turn
+        turn = rows.groupby(rows["source"].fillna("")).cumcount()
+        rows = rows.assign(_turn=turn).sort_values("_turn", kind="stable")
+    rows = rows.head(max_clips)
     if not len(rows):
         return None
     fig, axes = plt.subplots(len(rows), 2, figsize=(4.4, 2.3 * len(rows)), squeeze=False)
     for ax_row, row in zip(axes, rows.itertuples(), strict=True):
         mask = np.load(_abs(row.mask_path, root))
-        frames = read_frames(_abs(row.source_path, root), width=200, fps=25)
+        frames = read_frames(_abs(row.source_path, root), width=200, fps=25, duration=len(mask) / 25 + 0.1)
         for ax, (label, value) in zip(ax_row, (("speaking", 1), ("listening", 0)), strict=True):
             ax.axis("off")
             idx = np.flatnonzero(mask[: len(frames)] == value)

@@ -1,7 +1,10 @@
-"""Where clips come from: the demo corpus (``synthetic``) or a folder of clips (``local``).
+"""Where clips come from: the demo corpus (``synthetic``), folders or files of clips (``local``), or a
+SpeakerVid-5M download (``speakervid``, tasks/curation/speakervid.py); one run may take several.
 
-Each source yields :class:`SourceClip` records with a sanitised, deterministic ``clip_id``: names taken from
-files or remote metadata never reach a path unchecked (no traversal, no shell).
+Each clip carries its conversation (``group``: clips that share one, or its audio, always share a split) and the
+person it shows (``identity``: a corpus clip's photo; a local clip is its own person). Each source yields
+:class:`SourceClip` records with a sanitised, deterministic ``clip_id``: names taken from files or remote
+metadata never reach a path unchecked (no traversal, no shell).
 """
 
 from __future__ import annotations
@@ -35,37 +38,61 @@ class SourceClip:
     bbox: tuple[float, float, float, float] | None = None  # person box, normalised x1 y1 x2 y2 of the video
     gt_path: str | None = None  # ground truth (synthetic corpus only)
     error: str | None = None  # the source could not supply this clip (download failed, bad list entry): why
+    source: str = ""  # synthetic | local | speakervid
+    identity: str | None = None  # the person shown (None: unknown, the clip is taken as its own person)
 
 
 def synthetic_clips(corpus_dir: Path) -> list[SourceClip]:
     table_path = corpus_dir / "corpus.parquet"
     if not table_path.is_file():
-        raise FileNotFoundError(f"{table_path} not found: run `streamavatar corpus` first (curate.source=synthetic)")
+        raise FileNotFoundError(f"{table_path} not found: run `streamavatar corpus` first (curate.sources has synthetic)")
     table = pd.read_parquet(table_path)
     clips = []
     for row in table[table["status"] == "ok"].itertuples():
         m = CLIP_RE.match(row.clip_id)
+        photo = getattr(row, "photo", None)  # the person: the photo the corpus animated
         clips.append(SourceClip(safe_id(row.clip_id), row.video_path, m["ytid"] if m else row.clip_id,
-                                None, row.gt_path))  # fmt: skip
+                                None, row.gt_path, source="synthetic",
+                                identity=str(photo) if isinstance(photo, str) and photo else None))  # fmt: skip
     return clips
 
 
-def local_clips(folder: Path) -> list[SourceClip]:
-    """Every video in ``folder``; a merged_anno JSON with the same stem (beside it or in merged_anno/)
-    supplies the person box and, for SpeakerVid names, the conversation group."""
-    if not folder.is_dir():
-        raise FileNotFoundError(f"curate.local_dir: {folder} is not a folder")
-    clips = []
-    for video in sorted(p for p in folder.iterdir() if p.suffix.lower() in VIDEO_SUFFIXES and p.is_file()):
-        stem = video.stem
-        bbox = None
-        for anno in (folder / f"{stem}.json", folder / "merged_anno" / f"{stem}.json"):
-            if anno.is_file():
-                record = MergedAnno.model_validate(json.loads(anno.read_text()))
-                bbox = tuple(float(v) for v in record.bbox)
-                break
-        m = CLIP_RE.match(stem)
-        clips.append(SourceClip(safe_id(stem), str(video), m["ytid"] if m else safe_id(stem), bbox))
-    if not clips:
-        raise FileNotFoundError(f"curate.local_dir: no videos ({', '.join(VIDEO_SUFFIXES)}) in {folder}")
-    return clips
+def local_clips(entries: list[Path] | Path, groups: dict[str, str] | None = None
+                ) -> tuple[list[SourceClip], list[str]]:  # fmt: skip
+    """Every video in each folder of ``entries`` (or the entry itself when it is a video file): (clips, notes),
+    a note per entry that is absent or holds no video (skipped, not fatal: the shared fixtures may be missing).
+    A merged_anno JSON with the same stem (beside it or in merged_anno/) supplies the person box and, for
+    SpeakerVid names, the conversation group; ``groups`` (clip id -> conversation) joins clips whose names do
+    not say so; otherwise a clip is its own conversation. A local clip's person is the clip itself."""
+    groups = groups or {}
+    clips, notes = [], []
+    for entry in [entries] if isinstance(entries, Path) else entries:
+        if entry.is_dir():
+            videos = sorted(p for p in entry.iterdir() if p.suffix.lower() in VIDEO_SUFFIXES and p.is_file())
+            if not videos:
+                notes.append(f"curate.local_dirs: no videos ({', '.join(VIDEO_SUFFIXES)}) in {entry}: skipped")
+        elif entry.is_file() and entry.suffix.lower() in VIDEO_SUFFIXES:
+            videos = [entry]
+        else:
+            notes.append(f"curate.local_dirs: {entry} is absent (or not a video): skipped")
+            continue
+        for video in videos:
+            folder, stem = video.parent, video.stem
+            bbox = None
+            for anno in (folder / f"{stem}.json", folder / "merged_anno" / f"{stem}.json"):
+                if anno.is_file():
+                    record = MergedAnno.model_validate(json.loads(anno.read_text()))
+                    bbox = tuple(float(v) for v in record.bbox)
+                    break
+            clip_id = safe_id(stem)
+            m = CLIP_RE.match(stem)
+            group = groups.get(clip_id) or (m["ytid"] if m else clip_id)
+            clips.append(SourceClip(clip_id, str(video), group, bbox, source="local", identity=identity_of(clip_id)))
+    return clips, notes
+
+
+def identity_of(clip_id: str) -> str:
+    """The person a clip shows when nothing else says: a SpeakerVid clip's video and person number, else the
+    clip itself."""
+    m = CLIP_RE.match(clip_id)
+    return f"{m['ytid']}_{m['person']}" if m else clip_id

@@ -1,4 +1,4 @@
-"""curate.source=speakervid: SpeakerVid-5M clips fetched the way the dataset is distributed.
+"""curate.sources with speakervid: SpeakerVid-5M clips fetched the way the dataset is distributed.
 
 The dataset repo on the Hugging Face Hub (``curate.speakervid.repo``) holds no video: it has clip lists
 (``all_data_list.json``, ``SFT_set.json``, ``testset.json``) and merged_anno annotation files (JSON records,

@@ -117,8 +117,7 @@ class StreamingGenerator:
 
     def state_nbytes(self) -> dict[str, int]:
         """Bytes held between steps, per component (for the bounded-state checks)."""
-        dec = sum(t.numel() * t.element_size() for t in (self.decoder._feat_map if self.decoder else [])
-                  if isinstance(t, torch.Tensor))  # fmt: skip
+        dec = self.decoder.nbytes() if self.decoder else 0
         aud = sum(t.numel() * t.element_size() for t in (self.stream._avatar, self.stream._other) if t is not None) if self.stream else 0
         return {"kv_cache": self.cache.nbytes() if self.cache else 0, "vae_cache": dec, "audio_history": aud}
 

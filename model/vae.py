@@ -113,6 +113,11 @@ class StreamingDecoder:
         self._first = True
         self.frames_decoded = 0
 
+    def nbytes(self) -> int:
+        """Bytes of decoder state kept between chunks (bounded: one time step per memory block / conv cache)."""
+        held = self._state.last.values() if self.video_vae.causal_ae else self._feat_map
+        return sum(t.numel() * t.element_size() for t in held if isinstance(t, torch.Tensor))
+
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Next latent frames [B, z, f, h, w] -> their frames [B, 3, n, H, W] (n = 4f, or 1 + 4(f-1) first)."""

@@ -172,7 +172,7 @@ def run_pretrain(cfg: Config, root: Path, progress: bool = True, export: str | N
     p = cfg.pretrain
     out_dir = resolve_path(p.out_dir, root)
     t0 = time.time()
-    train, held, failures = fixture_clips(cfg, root, progress)
+    train, held, failures = fixture_clips(cfg, root, progress, cache_dir=out_dir)
     if not train:
         raise ConfigError(f"pretrain.dirs {p.dirs}: no usable training clip ({failures})")
     common = {"command": " ".join(["streamavatar", *sys.argv[1:]]), "data_digest": data_digest(train),

@@ -74,8 +74,10 @@ def face_box(frames: np.ndarray, scale: float) -> tuple[int, int, int] | None:
     return x0, y0, side
 
 
-def fixture_clips(cfg: Config, root: Path, progress: bool = True) -> tuple[dict, dict, dict[str, str]]:
-    """(train, held-out, failures) of ``pretrain.dirs``: name -> [T, H, W, 3] uint8 face crops at the demo size."""
+def fixture_clips(cfg: Config, root: Path, progress: bool = True, cache_dir: Path | None = None
+                  ) -> tuple[dict, dict, dict[str, str]]:  # fmt: skip
+    """(train, held-out, failures) of ``pretrain.dirs``: name -> [T, H, W, 3] uint8 face crops at the demo size.
+    With ``cache_dir``, the crops are kept there (keyed by the files and the settings) for the next run."""
     p, v = cfg.pretrain, cfg.video
     files = []
     for d in p.dirs:
@@ -83,7 +85,31 @@ def fixture_clips(cfg: Config, root: Path, progress: bool = True) -> tuple[dict,
         if not folder.is_dir():
             raise ConfigError(f"pretrain.dirs: {folder} is not a folder")
         files += sorted(f for f in folder.iterdir() if f.suffix.lower() in VIDEO_EXT)
-    train, held, failures = {}, {}, {}
+    key = config_digest({"files": [[f.name, f.stat().st_size] for f in files], "video": v.model_dump(mode="json"),
+                         "seconds": p.max_seconds_per_clip, "scale": p.face_scale})  # fmt: skip
+    cache = cache_dir / f"crops_{key}.npz" if cache_dir else None
+    if cache is not None and cache.is_file():
+        with np.load(cache) as z:
+            crops = {k: z[k] for k in z.files}
+        failures = json.loads(cache.with_suffix(".json").read_text())
+    else:
+        crops, failures = _face_crops(files, cfg, progress)
+        if cache is not None:
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            np.savez(cache.with_suffix(".tmp.npz"), **crops)
+            cache.with_suffix(".json").write_text(json.dumps(failures))
+            cache.with_suffix(".tmp.npz").replace(cache)
+    train = {k: c for k, c in crops.items() if k not in p.holdout}
+    held = {k: c for k, c in crops.items() if k in p.holdout}
+    missing = sorted(set(p.holdout) - set(held))
+    if missing:
+        log.warning("pretrain.holdout: %s not found in pretrain.dirs", missing)
+    return train, held, failures
+
+
+def _face_crops(files: list[Path], cfg: Config, progress: bool) -> tuple[dict, dict[str, str]]:
+    p, v = cfg.pretrain, cfg.video
+    crops, failures = {}, {}
     for f in tqdm(files, desc="pretrain: face crops", unit="clip", disable=not progress):
         try:
             frames = read_frames(f, fps=v.fps, duration=p.max_seconds_per_clip)
@@ -95,13 +121,10 @@ def fixture_clips(cfg: Config, root: Path, progress: bool = True) -> tuple[dict,
             failures[f.name] = "no face found"
             continue
         x0, y0, s = box
-        crops = np.stack([cv2.resize(fr[y0 : y0 + s, x0 : x0 + s], (v.width, v.height), interpolation=cv2.INTER_AREA)
-                          for fr in frames])  # fmt: skip
-        (held if f.stem in p.holdout else train)[f.stem] = crops
-    missing = sorted(set(p.holdout) - set(held))
-    if missing:
-        log.warning("pretrain.holdout: %s not found in pretrain.dirs", missing)
-    return train, held, failures
+        crops[f.stem] = np.stack([cv2.resize(fr[y0 : y0 + s, x0 : x0 + s], (v.width, v.height),
+                                             interpolation=cv2.INTER_AREA) for fr in frames])  # fmt: skip
+        del frames
+    return crops, failures
 
 
 def curated_clips(cfg: Config, root: Path, progress: bool = True) -> tuple[dict, dict, dict[str, str]]:
@@ -209,7 +232,7 @@ def contact_sheet(ae: CausalVideoAE, windows: list[torch.Tensor], factor: int, p
     """Rows: original, reconstruction, bicubic; columns: frame 8 of up to ``n`` held-out windows."""
     cols = []
     with torch.no_grad():
-        for w in windows[:: max(1, len(windows) // n)][:n]:
+        for w in windows[:n]:  # round robin over the held-out clips: the first n cover them all
             rec = ae.decode(ae.encode(w[None]))[0]
             col = [x[:, EVAL_FRAMES // 2] for x in (w, rec, bicubic(w, factor))]
             cols.append(torch.cat(col, dim=1))

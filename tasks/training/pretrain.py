@@ -170,6 +170,8 @@ def run_pretrain(cfg: Config, root: Path, progress: bool = True, export: str | N
     if what not in ("all", "vae", "dit"):
         raise ConfigError(f"pretrain: what must be all, vae or dit, got {what!r}")
     p = cfg.pretrain
+    if p.threads:
+        torch.set_num_threads(p.threads)
     out_dir = resolve_path(p.out_dir, root)
     t0 = time.time()
     train, held, failures = fixture_clips(cfg, root, progress, cache_dir=out_dir)

@@ -371,10 +371,10 @@ class OdePairsConfig(_Section):
     """Teacher ODE trajectories for the student's initialisation (Self-Forcing: 48 Euler steps, shift 8, CFG 6)."""
 
     out_dir: str = "data/ode_pairs"  # index.parquet + shards/*.pt
-    steps: int = Field(24, ge=2)
+    steps: int = Field(16, ge=2)
     shift: float = Field(5.0, gt=0)
     cfg_scale: float = Field(3.0, ge=1)  # audio classifier-free guidance (1: none)
-    max_pairs: int = Field(0, ge=0)  # 0: one pair per training window
+    max_pairs: int = Field(96, ge=0)  # 0: one pair per training window
     batch_size: int = Field(4, ge=1)  # windows per sampler call and per shard
 
 

@@ -85,6 +85,7 @@ class EvalItem:
     listen: torch.Tensor
     wave: torch.Tensor  # [samples] the window's audio from frame 0
     mask: np.ndarray  # [1 + T] 1 speaking, 0 listening
+    split: str = "val"  # val: held-out conversations; unseen: people never trained on
 
     @property
     def name(self) -> str:
@@ -95,18 +96,34 @@ def evaluation_set(cfg: Config, root: Path) -> tuple[list[EvalItem], dict[str, A
     """The fixed held-out evaluation set and its description (clips, windows, digest)."""
     from tasks.training.data import load_windows
 
+    manifest_path = root / cfg.curate.manifest
+    if not manifest_path.is_file():
+        raise ConfigError(f"{cfg.curate.manifest}: no curated manifest; run `streamavatar curate` first")
+    manifest = pd.read_parquet(manifest_path).set_index("clip_id")
+    items: list[EvalItem] = []
+    for split in ("val", "unseen"):
+        try:
+            windows = load_windows(cfg, root, split)
+        except ConfigError:
+            if split == "val":
+                raise
+            continue  # no unseen people in this manifest
+        items += _items(cfg, root, windows, manifest, split)
+    listing = [{"clip_id": it.clip_id, "window": it.window, "frames": len(it.frames), "split": it.split}
+               for it in items]  # fmt: skip
+    digest = hashlib.sha256(json.dumps(listing).encode()).hexdigest()[:16]
+    return items, {"items": listing, "digest": digest, "source": f"val and unseen windows of {cfg.train.latents_dir}"}
+
+
+def _items(cfg: Config, root: Path, windows, manifest: pd.DataFrame, split: str) -> list[EvalItem]:
+    """The first evaluate.windows_per_clip windows of up to evaluate.max_clips clips of ``windows``."""
     e = cfg.evaluate
-    windows = load_windows(cfg, root, "val")
     idx = windows.index
     chosen: list[int] = []
     for clip in sorted(idx.clip_id.unique())[: e.max_clips]:
         rows = idx.index[idx.clip_id == clip].tolist()
         rows.sort(key=lambda i: int(idx.window[i]))
         chosen += rows[: e.windows_per_clip]
-    manifest_path = root / cfg.curate.manifest
-    if not manifest_path.is_file():
-        raise ConfigError(f"{cfg.curate.manifest}: no curated manifest; run `streamavatar curate` first")
-    manifest = pd.read_parquet(manifest_path).set_index("clip_id")
     items: list[EvalItem] = []
     v = cfg.video
     for i in chosen:
@@ -119,11 +136,9 @@ def evaluation_set(cfg: Config, root: Path) -> tuple[list[EvalItem], dict[str, A
         items.append(EvalItem(
             clip_id=clip, window=int(idx.window[i]), frames=frames[1:], reference=frames[0],
             latents=windows.latents[i : i + 1], talk=windows.talk[i : i + 1], listen=windows.listen[i : i + 1],
-            wave=windows.wave[i], mask=windows.mask[i].numpy(),
+            wave=windows.wave[i], mask=windows.mask[i].numpy(), split=split,
         ))  # fmt: skip
-    listing = [{"clip_id": it.clip_id, "window": it.window, "frames": len(it.frames)} for it in items]
-    digest = hashlib.sha256(json.dumps(listing).encode()).hexdigest()[:16]
-    return items, {"items": listing, "digest": digest, "source": f"val windows of {cfg.train.latents_dir}"}
+    return items
 
 
 # ------------------------------------------------------------------------------------------------ systems
@@ -274,7 +289,7 @@ def evaluate_systems(cfg: Config, root: Path, systems: tuple[str, ...] = SYSTEMS
                 continue
             frames[name].append(video)
             row = item_metrics(cfg, video, item)
-            row.update(clip_id=item.clip_id, window=item.window)
+            row.update(clip_id=item.clip_id, window=item.window, split=item.split)
             per_item[name].append(row)
         if video_dir is not None:
             _write_comparison(cfg, video_dir / f"{item.name}.mp4", item, made)
@@ -288,6 +303,8 @@ def evaluate_systems(cfg: Config, root: Path, systems: tuple[str, ...] = SYSTEMS
             report["systems"][name] = {"status": status[name]}
             continue
         entry: dict[str, Any] = {"status": "ok", "aggregate": aggregate(per_item[name]), "items": per_item[name]}
+        entry["by_split"] = {sp: aggregate([r for r in per_item[name] if r["split"] == sp])
+                             for sp in sorted({r["split"] for r in per_item[name]})}  # fmt: skip
         if name == "ground_truth":
             entry["fid"] = {"status": "reference set"}
             entry["fvd"] = {"status": "reference set"}
@@ -332,6 +349,9 @@ def table(report: dict) -> list[dict]:
             row[k] = r.get("value") if r.get("status") == "ok" else r.get("status")
         row["status"] = "ok"
         rows.append(row)
+        if len(entry.get("by_split", {})) > 1:  # the same system on each split alone (e.g. unseen people)
+            for split, agg in entry["by_split"].items():
+                rows.append({"system": f"{name}/{split}", **{k: _value(v) for k, v in agg.items()}, "status": "ok"})
     return rows
 
 

@@ -8,8 +8,10 @@ multiplies the features, the waveform is untouched) and grouped per latent frame
 is silent.
 
 Which clips: training windows come from manifest rows with status ok, ``selected`` by the balancing and split
-``train``. Validation windows (evaluations and the per-stage sample video) come from split ``val`` clips, or,
-when the manifest has none, from ok clips the balancing left out -- never from training clips.
+``train``. Validation windows (evaluations and the per-stage sample video) come from split ``val`` clips
+(conversations that share neither a side nor audio with training); ``unseen`` windows from the clips of the
+people curation held out entirely. When a degenerate manifest has no val clip, the last training clip is held
+out (and a warning says so) -- never a clip that is also trained on.
 
 Files (data/latents/): ``<clip_id>.pt`` per clip and ``index.parquet`` (one row per window). A clip whose file
 exists with the same fingerprint is not encoded again; one unreadable clip is reported and skipped.
@@ -91,9 +93,9 @@ def choose_clips(manifest: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
     ok = manifest[manifest.status == "ok"]
     train = ok[ok.selected & (ok.split == "train")]
     val = ok[ok.split == "val"]
-    if val.empty:
-        val = ok[~ok.selected]
-    if val.empty:  # everything was selected: hold out the last training clip
+    if val.empty:  # a degenerate split (e.g. one conversation): hold out the last training clip, say so
+        log.warning("the curated manifest has no val clip: holding out training clip %s", train.clip_id.iloc[-1]
+                    if len(train) else None)  # fmt: skip
         val, train = train.iloc[-1:], train.iloc[:-1]
     if train.empty:
         raise ConfigError("the curated manifest has no usable training clip (status ok, selected, split train)")
@@ -144,13 +146,15 @@ def build_windows(cfg: Config, root: Path, vae: VideoVAE, audio: AudioConditione
     manifest_path = root / cfg.curate.manifest
     if not manifest_path.is_file():
         raise ConfigError(f"{cfg.curate.manifest}: no curated manifest; run `streamavatar curate` first")
-    train, val = choose_clips(pd.read_parquet(manifest_path))
-    val = val.iloc[: cfg.train.val_windows]  # every clip gives at least one window: no more clips are needed
+    manifest = pd.read_parquet(manifest_path)
+    train, val = choose_clips(manifest)
+    unseen = manifest[(manifest.status == "ok") & (manifest.split == "unseen")]  # people never trained on
     out_dir = root / cfg.train.latents_dir
     out_dir.mkdir(parents=True, exist_ok=True)
     fp = fingerprint(cfg)
     rows, failures = [], {}
-    todo = [(r, "train") for r in train.itertuples()] + [(r, "val") for r in val.itertuples()]
+    todo = ([(r, "train") for r in train.itertuples()] + [(r, "val") for r in val.itertuples()]
+            + [(r, "unseen") for r in unseen.itertuples()])  # fmt: skip
     for r, split in tqdm(todo, desc="encode windows", unit="clip", disable=not progress):
         path = out_dir / f"{r.clip_id}.pt"
         packed = None

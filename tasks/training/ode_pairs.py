@@ -16,6 +16,7 @@ import json
 import os
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import torch
 from tqdm import tqdm
@@ -103,8 +104,8 @@ def run_ode_pairs(cfg: Config, root: Path, progress: bool = True) -> StageResult
     done = set(index.pair_id)
     todo: list[tuple[str, WindowSet]] = []
     train = load_windows(cfg, root, "train")
-    if c.max_pairs:
-        train = train.take(list(range(min(c.max_pairs, len(train)))))
+    if c.max_pairs and c.max_pairs < len(train):  # evenly spread over the windows, so every source has pairs
+        train = train.take(np.linspace(0, len(train) - 1, c.max_pairs).round().astype(int).tolist())
     todo.append(("train", train))
     todo.append(("val", load_windows(cfg, root, "val", limit=cfg.train.val_windows)))
     pending = [(split, ws, i) for split, ws in todo for i in range(len(ws))

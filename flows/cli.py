@@ -49,8 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
     mode.add_argument("--curation", action="store_true",
                       help="time the curate stage's decode, active speaker detection and head pose on real clips")
     mode.add_argument("--drift", action="store_true",
-                      help="identity drift of the trained student over a long stream: rolling cache vs + reference "
-                           "sink vs + sink + RAPR (same weights, seed and inputs)")
+                      help="identity drift of the trained students over a long stream (the paper's Table 1 in "
+                           "miniature): rolling cache vs + reference sink vs + sink + RAPR (distilled student) "
+                           "vs + GAN (refined student, sink + RAPR); same seed and inputs")
     p.add_argument("--json", action="store_true", help="print the report as JSON instead of a table")
     p.add_argument("--chunks", type=int, default=500, help="--model-only: chunks to stream through the DiT (default 500)")
     p.add_argument("--vae-chunks", type=int, default=60, help="--model-only: chunks to decode with the VAE (default 60)")
@@ -62,18 +63,22 @@ def build_parser() -> argparse.ArgumentParser:
                    help="--curation: seconds of each clip to curate, from its start (default 10)")
     p.add_argument("--torch-threads", type=int, default=None,
                    help="--curation: torch intra-op threads (default: torch's own choice, as the stage runs)")
-    p.add_argument("--frames", type=int, default=1000,
-                   help="--drift: video frames to stream per setting (default 1000 = 40 s at 25 fps)")
+    p.add_argument("--frames", type=int, default=1500,
+                   help="--drift: video frames to stream per setting (default 1500 = 60 s at 25 fps)")
     p.add_argument("--checkpoint", default=None, metavar="PATH",
-                   help="--drift: student checkpoint (default: data/checkpoints/refine/final.pt, else "
-                        "distill/final.pt); 'random' for the seeded untrained student")
-    p.add_argument("--window-s", type=float, default=2.0,
-                   help="--drift: seconds per measurement window (default 2.0)")
+                   help="--drift: the student of the three cache settings (default: "
+                        "data/checkpoints/distill/final.pt; the settings are skipped when it is missing); "
+                        "'random' for the seeded untrained student")
+    p.add_argument("--gan-checkpoint", default=None, metavar="PATH",
+                   help="--drift: the student of '+ GAN' (default: data/checkpoints/refine/final.pt; skipped "
+                        "when missing); 'random' for the seeded untrained student")
+    p.add_argument("--window-s", type=float, default=10.0,
+                   help="--drift: seconds per measurement window (default 10)")
     p.add_argument("--out", default=None,
                    help="where to write the JSON report (default benchmark.report = data/reports/benchmark.json; "
                         "data/reports/model_bench.json with --model-only, or "
                         "data/reports/curation_bench.json with --curation, data/reports/drift_bench.json "
-                        "with --drift)")  # fmt: skip
+                        "with --drift, its plot beside it as .png)")  # fmt: skip
     p = sub.add_parser("generate", help="make an mp4 of the avatar in a reference image talking on one voice and "
                                         "listening to another, streamed chunk by chunk by the trained student")
     _config_args(p)
@@ -241,9 +246,11 @@ def _bench(args, cfg, root: Path) -> int:
     elif args.drift:
         from tasks.evaluation.drift_bench import format_report, run_drift_bench
 
-        report = run_drift_bench(cfg, root, frames=args.frames, checkpoint=args.checkpoint, window_s=args.window_s,
-                                 progress=not args.json)  # fmt: skip
         default_out = "data/reports/drift_bench.json"
+        plot = (root / (args.out or default_out)).with_suffix(".png")
+        report = run_drift_bench(cfg, root, frames=args.frames, checkpoint=args.checkpoint, window_s=args.window_s,
+                                 progress=not args.json, gan_checkpoint=args.gan_checkpoint,
+                                 plot_path=plot)  # fmt: skip
     else:  # the benchmark stage itself: recorded in MLflow like `streamavatar benchmark`
         from tasks.evaluation.benchmark import format_report
         from tasks.runner import run_stage

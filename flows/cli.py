@@ -85,9 +85,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reference", required=True, metavar="IMAGE",
                    help="the avatar's picture (jpg, png, webp, ... any size: cropped to the profile's aspect "
                         "around the face, see --crop, and resized)")
-    p.add_argument("--crop", choices=("face", "centre"), default="face",
-                   help="where the crop to the profile's aspect sits: around the face FaceMesh finds (default; "
-                        "the centre when it finds none) or always the centre")
+    p.add_argument("--crop", choices=("head", "face", "centre"), default="head",
+                   help="head (default): the head crop the training clips have (curate.head_scale x the face "
+                        "FaceMesh finds); face: the largest crop of the profile's aspect around the face; centre: "
+                        "always the centre (head and face fall back to it when no face is found)")
     p.add_argument("--audio", required=True, metavar="AUDIO",
                    help="the avatar's own voice (wav, mp3, m4a, ... any rate or channels): it talks on it")
     p.add_argument("--listen-to", default=None, metavar="AUDIO",
@@ -98,6 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="student checkpoint (default: data/checkpoints/refine/final.pt, else distill/final.pt); "
                         "'random' for the seeded untrained student")
     p.add_argument("--seconds", type=float, default=None, help="use only the first S seconds of the audio")
+    p.add_argument("--measure", action="store_true",
+                   help="then measure the video as `evaluate` does: face found (FaceMesh) and mouth-voice correlation")
     p = sub.add_parser("reevaluate", help="the re-evaluation flow (what the nightly schedule runs): the registry's "
                                           "champion and candidate (or a checkpoint) on the fixed evaluation set, "
                                           "the candidate promoted only if better; appended to "
@@ -290,6 +293,13 @@ def _generate(args, cfg, root: Path) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(format_summary(summary))
+    if args.measure:
+        from tasks.inference.generate import measure
+
+        m = measure(cfg, args.out, args.audio, args.seconds)
+        face = "n/a" if m["face_rate"] is None else f"{100 * m['face_rate']:.0f}%"
+        corr = "n/a (no mouth found)" if m["lip_corr"] is None else f"{m['lip_corr']:.2f} at lag {m['lip_lag']}"
+        print(f"  measured:   face found in {face} of frames; mouth opening vs voice envelope r = {corr}")
     return 0
 
 

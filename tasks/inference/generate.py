@@ -25,7 +25,7 @@ import torch
 from tqdm import tqdm
 
 from model.streaming import StreamingGenerator
-from tasks.common.media import MediaError, iter_frames, probe, read_audio, write_video, write_wav
+from tasks.common.media import MediaError, iter_frames, probe, read_audio, read_frames, write_video, write_wav
 from tasks.common.student import build_stream
 from tasks.config import Config, ConfigError
 
@@ -36,18 +36,42 @@ log = logging.getLogger(__name__)
 FACE_HEADROOM = 0.4  # with a face: its centre sits this far down a crop taller than... (fraction of the crop)
 
 
-def face_centre(image: np.ndarray) -> tuple[float, float] | None:
-    """(x, y) pixel centre of the face FaceMesh finds in an RGB uint8 image, or None."""
+def _landmarks(image: np.ndarray) -> np.ndarray | None:
     from tasks.common.facemesh import FaceMesh
 
     mesh = FaceMesh(static_image_mode=True)
     try:
-        lm = mesh(image)
+        return mesh(image)
     finally:
         mesh.close()
+
+
+def face_centre(image: np.ndarray) -> tuple[float, float] | None:
+    """(x, y) pixel centre of the face FaceMesh finds in an RGB uint8 image, or None."""
+    lm = _landmarks(image)
     if lm is None:
         return None
     return float(lm[:, 0].mean()), float(lm[:, 1].mean())
+
+
+def head_crop(image: np.ndarray, width: int, height: int, scale: float) -> np.ndarray | None:
+    """The crop curation makes of a clip (tasks/curation/clip.py head_box: a box ``scale`` times the face's
+    larger side, a little above its centre), at the target aspect, shifted inside the image; None without a face."""
+    from tasks.curation.clip import head_box
+
+    lm = _landmarks(image)
+    if lm is None:
+        return None
+    h, w = image.shape[:2]
+    box = np.array([[lm[:, 0].min(), lm[:, 1].min(), lm[:, 0].max(), lm[:, 1].max()]])
+    x1, y1, x2, y2 = head_box(box, np.array([True]), w, h, scale)
+    cw = (x2 - x1) * w
+    cw = min(cw, w, h * width / height)  # never larger than the image
+    ch = cw * height / width
+    cx, cy = (x1 + x2) / 2 * w, (y1 + y2) / 2 * h
+    x0 = int(np.clip(round(cx - cw / 2), 0, w - round(cw)))
+    y0 = int(np.clip(round(cy - ch / 2), 0, h - round(ch)))
+    return image[y0 : y0 + round(ch), x0 : x0 + round(cw)]
 
 
 def fit_reference(image: np.ndarray, width: int, height: int, centre: tuple[float, float] | None = None
@@ -69,12 +93,15 @@ def fit_reference(image: np.ndarray, width: int, height: int, centre: tuple[floa
     return torch.from_numpy(resized).permute(2, 0, 1).float() / 127.5 - 1.0
 
 
-def read_reference(path: str | Path, width: int, height: int, crop: str = "face") -> torch.Tensor:
+def read_reference(path: str | Path, width: int, height: int, crop: str = "head", head_scale: float = 1.7
+                   ) -> torch.Tensor:  # fmt: skip
     """Any image file ffmpeg reads (jpg, png, webp, ...; a video's first frame too) as the reference
-    [3, height, width] in [-1, 1]. ``crop`` "face": the crop follows the face FaceMesh finds (centre crop when
-    it finds none); "centre": always the centre. Raises MediaError naming the file when it cannot be read."""
-    if crop not in ("face", "centre"):
-        raise ValueError(f"crop must be 'face' or 'centre', got {crop!r}")
+    [3, height, width] in [-1, 1]. ``crop`` "head": the head crop curation gives the training clips
+    (``head_scale`` x the face; the demo trains on such crops); "face": the largest crop of the target aspect
+    placed around the face; both fall back to the centre when FaceMesh finds no face; "centre": always the
+    centre. Raises MediaError naming the file when it cannot be read."""
+    if crop not in ("head", "face", "centre"):
+        raise ValueError(f"crop must be 'head', 'face' or 'centre', got {crop!r}")
     path = Path(path)
     info = probe(path)  # MediaError for a missing or unreadable file
     if info.video_codec is None or info.width < 1 or info.height < 1:
@@ -87,6 +114,11 @@ def read_reference(path: str | Path, width: int, height: int, crop: str = "face"
     if first is None:
         raise MediaError(f"{path}: no picture could be decoded")
     h, w = first.shape[:2]
+    if crop == "head":
+        head = head_crop(first, width, height, head_scale)
+        if head is not None:
+            return fit_reference(head, width, height)
+        log.warning("%s: no face found; the reference is the centre crop", path)
     if crop == "centre" or w * height == h * width:
         return fit_reference(first, width, height)
     return fit_reference(first, width, height, face_centre(first))
@@ -155,7 +187,7 @@ def _partial(path: Path) -> Path:
 # ------------------------------------------------------------------------------------------------ generate
 def generate(
     cfg: Config, root: Path, reference: Path, audio: Path, out: Path, listen_to: Path | None = None,
-    checkpoint: str | None = None, seconds: float | None = None, progress: bool = True, crop: str = "face",
+    checkpoint: str | None = None, seconds: float | None = None, progress: bool = True, crop: str = "head",
 ) -> dict[str, Any]:  # fmt: skip
     """Write ``out`` (an mp4): the avatar of ``reference`` talking on ``audio`` and listening to
     ``listen_to``, at the profile's size and frame rate, with the mix of both voices as its sound.
@@ -179,9 +211,9 @@ def generate(
     spf = sr // fps
 
     # the inputs first: a bad file fails before any model is loaded
-    if crop not in ("face", "centre"):
-        raise ConfigError(f"--crop must be 'face' or 'centre', got {crop!r}")
-    ref = read_reference(reference, width, height, crop)
+    if crop not in ("head", "face", "centre"):
+        raise ConfigError(f"--crop must be 'head', 'face' or 'centre', got {crop!r}")
+    ref = read_reference(reference, width, height, crop, cfg.curate.head_scale)
     voice = read_voice(audio, sr, seconds)
     heard = read_voice(listen_to, sr, seconds) if listen_to is not None else None
     avatar, other = conversation(voice, heard, None if seconds is None else round(seconds * sr))
@@ -222,6 +254,21 @@ def generate(
         "torch_threads": torch.get_num_threads(), "load_s": load_s, "stream_s": stream_s, "wall_s": wall_s,
         "rtf": stream_s / audio_s, "rtf_with_load": wall_s / audio_s,
     }  # fmt: skip
+
+
+def measure(cfg: Config, video: str | Path, voice: str | Path, seconds: float | None = None) -> dict[str, Any]:
+    """How the written video looks by the evaluate stage's measures: the share of frames where FaceMesh finds a
+    face, and the correlation of the mouth opening with the avatar voice's envelope (best lag within
+    evaluate.max_lag_frames; positive lag = the mouth follows the audio)."""
+    from tasks.evaluation import metrics
+
+    e, fps, sr = cfg.evaluate, cfg.video.fps, cfg.audio.sample_rate
+    frames = read_frames(video)
+    kp = metrics.extract_keypoints(frames, norm_height=e.keypoint_norm_height, min_side=e.keypoint_min_side)
+    wave = read_voice(voice, sr, seconds)
+    env = metrics.audio_envelope(wave, sr, fps, len(frames))
+    lag = metrics.lagged_correlation(env, metrics.mouth_series(kp.face), e.max_lag_frames)
+    return {"face_rate": kp.detection_rates().get("face"), "lip_corr": lag["best_corr"], "lip_lag": lag["best_lag"]}
 
 
 def format_summary(s: dict[str, Any]) -> str:

@@ -469,7 +469,7 @@ class EvaluateConfig(_Section):
     out_dir: str = "data/reports/evaluate"  # table.csv, eval_set.json, the evaluation videos
     history_dir: str = "data/reports/reevaluate"  # the re-evaluation flow: history.parquet + history.png
     max_clips: int = Field(5, ge=1)  # held-out clips per split (val, unseen) in the fixed evaluation set
-    windows_per_clip: int = Field(3, ge=1)
+    windows_per_clip: int = Field(2, ge=1)
     teacher: bool = True  # also sample the teacher (Euler + CFG, ode_pairs.steps/cfg_scale) for the table
     keypoint_min_side: int = Field(256, ge=64)  # frames are upscaled to this shorter side before mediapipe
     keypoint_norm_height: int = Field(512, ge=64)  # keypoints are measured in a frame scaled to this height

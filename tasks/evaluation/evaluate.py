@@ -96,18 +96,17 @@ def evaluation_set(cfg: Config, root: Path) -> tuple[list[EvalItem], dict[str, A
     """The fixed held-out evaluation set and its description (clips, windows, digest)."""
     from tasks.training.data import load_windows
 
+    sets = {"val": load_windows(cfg, root, "val")}  # a clear error when there are no windows at all
+    try:
+        sets["unseen"] = load_windows(cfg, root, "unseen")
+    except ConfigError:
+        pass  # no unseen people in this manifest
     manifest_path = root / cfg.curate.manifest
     if not manifest_path.is_file():
         raise ConfigError(f"{cfg.curate.manifest}: no curated manifest; run `streamavatar curate` first")
     manifest = pd.read_parquet(manifest_path).set_index("clip_id")
     items: list[EvalItem] = []
-    for split in ("val", "unseen"):
-        try:
-            windows = load_windows(cfg, root, split)
-        except ConfigError:
-            if split == "val":
-                raise
-            continue  # no unseen people in this manifest
+    for split, windows in sets.items():
         items += _items(cfg, root, windows, manifest, split)
     listing = [{"clip_id": it.clip_id, "window": it.window, "frames": len(it.frames), "split": it.split}
                for it in items]  # fmt: skip

@@ -1,7 +1,8 @@
 """`streamavatar generate`: reference image + the avatar's voice (+ the other voice) -> an mp4 with sound.
 
-Every run uses the seeded untrained student (--checkpoint random) of the default tiny profile in an empty
-project root, so nothing needs `make demo`; the real avatar fixtures in ../shared are the inputs.
+Every run uses the seeded untrained student (--checkpoint random) and a random autoencoder
+(vae.pretrained_path=null) of the default demo profile in an empty project root, so nothing needs `make demo`;
+the real avatar fixtures in ../shared are the inputs.
 """
 
 from __future__ import annotations
@@ -50,11 +51,12 @@ def steps(monkeypatch: pytest.MonkeyPatch) -> list[tuple[torch.Tensor, torch.Ten
 
 
 def config(root: Path) -> Config:
-    return load_config(sets=["project.device=cpu"], root=root)
+    return load_config(sets=["project.device=cpu", "vae.pretrained_path=null"], root=root)  # a random VAE too
 
 
 def run_cli(root: Path, *args: str) -> int:
-    return cli_main(["generate", "--checkpoint", "random", "--set", "project.device=cpu", *args])
+    return cli_main(["generate", "--checkpoint", "random", "--set", "project.device=cpu", "--set",
+                     "vae.pretrained_path=null", *args])  # fmt: skip
 
 
 def lavfi(path: Path, source: str, *out_args: str) -> Path:
@@ -151,6 +153,22 @@ def test_the_reference_is_centre_cropped_not_stretched():
     assert torch.allclose(ref[0], torch.ones(64, 64)) and torch.allclose(ref[2], -torch.ones(64, 64))
     tall = fit_reference(np.full((720, 400, 3), 128, np.uint8), 64, 32)
     assert tall.shape == (3, 32, 64)
+
+
+def test_the_head_crop_frames_the_face_as_the_training_clips_do():
+    """The default crop is curation's head crop: the face's larger side is 1 / curate.head_scale (0.59) of the
+    crop, as in every training clip, where the wide "face" crop of a half-body photo leaves it small."""
+    from tasks.inference.generate import _landmarks, read_reference
+
+    def face_share(crop: str) -> float:
+        ref = read_reference(FIXTURES / "fashion_blogger.jpg", 256, 256, crop=crop, head_scale=1.7)
+        lm = _landmarks(((ref.permute(1, 2, 0) + 1) * 127.5).round().byte().numpy())
+        assert lm is not None, f"no face in the {crop} crop"
+        return float(max(np.ptp(lm[:, 0]), np.ptp(lm[:, 1])) / 256)
+
+    head, wide = face_share("head"), face_share("face")
+    assert 0.45 < head < 0.72, head
+    assert wide < 0.6 * head, (wide, head)
 
 
 def test_the_crop_follows_the_face_on_a_real_portrait():

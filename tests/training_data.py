@@ -11,7 +11,7 @@ import pandas as pd
 from tasks.common.media import write_video, write_wav
 from tasks.config import Config
 
-CLIPS = [("tr_a", True, "train"), ("tr_b", True, "train"), ("va_a", False, "train")]
+CLIPS = [("tr_a", True, "train"), ("tr_b", True, "train"), ("va_a", False, "val")]  # va_a: a held-out conversation
 
 
 def tiny_config(root: Path) -> Config:

@@ -95,10 +95,15 @@ def tiny_cfg(root, *sets):
     ], root=root)  # fmt: skip
 
 
-def test_pretrain_learns_on_held_out_faces_and_exports_weights_with_provenance(tiny_root):
+@pytest.fixture(scope="module")
+def pretrained(tiny_root):
+    """`streamavatar pretrain --export weights` on the tiny root: the weights the vae stage starts from."""
+    return run_pretrain(tiny_cfg(tiny_root), tiny_root, progress=False, export="weights")
+
+
+def test_pretrain_learns_on_held_out_faces_and_exports_weights_with_provenance(tiny_root, pretrained):
     cfg = tiny_cfg(tiny_root)
-    result = run_pretrain(cfg, tiny_root, progress=False, export="weights")
-    m = result.metrics
+    m = pretrained.metrics
     assert m["heldout_clips"] == 1 and m["train_clips"] == 2
     # 40 steps on two clips: the held-out clip's reconstruction gains over 2.5 dB (measured: 10.1 -> 13.6 dB)
     # and SSIM more than doubles (0.08 -> 0.37) against the untrained network
@@ -128,10 +133,8 @@ def test_pretrain_learns_on_held_out_faces_and_exports_weights_with_provenance(t
     assert again.metrics["dit_fm_loss"] == pytest.approx(m["dit_fm_loss"], abs=1e-6)
 
 
-def test_vae_stage_finetunes_from_the_pretrained_weights_on_curated_clips(tiny_root):
-    weights = tiny_root / "weights" / "demo_vae.pt"
-    if not weights.is_file():
-        pytest.skip("needs the pretrain test's weights")
+def test_vae_stage_finetunes_from_the_pretrained_weights_on_curated_clips(tiny_root, pretrained):
+    assert (tiny_root / "weights" / "demo_vae.pt").is_file()
     rows = []
     for i, name in enumerate(CLIPS):
         rows.append({"clip_id": f"c{i}", "video_path": f"clips/{name}", "mask_path": "m.npy", "status": "ok",

@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import random
 import time
@@ -234,6 +235,24 @@ def optimizer_step(loss: torch.Tensor, opt: torch.optim.Optimizer, model: nn.Mod
     opt.step()
     return float(norm)
 
+
+
+def resume(ckpt: Checkpoints, model: nn.Module, opt: torch.optim.Optimizer) -> int:
+    """Load the newest matching step checkpoint into ``model`` and ``opt``; the step to continue from (0: none)."""
+    state = ckpt.latest()
+    if state is None:
+        return 0
+    model.load_state_dict(state["model"])
+    opt.load_state_dict(state["optimizer"])
+    return int(state["step"])
+
+
+def warmup_cosine(opt: torch.optim.Optimizer, base_lr: float, step: int, total: int, warmup: int, floor: float) -> None:
+    """Linear warm-up over ``warmup`` steps, then cosine decay to ``floor`` x ``base_lr`` at ``total``."""
+    warm = min(1.0, (step + 1) / max(1, warmup))
+    lr = base_lr * warm * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * step / max(1, total))))
+    for group in opt.param_groups:
+        group["lr"] = lr
 
 
 class Metrics:

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import sys
 import time
 from pathlib import Path
@@ -35,7 +34,17 @@ from tasks.common.stage import StageResult
 from tasks.config import Config, ConfigError, resolve_path
 from tasks.training.common import heldout_fm_losses, teacher_velocity
 from tasks.training.data import window_video_frames
-from tasks.training.engine import Checkpoints, Metrics, config_digest, run_loop, step_generator
+from tasks.training.engine import (
+    Checkpoints,
+    Dist,
+    Metrics,
+    config_digest,
+    optimizer_step,
+    resume,
+    run_loop,
+    step_generator,
+    warmup_cosine,
+)
 from tasks.training.teacher import teacher_loss
 from tasks.training.vae import _to_video, data_digest, fixture_clips, pretrain_vae
 
@@ -112,12 +121,7 @@ def pretrain_dit(cfg: Config, root: Path, vae: VideoVAE, train: dict, held: dict
                                  "latents": float(data.sum()), "seed": cfg.project.seed})  # fmt: skip
     ckpt = Checkpoints(out_dir / "dit_checkpoints", fingerprint, cfg.train.keep_checkpoints)
     opt = torch.optim.AdamW(model.parameters(), lr=p.dit_lr, weight_decay=0.0)
-    start = 0
-    state = ckpt.latest()
-    if state is not None:
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        start = state["step"]
+    start = resume(ckpt, model, opt)
     model.train()
 
     def step(s: int) -> dict[str, float]:
@@ -125,17 +129,12 @@ def pretrain_dit(cfg: Config, root: Path, vae: VideoVAE, train: dict, held: dict
         idx = torch.randint(len(data), (p.dit_batch_size,), generator=g)
         sigma = shift_sigma(torch.rand(p.dit_batch_size, generator=g), cfg.teacher.timestep_shift)
         noise = torch.randn((p.dit_batch_size, *data.shape[1:]), generator=g)
-        for group in opt.param_groups:
-            warm = min(1.0, (s + 1) / 50)
-            group["lr"] = p.dit_lr * warm * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * s / max(1, p.dit_iterations))))
+        warmup_cosine(opt, p.dit_lr, s, p.dit_iterations, warmup=50, floor=0.1)
         x0 = data[idx]
         a = silent(model, x0, tokens)
         loss = teacher_loss(model, x0, sigma, noise, text.expand(len(idx), -1, -1), a, a)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip or float("inf"))
-        opt.step()
-        return {"loss": float(loss.detach()), "grad_norm": float(gnorm)}
+        gnorm = optimizer_step(loss, opt, model, Dist(), cfg.train.grad_clip)
+        return {"loss": float(loss.detach()), "grad_norm": gnorm}
 
     def save(s: int) -> None:
         ckpt.save(s, {"model": model.state_dict(), "optimizer": opt.state_dict()})

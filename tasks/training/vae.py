@@ -42,7 +42,17 @@ from tasks.common.models import build_causal_ae
 from tasks.common.stage import StageResult
 from tasks.config import Config, ConfigError, resolve_path
 from tasks.training.data import choose_clips
-from tasks.training.engine import Checkpoints, Metrics, config_digest, run_loop, step_generator
+from tasks.training.engine import (
+    Checkpoints,
+    Dist,
+    Metrics,
+    config_digest,
+    optimizer_step,
+    resume,
+    run_loop,
+    step_generator,
+    warmup_cosine,
+)
 
 log = logging.getLogger(__name__)
 
@@ -276,31 +286,21 @@ def train_autoencoder(cfg: Config, stage: str, ckpt_dir: Path, train: dict, held
                                  "seed": cfg.project.seed})  # fmt: skip
     ckpt = Checkpoints(ckpt_dir, fingerprint, cfg.train.keep_checkpoints)
     opt = torch.optim.AdamW(ae.parameters(), lr=lr, weight_decay=0.0)
-    start = 0
-    state = ckpt.latest()
-    if state is not None:
-        ae.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        start = state["step"]
+    start = resume(ckpt, ae, opt)
 
     def step(s: int) -> dict[str, float]:
         g = step_generator(cfg.project.seed, stage, s)
         x = sample_batch(clips, t.batch_size, t.clip_frames, g)
-        for group in opt.param_groups:  # linear warm-up, then cosine to 5%
-            warm = min(1.0, (s + 1) / max(1, t.warmup))
-            group["lr"] = lr * warm * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * s / max(1, iterations))))
+        warmup_cosine(opt, lr, s, iterations, t.warmup, floor=0.05)
         z = ae.encode(x)
         std = z.detach().std(dim=(0, 2, 3, 4), keepdim=True)
         noise = torch.randn(z.shape, generator=g)
         y = ae.decode(z + t.latent_noise * std * noise)
         mse = F.mse_loss(y, x)
         loss = mse + t.l1_weight * F.l1_loss(y, x)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        gnorm = torch.nn.utils.clip_grad_norm_(ae.parameters(), cfg.train.grad_clip or float("inf"))
-        opt.step()
+        gnorm = optimizer_step(loss, opt, ae, Dist(), cfg.train.grad_clip)
         return {"loss": float(loss.detach()), "psnr_train": 10 * math.log10(4.0 / max(float(mse.detach()), 1e-10)),
-                "grad_norm": float(gnorm)}  # fmt: skip
+                "grad_norm": gnorm}  # fmt: skip
 
     def save(s: int) -> None:
         ckpt.save(s, {"model": ae.state_dict(), "optimizer": opt.state_dict()})

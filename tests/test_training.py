@@ -300,7 +300,8 @@ def test_exit_step_choice_changes_the_output():
 def test_two_gloo_processes_match_one_with_the_doubled_batch(project, tmp_path):
     root = copy_project(project, tmp_path / "p")
     shutil.copy(REPO / "params.yaml", root / "params.yaml")
-    common = ["--set", "tracking.enabled=false", "--set", "train.window_chunks=2", "--set", "train.val_windows=1",
+    common = ["--set", "tracking.enabled=false", "--set", "vae.pretrained_path=null", "--set", "teacher.init_from=null",
+              "--set", "train.window_chunks=2", "--set", "train.val_windows=1",
               "--set", "train.sample_video=false", "--set", "teacher.iterations=3",
               "--set", "train.checkpoint_every=3"]  # fmt: skip
     env = tool_env(root)

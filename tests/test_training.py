@@ -301,6 +301,8 @@ def test_two_gloo_processes_match_one_with_the_doubled_batch(project, tmp_path):
     root = copy_project(project, tmp_path / "p")
     shutil.copy(REPO / "params.yaml", root / "params.yaml")
     common = ["--set", "tracking.enabled=false", "--set", "vae.pretrained_path=null", "--set", "teacher.init_from=null",
+              "--set", "model.num_layers=2", "--set", "model.num_heads=2", "--set", "model.head_dim=16",
+              "--set", "model.ffn_dim=128",  # the tiny project's teacher sizes (tests/training_data.py)
               "--set", "train.window_chunks=2", "--set", "train.val_windows=1",
               "--set", "train.sample_video=false", "--set", "teacher.iterations=3",
               "--set", "train.checkpoint_every=3"]  # fmt: skip

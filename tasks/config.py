@@ -304,6 +304,11 @@ class PretrainConfig(_Section):
     dit_lr: float = Field(1e-3, gt=0)
     threads: int = Field(0, ge=0)  # torch threads for both halves; 0: torch's default (all cores)
     out_dir: str = "data/pretrain"
+    # continuing an earlier result (its .json provenance is kept under "continued_from"); null: from scratch
+    vae_init_from: str | None = None
+    vae_decoder_only: bool = False  # train the decoder alone: the latents (and a DiT trained on them) stay valid
+    dit_init_from: str | None = None
+    dit_window_stride: int = Field(0, ge=0)  # video frames between training windows' starts; 0: the window length
 
 
 class AudioConfig(_Section):
@@ -471,6 +476,9 @@ class EvaluateConfig(_Section):
     max_clips: int = Field(5, ge=1)  # held-out clips per split (val, unseen) in the fixed evaluation set
     windows_per_clip: int = Field(2, ge=1)
     teacher: bool = True  # also sample the teacher (Euler + CFG, ode_pairs.steps/cfg_scale) for the table
+    # also stream the student of every training step (before distillation, after ODE init, after SiD) for the
+    # chain table untrained student -> ODE init -> SiD -> GAN -> teacher -> ground truth
+    chain: bool = True
     keypoint_min_side: int = Field(256, ge=64)  # frames are upscaled to this shorter side before mediapipe
     keypoint_norm_height: int = Field(512, ge=64)  # keypoints are measured in a frame scaled to this height
     max_lag_frames: int = Field(10, ge=1)  # audio-envelope vs mouth-opening correlation: lags searched

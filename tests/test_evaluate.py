@@ -45,10 +45,15 @@ def test_report_table_has_every_system_and_metric(evaluated, project):
     from tasks.evaluation.evaluate import DEFINITIONS, SCALARS
 
     cfg, result, report = evaluated
-    assert list(report["systems"]) == ["ground_truth", "teacher", "student"]
-    assert [r["system"] for r in report["table"]] == ["ground_truth", "teacher", "student"]
-    for row in report["table"]:
-        assert row["status"] == "ok"
+    order = ["ground_truth", "teacher", "student_untrained", "student_ode_init", "student_sid", "student"]
+    assert list(report["systems"]) == order  # the chain table: each training step's student, then the product's
+    assert [r["system"] for r in report["table"]] == order
+    # this project has a teacher but no distill stage: the chain says which checkpoints are missing
+    for name in ("student_ode_init", "student_sid"):
+        assert report["systems"][name]["status"].startswith("skipped: no checkpoint at")
+    ok = [r for r in report["table"] if r["status"] == "ok"]
+    assert [r["system"] for r in ok] == ["ground_truth", "teacher", "student_untrained", "student"]
+    for row in ok:
         for key in (*SCALARS, "fid", "fvd"):
             assert key in row, key
     for key in ("hkv", "lbkv", "lhkv", "lfkv", "lip_corr", "sync_c", "identity_dist", "flicker", "fid", "fvd"):
@@ -62,7 +67,7 @@ def test_report_table_has_every_system_and_metric(evaluated, project):
     assert result.tables["metrics_table.json"] == report["table"]
     out = project / cfg.evaluate.out_dir
     assert (out / "table.csv").is_file() and (out / "table.md").is_file()
-    assert pd.read_csv(out / "table.csv").system.tolist() == ["ground_truth", "teacher", "student"]
+    assert pd.read_csv(out / "table.csv").system.tolist() == order
     videos = sorted((out / "videos").glob("*.mp4"))
     assert len(videos) == len(report["eval_set"]["items"]) >= 1
     assert json.loads((out / "eval_set.json").read_text())["digest"] == report["eval_set"]["digest"]
@@ -86,6 +91,9 @@ def test_per_window_values_are_the_metric_functions(evaluated, project):
     # the student really streamed: its frames differ from the ground truth's
     st = report["systems"]["student"]["items"][0]
     assert st["flicker"] != pytest.approx(gt["flicker"])
+    # the untrained student of the chain streams the teacher's weights, not the random student evaluated here
+    before = report["systems"]["student_untrained"]["items"][0]
+    assert before["flicker"] != pytest.approx(st["flicker"]) and before["flicker"] != pytest.approx(gt["flicker"])
     agg = report["systems"]["student"]["aggregate"]
     assert agg["flicker"] == pytest.approx(np.mean([it["flicker"] for it in report["systems"]["student"]["items"]]))
 

@@ -133,6 +133,30 @@ def test_pretrain_learns_on_held_out_faces_and_exports_weights_with_provenance(t
     assert again.metrics["dit_fm_loss"] == pytest.approx(m["dit_fm_loss"], abs=1e-6)
 
 
+def test_pretrain_continues_from_exported_weights_decoder_only_and_overlapping_windows(tiny_root, pretrained):
+    first = pretrained.metrics
+    cfg = tiny_cfg(tiny_root, f"pretrain.out_dir={tiny_root / 'pretrain2'}", "pretrain.iterations=10",
+                   "pretrain.dit_iterations=10", "pretrain.vae_init_from=weights/demo_vae.pt",
+                   "pretrain.vae_decoder_only=true", "pretrain.dit_init_from=weights/demo_dit.pt",
+                   "pretrain.dit_window_stride=4")  # fmt: skip
+    m = run_pretrain(cfg, tiny_root, progress=False, export="weights2").metrics
+    # both halves start where the exported run ended, measured on the same held-out windows
+    assert m["psnr_before"] == pytest.approx(first["psnr"], abs=1e-4) and m["decoder_only"] == 1.0
+    # the encoder is frozen, so the latents and the DiT's held-out loss on them are exactly the earlier ones
+    assert m["dit_before_fm_loss"] == pytest.approx(first["dit_fm_loss"], rel=1e-4)
+    assert m["dit_continued"] == 1.0
+    assert m["dit_train_windows"] > 2 * first["dit_train_windows"]  # a window every 4 frames, not back to back
+    old = torch.load(tiny_root / "weights" / "demo_vae.pt", weights_only=True)["model"]
+    new = torch.load(tiny_root / "weights2" / "demo_vae.pt", weights_only=True)["model"]
+    assert all(torch.equal(old[k], new[k]) for k in old if k.startswith("enc_"))
+    assert not all(torch.equal(old[k], new[k]) for k in old if k.startswith("dec_"))
+    info = json.loads((tiny_root / "weights2" / "demo_dit.json").read_text())
+    assert info["continued_from"]["dit_init_from"]["metrics"]["dit_fm_loss"] == first["dit_fm_loss"]
+    with pytest.raises(ConfigError, match="dit_init_from"):
+        run_pretrain(tiny_cfg(tiny_root, "pretrain.dit_init_from=weights/demo_dit.pt", "model.num_layers=3"),
+                     tiny_root, progress=False, what="dit")  # fmt: skip
+
+
 def test_vae_stage_finetunes_from_the_pretrained_weights_on_curated_clips(tiny_root, pretrained):
     assert (tiny_root / "weights" / "demo_vae.pt").is_file()
     rows = []

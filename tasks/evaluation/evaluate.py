@@ -43,6 +43,14 @@ from tasks.evaluation import fidelity, lipsync, metrics
 log = logging.getLogger(__name__)
 
 SYSTEMS = ("ground_truth", "teacher", "student")
+# evaluate.chain: the student after each training step, streamed exactly like `student` (the table's chain
+# untrained student -> ODE init -> SiD -> GAN); each from its checkpoint under train.checkpoint_dir
+CHAIN = {
+    "student_untrained": ("teacher/final.pt", "the teacher's weights streamed as the causal 3-step student, "
+                                              "before any distillation (the student's starting point)"),
+    "student_ode_init": ("distill/ode_init.pt", "the student after ODE initialisation"),
+    "student_sid": ("distill/final.pt", "the student after ODE init and SiD (before the GAN)"),
+}
 DEFINITIONS = {
     "hkv": "hand keypoint variance over the whole clip: per hand (mediapipe Hands, 21 points, left/right by "
            "handedness), per keypoint and coordinate, the variance over the frames where it is detected, in px^2 "
@@ -269,6 +277,10 @@ def evaluate_systems(cfg: Config, root: Path, systems: tuple[str, ...] = SYSTEMS
     t0 = time.perf_counter()
     items, eval_set = evaluation_set(cfg, root)
     gen, student = build_stream(cfg, root, resolve_student(cfg, root, checkpoint or cfg.evaluate.checkpoint))
+    chain: dict = {}
+    for name in (s for s in systems if s in CHAIN):
+        path = root / cfg.train.checkpoint_dir / CHAIN[name][0]
+        chain[name] = build_stream(cfg, root, path)[0] if path.is_file() else f"skipped: no checkpoint at {path}"
     teacher, teacher_label = (None, "not requested")
     if "teacher" in systems:
         teacher, teacher_label = _load_teacher(cfg, root, gen.audio, gen.device)
@@ -277,12 +289,16 @@ def evaluate_systems(cfg: Config, root: Path, systems: tuple[str, ...] = SYSTEMS
     status = {s: "ok" for s in systems}
     if teacher is None and "teacher" in systems:
         status["teacher"] = teacher_label
+    status.update({name: g for name, g in chain.items() if isinstance(g, str)})
     for item in tqdm(items, desc="evaluate", unit="window", disable=not progress):
         made = {"ground_truth": item.frames}
         if "student" in systems:
             made["student"] = student_frames(cfg, gen, item)
         if teacher is not None:
             made["teacher"] = teacher_frames(cfg, teacher, gen.vae, gen._text, item)
+        for name, g in chain.items():
+            if not isinstance(g, str):
+                made[name] = student_frames(cfg, g, item)
         for name, video in made.items():
             if name not in systems:
                 continue
@@ -294,6 +310,7 @@ def evaluate_systems(cfg: Config, root: Path, systems: tuple[str, ...] = SYSTEMS
             _write_comparison(cfg, video_dir / f"{item.name}.mp4", item, made)
     report: dict[str, Any] = {
         "eval_set": eval_set, "student": student["label"], "teacher": teacher_label,
+        "chain": {name: f"{CHAIN[name][1]} ({cfg.train.checkpoint_dir}/{CHAIN[name][0]})" for name in chain},
         "definitions": DEFINITIONS, "systems": {},
     }  # fmt: skip
     e = cfg.evaluate
@@ -375,7 +392,8 @@ def run_evaluate(cfg: Config, root: Path, progress: bool = True) -> StageResult:
     e = cfg.evaluate
     out_dir = resolve_path(e.out_dir, root)
     out_dir.mkdir(parents=True, exist_ok=True)
-    systems = SYSTEMS if e.teacher else tuple(s for s in SYSTEMS if s != "teacher")
+    systems = SYSTEMS[:2] + (tuple(CHAIN) if e.chain else ()) + SYSTEMS[2:]
+    systems = systems if e.teacher else tuple(s for s in systems if s != "teacher")
     report = evaluate_systems(cfg, root, systems=systems, progress=progress, video_dir=out_dir / "videos")
     (out_dir / "eval_set.json").write_text(json.dumps(report["eval_set"], indent=2))
     pd.DataFrame(report["table"]).to_csv(out_dir / "table.csv", index=False)

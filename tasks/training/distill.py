@@ -15,7 +15,8 @@
    Reported: the same two held-out measures before (= after ODE init) and after SiD, and the generator's
    gradient norm and the real-fake score gap over the run (a SiD that starts at zero gradient shows here).
 
-Outputs: data/checkpoints/distill/{ode_init,sid}/ (resume points), data/checkpoints/distill/final.pt (the
+Outputs: data/checkpoints/distill/{ode_init,sid}/ (resume points), data/checkpoints/distill/ode_init.pt (the
+student after ODE init alone, for evaluate's chain table), data/checkpoints/distill/final.pt (the
 student), data/reports/distill/{metrics.json, sample.mp4}.
 """
 
@@ -55,6 +56,7 @@ from tasks.training.data import windows_digest
 from tasks.training.engine import (
     Dist,
     Metrics,
+    atomic_save,
     file_digest,
     global_batch,
     load_final,
@@ -84,6 +86,9 @@ def run_distill(cfg: Config, root: Path, progress: bool = True) -> StageResult:
     fp_init = run_fingerprint(cfg, model_sections() + ["ode_init"], upstream)
     student, init_last = ode_init(run, student, fp_init)
     after, reg_after = ode_match(run, student), ode_regression(run, student)
+    if dist.main:  # the student after ODE init alone, for evaluate's chain table (before SiD changes it)
+        atomic_save({"model": state_dict_of(student), "spec": student.spec.to_json(), "step": cfg.ode_init.iterations,
+                      "fingerprint": fp_init}, run.checkpoint_root / STAGE / "ode_init.pt")  # fmt: skip
 
     # 2. SiD with student forcing; measured on the same held-out pairs before (= after ODE init) and after
     teacher = frozen(dit_from_state(cfg, run.audio, teacher_state, run.device))

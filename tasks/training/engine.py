@@ -182,7 +182,7 @@ class Checkpoints:
     def save(self, step: int, state: dict) -> Path:
         self.dir.mkdir(parents=True, exist_ok=True)
         path = self.dir / f"step_{step:07d}.pt"
-        _atomic_save({**state, "step": step, "fingerprint": self.fingerprint}, path)
+        atomic_save({**state, "step": step, "fingerprint": self.fingerprint}, path)
         for old in self.steps()[: -self.keep]:
             old.unlink()
         return path
@@ -190,7 +190,7 @@ class Checkpoints:
     def save_final(self, state: dict) -> Path:
         self.dir.mkdir(parents=True, exist_ok=True)
         path = self.dir / "final.pt"
-        _atomic_save({**state, "fingerprint": self.fingerprint}, path)
+        atomic_save({**state, "fingerprint": self.fingerprint}, path)
         return path
 
     def final(self) -> dict | None:
@@ -201,7 +201,7 @@ class Checkpoints:
         return state if state.get("fingerprint") == self.fingerprint else None
 
 
-def _atomic_save(obj: dict, path: Path) -> None:
+def atomic_save(obj: dict, path: Path) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     torch.save(obj, tmp)
     os.replace(tmp, path)

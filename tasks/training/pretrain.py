@@ -50,13 +50,15 @@ from tasks.training.vae import _to_video, data_digest, fixture_clips, pretrain_v
 
 
 @torch.no_grad()
-def encode_windows(vae: VideoVAE, clips: dict[str, np.ndarray], frames: int, flip: bool = False) -> torch.Tensor:
-    """Non-overlapping windows of ``frames`` video frames of every clip -> normalised latents [n, z, 1 + F, h, w]."""
+def encode_windows(vae: VideoVAE, clips: dict[str, np.ndarray], frames: int, flip: bool = False,
+                   stride: int = 0) -> torch.Tensor:  # fmt: skip
+    """Windows of ``frames`` video frames of every clip, starting every ``stride`` frames (0: back to back)
+    -> normalised latents [n, z, 1 + F, h, w]."""
     vae.eval()
     out = []
     for name in sorted(clips):
         c = clips[name]
-        for s in range(0, len(c) - frames + 1, frames):
+        for s in range(0, len(c) - frames + 1, stride or frames):
             x = _to_video(c[s : s + frames])[None]
             out.append(vae.encode(x)[0])
             if flip:
@@ -105,7 +107,7 @@ def pretrain_dit(cfg: Config, root: Path, vae: VideoVAE, train: dict, held: dict
                  progress: bool) -> tuple[AudioDiT, dict, Path]:  # fmt: skip
     p = cfg.pretrain
     frames = window_video_frames(cfg)
-    data = encode_windows(vae, train, frames, flip=True)
+    data = encode_windows(vae, train, frames, flip=True, stride=p.dit_window_stride)
     val = encode_windows(vae, held, frames)
     mean = data.mean(dim=(0, 2, 3, 4), keepdim=True)[0:1]
     var = data.var(dim=(0, 2, 3, 4), keepdim=True)[0:1]
@@ -114,11 +116,23 @@ def pretrain_dit(cfg: Config, root: Path, vae: VideoVAE, train: dict, held: dict
     text = prompt_embedding(cfg.model.prompt, cfg.model.text_len, cfg.model.text_dim, cfg.model.text_encoder_path,
                             cache_dir=root / "data" / "cache").float()  # fmt: skip
     model = build_dit(cfg, audio.token_dim, pretrained=False)
+    init_digest = None
+    if p.dit_init_from:
+        path = resolve_path(p.dit_init_from, root)
+        if not path.is_file():
+            raise ConfigError(f"pretrain.dit_init_from: {path} does not exist (null trains from scratch)")
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+        if blob.get("spec") != model.spec.to_json():
+            raise ConfigError(f"pretrain.dit_init_from: {path} holds a DiT of {blob.get('spec')}, model.* builds "
+                              f"{model.spec.to_json()}")  # fmt: skip
+        model.load_state_dict(blob["model"])
+        init_digest = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
     before = heldout_losses(model, val, text, tokens, mean, var)
     baseline = heldout_losses(None, val, text, tokens, mean, var)
     fingerprint = config_digest({"model": cfg.model.model_dump(mode="json"), "vae": data_digest(train),
                                  "frames": frames, "lr": p.dit_lr, "batch": p.dit_batch_size,
-                                 "latents": float(data.sum()), "seed": cfg.project.seed})  # fmt: skip
+                                 "latents": float(data.sum()), "seed": cfg.project.seed,
+                                 **({"init": init_digest} if init_digest else {})})  # fmt: skip
     ckpt = Checkpoints(out_dir / "dit_checkpoints", fingerprint, cfg.train.keep_checkpoints)
     opt = torch.optim.AdamW(model.parameters(), lr=p.dit_lr, weight_decay=0.0)
     start = resume(ckpt, model, opt)
@@ -148,7 +162,8 @@ def pretrain_dit(cfg: Config, root: Path, vae: VideoVAE, train: dict, held: dict
     m.update({"dit_gaussian_" + k: v for k, v in baseline.items()})
     m.update({"dit_train_windows": float(len(data)), "dit_heldout_windows": float(len(val)),
               "dit_steps": float(p.dit_iterations), "dit_train_seconds": time.perf_counter() - t0,
-              "dit_params_m": sum(q.numel() for q in model.parameters()) / 1e6})  # fmt: skip
+              "dit_params_m": sum(q.numel() for q in model.parameters()) / 1e6,
+              "dit_continued": float(init_digest is not None)})  # fmt: skip
     sheet = sample_sheet(model, vae, val, text, tokens, out_dir / "dit_samples.png")
     return model, m, sheet
 
@@ -180,11 +195,15 @@ def run_pretrain(cfg: Config, root: Path, progress: bool = True, export: str | N
               "train_clips": sorted(train), "heldout_clips": sorted(held), "torch": str(torch.__version__),
               "config": {k: cfg.section(k).model_dump(mode="json") for k in ("video", "vae", "vae_train", "pretrain",
                                                                              "model", "train")}}  # fmt: skip
+    for key in ("vae_init_from", "dit_init_from"):
+        src = getattr(p, key)
+        if src and resolve_path(src, root).with_suffix(".json").is_file():  # the earlier run's own provenance
+            common.setdefault("continued_from", {})[key] = json.loads(resolve_path(src, root).with_suffix(".json").read_text())
     m: dict[str, float] = {}
     artifacts, outputs = [], []
     vae_file = out_dir / "demo_vae.pt"
     if what in ("all", "vae"):
-        _, vm, vae_artifacts = pretrain_vae(cfg, train, held, out_dir, progress, common)
+        _, vm, vae_artifacts = pretrain_vae(cfg, root, train, held, out_dir, progress, common)
         m.update(vm)
         artifacts += vae_artifacts
         outputs.append(vae_file)

@@ -261,9 +261,12 @@ def spec_of(cfg: Config) -> dict:
 
 
 def train_autoencoder(cfg: Config, stage: str, ckpt_dir: Path, train: dict, held: dict, init: dict | None,
-                      iterations: int, lr: float, progress: bool
+                      iterations: int, lr: float, progress: bool, decoder_only: bool = False
                       ) -> tuple[CausalVideoAE, dict, list[torch.Tensor]]:  # fmt: skip
-    """Trains (or resumes) the causal autoencoder; returns it and its metrics against the baselines."""
+    """Trains (or resumes) the causal autoencoder; returns it and its metrics against the baselines.
+
+    ``decoder_only`` freezes the encoder: the latents stay exactly what they were (so a DiT trained on them stays
+    valid) while the decoder keeps learning."""
     t = cfg.vae_train
     if t.threads:
         torch.set_num_threads(t.threads)
@@ -283,16 +286,20 @@ def train_autoencoder(cfg: Config, stage: str, ckpt_dir: Path, train: dict, held
     fingerprint = config_digest({"spec": spec_of(cfg), "video": cfg.video.model_dump(mode="json"), "lr": lr,
                                  "train": {k: v for k, v in t.model_dump(mode="json").items() if k != "iterations"},
                                  "data": data_digest(train), "init": init.get("digest") if init else None,
-                                 "seed": cfg.project.seed})  # fmt: skip
+                                 "seed": cfg.project.seed, "decoder_only": decoder_only})  # fmt: skip
     ckpt = Checkpoints(ckpt_dir, fingerprint, cfg.train.keep_checkpoints)
-    opt = torch.optim.AdamW(ae.parameters(), lr=lr, weight_decay=0.0)
+    if decoder_only:
+        for name, q in ae.named_parameters():
+            q.requires_grad_(not name.startswith("enc_"))
+    opt = torch.optim.AdamW([q for q in ae.parameters() if q.requires_grad], lr=lr, weight_decay=0.0)
     start = resume(ckpt, ae, opt)
 
     def step(s: int) -> dict[str, float]:
         g = step_generator(cfg.project.seed, stage, s)
         x = sample_batch(clips, t.batch_size, t.clip_frames, g)
         warmup_cosine(opt, lr, s, iterations, t.warmup, floor=0.05)
-        z = ae.encode(x)
+        with torch.set_grad_enabled(not decoder_only):
+            z = ae.encode(x)
         std = z.detach().std(dim=(0, 2, 3, 4), keepdim=True)
         noise = torch.randn(z.shape, generator=g)
         y = ae.decode(z + t.latent_noise * std * noise)
@@ -316,6 +323,9 @@ def train_autoencoder(cfg: Config, stage: str, ckpt_dir: Path, train: dict, held
          "train_frames": float(sum(len(c) for c in clips)), "steps": float(iterations),
          "train_seconds": time.perf_counter() - t0, "params_m": sum(p.numel() for p in ae.parameters()) / 1e6}  # fmt: skip
     m.update({f"last_{k}": v for k, v in last.items()})
+    m["decoder_only"] = float(decoder_only)
+    for q in ae.parameters():
+        q.requires_grad_(True)
     return ae, m, windows
 
 
@@ -343,6 +353,17 @@ def _summary(stage: str, m: dict) -> str:
             f"windows of {int(m['heldout_clips'])} held-out clips")  # fmt: skip
 
 
+def load_init(cfg: Config, where: str, field: str, root: Path) -> dict:
+    """Saved autoencoder weights to start from, checked against vae.*; a clear error naming ``field``."""
+    path = resolve_path(where, root)
+    if not path.is_file():
+        raise ConfigError(f"{field}: {path} does not exist (null trains from scratch)")
+    init = torch.load(path, map_location="cpu", weights_only=True)
+    if init.get("spec") != spec_of(cfg):
+        raise ConfigError(f"{field}: {path} holds {init.get('spec')}, vae.* says {spec_of(cfg)}")
+    return init
+
+
 def run_vae(cfg: Config, root: Path, progress: bool = True) -> StageResult:
     """Stage `vae`: fine-tune the causal autoencoder on the curated training clips."""
     report = root / "data" / "reports" / "vae"
@@ -353,14 +374,7 @@ def run_vae(cfg: Config, root: Path, progress: bool = True) -> StageResult:
         return StageResult("vae", metrics=m, summary=f"vae: nothing to train (vae.kind={cfg.vae.kind} is loaded "
                                                      f"from vae.pretrained_path)")  # fmt: skip
     t = cfg.vae_train
-    init = None
-    if t.init_from:
-        path = resolve_path(t.init_from, root)
-        if not path.is_file():
-            raise ConfigError(f"vae_train.init_from: {path} does not exist (null trains from scratch)")
-        init = torch.load(path, map_location="cpu", weights_only=True)
-        if init.get("spec") != spec_of(cfg):
-            raise ConfigError(f"vae_train.init_from: {path} holds {init.get('spec')}, vae.* says {spec_of(cfg)}")
+    init = load_init(cfg, t.init_from, "vae_train.init_from", root) if t.init_from else None
     train, held, failures = curated_clips(cfg, root, progress)
     ae, m, windows = train_autoencoder(cfg, "vae", root / cfg.train.checkpoint_dir / "vae", train, held, init,
                                        t.iterations, t.lr, progress)  # fmt: skip
@@ -372,13 +386,14 @@ def run_vae(cfg: Config, root: Path, progress: bool = True) -> StageResult:
                        summary=_summary("vae", m))  # fmt: skip
 
 
-def pretrain_vae(cfg: Config, train: dict, held: dict, out_dir: Path, progress: bool, provenance: dict
+def pretrain_vae(cfg: Config, root: Path, train: dict, held: dict, out_dir: Path, progress: bool, provenance: dict
                  ) -> tuple[CausalVideoAE, dict, list[Path]]:  # fmt: skip
     """The `pretrain` command's first half (tasks/training/pretrain.py): the autoencoder from scratch on face crops
     of real clips; writes ``out_dir``/demo_vae.pt and its contact sheet."""
     p = cfg.pretrain
-    ae, m, windows = train_autoencoder(cfg, "pretrain", out_dir / "checkpoints", train, held, None, p.iterations,
-                                       p.lr, progress)  # fmt: skip
+    init = load_init(cfg, p.vae_init_from, "pretrain.vae_init_from", root) if p.vae_init_from else None
+    ae, m, windows = train_autoencoder(cfg, "pretrain", out_dir / "checkpoints", train, held, init, p.iterations,
+                                       p.lr, progress, decoder_only=p.vae_decoder_only)  # fmt: skip
     save_weights(cfg, ae, train, out_dir / "demo_vae.pt", {**provenance, "metrics": m})
     sheet = contact_sheet(ae, windows, cfg.vae.spatial_compression, out_dir / "reconstructions.png")
     return ae, m, [sheet]

@@ -92,6 +92,7 @@ class KVCache:
         empty: list[torch.Tensor | None] = [None] * num_layers
         self.sink_k, self.sink_v = list(empty), list(empty)
         self.win_k, self.win_v = list(empty), list(empty)
+        self.reference: torch.Tensor | None = None  # latent frame 0, for AudioDiT's reference embedding
 
     @property
     def frames(self) -> list[int]:
@@ -130,6 +131,7 @@ class KVCache:
 
     def nbytes(self) -> int:
         tensors = [t for group in (self.sink_k, self.sink_v, self.win_k, self.win_v) for t in group]
+        tensors.append(self.reference)
         return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
 

@@ -99,6 +99,7 @@ class ConsistencyAwareDiscriminator(nn.Module):
 
         # 1. patchify; per-frame time modulation; conditioning (text K/V only for the blocks that run)
         x = bb.patch_embedding(latents).flatten(2).transpose(1, 2).contiguous()
+        x = bb.add_reference(x, latents, "bidirectional", None, None, 0, False)
         _, temb_proj = bb._time_embedding(timestep)
         if isinstance(text, PreparedContext):
             text_kv = text.kv

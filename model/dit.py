@@ -49,6 +49,10 @@ class DiTSpec:
     eps: float = 1e-6
     rope_theta: float = 10000.0
     audio_dim: int = 0  # per-token audio feature size; 0 builds no audio modules (plain Wan)
+    # the reference latent (frame 0), patch-embedded by its own zero-initialised conv, added to every token at
+    # the same place of every frame that can see the reference: Wan I2V's channel-concatenated image
+    # condition written as a sum (conv([x, ref]) = conv_x(x) + conv_ref(ref)); off in plain Wan
+    reference_embedding: bool = False
 
     @property
     def dim(self) -> int:
@@ -250,6 +254,12 @@ class AudioDiT(nn.Module):
         dim = spec.dim
         self.rope = RotaryEmbedding3D(spec.attention_head_dim, spec.rope_theta)
         self.patch_embedding = nn.Conv3d(spec.in_channels, dim, kernel_size=spec.patch_size, stride=spec.patch_size)
+        self.reference_embedding = None
+        if spec.reference_embedding:  # zero at the start: a model without it is continued exactly
+            self.reference_embedding = nn.Conv3d(spec.in_channels, dim, kernel_size=spec.patch_size,
+                                                 stride=spec.patch_size)  # fmt: skip
+            nn.init.zeros_(self.reference_embedding.weight)
+            nn.init.zeros_(self.reference_embedding.bias)
         self.condition_embedder = WanTimeTextImageEmbedding(
             dim=dim, time_freq_dim=spec.freq_dim, time_proj_dim=dim * 6, text_embed_dim=spec.text_dim
         )
@@ -325,6 +335,33 @@ class AudioDiT(nn.Module):
             return [_Segment(slice(None), None, cos_q, sin_q, cos_k, sin_k)]
         raise ValueError(f"unknown attention mode {attention!r}; use bidirectional, block_causal or streaming")
 
+    def add_reference(self, x: torch.Tensor, latents: torch.Tensor, attention: str, layout: CausalLayout | None,
+                      cache: KVCache | None, frame_start: int, write_cache: bool) -> torch.Tensor:  # fmt: skip
+        """Tokens ``x`` [B, F * tokens, dim] + the reference embedding on every frame that sees the reference.
+
+        The reference is latent frame 0: in a sequence that starts at frame 0 it is ``latents[:, :, :1]``; a
+        streaming chunk takes it from ``cache`` (stored when frame 0 was written) while frame 0 is among the
+        cached frames, the same rule as the block-causal mask (a layout without a sink loses the reference's
+        embedding when it loses the reference's keys)."""
+        if self.reference_embedding is None:
+            return x
+        b, _, frames = latents.shape[:3]
+        if frame_start == 0:
+            reference = latents[:, :, :1]
+            if cache is not None and write_cache:
+                cache.reference = reference.detach()
+        else:
+            reference = cache.reference if cache is not None and 0 in cache.frames else None
+        if reference is None:
+            return x
+        ref = self.reference_embedding(reference.to(x.dtype)).flatten(2).transpose(1, 2)  # [B, tokens, dim]
+        if attention == "block_causal":
+            sees = torch.zeros(frames, dtype=x.dtype, device=x.device)
+            for start, end in layout.chunks(frames):
+                sees[start:end] = float(0 in layout.visible(start, end))
+            return (x.unflatten(1, (frames, -1)) + sees.view(1, -1, 1, 1) * ref[:, None]).flatten(1, 2)
+        return (x.unflatten(1, (frames, -1)) + ref[:, None]).flatten(1, 2)
+
     # -- forward --------------------------------------------------------------------------------------------
     def forward(
         self,
@@ -356,6 +393,7 @@ class AudioDiT(nn.Module):
 
         # 1. patchify; per-frame time modulation; conditioning
         x = self.patch_embedding(latents).flatten(2).transpose(1, 2).contiguous()
+        x = self.add_reference(x, latents, attention, layout, cache, frame_start, write_cache)
         temb, temb_proj = self._time_embedding(timestep)
         context = text if isinstance(text, PreparedContext) else self.prepare_text(text)
         talk, listen = self.embed_audio(audio_talk), self.embed_audio(audio_listen)

@@ -238,6 +238,10 @@ class ModelConfig(_Section):
     prompt: str = "a person is speaking and listening"  # fixed (paper 3.2): embedded once and cached
     # local umT5 (transformers) directory with its tokenizer; None: a fixed seeded embedding (the demo)
     text_encoder_path: str | None = None
+    # the reference latent patch-embedded and added to every frame that sees it (model/dit.py DiTSpec), Wan
+    # I2V's image condition as a sum; off by default (Wan2.2 TI2V has no such input; on the demo, 800 steps
+    # of continuing the base DiT with it did not keep faces longer)
+    reference_embedding: bool = False
 
     @model_validator(mode="after")
     def _patch(self) -> ModelConfig:
@@ -277,7 +281,7 @@ class VaeTrainConfig(_Section):
 
     init_from: str | None = "weights/demo_vae.pt"  # start from these weights (the `pretrain` result); null: scratch
     out: str = "data/checkpoints/vae/final.pt"  # what vae.pretrained_path points at in the demo
-    iterations: int = Field(150, ge=0)
+    iterations: int = Field(300, ge=0)
     batch_size: int = Field(8, ge=1)  # clips per step, each clip_frames long
     clip_frames: int = Field(9, ge=1)  # 1 + 4k frames per training clip
     lr: float = Field(3e-4, gt=0)
@@ -286,6 +290,9 @@ class VaeTrainConfig(_Section):
     l1_weight: float = Field(0.5, ge=0)
     eval_windows: int = Field(24, ge=1)  # held-out windows (17 frames) for PSNR / SSIM
     threads: int = Field(0, ge=0)  # torch threads; 0: torch's default
+    # train the decoder alone: the latents stay exactly the pretrained encoder's, the ones the base DiT
+    # (teacher.init_from) was trained on
+    decoder_only: bool = True
 
 
 class PretrainConfig(_Section):

@@ -179,3 +179,45 @@ def test_rapr_positions_follow_the_paper():
     keys = layout.visible(601, 604)
     assert keys == [0, 1, 2, 3, 595, 596, 597, 598, 599, 600, 601, 602, 603]
     assert layout.time_index(keys, end=604) == [0, 1, 2, 3, 2, 3, 4, 5, 6, 7, 8, 9, 10]
+
+
+def _reference_model(seed: int = 0) -> AudioDiT:
+    torch.manual_seed(seed)
+    model = AudioDiT(DiTSpec(audio_dim=AUDIO_DIM, reference_embedding=True)).eval()
+    torch.nn.init.normal_(model.reference_embedding.weight, std=0.1)  # trained-looking, not its zero start
+    return model
+
+
+@pytest.mark.parametrize("sink", [1, 0])
+def test_reference_embedding_streams_exactly_and_follows_the_reference_keys(sink):
+    """The reference embedding reaches a chunk exactly when the reference's keys do: streamed chunks equal the
+    block-causal forward with a sink, and without one (the reference evicted after the first window)."""
+    model = _reference_model()
+    layout = CausalLayout(chunk_frames=3, sink_frames=sink, window_frames=3, rapr=True, max_distance=6)
+    x = _sequence(1 + 3 * 4, seed=3)
+    with torch.no_grad():
+        masked = model(**x, attention="block_causal", layout=layout)
+    assert (masked - _stream(model, x, layout)).abs().max().item() <= 1e-5
+    # the embedding is added to the tokens of every frame whose chunk sees the reference's keys, and no other
+    lat = x["latents"]
+    tokens = torch.zeros(1, 13 * 16, model.spec.dim)
+    with torch.no_grad():
+        added = model.add_reference(tokens, lat, "block_causal", layout, None, 0, False).unflatten(1, (13, 16))
+    per_frame = added.abs().amax(dim=(0, 2, 3)) > 0
+    sees = [any(0 in layout.visible(s, e) for s, e in layout.chunks(13) if s <= f < e) for f in range(13)]
+    assert per_frame.tolist() == sees and sees[1] and (sink or not sees[-1])
+
+
+def test_reference_embedding_starts_at_zero_and_loads_a_dit_saved_without_it():
+    from tasks.common.models import load_dit_weights
+    from tasks.config import ConfigError
+
+    base = _model()
+    x = _sequence(1 + 3 * 2, seed=4)
+    with_ref = AudioDiT(DiTSpec(audio_dim=AUDIO_DIM, reference_embedding=True)).eval()
+    load_dit_weights(with_ref, {"model": base.state_dict(), "spec": base.spec.to_json()}, "test")
+    with torch.no_grad():  # a continued base DiT computes exactly what it did before training the embedding
+        assert torch.equal(with_ref(**x), base(**x))
+    with pytest.raises(ConfigError, match="holds a DiT"):
+        load_dit_weights(AudioDiT(DiTSpec(audio_dim=AUDIO_DIM, num_layers=3)),
+                         {"model": base.state_dict(), "spec": base.spec.to_json()}, "test")  # fmt: skip

@@ -51,6 +51,7 @@ def dit_spec(cfg: Config, audio_dim: int) -> DiTSpec:
         patch_size=tuple(m.patch_size), num_attention_heads=m.num_heads, attention_head_dim=m.head_dim,
         in_channels=cfg.vae.z_dim, out_channels=cfg.vae.z_dim, text_dim=m.text_dim, freq_dim=m.freq_dim,
         ffn_dim=m.ffn_dim, num_layers=m.num_layers, eps=m.eps, audio_dim=audio_dim,
+        reference_embedding=m.reference_embedding,
     )  # fmt: skip
 
 
@@ -67,6 +68,22 @@ def build_dit(cfg: Config, audio_dim: int, pretrained: bool = True) -> AudioDiT:
         return model
     torch.manual_seed(cfg.project.seed)
     return cast_keeping_fp32(AudioDiT(spec).to(device), dtype)
+
+
+def load_dit_weights(model: AudioDiT, blob: dict, where: str) -> None:
+    """A saved DiT ({"model", "spec"}) into ``model``; ``where`` names the file and the setting in errors.
+
+    A DiT saved without the reference embedding loads into one with it (the embedding stays at its zero
+    start, so the model computes exactly what the saved one did): how a base DiT is continued with it."""
+    want, have = model.spec.to_json(), {"reference_embedding": False, **(blob.get("spec") or {})}
+    added = want.get("reference_embedding") and not have.get("reference_embedding", False)
+    if added:
+        have["reference_embedding"] = True
+    if have != want:
+        raise ConfigError(f"{where} holds a DiT {blob.get('spec')}, but model.* builds {want}")
+    missing, unexpected = model.load_state_dict(blob["model"], strict=not added)
+    if unexpected or any(not k.startswith("reference_embedding.") for k in missing):
+        raise ConfigError(f"{where}: weights do not fit (missing {missing}, unexpected {unexpected})")
 
 
 def build_causal_ae(cfg: Config) -> CausalVideoAE:

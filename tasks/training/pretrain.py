@@ -29,7 +29,7 @@ from model.dit import AudioDiT
 from model.sampling import euler_sample_sigmas, shift_sigma, teacher_sigmas
 from model.text import prompt_embedding
 from model.vae import VideoVAE
-from tasks.common.models import build_audio, build_dit, load_causal_ae
+from tasks.common.models import build_audio, build_dit, load_causal_ae, load_dit_weights
 from tasks.common.stage import StageResult
 from tasks.config import Config, ConfigError, resolve_path
 from tasks.training.common import heldout_fm_losses, teacher_velocity
@@ -121,11 +121,8 @@ def pretrain_dit(cfg: Config, root: Path, vae: VideoVAE, train: dict, held: dict
         path = resolve_path(p.dit_init_from, root)
         if not path.is_file():
             raise ConfigError(f"pretrain.dit_init_from: {path} does not exist (null trains from scratch)")
-        blob = torch.load(path, map_location="cpu", weights_only=True)
-        if blob.get("spec") != model.spec.to_json():
-            raise ConfigError(f"pretrain.dit_init_from: {path} holds a DiT of {blob.get('spec')}, model.* builds "
-                              f"{model.spec.to_json()}")  # fmt: skip
-        model.load_state_dict(blob["model"])
+        load_dit_weights(model, torch.load(path, map_location="cpu", weights_only=True),
+                         f"pretrain.dit_init_from: {path}")  # fmt: skip
         init_digest = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
     before = heldout_losses(model, val, text, tokens, mean, var)
     baseline = heldout_losses(None, val, text, tokens, mean, var)
@@ -228,10 +225,12 @@ def run_pretrain(cfg: Config, root: Path, progress: bool = True, export: str | N
     artifacts.append(out_dir / "metrics.json")
     parts = []
     if "psnr" in m:
+        start = "at the start" if p.vae_init_from else "untrained"
         parts.append(f"VAE held-out PSNR {m['psnr']:.2f} dB / SSIM {m['ssim']:.3f} (bicubic {m['psnr_bicubic']:.2f} "
-                     f"dB, untrained {m['psnr_before']:.2f} dB)")  # fmt: skip
+                     f"dB, {start} {m['psnr_before']:.2f} dB)")  # fmt: skip
     if "dit_fm_loss" in m:
-        parts.append(f"DiT held-out flow-matching loss {m['dit_fm_loss']:.4f} (untrained {m['dit_before_fm_loss']:.4f}, "
+        start = "at the start" if p.dit_init_from else "untrained"
+        parts.append(f"DiT held-out flow-matching loss {m['dit_fm_loss']:.4f} ({start} {m['dit_before_fm_loss']:.4f}, "
                      f"Gaussian denoiser {m['dit_gaussian_fm_loss']:.4f})")  # fmt: skip
     return StageResult("pretrain", metrics=m, artifacts=artifacts, outputs=outputs, failures=failures,
                        summary="pretrain: " + "; ".join(parts))

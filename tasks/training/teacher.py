@@ -19,7 +19,7 @@ import torch
 
 from model.losses import flow_matching_loss
 from model.sampling import add_noise, shift_sigma
-from tasks.common.models import build_dit, build_vae
+from tasks.common.models import build_dit, build_vae, load_dit_weights
 from tasks.common.stage import StageResult
 from tasks.config import Config, ConfigError, resolve_path
 from tasks.training.common import (
@@ -137,11 +137,7 @@ def load_base_dit(cfg: Config, root: Path, model) -> str:
     path = resolve_path(cfg.teacher.init_from, root)
     if not path.is_file():
         raise ConfigError(f"teacher.init_from: {path} does not exist (null starts from a random DiT)")
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    if state.get("spec") != model.spec.to_json():
-        raise ConfigError(f"teacher.init_from: {path} holds a DiT {state.get('spec')}, but model.* builds "
-                          f"{model.spec.to_json()}")  # fmt: skip
-    model.load_state_dict(state["model"])
+    load_dit_weights(model, torch.load(path, map_location="cpu", weights_only=True), f"teacher.init_from: {path}")
     return file_digest(path)
 
 

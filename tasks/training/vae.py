@@ -377,7 +377,7 @@ def run_vae(cfg: Config, root: Path, progress: bool = True) -> StageResult:
     init = load_init(cfg, t.init_from, "vae_train.init_from", root) if t.init_from else None
     train, held, failures = curated_clips(cfg, root, progress)
     ae, m, windows = train_autoencoder(cfg, "vae", root / cfg.train.checkpoint_dir / "vae", train, held, init,
-                                       t.iterations, t.lr, progress)  # fmt: skip
+                                       t.iterations, t.lr, progress, decoder_only=t.decoder_only)  # fmt: skip
     m["init_from_pretrained"] = float(init is not None)
     out = resolve_path(t.out, root)
     save_weights(cfg, ae, train, out, {"data_digest": data_digest(train), "metrics": m})

@@ -16,7 +16,8 @@ TINY = {"num_conversations": 1, "duration_s": 3.0, "workers": 1}
 TINY_TRAINING = {"curate": {"sources": ["synthetic"]}, "vae_train": {"iterations": 2, "eval_windows": 2},
                  "teacher": {"iterations": 3}, "ode_init": {"iterations": 2}, "distill": {"iterations": 2},
                  "refine": {"iterations": 2, "qformer_dim": 16}, "train": {"checkpoint_every": 2},
-                 "benchmark": {"chunks": 2, "warmup_chunks": 0}, "evaluate": {"max_clips": 1}}  # fmt: skip
+                 "benchmark": {"chunks": 2, "warmup_chunks": 0},
+                 "evaluate": {"max_clips": 1, "chain": False}}  # the chain rows: tests/test_evaluate.py  # fmt: skip
 STAGES = ["corpus", "curate", "vae", "teacher", "ode_pairs", "distill", "refine", "benchmark", "evaluate"]
 
 

@@ -78,9 +78,12 @@ class CausalVideoAE(nn.Module):
     """Pixels [B, 3, 1 + 4k, H, W] in [-1, 1] <-> raw latents [B, z, 1 + k, H / s, W / s]."""
 
     def __init__(self, z_dim: int = 16, widths: tuple[int, ...] = (32, 64, 128), temporal: int = 4,
-                 patch: int = 2) -> None:  # fmt: skip
+                 patch: int = 2, decoder_blocks: int = 0) -> None:  # fmt: skip
+        """``decoder_blocks``: residual blocks after each of the decoder's upsampling convs (identity at
+        initialisation, so a decoder without them is continued exactly by :meth:`load_grown`)."""
         super().__init__()
         self.z_dim, self.widths, self.temporal, self.patch = z_dim, tuple(widths), temporal, patch
+        self.decoder_blocks = decoder_blocks
         self.spatial = patch * 2 ** (len(widths) - 1)
         w = self.widths
         # encoder: per frame down to the latent grid, then the frames of a latent step mixed on channels
@@ -97,9 +100,19 @@ class CausalVideoAE(nn.Module):
         self.dec_grow = _conv(w[-1], temporal * w[-1], k=1)
         self.dec_frame_mem = nn.ModuleList(MemBlock(w[i]) for i in range(len(w) - 1, 0, -1))
         self.dec_up = nn.ModuleList(_conv(w[i], w[i - 1]) for i in range(len(w) - 1, 0, -1))
+        self.dec_up_res = nn.ModuleList(nn.Sequential(*(ResBlock(w[i - 1]) for _ in range(decoder_blocks)))
+                                        for i in range(len(w) - 1, 0, -1))  # fmt: skip
         self.dec_out = _conv(w[0], 3 * patch * patch)
         with torch.no_grad():
             self.dec_out.weight.mul_(0.1)  # an untrained decoder outputs about mid-grey, not +-3
+
+    def load_grown(self, state: dict[str, torch.Tensor]) -> list[str]:
+        """Loads the weights of an autoencoder with fewer ``decoder_blocks``: every tensor of ``state`` must fit, and
+        only the extra blocks (identity at initialisation) may be missing; returns the names left at their init."""
+        missing, unexpected = self.load_state_dict(state, strict=False)
+        if unexpected or any(not k.startswith("dec_up_res.") for k in missing):
+            raise ValueError(f"weights do not fit this autoencoder (missing {missing}, unexpected {unexpected})")
+        return missing
 
     @property
     def dtype(self) -> torch.dtype:
@@ -143,12 +156,12 @@ class CausalVideoAE(nn.Module):
         x = self.dec_grow(F.silu(x))
         x = x.view(b, f * self.temporal, x.shape[1] // self.temporal, h, w)
         # 3. per frame: memory over frames, then up to full resolution
-        for i, (mem, up) in enumerate(zip(self.dec_frame_mem, self.dec_up, strict=True)):
+        for i, (mem, up, res) in enumerate(zip(self.dec_frame_mem, self.dec_up, self.dec_up_res, strict=True)):
             x = mem(x, _shift(x, state.last.get(f"frame{i}")))
             state.last[f"frame{i}"] = x[:, -1:].detach()
             t = x.shape[1]
             y = F.interpolate(F.silu(x.flatten(0, 1)), scale_factor=2.0, mode="nearest")
-            y = up(y)
+            y = res(up(y))
             x = y.view(b, t, *y.shape[1:])
         out = F.pixel_shuffle(self.dec_out(F.silu(x.flatten(0, 1))), self.patch)
         out = out.view(b, -1, *out.shape[1:]).transpose(1, 2)  # [B, 3, 4f, H, W]

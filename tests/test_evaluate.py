@@ -28,7 +28,7 @@ def project(tmp_path_factory):
 def _cfg(root):
     cfg = tiny_config(root)
     cfg.evaluate.checkpoint = "random"  # the seeded untrained student: the wiring, not the quality
-    cfg.ode_pairs.steps = 4
+    cfg.teacher_sampler.steps = 4
     return cfg
 
 

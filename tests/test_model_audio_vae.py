@@ -24,7 +24,14 @@ from model.audio import (
     window_frames,
     with_reference_slot,
 )
-from model.sampling import euler_sample, few_step_sample, student_sigmas
+from model.sampling import (
+    ancestral_sample_sigmas,
+    euler_sample,
+    euler_sample_sigmas,
+    few_step_sample,
+    student_sigmas,
+    teacher_sigmas,
+)
 from model.vae import VideoVAE, build_wan_vae
 from tasks.common.models import build_audio, build_vae
 from tasks.config import ConfigError, load_config
@@ -477,6 +484,35 @@ def test_euler_sample_follows_the_straight_path():
     torch.testing.assert_close(seen[0][2], noise)
     for _, sigma, x in seen:  # every state lies on x = (1 - s) x0 + s noise
         torch.testing.assert_close(x, (1 - sigma) * x0_true + sigma * noise, atol=1e-4, rtol=0)
+
+
+def test_ancestral_sampler_is_euler_at_eta_0_and_resamples_noise_at_eta_1():
+    sigmas = teacher_sigmas(8, 5.0)
+    weight = torch.randn(4, 4, generator=gen(30)) * 0.3
+
+    def imperfect(x, sigma):  # any velocity field: a fixed linear map of the state
+        return torch.einsum("bcfhw,cd->bdfhw", x, weight) * (1 + sigma)
+
+    noise = torch.randn(2, 4, 3, 3, 3, generator=gen(31))
+    noise[:, :, 0] = 0.5  # the given (clean reference) frame
+    ode = euler_sample_sigmas(imperfect, noise, sigmas)
+    torch.testing.assert_close(ancestral_sample_sigmas(imperfect, noise, sigmas, eta=0.0), ode, atol=1e-5, rtol=0)
+    a = ancestral_sample_sigmas(imperfect, noise, sigmas, eta=1.0, generator=gen(1), given_frames=1)
+    b = ancestral_sample_sigmas(imperfect, noise, sigmas, eta=1.0, generator=gen(1), given_frames=1)
+    c = ancestral_sample_sigmas(imperfect, noise, sigmas, eta=1.0, generator=gen(2), given_frames=1)
+    assert torch.equal(a, b) and not torch.allclose(a[:, :, 1:], c[:, :, 1:], atol=1e-3)  # fresh noise, seeded
+    assert not torch.allclose(a, ode, atol=1e-3)
+    assert torch.equal(a[:, :, :1], noise[:, :, :1])  # the given frame is kept
+    # with the exact velocity of a single data point every sampler lands on it, whatever noise it re-draws
+    x0_true = torch.randn(2, 4, 3, 3, 3, generator=gen(32))
+
+    def oracle(x, sigma):
+        return (x - x0_true) / sigma
+
+    out = ancestral_sample_sigmas(oracle, noise, sigmas, eta=1.0, generator=gen(3))
+    torch.testing.assert_close(out, x0_true, atol=1e-4, rtol=0)
+    with pytest.raises(ValueError, match="eta"):
+        ancestral_sample_sigmas(oracle, noise, sigmas, eta=1.5)
 
 
 @pytest.mark.slow

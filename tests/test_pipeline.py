@@ -14,7 +14,8 @@ TINY = {"num_conversations": 1, "duration_s": 3.0, "workers": 1}
 # the training stages at a few steps each: the wiring, not the learning (tests/test_training.py has that)
 # (and curation of the tiny corpus only: the demo's shared real clips are tests/test_curate.py's business)
 TINY_TRAINING = {"curate": {"sources": ["synthetic"]}, "vae_train": {"iterations": 2, "eval_windows": 2},
-                 "teacher": {"iterations": 3}, "ode_init": {"iterations": 2}, "distill": {"iterations": 2},
+                 "teacher": {"iterations": 3}, "teacher_sampler": {"steps": 8},
+                 "ode_init": {"iterations": 2}, "distill": {"iterations": 2},
                  "refine": {"iterations": 2, "qformer_dim": 16}, "train": {"checkpoint_every": 2},
                  "benchmark": {"chunks": 2, "warmup_chunks": 0},
                  "evaluate": {"max_clips": 1, "chain": False}}  # the chain rows: tests/test_evaluate.py  # fmt: skip

@@ -21,9 +21,13 @@ from tests.conftest import shared_path
 CLIPS = ["PC-AVS__00086.mp4", "PC-AVS__620900105.mp4", "PC-AVS__517600055.mp4"]  # 224x224, 4-5 s each
 
 
-def test_causal_ae_shapes_and_streaming_equals_whole_decode():
+@pytest.mark.parametrize("decoder_blocks", [0, 2])
+def test_causal_ae_shapes_and_streaming_equals_whole_decode(decoder_blocks):
     torch.manual_seed(0)
-    ae = CausalVideoAE(z_dim=8, widths=(16, 32), temporal=4, patch=2).eval()
+    ae = CausalVideoAE(z_dim=8, widths=(16, 32), temporal=4, patch=2, decoder_blocks=decoder_blocks).eval()
+    for name, p in ae.named_parameters():  # the extra blocks start as the identity: make them do something
+        if name.startswith("dec_up_res.") and name.endswith("conv2.weight"):
+            p.data.normal_(0.0, 0.05)
     video = torch.rand(2, 3, 1 + 4 * 6, 32, 32) * 2 - 1
     with torch.no_grad():
         z = ae.encode(video)
@@ -46,6 +50,33 @@ def test_causal_ae_shapes_and_streaming_equals_whole_decode():
     v2[:, :, 1:] = 0
     with torch.no_grad():
         torch.testing.assert_close(ae.encode(v2)[:, :, :1], z[:, :, :1])
+
+
+def test_decoder_blocks_grow_a_trained_autoencoder_exactly(tmp_path):
+    """vae.decoder_blocks > 0 continues weights saved without them: same output until the new blocks train;
+    anything else that does not fit is refused with the field named."""
+    from tasks.common.models import causal_ae_spec
+    from tasks.training.vae import load_init
+
+    torch.manual_seed(0)
+    small = CausalVideoAE(z_dim=8, widths=(16, 32), decoder_blocks=0).eval()
+    cfg = load_config(sets=["vae.z_dim=8", "vae.widths=[16, 32]"], use_params=False)
+    path = tmp_path / "ae.pt"
+    torch.save({"model": small.state_dict(), "spec": causal_ae_spec(cfg)}, path)
+    grown_cfg = load_config(sets=["vae.z_dim=8", "vae.widths=[16, 32]", "vae.decoder_blocks=2"], use_params=False)
+    init = load_init(grown_cfg, str(path), "vae_train.init_from", tmp_path)
+    big = CausalVideoAE(z_dim=8, widths=(16, 32), decoder_blocks=2).eval()
+    missing = big.load_grown(init["model"])
+    assert missing and all(k.startswith("dec_up_res.") for k in missing)
+    z = torch.randn(1, 8, 3, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(big.decode(z), small.decode(z), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="do not fit"):  # fewer blocks than the weights have: refused
+        small.load_grown(big.state_dict())
+    for sets in (["vae.widths=[16, 16]"], ["vae.z_dim=4"]):
+        bad = load_config(sets=["vae.z_dim=8", "vae.widths=[16, 32]", "vae.decoder_blocks=2", *sets], use_params=False)
+        with pytest.raises(ConfigError, match="vae_train.init_from"):
+            load_init(bad, str(path), "vae_train.init_from", tmp_path)
 
 
 def test_video_vae_streaming_decoder_with_latent_statistics():

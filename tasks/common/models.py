@@ -86,9 +86,16 @@ def load_dit_weights(model: AudioDiT, blob: dict, where: str) -> None:
         raise ConfigError(f"{where}: weights do not fit (missing {missing}, unexpected {unexpected})")
 
 
+def causal_ae_spec(cfg: Config) -> dict:
+    """What a causal autoencoder checkpoint records of vae.* (``spec``) and must match to be loaded."""
+    v = cfg.vae
+    return {"z_dim": v.z_dim, "widths": list(v.widths), "temporal": v.temporal_compression, "patch": v.patch,
+            "decoder_blocks": v.decoder_blocks}
+
+
 def build_causal_ae(cfg: Config) -> CausalVideoAE:
     v = cfg.vae
-    return CausalVideoAE(v.z_dim, tuple(v.widths), v.temporal_compression, v.patch)
+    return CausalVideoAE(v.z_dim, tuple(v.widths), v.temporal_compression, v.patch, v.decoder_blocks)
 
 
 def load_causal_ae(cfg: Config, path: str | Path, root: Path | None = None) -> VideoVAE:
@@ -102,9 +109,8 @@ def load_causal_ae(cfg: Config, path: str | Path, root: Path | None = None) -> V
     for key in ("model", "latents_mean", "latents_std", "spec"):
         if key not in state:
             raise ConfigError(f"{file}: not a causal autoencoder checkpoint (no '{key}')")
-    want = {"z_dim": cfg.vae.z_dim, "widths": list(cfg.vae.widths), "temporal": cfg.vae.temporal_compression,
-            "patch": cfg.vae.patch}  # fmt: skip
-    if state["spec"] != want:
+    want = causal_ae_spec(cfg)
+    if {"decoder_blocks": 0, **state["spec"]} != want:
         raise ConfigError(f"{file} holds a causal autoencoder {state['spec']}, but vae.* says {want}")
     ae = build_causal_ae(cfg)
     ae.load_state_dict(state["model"])

@@ -6,8 +6,8 @@ validation clips of data/latents (clips the student never trained on), listed wi
 the window's first frame (the reference):
 
 * ground_truth: the curated clip's own frames;
-* teacher: the bidirectional teacher, Euler with audio CFG (ode_pairs.steps / shift / cfg_scale), the
-  reference as clean frame 0, decoded by the VAE;
+* teacher: the bidirectional teacher sampled with teacher_sampler.* (steps, shift, audio CFG, eta: the
+  stochastic sampler by default), the reference as clean frame 0, decoded by the VAE;
 * student: the streaming student through StreamingGenerator, chunk by chunk, talking on the avatar's own
   voice (the window's audio where its mask says speaking) and listening to the rest.
 
@@ -34,7 +34,6 @@ import pandas as pd
 import torch
 from tqdm import tqdm
 
-from model.sampling import euler_sample_sigmas, teacher_sigmas
 from tasks.common.media import MediaError, read_frames
 from tasks.common.stage import StageResult
 from tasks.config import Config, ConfigError, resolve_path
@@ -177,7 +176,7 @@ def student_frames(cfg: Config, gen, item: EvalItem) -> np.ndarray:
 
 @torch.no_grad()
 def teacher_frames(cfg: Config, teacher, vae, text: torch.Tensor, item: EvalItem) -> np.ndarray:
-    from tasks.training.common import teacher_velocity
+    from tasks.training.common import sample_teacher
 
     device = next(teacher.parameters()).device
     lat = item.latents.to(device)
@@ -185,8 +184,7 @@ def teacher_frames(cfg: Config, teacher, vae, text: torch.Tensor, item: EvalItem
     x = torch.randn(lat.shape, generator=g).to(device)
     x[:, :, :1] = lat[:, :, :1]
     context = teacher.prepare_text(text.to(device, teacher.dtype))
-    fn = teacher_velocity(teacher, context, item.talk.to(device), item.listen.to(device), cfg.ode_pairs.cfg_scale)
-    x0 = euler_sample_sigmas(fn, x, teacher_sigmas(cfg.ode_pairs.steps, cfg.ode_pairs.shift))
+    x0 = sample_teacher(cfg, teacher, context, x, item.talk.to(device), item.listen.to(device))
     video = vae.decode(x0)[0]  # [3, 1 + T, H, W], frame 0 the reference
     return _to_uint8(video[:, 1:])[: len(item.frames)]
 

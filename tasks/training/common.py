@@ -17,6 +17,7 @@ from model.dit import AudioDiT, PreparedContext
 from model.sampling import (
     NUM_TRAIN_TIMESTEPS,
     add_noise,
+    ancestral_sample_sigmas,
     cfg_velocity,
     euler_sample_sigmas,
     predict_x0,
@@ -149,6 +150,19 @@ def teacher_velocity(teacher: AudioDiT, context: PreparedContext, talk: torch.Te
     return fn
 
 
+def sample_teacher(cfg: Config, teacher: AudioDiT, context: PreparedContext, x: torch.Tensor, talk: torch.Tensor,
+                   listen: torch.Tensor, seed: int | None = None) -> torch.Tensor:  # fmt: skip
+    """The teacher's sample from ``x`` (frame 0 the clean reference, the rest noise) with teacher_sampler.*; the
+    stochastic sampler's fresh noise is seeded by ``seed`` (project.seed when None)."""
+    s = cfg.teacher_sampler
+    fn = teacher_velocity(teacher, context, talk, listen, s.cfg_scale)
+    sigmas = teacher_sigmas(s.steps, s.shift)
+    if s.eta == 0.0:
+        return euler_sample_sigmas(fn, x, sigmas)
+    g = torch.Generator().manual_seed(cfg.project.seed if seed is None else seed)
+    return ancestral_sample_sigmas(fn, x, sigmas, s.eta, g, given_frames=1)
+
+
 def teacher_x0(teacher: AudioDiT, context: PreparedContext, x_t: torch.Tensor, sigma: torch.Tensor,
                talk: torch.Tensor, listen: torch.Tensor, guidance: float) -> torch.Tensor:  # fmt: skip
     """x0 prediction of the teacher at per-sample noise levels ``sigma`` [B]."""
@@ -180,16 +194,15 @@ def write_sample(path: Path, frames: torch.Tensor, wave: torch.Tensor, cfg: Conf
 
 @torch.no_grad()
 def teacher_sample(run: Run, teacher: AudioDiT, vae: VideoVAE, val: WindowSet, out: Path) -> Path:
-    """The teacher's Euler + CFG sample of the first validation window (frames 1.., the window's audio)."""
+    """The teacher's sample (teacher_sampler.*) of the first validation window (frames 1.., the window's audio)."""
     cfg = run.cfg
     w = val.take([0])
     lat = w.latents.to(run.device)
     g = torch.Generator().manual_seed(cfg.project.seed)
     x = torch.randn(lat.shape, generator=g).to(run.device)
     x[:, :, :1] = lat[:, :, :1]
-    fn = teacher_velocity(teacher.eval(), run.context(teacher, 1), w.talk.to(run.device), w.listen.to(run.device),
-                          cfg.ode_pairs.cfg_scale)  # fmt: skip
-    x0 = euler_sample_sigmas(fn, x, teacher_sigmas(cfg.ode_pairs.steps, cfg.ode_pairs.shift))
+    x0 = sample_teacher(cfg, teacher.eval(), run.context(teacher, 1), x, w.talk.to(run.device),
+                        w.listen.to(run.device))  # fmt: skip
     return latent_sample(run, vae, x0, w.wave[0], out)
 
 

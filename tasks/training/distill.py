@@ -66,7 +66,7 @@ from tasks.training.engine import (
     state_dict_of,
     step_generator,
 )
-from tasks.training.ode_pairs import load_pairs, windows_for
+from tasks.training.ode_pairs import load_pairs, pairs_digest, windows_for
 
 STAGE = "distill"
 
@@ -76,9 +76,8 @@ def run_distill(cfg: Config, root: Path, progress: bool = True) -> StageResult:
     dist = run.dist
     teacher_path = run.checkpoint_root / "teacher" / "final.pt"
     teacher_state = load_final(teacher_path, "teacher")["model"]
-    pairs_index = root / cfg.ode_pairs.out_dir / "index.parquet"
     upstream = {"teacher": file_digest(teacher_path), "data": windows_digest(cfg, root),
-                "pairs": file_digest(pairs_index) if pairs_index.is_file() else None}  # fmt: skip
+                "pairs": pairs_digest(cfg, root)}  # fmt: skip
 
     # 1. ODE initialisation; measured on held-out pairs before and after
     student = dit_from_state(cfg, run.audio, teacher_state, run.device)
@@ -347,8 +346,8 @@ def sid(run: Run, student, teacher, fingerprint: str):
     metrics = Metrics(ckpt.dir / "metrics.jsonl", "sid", cfg.train.log_every, dist.main, fresh=start == 0)
     last = run_loop("sid", start, d.iterations, step, save, metrics, cfg.train.checkpoint_every, run.progress)
     hist = {}
-    if metrics.history:
-        rows = [r for r in metrics.history if r["step"] < d.iterations]
+    rows = [r for r in metrics.history if r["step"] < d.iterations]
+    if rows:  # none when distill.iterations is 0 (ODE init alone)
         vals = [r["sid_loss"] for r in rows]
         norms = [r["grad_norm"] for r in rows]
         hist = {"sid_loss_min": min(vals), "sid_loss_max": max(vals), "sid_grad_norm_first": norms[0],

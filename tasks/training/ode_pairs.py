@@ -21,7 +21,7 @@ import pandas as pd
 import torch
 from tqdm import tqdm
 
-from model.sampling import euler_sample_sigmas, student_sigmas, teacher_sigmas
+from model.sampling import ancestral_sample_sigmas, euler_sample_sigmas, student_sigmas, teacher_sigmas
 from tasks.common.stage import StageResult
 from tasks.config import Config, ConfigError
 from tasks.training.common import (
@@ -66,6 +66,14 @@ def load_pairs(cfg: Config, root: Path, split: str) -> tuple[pd.DataFrame, torch
     return index, torch.stack(states), torch.stack(x0), sigmas
 
 
+def pairs_digest(cfg: Config, root: Path) -> str | None:
+    """What the pairs are: their index and how they were made (teacher, data, sampler: meta.json). The index alone
+    is the same when the same windows are sampled again with other settings."""
+    out = root / cfg.ode_pairs.out_dir
+    parts = [out / "index.parquet", out / "meta.json"]
+    return "/".join(file_digest(p) for p in parts) if all(p.is_file() for p in parts) else None
+
+
 def windows_for(cfg: Config, root: Path, index: pd.DataFrame, split: str) -> WindowSet:
     """The data windows the pairs in ``index`` were made from, in the same order."""
     windows = load_windows(cfg, root, split)
@@ -93,6 +101,8 @@ def run_ode_pairs(cfg: Config, root: Path, progress: bool = True) -> StageResult
     keep_at = [sigmas.index(s) for s in keep_sigmas]
     # pairs made by another teacher or sampler are not mixed with new ones
     meta = {"teacher": file_digest(teacher_path), "data": windows_digest(cfg, root), "sigmas": sigmas, "cfg_scale": c.cfg_scale, "seed": cfg.project.seed}
+    if c.eta:
+        meta["eta"] = c.eta
     meta_path = out / "meta.json"
     if meta_path.is_file() and json.loads(meta_path.read_text()) != meta:
         for f in (out / "shards").glob("*.pt"):
@@ -131,7 +141,11 @@ def run_ode_pairs(cfg: Config, root: Path, progress: bool = True) -> StageResult
             fn = teacher_velocity(teacher, run.context(teacher, 1), w.talk.to(run.device), w.listen.to(run.device),
                                   c.cfg_scale)  # fmt: skip
             with torch.no_grad():
-                x0 = euler_sample_sigmas(fn, x, sigmas, keep)
+                if c.eta:
+                    g = step_generator(cfg.project.seed, STAGE, 1, pid)
+                    x0 = ancestral_sample_sigmas(fn, x, sigmas, c.eta, g, given_frames=1, keep=keep)
+                else:
+                    x0 = euler_sample_sigmas(fn, x, sigmas, keep)
             states.append(torch.stack([kept[k] for k in keep_at]))
             finals.append(x0[0, :, 1:].cpu())
             rows.append({"pair_id": pid, "clip_id": w.index.clip_id[0], "window": int(w.index.window[0]),
@@ -161,5 +175,6 @@ def run_ode_pairs(cfg: Config, root: Path, progress: bool = True) -> StageResult
         lat = torch.cat([w.latents[:, :, :1], vx0[:1]], dim=2)
         artifacts.append(latent_sample(run, sample_vae(cfg, root), lat, w.wave[0], report / "sample.mp4"))
     return StageResult(STAGE, metrics=m, artifacts=artifacts, outputs=[index_path],
-                       summary=(f"ode_pairs: {len(index)} pairs ({made} new), teacher {c.steps} Euler steps, CFG "
+                       summary=(f"ode_pairs: {len(index)} pairs ({made} new), teacher {c.steps} "
+                                f"{f'stochastic (eta {c.eta})' if c.eta else 'Euler'} steps, CFG "
                                 f"{c.cfg_scale}, states kept at sigma {[round(s, 3) for s in keep_sigmas]}"))  # fmt: skip

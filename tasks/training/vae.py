@@ -38,7 +38,7 @@ from tqdm import tqdm
 
 from model.causal_ae import CausalVideoAE
 from tasks.common.media import MediaError, read_frames
-from tasks.common.models import build_causal_ae
+from tasks.common.models import build_causal_ae, causal_ae_spec
 from tasks.common.stage import StageResult
 from tasks.config import Config, ConfigError, resolve_path
 from tasks.training.data import choose_clips
@@ -255,11 +255,6 @@ def contact_sheet(ae: CausalVideoAE, windows: list[torch.Tensor], factor: int, p
 
 
 # ------------------------------------------------------------------------------------------------ training
-def spec_of(cfg: Config) -> dict:
-    v = cfg.vae
-    return {"z_dim": v.z_dim, "widths": list(v.widths), "temporal": v.temporal_compression, "patch": v.patch}
-
-
 def train_autoencoder(cfg: Config, stage: str, ckpt_dir: Path, train: dict, held: dict, init: dict | None,
                       iterations: int, lr: float, progress: bool, decoder_only: bool = False
                       ) -> tuple[CausalVideoAE, dict, list[torch.Tensor]]:  # fmt: skip
@@ -281,9 +276,9 @@ def train_autoencoder(cfg: Config, stage: str, ckpt_dir: Path, train: dict, held
     torch.manual_seed(cfg.project.seed)
     ae = build_causal_ae(cfg)
     if init is not None:
-        ae.load_state_dict(init["model"])
+        ae.load_grown(init["model"])
     before = evaluate_ae(ae, windows)
-    fingerprint = config_digest({"spec": spec_of(cfg), "video": cfg.video.model_dump(mode="json"), "lr": lr,
+    fingerprint = config_digest({"spec": causal_ae_spec(cfg), "video": cfg.video.model_dump(mode="json"), "lr": lr,
                                  "train": {k: v for k, v in t.model_dump(mode="json").items() if k != "iterations"},
                                  "data": data_digest(train), "init": init.get("digest") if init else None,
                                  "seed": cfg.project.seed, "decoder_only": decoder_only})  # fmt: skip
@@ -331,7 +326,7 @@ def train_autoencoder(cfg: Config, stage: str, ckpt_dir: Path, train: dict, held
 
 def save_weights(cfg: Config, ae: CausalVideoAE, train: dict, path: Path, extra: dict) -> dict:
     mean, std = latent_stats(ae, train, cfg.vae_train.clip_frames)
-    state = {"model": ae.state_dict(), "latents_mean": mean, "latents_std": std, "spec": spec_of(cfg), **extra}
+    state = {"model": ae.state_dict(), "latents_mean": mean, "latents_std": std, "spec": causal_ae_spec(cfg), **extra}
     state["digest"] = hashlib.sha256(json.dumps([extra.get("data_digest"), extra.get("metrics")],
                                                 sort_keys=True).encode()).hexdigest()[:16]  # fmt: skip
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -359,8 +354,10 @@ def load_init(cfg: Config, where: str, field: str, root: Path) -> dict:
     if not path.is_file():
         raise ConfigError(f"{field}: {path} does not exist (null trains from scratch)")
     init = torch.load(path, map_location="cpu", weights_only=True)
-    if init.get("spec") != spec_of(cfg):
-        raise ConfigError(f"{field}: {path} holds {init.get('spec')}, vae.* says {spec_of(cfg)}")
+    have, want = {"decoder_blocks": 0, **(init.get("spec") or {})}, causal_ae_spec(cfg)
+    grown = {**have, "decoder_blocks": want["decoder_blocks"]} == want and have["decoder_blocks"] <= want["decoder_blocks"]
+    if not grown:  # the same autoencoder, or the same with fewer decoder blocks (grown, the new ones identity)
+        raise ConfigError(f"{field}: {path} holds {init.get('spec')}, vae.* says {want}")
     return init
 
 

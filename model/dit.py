@@ -443,7 +443,8 @@ def load_wan_transformer(
     state: dict[str, torch.Tensor] = {}
     for shard in shards:
         state.update(load_file(str(shard), device=str(device)))
-    state = {k: v.to(dtype) for k, v in state.items()}
+    # what diffusers keeps in float32 is loaded at the file's precision, never through the compute dtype
+    state = {k: v.to(torch.float32 if _keeps_fp32(k) and dtype != torch.float32 else dtype) for k, v in state.items()}
     expected = set(model.state_dict()) - model.audio_parameter_names()
     missing, unexpected = sorted(expected - set(state)), sorted(set(state) - set(model.state_dict()))
     if missing or unexpected:
@@ -464,10 +465,18 @@ def load_wan_transformer(
 FP32_PARTS = ("condition_embedder.time_embedder.", "scale_shift_table", ".norm2.")
 
 
+def _keeps_fp32(name: str) -> bool:
+    return any(part in name for part in FP32_PARTS)
+
+
 def cast_keeping_fp32(model: AudioDiT, dtype: torch.dtype) -> AudioDiT:
+    """``model`` in ``dtype`` except FP32_PARTS, which keep their float32 values exactly (copied aside before
+    the cast: a round trip through bf16 would round them, unlike diffusers' from_pretrained)."""
+    if dtype == torch.float32:
+        return model.to(dtype)
+    kept = {name: p.data.to(torch.float32, copy=True) for name, p in model.named_parameters() if _keeps_fp32(name)}
     model.to(dtype)
-    if dtype != torch.float32:
-        for name, param in model.named_parameters():
-            if any(part in name for part in FP32_PARTS):
-                param.data = param.data.float()
+    for name, param in model.named_parameters():
+        if name in kept:
+            param.data = kept[name]
     return model

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -9,7 +10,7 @@ import torch
 from diffusers import WanTransformer3DModel
 
 from model.attention import CausalLayout
-from model.dit import AudioDiT, DiTSpec, load_wan_transformer
+from model.dit import AudioDiT, DiTSpec, cast_keeping_fp32, load_wan_transformer
 
 WAN_KW = dict(
     patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=16, in_channels=16, out_channels=16,
@@ -104,6 +105,16 @@ def test_wan_loader_round_trips_a_saved_diffusers_model(tmp_path):
     dtypes = {n: p.dtype for n, p in bf16.named_parameters()}
     assert dtypes["blocks.0.attn1.to_q.weight"] == torch.bfloat16
     assert dtypes["blocks.0.scale_shift_table"] == dtypes["condition_embedder.time_embedder.linear_1.weight"] == torch.float32
+    # ... with their float32 values exactly, not rounded through bf16 (the rest is the bf16 of the saved value)
+    full = {n: p for n, p in model.named_parameters()}
+    for name, p in bf16.named_parameters():
+        if "audio" in name or "interact_attn" in name:
+            continue
+        want = full[name].detach() if p.dtype == torch.float32 else full[name].detach().bfloat16()
+        assert torch.equal(p.detach(), want), name
+    cast = cast_keeping_fp32(copy.deepcopy(model), torch.bfloat16)
+    assert torch.equal(cast.scale_shift_table, model.scale_shift_table)  # random values: bf16 would round them
+    assert not torch.equal(model.scale_shift_table.bfloat16().float(), model.scale_shift_table)
     with torch.no_grad():
         low = bf16(x["latents"].bfloat16(), x["timestep"], x["text"].bfloat16(), x["audio_talk"].bfloat16(),
                    x["audio_listen"].bfloat16())  # fmt: skip

@@ -112,6 +112,11 @@ def test_wan_loader_round_trips_a_saved_diffusers_model(tmp_path):
             continue
         want = full[name].detach() if p.dtype == torch.float32 else full[name].detach().bfloat16()
         assert torch.equal(p.detach(), want), name
+    # ... and exactly what diffusers' own from_pretrained(torch_dtype=bfloat16) loads, dtype and value
+    theirs = WanTransformer3DModel.from_pretrained(tmp_path / "Wan-tiny" / "transformer", torch_dtype=torch.bfloat16)
+    ours = dict(bf16.named_parameters())
+    for name, p in theirs.named_parameters():
+        assert ours[name].dtype == p.dtype and torch.equal(ours[name].detach(), p.detach()), name
     cast = cast_keeping_fp32(copy.deepcopy(model), torch.bfloat16)
     assert torch.equal(cast.scale_shift_table, model.scale_shift_table)  # random values: bf16 would round them
     assert not torch.equal(model.scale_shift_table.bfloat16().float(), model.scale_shift_table)

@@ -263,7 +263,7 @@ class VaeConfig(_Section):
     patch: int = Field(2, ge=1)  # causal-ae: pixel (un)shuffle factor before the first conv
     # causal-ae: residual blocks after each decoder upsampling; weights with fewer (the same encoder) are grown
     # from, the new blocks starting as the identity (vae_train.init_from, pretrain.vae_init_from)
-    decoder_blocks: int = Field(0, ge=0)
+    decoder_blocks: int = Field(3, ge=0)
     temporal_compression: int = Field(4, ge=1)
     spatial_compression: int = Field(4, ge=1)
 
@@ -405,12 +405,12 @@ class OdePairsConfig(_Section):
     """Teacher ODE trajectories for the student's initialisation (Self-Forcing: 48 Euler steps, shift 8, CFG 6)."""
 
     out_dir: str = "data/ode_pairs"  # index.parquet + shards/*.pt
-    steps: int = Field(16, ge=2)
+    steps: int = Field(32, ge=2)
     shift: float = Field(5.0, gt=0)
-    cfg_scale: float = Field(3.0, ge=1)  # audio classifier-free guidance (1: none)
+    cfg_scale: float = Field(1.0, ge=1)  # audio classifier-free guidance (1: none)
     # 0: the probability-flow ODE (CausVid, Self-Forcing); > 0: the teacher's stochastic sampler
     # (teacher_sampler.eta), its states at the student's levels re-noised with fresh noise like the student's own
-    eta: float = Field(0.0, ge=0, le=1)
+    eta: float = Field(1.0, ge=0, le=1)
     max_pairs: int = Field(96, ge=0)  # 0: one pair per training window
     batch_size: int = Field(4, ge=1)  # windows per sampler call and per shard
 

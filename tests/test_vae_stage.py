@@ -60,7 +60,7 @@ def test_decoder_blocks_grow_a_trained_autoencoder_exactly(tmp_path):
 
     torch.manual_seed(0)
     small = CausalVideoAE(z_dim=8, widths=(16, 32), decoder_blocks=0).eval()
-    cfg = load_config(sets=["vae.z_dim=8", "vae.widths=[16, 32]"], use_params=False)
+    cfg = load_config(sets=["vae.z_dim=8", "vae.widths=[16, 32]", "vae.decoder_blocks=0"], use_params=False)
     path = tmp_path / "ae.pt"
     torch.save({"model": small.state_dict(), "spec": causal_ae_spec(cfg)}, path)
     grown_cfg = load_config(sets=["vae.z_dim=8", "vae.widths=[16, 32]", "vae.decoder_blocks=2"], use_params=False)
@@ -117,7 +117,8 @@ def tiny_root(tmp_path_factory):
 def tiny_cfg(root, *sets):
     return load_config([], [
         "video.width=32", "video.height=32", "vae.z_dim=8", "vae.widths=[16, 32]", "vae.patch=2",
-        "vae.spatial_compression=4", f"pretrain.dirs=[{root / 'clips'}]", "pretrain.holdout=[PC-AVS__00086]",
+        "vae.spatial_compression=4", "vae.decoder_blocks=0", f"pretrain.dirs=[{root / 'clips'}]",
+        "pretrain.holdout=[PC-AVS__00086]",
         "pretrain.max_seconds_per_clip=2.0", "pretrain.iterations=40", "pretrain.lr=0.002",
         f"pretrain.out_dir={root / 'pretrain'}", "vae_train.batch_size=4", "vae_train.eval_windows=3",
         "vae_train.warmup=5", "train.checkpoint_every=20", "tracking.enabled=false", "model.num_layers=2",

@@ -299,6 +299,8 @@ def _generate(args, cfg, root: Path) -> int:
         m = measure(cfg, args.out, args.audio, args.seconds)
         face = "n/a" if m["face_rate"] is None else f"{100 * m['face_rate']:.0f}%"
         corr = "n/a (no mouth found)" if m["lip_corr"] is None else f"{m['lip_corr']:.2f} at lag {m['lip_lag']}"
+        if m["lip_corr"] is not None and m["lip_corr_null"] is not None:
+            corr += f" (chance level, the voice reversed: {m['lip_corr_null']:.2f})"
         print(f"  measured:   face found in {face} of frames; mouth opening vs voice envelope r = {corr}")
     return 0
 

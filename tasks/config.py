@@ -552,7 +552,7 @@ class RegistryConfig(_Section):
     @field_validator("compare")
     @classmethod
     def _known_metrics(cls, v: dict[str, str]) -> dict[str, str]:
-        known = {"hkv", "lbkv", "lhkv", "lfkv", "lip_corr", "lip_lag", "sync_c", "sync_d", "identity_dist",
+        known = {"hkv", "lbkv", "lhkv", "lfkv", "lip_corr", "lip_lag", "lip_corr_null", "sync_c", "sync_d", "identity_dist",
                  "identity_last_over_first", "flicker", "mean_abs_diff", "face_rate", "body_rate", "hand_rate",
                  "fid", "fvd"}  # fmt: skip
         unknown = sorted(set(v) - known)

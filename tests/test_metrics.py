@@ -21,6 +21,8 @@ from tasks.evaluation.metrics import (
     identity_over_time,
     keypoint_variance,
     lagged_correlation,
+    lagged_correlation_null,
+    pooled_lagged_correlation,
     listening_kv,
     mouth_series,
 )
@@ -135,6 +137,48 @@ def test_lagged_correlation_finds_the_delay():
         assert r["frames"] == 200 - abs(delay)
         assert set(r["corr_by_lag"]) == set(range(-10, 11))
         assert all(abs(c) < 0.5 for lag, c in r["corr_by_lag"].items() if lag != delay)
+
+
+def test_lip_sync_chance_level_is_low_for_a_synced_mouth_and_high_for_short_windows():
+    rng = np.random.default_rng(3)
+    # a smooth envelope (speech syllables ~ 4 Hz at 25 fps) and a mouth that follows it 2 frames late
+    env = np.convolve(rng.random(400), np.ones(5) / 5, mode="same")
+    mouth = np.roll(env, 2) + 0.01 * rng.standard_normal(400)
+    assert lagged_correlation(env, mouth)["best_corr"] > 0.95
+    assert lagged_correlation_null(env, mouth) < 0.3  # reversed, the envelope no longer explains the mouth
+    # on 24-frame windows the lag search alone finds sizeable correlations between unrelated smooth series
+    nulls = []
+    for _ in range(40):
+        a = np.convolve(rng.random(40), np.ones(5) / 5, mode="valid")[:24]
+        b = np.convolve(rng.random(40), np.ones(5) / 5, mode="valid")[:24]
+        nulls.append(lagged_correlation_null(a, b))
+    assert 0.3 < float(np.mean(nulls)) < 0.9
+    assert lagged_correlation_null(env[:2], mouth[:2]) is None  # too short for any lag
+
+
+def test_pooled_lip_correlation_shares_one_lag_and_sits_near_zero_by_chance():
+    rng = np.random.default_rng(4)
+
+    def smooth(n):
+        return np.convolve(rng.random(n + 4), np.ones(5) / 5, mode="valid")
+
+    synced, unrelated = [], []
+    for i in range(14):
+        env = smooth(24)
+        mouth = np.full(24, np.nan)
+        mouth[2:] = env[:-2]  # the mouth follows 2 frames late
+        scale = 10.0 ** (i % 3)  # faces and voices of other sizes: each window is standardised on its own
+        synced.append((env * scale, (mouth + 0.03 * rng.standard_normal(24)) / scale + i))
+        unrelated.append((smooth(24), smooth(24)))
+    r = pooled_lagged_correlation(synced, max_lag=10)
+    assert r["best_lag"] == 2 and r["best_corr"] > 0.8
+    assert r["frames"] == 14 * 22
+    assert pooled_lagged_correlation(synced, max_lag=10, reverse_audio=True)["best_corr"] < 0.35
+    # per window the lag search finds ~0.5 in unrelated series; pooled, chance stays low
+    per_window = np.mean([lagged_correlation(a, m)["best_corr"] for a, m in unrelated])
+    pooled = pooled_lagged_correlation(unrelated, max_lag=10)["best_corr"]
+    assert per_window > 0.4 and pooled < 0.3
+    assert pooled_lagged_correlation([], max_lag=3)["best_corr"] is None
 
 
 def test_lagged_correlation_undefined_cases():

@@ -59,8 +59,12 @@ DEFINITIONS = {
     "lhkv": "hand keypoint variance over listening frames only",
     "lfkv": "face keypoint variance (mediapipe FaceMesh, 468 points) over listening frames only",
     "lip_corr": "Pearson correlation between the avatar voice's RMS envelope per video frame and the mouth "
-                "opening (inner-lip gap / face height) at the best lag in +-evaluate.max_lag_frames",
+                "opening (inner-lip gap / face height) at the best lag in +-evaluate.max_lag_frames; per window, "
+                "and for a system over all its windows pooled (each standardised, one lag for all): the per-window "
+                "mean is lip_corr_window_mean",
     "lip_lag": "that best lag in frames; positive = the mouth moves after the audio",
+    "lip_corr_null": "lip_corr's chance level: the same search with the voice envelope reversed in time (same "
+                     "values and smoothness, no alignment); lip sync is lip_corr minus this",
     "sync_c": "SyncNet confidence (median minus minimum of the mean embedding distance over offsets "
               "+-evaluate.sync_vshift); needs evaluate.syncnet_path",
     "sync_d": "SyncNet distance: the minimum over offsets of the mean embedding distance",
@@ -76,7 +80,7 @@ DEFINITIONS = {
     "fvd": "Frechet distance between I3D features of evaluate.fvd_clip_frames-frame clips of the system and "
            "the ground truth (needs evaluate.i3d_path)",
 }
-SCALARS = ("hkv", "lbkv", "lhkv", "lfkv", "lip_corr", "lip_lag", "sync_c", "sync_d", "identity_dist",
+SCALARS = ("hkv", "lbkv", "lhkv", "lfkv", "lip_corr", "lip_lag", "lip_corr_null", "sync_c", "sync_d", "identity_dist",
            "identity_last_over_first", "flicker", "mean_abs_diff", "face_rate", "body_rate", "hand_rate")  # fmt: skip
 
 
@@ -202,8 +206,12 @@ def item_metrics(cfg: Config, frames: np.ndarray, item: EvalItem) -> dict[str, A
                            "hand_rate": rates.get("hands")}  # fmt: skip
     avatar, _ = _voices(cfg, item)
     env = metrics.audio_envelope(avatar.numpy(), sr, fps, len(frames))
-    lag = metrics.lagged_correlation(env, metrics.mouth_series(kp.face), e.max_lag_frames)
+    mouth = metrics.mouth_series(kp.face)
+    lag = metrics.lagged_correlation(env, mouth, e.max_lag_frames)
     out["lip_corr"], out["lip_lag"] = lag["best_corr"], lag["best_lag"]
+    out["lip_corr_null"] = metrics.lagged_correlation_null(env, mouth, e.max_lag_frames)
+    out["mouth"] = [None if not math.isfinite(v) else round(float(v), 5) for v in mouth]  # for the pooled r
+    out["voice_envelope"] = [round(float(v), 6) for v in env]
     sync = _sync(cfg, frames, kp, avatar.numpy())
     out["sync_status"] = sync["status"]
     out["sync_c"], out["sync_d"] = sync.get("sync_c"), sync.get("sync_d")
@@ -252,8 +260,19 @@ def _mean(values: list) -> float | None:
     return statistics.fmean(vals) if vals else None
 
 
-def aggregate(items: list[dict[str, Any]]) -> dict[str, Any]:
-    return {k: _mean([it.get(k) for it in items]) for k in SCALARS}
+def aggregate(items: list[dict[str, Any]], max_lag: int) -> dict[str, Any]:
+    """The mean of each scalar over the windows; lip_corr / lip_lag / lip_corr_null pooled over the windows
+    (metrics.pooled_lagged_correlation: one lag for all, each window standardised) -- the mean of per-window
+    best-lag correlations sits near its chance level on short windows; it is kept as lip_corr_window_mean."""
+    out = {k: _mean([it.get(k) for it in items]) for k in SCALARS}
+    out["lip_corr_window_mean"], out["lip_corr_null_window_mean"] = out["lip_corr"], out["lip_corr_null"]
+    series = [(np.asarray(it["voice_envelope"], dtype=np.float64),
+               np.asarray([np.nan if v is None else v for v in it["mouth"]], dtype=np.float64))
+              for it in items if it.get("mouth") is not None]  # fmt: skip
+    pooled = metrics.pooled_lagged_correlation(series, max_lag)
+    out["lip_corr"], out["lip_lag"] = pooled["best_corr"], pooled["best_lag"]
+    out["lip_corr_null"] = metrics.pooled_lagged_correlation(series, max_lag, reverse_audio=True)["best_corr"]
+    return out
 
 
 # ------------------------------------------------------------------------------------------------ the run
@@ -316,8 +335,9 @@ def evaluate_systems(cfg: Config, root: Path, systems: tuple[str, ...] = SYSTEMS
         if status[name] != "ok":
             report["systems"][name] = {"status": status[name]}
             continue
-        entry: dict[str, Any] = {"status": "ok", "aggregate": aggregate(per_item[name]), "items": per_item[name]}
-        entry["by_split"] = {sp: aggregate([r for r in per_item[name] if r["split"] == sp])
+        entry: dict[str, Any] = {"status": "ok", "aggregate": aggregate(per_item[name], e.max_lag_frames),
+                                 "items": per_item[name]}  # fmt: skip
+        entry["by_split"] = {sp: aggregate([r for r in per_item[name] if r["split"] == sp], e.max_lag_frames)
                              for sp in sorted({r["split"] for r in per_item[name]})}  # fmt: skip
         if name == "ground_truth":
             entry["fid"] = {"status": "reference set"}
@@ -370,7 +390,7 @@ def table(report: dict) -> list[dict]:
 
 
 def format_table(rows: list[dict]) -> str:
-    cols = ["system", "hkv", "lbkv", "lhkv", "lfkv", "lip_corr", "lip_lag", "sync_c", "sync_d", "identity_dist",
+    cols = ["system", "hkv", "lbkv", "lhkv", "lfkv", "lip_corr", "lip_lag", "lip_corr_null", "sync_c", "sync_d", "identity_dist",
             "flicker", "face_rate", "fid", "fvd"]  # fmt: skip
 
     def cell(v: Any) -> str:

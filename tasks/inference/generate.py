@@ -267,8 +267,10 @@ def measure(cfg: Config, video: str | Path, voice: str | Path, seconds: float | 
     kp = metrics.extract_keypoints(frames, norm_height=e.keypoint_norm_height, min_side=e.keypoint_min_side)
     wave = read_voice(voice, sr, seconds)
     env = metrics.audio_envelope(wave, sr, fps, len(frames))
-    lag = metrics.lagged_correlation(env, metrics.mouth_series(kp.face), e.max_lag_frames)
-    return {"face_rate": kp.detection_rates().get("face"), "lip_corr": lag["best_corr"], "lip_lag": lag["best_lag"]}
+    mouth = metrics.mouth_series(kp.face)
+    lag = metrics.lagged_correlation(env, mouth, e.max_lag_frames)
+    return {"face_rate": kp.detection_rates().get("face"), "lip_corr": lag["best_corr"], "lip_lag": lag["best_lag"],
+            "lip_corr_null": metrics.lagged_correlation_null(env, mouth, e.max_lag_frames)}
 
 
 def format_summary(s: dict[str, Any]) -> str:

@@ -297,22 +297,8 @@ def lagged_correlation(audio: np.ndarray, mouth: np.ndarray, max_lag: int = 10) 
     the smallest |lag| on a tie, None when every lag is NaN), ``best_corr`` (None likewise),
     ``corr_by_lag`` {lag: r} and ``frames`` (the number of pairs used at best_lag, 0 when None).
     """
-    audio = np.asarray(audio, dtype=np.float64)
-    mouth = np.asarray(mouth, dtype=np.float64)
-    n = min(len(audio), len(mouth))
-    corr: dict[int, float] = {}
-    pairs: dict[int, int] = {}
-    for lag in range(-max_lag, max_lag + 1):
-        lo, hi = max(0, -lag), min(n, n - lag)  # t range with t and t + lag in [0, n)
-        a = audio[lo:hi] if hi > lo else audio[:0]
-        m = mouth[lo + lag:hi + lag] if hi > lo else mouth[:0]
-        corr[lag] = _pearson(a, m)
-        pairs[lag] = int((np.isfinite(a) & np.isfinite(m)).sum())
-    valid = [lag for lag in sorted(corr, key=abs) if not math.isnan(corr[lag])]
-    if not valid:
-        return {"best_lag": None, "best_corr": None, "corr_by_lag": corr, "frames": 0}
-    best = max(valid, key=lambda lag: corr[lag])  # max keeps the first (smallest |lag|) on a tie
-    return {"best_lag": best, "best_corr": corr[best], "corr_by_lag": corr, "frames": pairs[best]}
+    # Pearson r ignores each series' offset and scale: one window pooled is this window's correlation
+    return pooled_lagged_correlation([(audio, mouth)], max_lag)
 
 
 def lagged_correlation_null(audio: np.ndarray, mouth: np.ndarray, max_lag: int = 10) -> float | None:

@@ -45,6 +45,21 @@ def flow_matching_loss(
     return _masked_mean((velocity_pred - (noise - x0)) ** 2, weight_mask)
 
 
+def region_weight(height: int, width: int, box: tuple[float, float, float, float], weight: float,
+                  outside: float = 1.0) -> torch.Tensor:  # fmt: skip
+    """[height, width] loss weights: ``weight`` inside ``box`` = (top, bottom, left, right) as fractions of the
+    frame (a latent pixel counts when its centre lies inside), ``outside`` elsewhere."""
+    top, bottom, left, right = box
+    if not (0.0 <= top < bottom <= 1.0 and 0.0 <= left < right <= 1.0):
+        raise ValueError(f"box {box} is not (top, bottom, left, right) with 0 <= top < bottom <= 1, 0 <= left < right <= 1")
+    ys = (torch.arange(height) + 0.5) / height
+    xs = (torch.arange(width) + 0.5) / width
+    inside = ((ys >= top) & (ys < bottom))[:, None] & ((xs >= left) & (xs < right))[None, :]
+    if not inside.any():
+        raise ValueError(f"box {box} holds no pixel centre of a {height}x{width} frame")
+    return torch.where(inside, torch.tensor(float(weight)), torch.tensor(float(outside)))
+
+
 def x0_regression_loss(
     x0_pred: torch.Tensor, x0_target: torch.Tensor, weight_mask: torch.Tensor | None = None
 ) -> torch.Tensor:

@@ -385,6 +385,14 @@ class TeacherConfig(_Section):
     lr: float = Field(1e-4, gt=0)
     audio_dropout: float = Field(0.1, ge=0, le=1)  # both audio streams zeroed together: the CFG "uncond" branch
     timestep_shift: float = Field(5.0, gt=0)  # training sigmas: shift(u), u ~ U(0, 1)
+    # learning-rate multiplier of the audio modules (embedder, audio and interact attentions): they start at zero
+    # output on a pretrained video model, so at the base lr they barely move in a short fine-tune
+    audio_lr_scale: float = Field(1.0, gt=0)
+    # the flow-matching loss weighs latent pixels inside mouth_box (top, bottom, left, right, fractions of the
+    # frame: where the mouth of a curated head crop lies) mouth_weight times: the mouth is the only part of the
+    # frame that the audio predicts, a few latent pixels of 256, so at weight 1 its gradient is lost in the rest
+    mouth_weight: float = Field(1.0, ge=1)
+    mouth_box: tuple[float, float, float, float] = (0.62, 0.87, 0.37, 0.63)
 
 
 class TeacherSamplerConfig(_Section):
@@ -503,14 +511,16 @@ class EvaluateConfig(_Section):
     out_dir: str = "data/reports/evaluate"  # table.csv, eval_set.json, the evaluation videos
     history_dir: str = "data/reports/reevaluate"  # the re-evaluation flow: history.parquet + history.png
     max_clips: int = Field(5, ge=1)  # held-out clips per split (val, unseen) in the fixed evaluation set
-    windows_per_clip: int = Field(2, ge=1)
+    windows_per_clip: int = Field(4, ge=1)
     teacher: bool = True  # also sample the teacher (teacher_sampler.*) for the table
     # also stream the student of every training step (before distillation, after ODE init, after SiD) for the
     # chain table untrained student -> ODE init -> SiD -> GAN -> teacher -> ground truth
     chain: bool = True
     keypoint_min_side: int = Field(256, ge=64)  # frames are upscaled to this shorter side before mediapipe
     keypoint_norm_height: int = Field(512, ge=64)  # keypoints are measured in a frame scaled to this height
-    max_lag_frames: int = Field(10, ge=1)  # audio-envelope vs mouth-opening correlation: lags searched
+    # audio-envelope vs mouth-opening correlation: lags searched (+-3 frames = +-120 ms at 25 fps, where real lip
+    # sync lies; at +-10 the best of 21 lags of 24-frame windows is often a spurious one at the edge)
+    max_lag_frames: int = Field(3, ge=1)
     sync_vshift: int = Field(15, ge=1)  # SyncNet offset search: +- frames
     identity_window_s: float = Field(0.5, gt=0)
     # local weight files; empty or missing: the metric is reported as "skipped: ...", never estimated

@@ -285,11 +285,12 @@ EVAL_SIGMAS = (0.2, 0.5, 0.8)
 
 @torch.no_grad()
 def heldout_fm_losses(model: AudioDiT | None, latents: torch.Tensor, text: torch.Tensor, talk: torch.Tensor,
-                      listen: torch.Tensor, mean: torch.Tensor, var: torch.Tensor, seed: int = 0
-                      ) -> dict[str, float]:  # fmt: skip
+                      listen: torch.Tensor, mean: torch.Tensor, var: torch.Tensor, seed: int = 0,
+                      spatial: torch.Tensor | None = None) -> dict[str, float]:  # fmt: skip
     """Flow-matching loss of held-out windows ``latents`` [B, z, 1 + F, h, w] at EVAL_SIGMAS with fixed noise (the
     reference clean, as in training). ``model`` None: the per-channel Gaussian denoiser with the training latents'
-    ``mean`` / ``var`` [1, z, 1, 1, 1] -- the score of a model that learned nothing about faces or motion."""
+    ``mean`` / ``var`` [1, z, 1, 1, 1] -- the score of a model that learned nothing about faces or motion.
+    ``spatial`` [h, w]: latent-pixel weights of the mean (e.g. 1 in the mouth box, 0 elsewhere)."""
     from model.losses import gaussian_denoiser_velocity
     from tasks.training.teacher import teacher_loss
 
@@ -302,12 +303,40 @@ def heldout_fm_losses(model: AudioDiT | None, latents: torch.Tensor, text: torch
         if model is None:
             x_t = add_noise(latents[:, :, 1:], noise[:, :, 1:], s)
             v = gaussian_denoiser_velocity(x_t, sigma, mean.to(device), var.to(device))
-            loss = float(((v - (noise[:, :, 1:] - latents[:, :, 1:])) ** 2).mean())
+            err = (v - (noise[:, :, 1:] - latents[:, :, 1:])) ** 2
+            loss = float(err.mean() if spatial is None else (err * spatial).sum() / (spatial.sum() * err[..., 0, 0].numel()))
         else:
             was = model.training
             model.eval()
-            loss = float(teacher_loss(model, latents, sigma, noise, text.expand(latents.shape[0], -1, -1), talk, listen))
+            loss = float(teacher_loss(model, latents, sigma, noise, text.expand(latents.shape[0], -1, -1), talk, listen,
+                                      spatial))
             model.train(was)
         out[f"fm_loss_s{s}"] = loss
     out["fm_loss"] = float(np.mean(list(out.values())))
     return out
+
+
+def mouth_audio_gain(model: AudioDiT, windows: WindowSet, text: torch.Tensor, box: tuple[float, float, float, float],
+                     min_talk: float = 0.3) -> dict[str, float]:  # fmt: skip
+    """Does the model use the audio where it matters? The flow-matching loss in the mouth box (``box``, fractions
+    of the latent frame) of the windows of ``windows`` in which the avatar talks (speaking mask mean >=
+    ``min_talk``), with their own audio and with the audio of the next such window (the same voices and
+    loudness, out of sync). ``mouth_audio_gain`` = shuffled / own - 1: 0 for a model that ignores the audio
+    (exactly 0 for the zero-initialised audio modules), > 0 for one whose mouth follows it."""
+    from model.losses import region_weight
+
+    talking = torch.nonzero(windows.mask[:, 1:].float().mean(1) >= min_talk).flatten().tolist()
+    if len(talking) < 2:
+        return {}
+    w = windows.take(talking)
+    device = next(model.parameters()).device
+    lat = w.latents.to(device)
+    mouth = region_weight(*lat.shape[-2:], box, 1.0, outside=0.0).to(device)
+    other = torch.roll(torch.arange(len(w)), 1)
+    zero = torch.zeros(1, lat.shape[1], 1, 1, 1)
+    own = heldout_fm_losses(model, lat, text, w.talk.to(device), w.listen.to(device), zero, zero, spatial=mouth)
+    shuffled = heldout_fm_losses(model, lat, text, w.talk[other].to(device), w.listen[other].to(device), zero, zero,
+                                 spatial=mouth)  # fmt: skip
+    return {"mouth_windows": float(len(w)), "mouth_fm_loss": own["fm_loss"],
+            "mouth_fm_loss_shuffled_audio": shuffled["fm_loss"],
+            "mouth_audio_gain": shuffled["fm_loss"] / own["fm_loss"] - 1.0}

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from model.losses import flow_matching_loss
+from model.losses import flow_matching_loss, region_weight
 from model.sampling import add_noise, shift_sigma
 from tasks.common.models import build_dit, build_vae, load_dit_weights
 from tasks.common.stage import StageResult
@@ -26,6 +26,7 @@ from tasks.training.common import (
     frame_mask,
     heldout_fm_losses,
     model_sections,
+    mouth_audio_gain,
     per_frame_t,
     run_fingerprint,
     start_run,
@@ -72,7 +73,7 @@ def run_teacher(cfg: Config, root: Path, progress: bool = True) -> StageResult:
     text_val = run.text.to(device)
     before = heldout_fm_losses(model, val_dev, text_val, val.talk.to(device), val.listen.to(device), mean, var)
     gaussian = heldout_fm_losses(None, val_dev, text_val, val.talk, val.listen, mean, var)
-    opt = torch.optim.AdamW(model.parameters(), lr=t.lr, weight_decay=cfg.train.weight_decay)
+    opt = torch.optim.AdamW(param_groups(model, t.lr, t.audio_lr_scale), lr=t.lr, weight_decay=cfg.train.weight_decay)
     start = 0
     state = ckpt.latest()
     if state is not None:
@@ -81,6 +82,9 @@ def run_teacher(cfg: Config, root: Path, progress: bool = True) -> StageResult:
         start = state["step"]
     model = shard_model(model.train(), dist, cfg.train.parallel)
     gb = t.batch_size * dist.world
+    spatial = None
+    if t.mouth_weight != 1.0:
+        spatial = region_weight(*data.latents.shape[-2:], t.mouth_box, t.mouth_weight).to(device)
 
     def step(s: int) -> dict[str, float]:
         g = step_generator(cfg.project.seed, STAGE, s)
@@ -92,7 +96,8 @@ def run_teacher(cfg: Config, root: Path, progress: bool = True) -> StageResult:
         x0 = data.latents[idx].to(device)
         keep = keep_audio.view(-1, 1, 1, 1).to(device)
         talk, listen = data.talk[idx].to(device) * keep, data.listen[idx].to(device) * keep
-        loss = teacher_loss(model, x0, sigma.to(device), noise.to(device), run.text_batch(x0.shape[0]), talk, listen)
+        loss = teacher_loss(model, x0, sigma.to(device), noise.to(device), run.text_batch(x0.shape[0]), talk, listen,
+                            spatial)
         gnorm = optimizer_step(loss, opt, model, dist, cfg.train.grad_clip)
         return {"loss": dist.mean(float(loss.detach())), "grad_norm": float(gnorm)}
 
@@ -117,6 +122,8 @@ def run_teacher(cfg: Config, root: Path, progress: bool = True) -> StageResult:
                   "val_fm_loss_gaussian": gaussian["fm_loss"], "val_fm_loss_no_audio": no_audio["fm_loss"],
                   "init_from_base_dit": float(init is not None)})  # fmt: skip
         m.update({f"val_{k}": v for k, v in after.items() if k != "fm_loss"})
+        m.update({f"val_{k}": v for k, v in mouth_audio_gain(model, load_windows(cfg, root, "val"), text_val,
+                                                              t.mouth_box).items()})  # fmt: skip
         report.mkdir(parents=True, exist_ok=True)
         (report / "metrics.json").write_text(json.dumps(m, indent=2))
         artifacts = [report / "metrics.json"]
@@ -126,7 +133,8 @@ def run_teacher(cfg: Config, root: Path, progress: bool = True) -> StageResult:
             STAGE, metrics=m, artifacts=artifacts, outputs=[final], failures=failures,
             summary=(f"teacher: {t.iterations} steps on {len(data)} windows; held-out flow-matching loss "
                      f"{m['val_fm_loss_before']:.4f} -> {m['val_fm_loss']:.4f} (per-channel Gaussian denoiser "
-                     f"{m['val_fm_loss_gaussian']:.4f}; with the audio silenced {m['val_fm_loss_no_audio']:.4f})"),
+                     f"{m['val_fm_loss_gaussian']:.4f}; with the audio silenced {m['val_fm_loss_no_audio']:.4f}); "
+                     f"mouth-box loss with shuffled audio {100 * m.get('val_mouth_audio_gain', float('nan')):+.1f} %"),
         )  # fmt: skip
     dist.barrier()
     return result
@@ -141,15 +149,28 @@ def load_base_dit(cfg: Config, root: Path, model) -> str:
     return file_digest(path)
 
 
+def param_groups(model, lr: float, audio_lr_scale: float) -> list[dict]:
+    """AdamW groups: the audio modules at ``lr * audio_lr_scale``, the rest at ``lr``."""
+    audio = model.audio_parameter_names()
+    named = list(model.named_parameters())
+    groups = [{"params": [p for n, p in named if n not in audio], "lr": lr},
+              {"params": [p for n, p in named if n in audio], "lr": lr * audio_lr_scale}]
+    return [g for g in groups if g["params"]]
+
+
 def teacher_loss(model, x0: torch.Tensor, sigma: torch.Tensor, noise: torch.Tensor, text: torch.Tensor,
-                 talk: torch.Tensor, listen: torch.Tensor) -> torch.Tensor:  # fmt: skip
+                 talk: torch.Tensor, listen: torch.Tensor, spatial: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
     """The flow-matching loss of one batch: frames 1.. of ``x0`` [B, z, 1 + F, h, w] noised to per-sample
-    ``sigma`` [B] with ``noise``, the reference (frame 0) clean at timestep 0 and out of the mean."""
+    ``sigma`` [B] with ``noise``, the reference (frame 0) clean at timestep 0 and out of the mean; ``spatial``
+    [h, w] weighs latent pixels (a weighted mean: the loss keeps its scale)."""
     b, n_frames, dt = x0.shape[0], x0.shape[2], model.dtype
     x_t = x0.clone()
     x_t[:, :, 1:] = add_noise(x0[:, :, 1:], noise[:, :, 1:], sigma.view(-1, 1, 1, 1, 1))
     v = model(x_t.to(dt), per_frame_t(sigma, n_frames), text.to(dt), talk.to(dt), listen.to(dt)).float()
-    return flow_matching_loss(v, noise, x0, frame_mask(b, n_frames, x0.device))
+    mask = frame_mask(b, n_frames, x0.device)
+    if spatial is not None:
+        mask = mask[:, None, :, None, None] * spatial
+    return flow_matching_loss(v, noise, x0, mask)
 
 
 def _history(path: Path, total: int) -> dict[str, float]:

@@ -22,9 +22,9 @@ from tasks.evaluation.metrics import (
     keypoint_variance,
     lagged_correlation,
     lagged_correlation_null,
-    pooled_lagged_correlation,
     listening_kv,
     mouth_series,
+    pooled_lagged_correlation,
 )
 from tests.conftest import shared_path
 

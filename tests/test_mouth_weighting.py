@@ -100,3 +100,19 @@ def test_mouth_audio_gain_is_zero_for_a_model_that_ignores_the_audio_and_not_for
     assert abs(uses["mouth_audio_gain"]) > 1e-4
     assert uses["mouth_fm_loss"] != uses["mouth_fm_loss_shuffled_audio"]
     assert mouth_audio_gain(model, windows.take([0, 3]), text, box) == {}  # fewer than 2 talking windows
+
+
+def test_the_gaussian_baseline_weighs_pixels_like_the_model():
+    from tasks.training.common import heldout_fm_losses
+
+    g = torch.Generator().manual_seed(3)
+    lat = torch.randn(2, Z, 1 + F, H, H, generator=g)
+    mean, var = torch.zeros(1, Z, 1, 1, 1), torch.ones(1, Z, 1, 1, 1)
+    talk = torch.zeros(2, 1 + F, 5, 6)
+    text = torch.zeros(1, 3, 8)
+    plain = heldout_fm_losses(None, lat, text, talk, talk, mean, var)["fm_loss"]
+    ones = heldout_fm_losses(None, lat, text, talk, talk, mean, var, spatial=torch.ones(H, H))["fm_loss"]
+    box = heldout_fm_losses(None, lat, text, talk, talk, mean, var,
+                            spatial=region_weight(H, H, (0.5, 1.0, 0.25, 0.75), 1.0, outside=0.0))["fm_loss"]  # fmt: skip
+    assert ones == pytest.approx(plain, rel=1e-6)
+    assert box != pytest.approx(plain, rel=1e-3)  # the mean over the box's pixels only

@@ -291,7 +291,7 @@ def heldout_fm_losses(model: AudioDiT | None, latents: torch.Tensor, text: torch
     reference clean, as in training). ``model`` None: the per-channel Gaussian denoiser with the training latents'
     ``mean`` / ``var`` [1, z, 1, 1, 1] -- the score of a model that learned nothing about faces or motion.
     ``spatial`` [h, w]: latent-pixel weights of the mean (e.g. 1 in the mouth box, 0 elsewhere)."""
-    from model.losses import gaussian_denoiser_velocity
+    from model.losses import flow_matching_loss, gaussian_denoiser_velocity
     from tasks.training.teacher import teacher_loss
 
     g = torch.Generator().manual_seed(seed)
@@ -303,8 +303,8 @@ def heldout_fm_losses(model: AudioDiT | None, latents: torch.Tensor, text: torch
         if model is None:
             x_t = add_noise(latents[:, :, 1:], noise[:, :, 1:], s)
             v = gaussian_denoiser_velocity(x_t, sigma, mean.to(device), var.to(device))
-            err = (v - (noise[:, :, 1:] - latents[:, :, 1:])) ** 2
-            loss = float(err.mean() if spatial is None else (err * spatial).sum() / (spatial.sum() * err[..., 0, 0].numel()))
+            weight = None if spatial is None else spatial[None, None, None]  # [h, w] -> [1, 1, 1, h, w]
+            loss = float(flow_matching_loss(v, noise[:, :, 1:], latents[:, :, 1:], weight))
         else:
             was = model.training
             model.eval()

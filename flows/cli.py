@@ -101,6 +101,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seconds", type=float, default=None, help="use only the first S seconds of the audio")
     p.add_argument("--measure", action="store_true",
                    help="then measure the video as `evaluate` does: face found (FaceMesh) and mouth-voice correlation")
+    p = sub.add_parser("live", help="the real-time session server (what `make live` runs): WebSocket /ws sessions "
+                                    "of the trained student (the registry's champion by default), /health, /metrics")
+    _config_args(p)
+    p.add_argument("--host", default=None, help="bind address (default live.host, 127.0.0.1; beyond loopback a "
+                                                "token is required)")
+    p.add_argument("--port", type=int, default=None, help="port (default live.port, 8765; 0 = any free port)")
+    p.add_argument("--checkpoint", default=None, metavar="PATH",
+                   help="auto (default: the registry's champion, else the last trained student), champion, a "
+                        "student checkpoint, or random (the seeded untrained student)")
+    p.add_argument("--max-sessions", type=int, default=None, help="sessions at once (default live.max_sessions)")
+    p.add_argument("--ready-file", default=None, metavar="FILE",
+                   help="write {url, port, pid} there once the server listens (for scripts and tests)")
+    p = sub.add_parser("live-client", help="stream a reference portrait and two voices to a live server in real "
+                                           "time, record the avatar that comes back to an mp4, print the latency")
+    p.add_argument("--server", default="http://127.0.0.1:8765", help="the server's URL (default %(default)s)")
+    p.add_argument("--reference", required=True, metavar="IMAGE", help="the avatar's portrait (jpg, png, webp)")
+    p.add_argument("--audio", required=True, metavar="AUDIO", help="the avatar's own voice (any format and rate)")
+    p.add_argument("--listen-to", default=None, metavar="AUDIO", help="the user's voice: the avatar listens to it")
+    p.add_argument("--out", required=True, metavar="OUT.mp4", help="where to record what came back")
+    p.add_argument("--token", default=os.environ.get("STREAMAVATAR_LIVE_TOKEN", ""),
+                   help="the server's token (default $STREAMAVATAR_LIVE_TOKEN)")
+    p.add_argument("--seconds", type=float, default=None, help="send only the first S seconds of the audio")
+    p.add_argument("--no-pace", action="store_true", help="send the audio as fast as possible, not in real time")
     p = sub.add_parser("reevaluate", help="the re-evaluation flow (what the nightly schedule runs): the registry's "
                                           "champion and candidate (or a checkpoint) on the fixed evaluation set, "
                                           "the candidate promoted only if better; appended to "
@@ -133,6 +156,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command in ("serve", "stop"):
             return _serve(args, root)
+        if args.command == "live-client":
+            return _live_client(args)
         if args.command == "stages":
             for name in ORDER:
                 print(f"{name:12s} {STAGES[name].help}")
@@ -158,6 +183,8 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command == "generate":
             return _generate(args, cfg, root)
+        if args.command == "live":
+            return _live(args, cfg, root)
         if args.command == "pretrain":
             return _pretrain(args, cfg, root)
         from tasks.runner import run_stage
@@ -302,6 +329,32 @@ def _generate(args, cfg, root: Path) -> int:
         if m["lip_corr"] is not None and m["lip_corr_null"] is not None:
             corr += f" (chance level, the voice reversed: {m['lip_corr_null']:.2f})"
         print(f"  measured:   face found in {face} of frames; mouth opening vs voice envelope r = {corr}")
+    return 0
+
+
+def _live(args, cfg, root: Path) -> int:
+    from live.server import serve
+
+    sets = {"host": args.host, "port": args.port, "checkpoint": args.checkpoint, "max_sessions": args.max_sessions}
+    extra = [f"live.{k}={v}" for k, v in sets.items() if v is not None]
+    if extra:
+        cfg = load_config(args.config, [*args.sets, *extra], root=root)
+    serve(cfg, root, ready_file=Path(args.ready_file) if args.ready_file else None)
+    return 0
+
+
+def _live_client(args) -> int:
+    from live.client import LiveClientError, format_summary, run_client
+    from tasks.common.media import MediaError
+
+    try:
+        summary = run_client(args.server, Path(args.reference), Path(args.audio), Path(args.out),
+                             listen_to=Path(args.listen_to) if args.listen_to else None, token=args.token,
+                             pace=not args.no_pace, seconds=args.seconds)  # fmt: skip
+    except (LiveClientError, MediaError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(format_summary(summary))
     return 0
 
 

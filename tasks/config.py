@@ -531,6 +531,30 @@ class EvaluateConfig(_Section):
     checkpoint: str = "auto"  # the student evaluated: as benchmark.checkpoint
 
 
+class LiveConfig(_Section):
+    """`streamavatar live`: the real-time session server (live/). Binding beyond loopback needs ``token``."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(8765, ge=0, le=65535)  # 0: any free port (printed at start)
+    # "auto": the registry's champion, else the last trained student (refine, else distill); "champion";
+    # a checkpoint path; or "random" (the seeded untrained student, for tests)
+    checkpoint: str = "auto"
+    token: str = ""  # required from clients when set ($STREAMAVATAR_LIVE_TOKEN overrides); must be set off loopback
+    max_sessions: int = Field(2, ge=1)  # admission control: one more gets a "busy" answer
+    idle_timeout_s: float = Field(20.0, gt=0)  # a session that sends nothing this long is closed
+    start_timeout_s: float = Field(10.0, gt=0)  # time to send "start" and the reference image
+    max_image_bytes: int = Field(10_000_000, ge=1000)  # the reference image's encoded size
+    max_image_pixels: int = Field(40_000_000, ge=10_000)  # its decoded size (checked before decoding)
+    max_message_bytes: int = Field(16_000_000, ge=1000)  # anything larger closes the socket (code 1009)
+    # per session, each way: audio waiting for generation (the socket is not read meanwhile), unsent video
+    # (the oldest chunk is dropped)
+    max_pending_chunks: int = Field(4, ge=1)
+    lead_chunks: int = Field(2, ge=1)  # one voice this far ahead of the other: the other is taken as silence
+    jpeg_quality: int = Field(90, ge=10, le=100)
+    torch_threads: int = Field(0, ge=0)  # intra-op threads of the server process (0: torch's choice)
+    log_dir: str = "data/logs/live"  # one log file per session
+
+
 class OrchestrationConfig(_Section):
     """How Prefect runs the stages (flows/): retries of a failing stage, and the lock that keeps two runs from
     writing data/ at once."""
@@ -594,6 +618,7 @@ class Config(_Section):
     refine: RefineConfig = RefineConfig()
     benchmark: BenchmarkConfig = BenchmarkConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
+    live: LiveConfig = LiveConfig()
     registry: RegistryConfig = RegistryConfig()
     orchestration: OrchestrationConfig = OrchestrationConfig()
 

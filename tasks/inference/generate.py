@@ -19,13 +19,20 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import cv2
 import numpy as np
 import torch
 from tqdm import tqdm
 
 from model.streaming import StreamingGenerator
-from tasks.common.media import MediaError, iter_frames, probe, read_audio, read_frames, write_video, write_wav
+from tasks.common.media import MediaError, read_audio, read_frames, write_video, write_wav
+from tasks.common.reference import (  # noqa: F401  (re-exported: generate's inputs)
+    FACE_HEADROOM,
+    _landmarks,
+    face_centre,
+    fit_reference,
+    head_crop,
+    read_reference,
+)
 from tasks.common.student import build_stream
 from tasks.config import Config, ConfigError
 
@@ -33,97 +40,6 @@ log = logging.getLogger(__name__)
 
 
 # ------------------------------------------------------------------------------------------------ inputs
-FACE_HEADROOM = 0.4  # with a face: its centre sits this far down a crop taller than... (fraction of the crop)
-
-
-def _landmarks(image: np.ndarray) -> np.ndarray | None:
-    from tasks.common.facemesh import FaceMesh
-
-    mesh = FaceMesh(static_image_mode=True)
-    try:
-        return mesh(image)
-    finally:
-        mesh.close()
-
-
-def face_centre(image: np.ndarray) -> tuple[float, float] | None:
-    """(x, y) pixel centre of the face FaceMesh finds in an RGB uint8 image, or None."""
-    lm = _landmarks(image)
-    if lm is None:
-        return None
-    return float(lm[:, 0].mean()), float(lm[:, 1].mean())
-
-
-def head_crop(image: np.ndarray, width: int, height: int, scale: float) -> np.ndarray | None:
-    """The crop curation makes of a clip (tasks/curation/clip.py head_box: a box ``scale`` times the face's
-    larger side, a little above its centre), at the target aspect, shifted inside the image; None without a face."""
-    from tasks.curation.clip import head_box
-
-    lm = _landmarks(image)
-    if lm is None:
-        return None
-    h, w = image.shape[:2]
-    box = np.array([[lm[:, 0].min(), lm[:, 1].min(), lm[:, 0].max(), lm[:, 1].max()]])
-    x1, y1, x2, y2 = head_box(box, np.array([True]), w, h, scale)
-    cw = (x2 - x1) * w
-    cw = min(cw, w, h * width / height)  # never larger than the image
-    ch = cw * height / width
-    cx, cy = (x1 + x2) / 2 * w, (y1 + y2) / 2 * h
-    x0 = int(np.clip(round(cx - cw / 2), 0, w - round(cw)))
-    y0 = int(np.clip(round(cy - ch / 2), 0, h - round(ch)))
-    return image[y0 : y0 + round(ch), x0 : x0 + round(cw)]
-
-
-def fit_reference(image: np.ndarray, width: int, height: int, centre: tuple[float, float] | None = None
-                  ) -> torch.Tensor:  # fmt: skip
-    """RGB uint8 [h, w, 3] of any size -> [3, height, width] float in [-1, 1]: cropped to the target aspect
-    ratio (nothing is stretched), then resized with area interpolation. The crop is centred on the image, or,
-    given ``centre`` (the face), placed so the face is centred across and FACE_HEADROOM of the way down,
-    clamped to the image."""
-    h, w = image.shape[:2]
-    if w * height > h * width:  # wider than the target: crop the sides
-        keep = max(1, min(w, round(h * width / height)))
-        x0 = (w - keep) // 2 if centre is None else int(np.clip(round(centre[0] - keep / 2), 0, w - keep))
-        image = image[:, x0 : x0 + keep]
-    else:  # taller (or the same aspect): crop top and bottom
-        keep = max(1, min(h, round(w * height / width)))
-        y0 = (h - keep) // 2 if centre is None else int(np.clip(round(centre[1] - FACE_HEADROOM * keep), 0, h - keep))
-        image = image[y0 : y0 + keep]
-    resized = cv2.resize(np.ascontiguousarray(image), (width, height), interpolation=cv2.INTER_AREA)
-    return torch.from_numpy(resized).permute(2, 0, 1).float() / 127.5 - 1.0
-
-
-def read_reference(path: str | Path, width: int, height: int, crop: str = "head", head_scale: float = 1.7
-                   ) -> torch.Tensor:  # fmt: skip
-    """Any image file ffmpeg reads (jpg, png, webp, ...; a video's first frame too) as the reference
-    [3, height, width] in [-1, 1]. ``crop`` "head": the head crop curation gives the training clips
-    (``head_scale`` x the face; the demo trains on such crops); "face": the largest crop of the target aspect
-    placed around the face; both fall back to the centre when FaceMesh finds no face; "centre": always the
-    centre. Raises MediaError naming the file when it cannot be read."""
-    if crop not in ("head", "face", "centre"):
-        raise ValueError(f"crop must be 'head', 'face' or 'centre', got {crop!r}")
-    path = Path(path)
-    info = probe(path)  # MediaError for a missing or unreadable file
-    if info.video_codec is None or info.width < 1 or info.height < 1:
-        raise MediaError(f"{path}: not an image (no picture ffmpeg can decode)")
-    frames = iter_frames(path)
-    try:
-        first = next(frames, None)
-    finally:
-        frames.close()
-    if first is None:
-        raise MediaError(f"{path}: no picture could be decoded")
-    h, w = first.shape[:2]
-    if crop == "head":
-        head = head_crop(first, width, height, head_scale)
-        if head is not None:
-            return fit_reference(head, width, height)
-        log.warning("%s: no face found; the reference is the centre crop", path)
-    if crop == "centre" or w * height == h * width:
-        return fit_reference(first, width, height)
-    return fit_reference(first, width, height, face_centre(first))
-
-
 def read_voice(path: str | Path, sample_rate: int, seconds: float | None) -> np.ndarray:
     """One voice as float32 mono at ``sample_rate`` (the first ``seconds`` when given); MediaError when the
     file cannot be decoded or holds no audio."""

@@ -17,7 +17,7 @@ export MLFLOW_DISABLE_TELEMETRY := true
 export DVC_NO_ANALYTICS := 1
 export DO_NOT_TRACK := 1
 
-.PHONY: install demo test test-fast ui serve stop lint clean
+.PHONY: install demo test test-fast ui serve stop live lint clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -65,6 +65,9 @@ ui: install
 # the pipeline as a service on 127.0.0.1: Prefect server (UI on PREFECT_PORT) + process worker + MLflow server
 # (MLFLOW_PORT; mlflow.db, artifacts in mlruns/), the work pool and prefect.yaml's deployments. Processes, their
 # logs and a shell env file are in .serve/; `make stop` stops exactly those processes.
+live: install
+	$(BIN)/streamavatar live
+
 serve: install
 	$(BIN)/streamavatar serve --prefect-port $(PREFECT_PORT) --mlflow-port $(MLFLOW_PORT)
 
@@ -72,7 +75,7 @@ stop:
 	@if [ -x $(BIN)/streamavatar ]; then $(BIN)/streamavatar stop; else echo "nothing to stop (no $(VENV))"; fi
 
 lint: install
-	$(BIN)/ruff check flows tasks model tests
+	$(BIN)/ruff check flows tasks model tests live
 
 clean: stop
 	rm -rf data/raw data/reports .prefect mlflow.db mlruns dvc.lock .dvc/cache .dvc/tmp .serve

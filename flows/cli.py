@@ -52,6 +52,14 @@ def build_parser() -> argparse.ArgumentParser:
                       help="identity drift of the trained students over a long stream (the paper's Table 1 in "
                            "miniature): rolling cache vs + reference sink vs + sink + RAPR (distilled student) "
                            "vs + GAN (refined student, sink + RAPR); same seed and inputs")
+    mode.add_argument("--live", action="store_true",
+                      help="latency of the live server (a real `streamavatar live` process) under 1, 2, 4 concurrent "
+                           "paced sessions: p50/p95/p99 audio-in to frame-out, dropped frames, MiB per session")
+    p.add_argument("--sessions", default="1,2,4", help="--live: concurrent sessions per setting (default 1,2,4)")
+    p.add_argument("--reference", default=None, metavar="IMAGE",
+                   help="--live: the portrait (default ../shared/fixtures/avatars/fashion_blogger.jpg)")
+    p.add_argument("--voice", default=None, metavar="AUDIO",
+                   help="--live: the avatar's voice (default ../shared/fixtures/avatars/fashion_blogger.wav)")
     p.add_argument("--json", action="store_true", help="print the report as JSON instead of a table")
     p.add_argument("--chunks", type=int, default=500, help="--model-only: chunks to stream through the DiT (default 500)")
     p.add_argument("--vae-chunks", type=int, default=60, help="--model-only: chunks to decode with the VAE (default 60)")
@@ -60,7 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="--curation: video files or folders of them (default: three SpeakerVid fixtures in "
                         "../shared/fixtures/speakervid)")  # fmt: skip
     p.add_argument("--seconds", type=float, default=10.0,
-                   help="--curation: seconds of each clip to curate, from its start (default 10)")
+                   help="--curation: seconds of each clip to curate, from its start; --live: seconds of audio per "
+                        "session (default 10)")
     p.add_argument("--torch-threads", type=int, default=None,
                    help="--curation: torch intra-op threads (default: torch's own choice, as the stage runs)")
     p.add_argument("--frames", type=int, default=1500,
@@ -273,6 +282,20 @@ def _bench(args, cfg, root: Path) -> int:
         report = run_model_bench(cfg, chunks=args.chunks, vae_chunks=args.vae_chunks,
                                  teacher_steps=args.teacher_steps, progress=not args.json)  # fmt: skip
         default_out = "data/reports/model_bench.json"
+    elif args.live:
+        from live.bench import format_report, run_live_bench
+
+        shared = resolve_path("../shared/fixtures/avatars", root)
+        try:
+            sessions = sorted({int(x) for x in args.sessions.split(",") if x.strip()})
+        except ValueError:
+            raise ConfigError(f"--sessions {args.sessions!r}: give whole numbers, e.g. 1,2,4") from None
+        if not sessions or min(sessions) < 1:
+            raise ConfigError(f"--sessions {args.sessions!r}: give at least one positive number")
+        report = run_live_bench(cfg, root, sessions, args.seconds, args.checkpoint or "auto",
+                                Path(args.reference or shared / "fashion_blogger.jpg"),
+                                Path(args.voice or shared / "fashion_blogger.wav"), args.sets)  # fmt: skip
+        default_out = "data/reports/live_bench.json"
     elif args.drift:
         from tasks.evaluation.drift_bench import format_report, run_drift_bench
 

@@ -1,6 +1,7 @@
 """`streamavatar live`: the real-time session server (FastAPI + uvicorn) around the trained student.
 
-Routes: ``/ws`` (the session protocol, live/protocol.py), ``/health`` (JSON), ``/metrics`` (Prometheus text).
+Routes: ``/`` (the browser page), ``/webrtc/offer`` (WebRTC signalling, live/webrtc.py), ``/ws`` (the
+WebSocket session protocol, live/protocol.py), ``/health`` (JSON), ``/metrics`` (Prometheus text).
 The weights load once; each session gets its own StreamingGenerator (its caches) around them. Admission
 control: ``live.max_sessions`` sessions stream at once, one more gets ``{"type": "busy"}`` and close code 1013,
 so a full server refuses rather than slowing everyone down. Every failure of a session (a bad message, a
@@ -28,7 +29,7 @@ import psutil
 import torch
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse, PlainTextResponse
+from starlette.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route, WebSocketRoute
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
@@ -137,7 +138,11 @@ class LiveServer:
         self.active: dict[str, LiveSession | None] = {}  # admitted sessions (None until the model is started)
         self._lock = threading.Lock()
         self.started = time.time()
+        self._tasks: set[asyncio.Task] = set()
         self.app = Starlette(routes=[
+            Route("/", self.page),
+            Route("/favicon.ico", lambda request: Response(status_code=204)),
+            Route("/webrtc/offer", self.webrtc_offer, methods=["POST"]),
             Route("/health", self.health),
             Route("/metrics", self.prometheus),
             WebSocketRoute("/ws", self.websocket),
@@ -162,7 +167,46 @@ class LiveServer:
         with self._lock:
             self.active.pop(sid, None)
 
+    async def reference(self, image: bytes) -> torch.Tensor:
+        """The session's reference portrait from its encoded bytes; ProtocolError (image_too_large, bad_image,
+        no_face) when it cannot be one."""
+        live, v = self.cfg.live, self.cfg.video
+        if len(image) > live.max_image_bytes:
+            raise ProtocolError("image_too_large", f"the reference image is {len(image)} bytes; at most "
+                                                   f"{live.max_image_bytes} (live.max_image_bytes)")  # fmt: skip
+        try:
+            return await asyncio.to_thread(reference_from_bytes, image, v.width, v.height, self.cfg.curate.head_scale,
+                                           live.max_image_pixels)  # fmt: skip
+        except NoFaceError as exc:
+            raise ProtocolError("no_face", str(exc)) from None
+        except MediaError as exc:
+            raise ProtocolError("bad_image", str(exc)) from None
+
+    def background(self, coro) -> None:
+        """Run a session's coroutine on the server's loop, keeping a reference until it ends."""
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
     # -- plain HTTP -------------------------------------------------------------------------------------------
+    async def page(self, request: Request) -> HTMLResponse:
+        return HTMLResponse((Path(__file__).parent / "static" / "index.html").read_text(encoding="utf-8"))
+
+    async def webrtc_offer(self, request: Request) -> JSONResponse:
+        from live.webrtc import offer
+
+        raw = await request.body()
+        if len(raw) > self.cfg.live.max_message_bytes:
+            return JSONResponse({"type": "error", "code": "too_large", "message": f"the offer is {len(raw)} bytes; at "
+                                 f"most {self.cfg.live.max_message_bytes} (live.max_message_bytes)"}, status_code=413)
+        try:
+            body = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            return JSONResponse({"type": "error", "code": "bad_json", "message": f"the offer is not JSON ({exc})"},
+                                status_code=400)  # fmt: skip
+        status, answer = await offer(self, body)
+        return JSONResponse(answer, status_code=status)
+
     async def health(self, request: Request) -> JSONResponse:
         proc = psutil.Process()
         return JSONResponse({
@@ -247,17 +291,8 @@ class LiveServer:
         kind, image = unpack(msg["bytes"])
         if kind != REFERENCE:
             raise ProtocolError("expected_reference", f"after start, send the reference image (kind 0x01), got 0x{kind:02x}")
-        if len(image) > live.max_image_bytes:
-            raise ProtocolError("image_too_large", f"the reference image is {len(image)} bytes; at most "
-                                                   f"{live.max_image_bytes} (live.max_image_bytes)")  # fmt: skip
+        ref = await self.reference(image)
         v = self.cfg.video
-        try:
-            ref = await asyncio.to_thread(reference_from_bytes, image, v.width, v.height, self.cfg.curate.head_scale,
-                                          live.max_image_pixels)  # fmt: skip
-        except NoFaceError as exc:
-            raise ProtocolError("no_face", str(exc)) from None
-        except MediaError as exc:
-            raise ProtocolError("bad_image", str(exc)) from None
         loop = asyncio.get_running_loop()
         report_holder: list[LiveSession] = []
 
@@ -377,6 +412,8 @@ def serve(cfg: Config, root: Path, ready_file: Path | None = None) -> None:
     import uvicorn
 
     server_token(cfg)  # refuse an open, token-less bind before loading anything
+    for noisy in ("aioice", "aiortc"):  # one line per ICE candidate check otherwise
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     if cfg.live.torch_threads:
         torch.set_num_threads(cfg.live.torch_threads)
     model = load_model(cfg, root)

@@ -121,6 +121,7 @@ class OutChunk:
     talking: list[int]
     avatar_pcm: bytes  # s16le mono at the model's rate, the frames' span of the avatar's voice
     ready_at: float  # perf_counter when the chunk's last audio sample arrived
+    rgb: np.ndarray | None = None  # the frames [T, H, W, 3] uint8 (what the WebRTC track plays)
     done_at: float = 0.0
 
 
@@ -223,7 +224,7 @@ class LiveSession:
                        for f in frames]  # fmt: skip
                 pcm = (np.clip(avatar, -1, 1) * 32767).round().astype("<i2").tobytes()
                 out = OutChunk(self._next_chunk, self._next_chunk * self.frames_per_chunk, enc,
-                               [int(v) for v in talking.tolist()], pcm, ready_at)  # fmt: skip
+                               [int(v) for v in talking.tolist()], pcm, ready_at, frames)  # fmt: skip
                 self._next_chunk += 1
                 self.emit(out)
         except BaseException as exc:  # reported to the transport, which ends this session only

@@ -212,6 +212,7 @@ class LiveServer:
         return JSONResponse({
             "status": "ok", "sessions": len(self.active), "max_sessions": self.cfg.live.max_sessions,
             "checkpoint": self.model.label, "threads": threading.active_count(),
+            "session_threads": sum(t.name.startswith("live-") for t in threading.enumerate()),
             "rss_mib": round(proc.memory_info().rss / 2**20, 1), "uptime_s": round(time.time() - self.started, 1),
             "fps": self.cfg.video.fps, "size": f"{self.cfg.video.width}x{self.cfg.video.height}",
             "token_required": bool(self.token),

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import socket
 import subprocess
 import sys
 import threading
@@ -153,6 +154,8 @@ def test_a_two_voice_session_talks_then_listens_and_records_the_right_duration(s
     m = server.metrics()
     assert "streamavatar_live_chunks_total" in m and 'quantile="0.95"' in m
     assert wait_idle(server)["sessions"] == 0
+    session_log = server.root / "data" / "logs" / "live" / f"{s['session']}.log"  # one log file per session
+    assert "done: 21 chunks, 252 frames, 0 dropped" in session_log.read_text(), session_log.read_text()
 
 
 def test_audio_at_another_rate_and_stereo_is_resampled(server):
@@ -244,6 +247,7 @@ def test_a_misbehaving_session_and_a_vanishing_client_leave_the_other_session_st
     image = portrait()
     before = server.health()
     result = {}
+    baseline_rss = before["rss_mib"]
 
     def good() -> None:
         s = asyncio.run(_paced(server.ws, image, voice("music_producer", 3.0)))
@@ -259,15 +263,17 @@ def test_a_misbehaving_session_and_a_vanishing_client_leave_the_other_session_st
     gone = connect(server.ws, max_size=None)
     assert start(gone, image)["type"] == "ready"
     gone.send(pack(USER, bytes(3200)))
-    gone.socket.close()  # no close frame: the client just vanishes
+    gone.socket.shutdown(socket.SHUT_RDWR)  # no close frame: the client just vanishes
+    gone.socket.close()
     t.join(60)
     assert result.get("frames") == 75 and result.get("dropped") == 0, result
     after = wait_idle(server)
     assert after["sessions"] == 0
     deadline = time.time() + 10
-    while server.health()["threads"] > before["threads"] and time.time() < deadline:
+    while server.health()["session_threads"] and time.time() < deadline:
         time.sleep(0.2)
-    assert server.health()["threads"] <= before["threads"]
+    assert server.health()["session_threads"] == 0  # every session's worker thread has ended
+    assert server.health()["rss_mib"] < baseline_rss + 150, (baseline_rss, server.health())  # nothing piles up
     m = server.metrics()
     assert 'streamavatar_live_session_errors_total{code="disconnected"}' in m
     assert 'streamavatar_live_session_errors_total{code="truncated_pcm"}' in m
@@ -373,3 +379,43 @@ def test_a_slow_reader_costs_frames_not_memory():
 
     got, dropped = asyncio.run(run())
     assert got == [3, 4] and dropped == [0, 1, 2]
+
+
+def test_auto_serves_the_registry_champion_else_the_last_trained_student(tmp_path):
+    """live.checkpoint auto: the champion's file when the registry has one, else refine/distill final.pt, else a
+    clear error; champion without one is an error; a missing path is an error."""
+    from mlflow import MlflowClient
+
+    from live.server import resolve_checkpoint
+    from tasks.common import tracking
+    from tasks.common.model_registry import CHAMPION, register_student
+    from tasks.config import ConfigError
+    from tests.training_data import tiny_config
+
+    cfg = tiny_config(tmp_path)
+    cfg.tracking.enabled = True
+    with pytest.raises(ConfigError, match="make demo"):
+        resolve_checkpoint(cfg, tmp_path)
+    cfg.live.checkpoint = "champion"
+    with pytest.raises(ConfigError, match="alias champion"):
+        resolve_checkpoint(cfg, tmp_path)
+    cfg.live.checkpoint = "nope.pt"
+    with pytest.raises(ConfigError, match="no such file"):
+        resolve_checkpoint(cfg, tmp_path)
+
+    cfg.live.checkpoint = "auto"
+    distill = tmp_path / cfg.train.checkpoint_dir / "distill" / "final.pt"
+    distill.parent.mkdir(parents=True)
+    distill.write_bytes(b"distilled student")
+    assert resolve_checkpoint(cfg, tmp_path) == (str(distill), str(distill.relative_to(tmp_path)))
+
+    champion = tmp_path / "champ.pt"
+    champion.write_bytes(b"the champion's weights")
+    with tracking.stage_run(cfg, tmp_path, "refine", {}):
+        version = register_student(cfg, tmp_path, champion, stage="refine")["version"]
+    tracking.setup(cfg, tmp_path)
+    MlflowClient().set_registered_model_alias(cfg.registry.model_name, CHAMPION, version)
+    for choice in ("auto", "champion"):
+        cfg.live.checkpoint = choice
+        path, label = resolve_checkpoint(cfg, tmp_path)
+        assert Path(path).read_bytes() == b"the champion's weights" and "(champion)" in label, (path, label)

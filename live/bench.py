@@ -86,6 +86,17 @@ async def _setting(url: str, n: int, image: bytes, voice: np.ndarray) -> dict[st
             "mib_per_session": (max(rss) - idle) / n, "per_session": per}  # fmt: skip
 
 
+async def _slow_consumer(url: str, image: bytes, voice: np.ndarray, read_delay_s: float) -> dict[str, Any]:
+    """One session whose client reads a chunk only every ``read_delay_s`` (slower than they come) through a
+    small receive buffer: what the server drops instead of falling behind."""
+    ws = url.replace("http", "ws", 1) + "/ws"
+    r = await run_session(ws, image, voice, None, read_delay_s=read_delay_s, receive_buffer=16384)
+    expected = int(np.ceil(voice.size / (16000 // 25)))
+    frames = sum(h["frames"] for h, _, _ in r["chunks"])
+    return {"read_delay_s": read_delay_s, "frames_expected": expected, "frames_received": frames,
+            "dropped_frames": r["done"]["dropped_frames"]}  # fmt: skip
+
+
 def run_live_bench(cfg: Config, root: Path, sessions: list[int], seconds: float, checkpoint: str,
                    image_path: Path, voice_path: Path, sets: list[str]) -> dict[str, Any]:  # fmt: skip
     from tasks.common.media import read_audio
@@ -97,6 +108,7 @@ def run_live_bench(cfg: Config, root: Path, sessions: list[int], seconds: float,
         try:
             health = httpx.get(url + "/health").json()
             rows = [asyncio.run(_setting(url, n, image, voice)) for n in sessions]
+            slow = asyncio.run(_slow_consumer(url, image, voice, read_delay_s=1.0))
         finally:
             proc.terminate()
             proc.wait(30)
@@ -104,7 +116,7 @@ def run_live_bench(cfg: Config, root: Path, sessions: list[int], seconds: float,
     held = [r["sessions"] for r in rows if r["held_real_time"]]
     return {"kind": "live", "checkpoint": health["checkpoint"], "size": health["size"], "fps": health["fps"],
             "seconds_per_session": seconds, "target_p95_ms": TARGET_MS, "settings": rows,
-            "most_sessions_in_real_time": max(held) if held else 0,
+            "most_sessions_in_real_time": max(held) if held else 0, "slow_consumer": slow,
             "reference": str(image_path), "voice": str(voice_path)}  # fmt: skip
 
 
@@ -119,4 +131,7 @@ def format_report(r: dict[str, Any]) -> str:
                      f"{'yes' if row['held_real_time'] else 'NO'}")  # fmt: skip
     lines.append(f"most sessions held in real time (p95 <= {r['target_p95_ms']:.0f} ms, every frame): "
                  f"{r['most_sessions_in_real_time']}")  # fmt: skip
+    s = r["slow_consumer"]
+    lines.append(f"a slow consumer (reads one chunk per {s['read_delay_s']:g} s, chunks come every 0.48 s): received "
+                 f"{s['frames_received']} of {s['frames_expected']} frames, the server dropped {s['dropped_frames']}")
     return "\n".join(lines)

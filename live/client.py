@@ -33,16 +33,31 @@ def _pcm(x: np.ndarray) -> bytes:
 
 
 async def run_session(url: str, reference: bytes, avatar: np.ndarray, user: np.ndarray | None, *, rate: int = 16000,
-                      token: str = "", pace: bool = True, open_timeout: float = 30.0) -> dict[str, Any]:  # fmt: skip
+                      token: str = "", pace: bool = True, open_timeout: float = 30.0, read_delay_s: float = 0.0,
+                      stall_s: float = 0.0, receive_buffer: int = 0) -> dict[str, Any]:  # fmt: skip
     """One session: returns {"ready", "chunks": [(header, frames RGB uint8, avatar pcm float32)], "done",
-    "latencies_ms", "sent_s"}; LiveClientError when the server says busy or error."""
+    "latencies_ms", "sent_s"}; LiveClientError when the server says busy or error. ``read_delay_s`` (after
+    each chunk), ``stall_s`` (once, before reading any) and ``receive_buffer`` (SO_RCVBUF bytes) make a
+    deliberately slow reader (bench --live, tests)."""
     from websockets.asyncio.client import connect
 
     user = np.zeros_like(avatar) if user is None else user
     n = max(avatar.size, user.size)
     avatar, user = np.pad(avatar, (0, n - avatar.size)), np.pad(user, (0, n - user.size))
     headers = {"Authorization": f"Bearer {token}"} if token else None
-    async with connect(url, additional_headers=headers, max_size=None, open_timeout=open_timeout) as ws:
+    extra: dict[str, Any] = {}
+    if receive_buffer:
+        import socket
+        from urllib.parse import urlparse
+
+        u = urlparse(url)
+        sock = socket.socket(socket.AF_INET6 if ":" in (u.hostname or "") else socket.AF_INET)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer)
+        sock.connect((u.hostname, u.port or 80))
+        extra["sock"] = sock
+    if read_delay_s or stall_s:
+        extra["max_queue"] = 1  # websockets' own buffer of received messages: keep it from hiding the slowness
+    async with connect(url, additional_headers=headers, max_size=None, open_timeout=open_timeout, **extra) as ws:
         await ws.send(json.dumps({"type": "start", "sample_rate": rate, "channels": 1, "format": "s16le"}))
         await ws.send(pack(REFERENCE, reference))
         first = json.loads(await ws.recv())
@@ -69,6 +84,8 @@ async def run_session(url: str, reference: bytes, avatar: np.ndarray, user: np.n
         sender = asyncio.create_task(send())
         chunks, done, latencies = [], None, []
         try:
+            if stall_s:
+                await asyncio.sleep(stall_s)
             async for message in ws:
                 if isinstance(message, str):
                     body = json.loads(message)
@@ -82,6 +99,8 @@ async def run_session(url: str, reference: bytes, avatar: np.ndarray, user: np.n
                     latencies.append((arrived - sent_at[header["chunk"]]) * 1000)
                 frames = [cv2.imdecode(np.frombuffer(j, np.uint8), cv2.IMREAD_COLOR)[:, :, ::-1] for j in jpegs]
                 chunks.append((header, frames, np.frombuffer(pcm, "<i2").astype(np.float32) / 32768))
+                if read_delay_s:
+                    await asyncio.sleep(read_delay_s)
         finally:
             if not sender.done():
                 sender.cancel()

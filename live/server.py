@@ -422,6 +422,8 @@ def serve(cfg: Config, root: Path, ready_file: Path | None = None) -> None:
     app = LiveServer(cfg, root, model)
     sock = socket.socket(socket.AF_INET6 if ":" in cfg.live.host else socket.AF_INET)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if cfg.live.send_buffer_bytes:  # accepted connections inherit it
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, cfg.live.send_buffer_bytes)
     sock.bind((cfg.live.host, cfg.live.port))
     port = sock.getsockname()[1]
     url = f"http://{cfg.live.host}:{port}"

@@ -97,7 +97,7 @@ class Server:
 @pytest.fixture(scope="module")
 def server(tmp_path_factory) -> Server:
     root = tmp_path_factory.mktemp("live")
-    s = Server(root, "--max-sessions", "2")
+    s = Server(root, "--max-sessions", "2", "--set", "live.send_buffer_bytes=16384")
     yield s
     s.stop()
 
@@ -285,6 +285,23 @@ async def _paced(url: str, image: bytes, avatar: np.ndarray) -> dict:
     r = await run_session(url, image, avatar, None)
     n = sum(min(h["frames"], 75 - h["first_frame"]) for h, _, _ in r["chunks"] if h["first_frame"] < 75)
     return {"frames": n, "dropped": r["done"]["dropped_frames"]}
+
+
+def test_a_client_that_stops_reading_loses_the_oldest_frames_not_the_server(server):
+    """The client reads nothing during a 10 s session: the server drops the oldest unsent chunks (counted, in
+    "done" and /metrics) instead of buffering them (socket buffers and live.max_pending_chunks hold the
+    rest), and the newest video still arrives."""
+    from live.client import run_session
+
+    r = asyncio.run(run_session(server.ws, portrait(), voice("music_producer", 10.0), None, stall_s=10.0,
+                                receive_buffer=8192))  # fmt: skip
+    got = sum(h["frames"] for h, _, _ in r["chunks"])
+    dropped = r["done"]["dropped_frames"]
+    assert dropped >= 24 and dropped % 12 == 0, r["done"]  # whole chunks, at least two
+    assert got + dropped == r["done"]["frames"] + dropped == 252, (got, r["done"])  # 21 chunks made in all
+    firsts = [h["first_frame"] for h, _, _ in r["chunks"]]
+    assert firsts == sorted(firsts) and firsts[-1] == 240  # in order, and the last chunk always arrives
+    assert wait_idle(server)["sessions"] == 0
 
 
 def test_admission_control_answers_busy_beyond_max_sessions(server):

@@ -77,6 +77,8 @@ def test_the_page_streams_the_avatar_over_webrtc_with_a_fake_microphone(server, 
             stats = page.evaluate("() => window.streamavatar.stats")
             page.screenshot(path=str(tmp_path / "page.png"))
             assert server.health()["sessions"] == 1
+            busy = _offer(server, sdp="v=0", type="offer", reference="x")  # live.max_sessions is 1 here
+            assert busy.status_code == 503 and busy.json()["type"] == "busy", busy.text
             page.click("#stop")
         finally:
             browser.close()

@@ -554,7 +554,7 @@ class LiveConfig(_Section):
     # the kernel's send buffer per connection (0: the OS's autotuned one, up to ~4 MB = ~45 s of demo video):
     # small, a client that reads too slowly starts losing the oldest frames within seconds instead of falling
     # ever further behind
-    send_buffer_bytes: int = Field(262144, ge=0)
+    send_buffer_bytes: int = Field(65536, ge=0)
     torch_threads: int = Field(0, ge=0)  # intra-op threads of the server process (0: torch's choice)
     log_dir: str = "data/logs/live"  # one log file per session
 

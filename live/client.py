@@ -28,6 +28,11 @@ class LiveClientError(RuntimeError):
     """The server refused or ended the session; the message says why (the server's code and message)."""
 
 
+def _refusal(msg: dict) -> str:
+    what = "the server is busy" if msg.get("type") == "busy" else f"the server ended the session ({msg.get('code')})"
+    return f"{what}: {msg.get('message', '')}"
+
+
 def _pcm(x: np.ndarray) -> bytes:
     return (np.clip(x, -1, 1) * 32767).round().astype("<i2").tobytes()
 
@@ -62,7 +67,7 @@ async def run_session(url: str, reference: bytes, avatar: np.ndarray, user: np.n
         await ws.send(pack(REFERENCE, reference))
         first = json.loads(await ws.recv())
         if first.get("type") != "ready":
-            raise LiveClientError(f"{first.get('type')}: {first.get('code', '')} {first.get('message', '')}".strip())
+            raise LiveClientError(_refusal(first))
         spc = first["samples_per_chunk"] * rate // first["sample_rate"]
         sent_at: dict[int, float] = {}  # chunk index -> when its last sample was sent
         t0 = time.perf_counter()
@@ -92,7 +97,7 @@ async def run_session(url: str, reference: bytes, avatar: np.ndarray, user: np.n
                     if body.get("type") == "done":
                         done = body
                         break
-                    raise LiveClientError(f"{body.get('type')}: {body.get('code', '')} {body.get('message', '')}".strip())
+                    raise LiveClientError(_refusal(body))
                 header, jpegs, pcm = unpack_chunk(message)
                 arrived = time.perf_counter()
                 if header["chunk"] in sent_at:

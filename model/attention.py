@@ -8,11 +8,19 @@ paths see the same keys at the same positions (tests/test_model_streaming.py pro
 * the Reference Sink: frames ``< sink_frames`` (the reference plus the first chunk, paper 3.1.1) are
   always visible and never evicted; other past frames are visible while they are among the last
   ``window_frames`` non-sink frames (the rolling window);
-* RAPR: keys are cached BEFORE RoPE. When a chunk ends at frame ``e``, every non-sink frame ``t`` is
-  rotated at ``t - max(0, e - D)``, so the chunk's last frame sits at ``min(e, D)`` and all distances
-  between generated frames are kept, while sink frames stay anchored at their own index (the reference at
-  0). No index ever exceeds ``max(D, sink_frames - 1)`` however long the stream runs. With ``rapr=False``
-  every frame is rotated at its absolute index (vanilla RoPE).
+* RAPR: keys are cached BEFORE RoPE. Sink frames keep their own index (the reference at 0, the first
+  chunk at 1..C). Every other frame ``t`` is rotated at ``t - shift`` with one shift per chunk, so all
+  distances between generated frames are kept and the chunk's last frame sits at ``min(e - 1, S' - 1 + D')``
+  when the chunk ends (exclusive) at ``e``: S' = max(1, sink_frames), D' = max(D, window_frames +
+  chunk_frames). That is the paper's "the current frame takes min(t, D), all other cached keys shift to keep
+  their relative positions", counted above the sink, so that the window (W + C frames) always sits above the
+  sink: no two cached frames share an index and their order is kept (``rapr_rule="ordered"``, the default;
+  D is raised to W + C when smaller, since a window wider than D cannot fit otherwise). With one sink frame
+  (the reference only) this is exactly the rule below. ``rapr_rule="legacy"``: shift ``max(0, e - 1 - D)``
+  for every non-sink frame whatever the sink, so with a sink of 1 + C frames the first chunk collides with
+  window frames and appears after the oldest of them; kept to measure what the ordered rule changes (bench
+  --drift). No index ever exceeds ``S' - 1 + D'`` however long the stream runs. With ``rapr=False`` every
+  frame is rotated at its absolute index (vanilla RoPE).
 """
 
 from __future__ import annotations
@@ -30,10 +38,13 @@ class CausalLayout:
     window_frames: int  # W, rolling window of non-sink frames
     rapr: bool = True
     max_distance: int = 10  # D
+    rapr_rule: str = "ordered"  # or "legacy" (see the module docstring)
 
     def __post_init__(self) -> None:
         if self.chunk_frames < 1 or self.window_frames < 0 or self.max_distance < 1:
             raise ValueError(f"invalid causal layout {self}")
+        if self.rapr_rule not in ("ordered", "legacy"):
+            raise ValueError(f"rapr_rule must be 'ordered' or 'legacy', got {self.rapr_rule!r}")
         if self.sink_frames > 1 and (self.sink_frames - 1) % self.chunk_frames:
             raise ValueError(
                 f"sink_frames={self.sink_frames} must be 0, 1 or 1 + a multiple of chunk_frames={self.chunk_frames}"
@@ -60,7 +71,13 @@ class CausalLayout:
         return sink + list(range(first_window, start)) + list(range(start, end))
 
     def shift(self, end: int) -> int:
-        return max(0, end - 1 - self.max_distance) if self.rapr else 0
+        """How far every non-sink frame's RoPE index moves down for the chunk that ends (exclusive) at ``end``."""
+        if not self.rapr:
+            return 0
+        if self.rapr_rule == "legacy":
+            return max(0, end - 1 - self.max_distance)
+        top = max(1, self.sink_frames) - 1 + max(self.max_distance, self.window_frames + self.chunk_frames)
+        return max(0, end - 1 - top)
 
     def time_index(self, frames: list[int], end: int) -> list[int]:
         """RoPE time index of each frame for the chunk that ends (exclusive) at ``end``."""

@@ -344,6 +344,9 @@ class StudentConfig(_Section):
     window_frames: int = Field(3, ge=0)  # rolling KV window of latent frames
     rapr: bool = True  # Reference-Anchored Positional Re-encoding (False: vanilla absolute RoPE)
     rapr_max_distance: int = Field(6, ge=1)  # D
+    # where the sink sits among RAPR's indices: "ordered" (below the window, never colliding; model/attention.py)
+    # or "legacy" (the sink's first chunk at its absolute indices, colliding with the window: for comparison)
+    rapr_rule: Literal["ordered", "legacy"] = "ordered"
     timestep_shift: float = Field(5.0, gt=0)
     context: Literal["noisy", "clean"] = "noisy"  # paper: condition next chunk on the last noisy prediction
 

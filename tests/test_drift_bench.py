@@ -26,6 +26,7 @@ from tasks.evaluation import metrics
 from tasks.evaluation.drift_bench import (
     BASELINE,
     GAN,
+    LEGACY,
     METRICS,
     SETTINGS,
     SINK,
@@ -36,11 +37,14 @@ from tasks.evaluation.drift_bench import (
     face_measures,
     format_report,
     run_drift_bench,
+    same_indices,
 )
 from tests.conftest import REPO, shared_path
 
 FRAMES, WINDOW_S = 60, 0.5
-TINY = ["tracking.enabled=false", "vae.pretrained_path=null"]  # a random VAE: no trained weights needed
+# a random VAE: no trained weights needed; the paper's sink (reference + first chunk), so that the legacy and the
+# ordered RAPR rules differ
+TINY = ["tracking.enabled=false", "vae.pretrained_path=null", "student.sink_frames=4"]
 
 
 def save_student(cfg, path, perturb: float = 0.0, step: int = 7):
@@ -67,7 +71,7 @@ def bench(tmp_path_factory):
     return cfg, report, streams
 
 
-def test_report_has_four_settings_with_finite_series(bench):
+def test_report_has_five_settings_with_finite_series(bench):
     cfg, report, _ = bench
     json.loads(json.dumps(report))  # plain JSON
     keys = ("frames", "window_s", "windows", "window_edges_s", "students", "reference_source", "audio_source",
@@ -75,14 +79,14 @@ def test_report_has_four_settings_with_finite_series(bench):
             "flat_grey_frame")  # fmt: skip
     for key in keys:
         assert key in report, key
-    names = ("baseline rolling cache", "+ reference sink", "+ sink + RAPR", "+ GAN")
+    names = ("baseline rolling cache", "+ reference sink", "+ sink + RAPR", "+ sink + RAPR (legacy)", "+ GAN")
     assert tuple(report["settings"]) == SETTINGS == names
     assert set(METRICS) >= {"identity_dist", "face_rate", "latent_cosine", "latent_rel_l2", "pixel_mad"}
     windows = math.ceil(FRAMES / (WINDOW_S * cfg.video.fps))
     assert report["windows"] == windows == len(report["window_edges_s"])
     assert "random" in report["students"]["distill"]["label"] and report["trained_student"] is False
     assert report["students"]["refine"]["label"].endswith("gan.pt")
-    assert [report["settings"][n]["student"] for n in SETTINGS] == ["distill", "distill", "distill", "refine"]
+    assert [report["settings"][n]["student"] for n in SETTINGS] == ["distill"] * 4 + ["refine"]
     assert "data/latents" not in report["reference_source"]  # the tmp root has none: a fixture or synthetic
     for name, row in report["settings"].items():
         assert "skipped" not in row and row["seconds"] > 0, name
@@ -119,9 +123,25 @@ def test_settings_differ_only_where_the_ablation_differs(bench):
     assert rapr_from * chunk < FRAMES
     assert torch.equal(streams[SINK][: rapr_from * chunk], streams[SINK_RAPR][: rapr_from * chunk])
     assert (streams[SINK][rapr_from * chunk :] - streams[SINK_RAPR][rapr_from * chunk :]).abs().max() > 1e-4
+    # legacy RAPR order: it re-encodes from the chunk whose end passes D + 1 (the ordered rule waits until
+    # the window fits above the sink); from there on the two streams part, and not before
+    legacy_from = next(k for k in range(20) if layouts[LEGACY].shift(1 + (k + 1) * c) > 0)
+    assert legacy_from < rapr_from
+    assert report["settings"][LEGACY]["first_chunk_differing_from_sink_rapr"] == legacy_from + 1
+    assert torch.equal(streams[LEGACY][: legacy_from * chunk], streams[SINK_RAPR][: legacy_from * chunk])
+    assert "RAPR's sink order" in report["interpretation"]
     # + GAN: the sink + RAPR layout with other weights, so it differs from the first chunk on
     assert layouts[GAN] == layouts[SINK_RAPR]
     assert report["settings"][GAN]["first_chunk_differing_from_sink_rapr"] == 1
+
+
+def test_the_legacy_setting_runs_only_where_the_rules_differ():
+    cfg = load_config(sets=["student.sink_frames=1"], root=REPO)  # the demo: the reference alone
+    layouts = drift_layouts(cfg)
+    assert same_indices(layouts[SINK_RAPR], layouts[LEGACY], 500)
+    cfg = load_config(sets=["student.sink_frames=4"], root=REPO)  # reference + first chunk
+    layouts = drift_layouts(cfg)
+    assert not same_indices(layouts[SINK_RAPR], layouts[LEGACY], 500)
 
 
 def test_face_landmarks_are_the_evaluate_stages(bench):

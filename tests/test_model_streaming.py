@@ -75,25 +75,34 @@ def test_block_causal_mask_structure():
 
 @pytest.mark.parametrize("rapr", [True, False])
 def test_streaming_equals_masked_forward_without_eviction(rapr):
+    """Every frame stays visible (a window wider than the stream). The ordered rule cannot re-encode a window
+    wider than D without pushing it into the sink, so its RAPR waits for W + C (test_rapr_* below); the legacy
+    rule re-encodes from D on: with it, streaming must still equal the masked forward."""
     model = _model()
-    layout = CausalLayout(chunk_frames=3, sink_frames=4, window_frames=1000, rapr=rapr, max_distance=5)
+    layout = CausalLayout(chunk_frames=3, sink_frames=4, window_frames=1000, rapr=rapr, max_distance=5,
+                          rapr_rule="legacy")  # fmt: skip
     x = _sequence(1 + 3 * 6)
     with torch.no_grad():
         masked = model(**x, attention="block_causal", layout=layout)
     streamed = _stream(model, x, layout)
     assert (masked - streamed).abs().max().item() <= 1e-5
     # the comparison has teeth: a vanilla-RoPE cache does not reproduce a RAPR mask (and vice versa)
-    other = CausalLayout(3, 4, 1000, rapr=not rapr, max_distance=5)
+    other = CausalLayout(3, 4, 1000, rapr=not rapr, max_distance=5, rapr_rule="legacy")
     assert (masked - _stream(model, x, other)).abs().max().item() > 1e-4
 
 
-def test_streaming_equals_masked_forward_with_sink_window_and_rapr():
+@pytest.mark.parametrize("rule", ["ordered", "legacy"])
+def test_streaming_equals_masked_forward_with_sink_window_and_rapr(rule):
     model = _model(1)
-    layout = CausalLayout(chunk_frames=3, sink_frames=4, window_frames=6, rapr=True, max_distance=10)
+    layout = CausalLayout(chunk_frames=3, sink_frames=4, window_frames=6, rapr=True, max_distance=10, rapr_rule=rule)
     x = _sequence(1 + 3 * 8, seed=2)
     with torch.no_grad():
         masked = model(**x, attention="block_causal", layout=layout)
     assert (masked - _stream(model, x, layout)).abs().max().item() <= 1e-5
+    # both rules re-encode within these 25 frames, differently: the comparison has teeth
+    other = CausalLayout(3, 4, 6, rapr=True, max_distance=10, rapr_rule="legacy" if rule == "ordered" else "ordered")
+    with torch.no_grad():
+        assert (masked - model(**x, attention="block_causal", layout=other)).abs().max().item() > 1e-4
 
 
 @torch.no_grad()
@@ -173,12 +182,38 @@ def test_rapr_makes_chunk_output_independent_of_stream_position():
 
 def test_rapr_positions_follow_the_paper():
     layout = CausalLayout(chunk_frames=3, sink_frames=4, window_frames=6, rapr=True, max_distance=10)
-    # early chunks: absolute positions (no shift until the chunk ends beyond D)
+    # early chunks: absolute positions (no shift until the chunk ends beyond the sink + D)
     assert layout.time_index([0, 1, 2, 3, 4, 5, 6, 7, 8, 9], end=10) == list(range(10))
-    # chunk [601, 604): current frames at D-2..D, window keeps its distances, sink anchored at 0..3
+    # chunk [601, 604): the sink anchored at 0..3 (reference 0, first chunk 1..3), then the window with its
+    # distances kept and the current frames on top, at D = 10 above the sink's last frame: 11..13
     keys = layout.visible(601, 604)
     assert keys == [0, 1, 2, 3, 595, 596, 597, 598, 599, 600, 601, 602, 603]
-    assert layout.time_index(keys, end=604) == [0, 1, 2, 3, 2, 3, 4, 5, 6, 7, 8, 9, 10]
+    assert layout.time_index(keys, end=604) == [0, 1, 2, 3, 5, 6, 7, 8, 9, 10, 11, 12, 13]
+    # the legacy rule (kept for the drift bench) put the sink's first chunk among the window frames
+    legacy = CausalLayout(chunk_frames=3, sink_frames=4, window_frames=6, rapr=True, max_distance=10, rapr_rule="legacy")
+    assert legacy.time_index(keys, end=604) == [0, 1, 2, 3, 2, 3, 4, 5, 6, 7, 8, 9, 10]
+
+
+@pytest.mark.parametrize("sink", [0, 1, 4, 7])
+@pytest.mark.parametrize("window, chunk, distance", [(6, 3, 10), (3, 3, 6), (12, 3, 5), (0, 2, 1), (4, 2, 30)])
+def test_rapr_keeps_every_cached_frame_distinct_and_in_order(sink, window, chunk, distance):
+    """The rule, stated without the layout's own planning: a frame's index is its absolute index until the
+    stream is long; then the current chunk's last frame sits at top = max(1, sink) - 1 + max(D, W + C), every
+    other non-sink frame keeps its distance to it, and sink frames keep their own index. Checked against
+    time_index for every chunk of a long stream: indices distinct, ascending in frame order, bounded by top."""
+    if sink > 1 and (sink - 1) % chunk:
+        pytest.skip("not a valid sink for this chunk size")
+    layout = CausalLayout(chunk_frames=chunk, sink_frames=sink, window_frames=window, rapr=True, max_distance=distance)
+    top = max(1, sink) - 1 + max(distance, window + chunk)
+    for start in range(1, 1 + chunk * 400, chunk):
+        end = start + chunk
+        keys = layout.visible(start, end)
+        last = min(end - 1, top)
+        expected = [f if f < sink else last - (end - 1 - f) for f in keys]
+        got = layout.time_index(keys, end)
+        assert got == expected, (start, keys, got)
+        assert got == sorted(set(got)), (start, keys, got)  # distinct and in frame order
+        assert 0 <= min(got) and max(got) <= top
 
 
 def _reference_model(seed: int = 0) -> AudioDiT:

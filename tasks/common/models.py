@@ -137,7 +137,7 @@ def build_vae(cfg: Config, pretrained: bool = True, root: Path | None = None) ->
 
 def build_layout(cfg: Config) -> CausalLayout:
     s = cfg.student
-    return CausalLayout(s.chunk_frames, s.sink_frames, s.window_frames, s.rapr, s.rapr_max_distance)
+    return CausalLayout(s.chunk_frames, s.sink_frames, s.window_frames, s.rapr, s.rapr_max_distance, s.rapr_rule)
 
 
 def fixed_prompt(cfg: Config) -> torch.Tensor:

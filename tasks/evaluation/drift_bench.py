@@ -2,7 +2,7 @@
 
 The paper adds the Reference Sink and then RAPR to a Self-Forcing-style rolling KV cache, then the GAN
 refinement, and reports that identity holds over long streams. This bench streams ONE seed, ONE reference
-image and audio track, for ``frames`` frames, under four settings that differ only where the paper's differ:
+image and audio track, for ``frames`` frames, under five settings that differ only where the paper's differ:
 
 * ``baseline rolling cache``: the distilled student (distill/final.pt), no sink, absolute RoPE. The reference
   frame is an ordinary cached frame and is evicted once the rolling window has moved past it (Self-Forcing);
@@ -10,6 +10,9 @@ image and audio track, for ``frames`` frames, under four settings that differ on
   RoPE, so the distance between a new chunk and the reference (and every RoPE index) grows without bound;
 * ``+ sink + RAPR``: the same student, the sink plus Reference-Anchored Positional Re-encoding, which caps
   every index at D;
+* ``+ sink + RAPR (legacy)``: the same with the old RAPR rule (model/attention.py, ``rapr_rule``), where
+  a sink of 1 + C frames kept its absolute indices and collided with window frames; the two rules coincide
+  with a sink of the reference alone, and then this setting is skipped (said so);
 * ``+ GAN``: the refined student (refine/final.pt) in the ``+ sink + RAPR`` layout.
 
 A setting whose student checkpoint is missing is reported as skipped, with the reason.
@@ -52,9 +55,10 @@ from tasks.evaluation.model_bench import hardware
 log = logging.getLogger(__name__)
 
 BASELINE, SINK, SINK_RAPR, GAN = "baseline rolling cache", "+ reference sink", "+ sink + RAPR", "+ GAN"
-SETTINGS = (BASELINE, SINK, SINK_RAPR, GAN)
+LEGACY = "+ sink + RAPR (legacy)"
+SETTINGS = (BASELINE, SINK, SINK_RAPR, LEGACY, GAN)
 DISTILL, REFINE = "distill", "refine"
-STUDENT_OF = {BASELINE: DISTILL, SINK: DISTILL, SINK_RAPR: DISTILL, GAN: REFINE}  # whose final.pt streams
+STUDENT_OF = {BASELINE: DISTILL, SINK: DISTILL, SINK_RAPR: DISTILL, LEGACY: DISTILL, GAN: REFINE}  # whose final.pt streams
 LATENT_METRICS = ("latent_cosine", "latent_rel_l2", "pixel_mad")
 FACE_METRICS = ("identity_dist", "face_rate")
 METRICS = (*FACE_METRICS, *LATENT_METRICS)
@@ -64,20 +68,32 @@ ENCODE_BATCH = 64  # frames per VAE-encoder call for the features: bounded memor
 
 # ------------------------------------------------------------------------------------------------ layouts
 def drift_layouts(cfg: Config) -> dict[str, CausalLayout]:
-    """The four settings' layouts, all derived from the profile's so that chunk size and window agree
+    """The five settings' layouts, all derived from the profile's so that chunk size and window agree
     (``+ GAN`` streams the refined student in the ``+ sink + RAPR`` layout)."""
     s = cfg.student
     if s.sink_frames < 1:
         raise ConfigError("student.sink_frames is 0: the '+ reference sink' settings would equal the "
                           "baseline; set it to 1 or 1 + k * chunk_frames")  # fmt: skip
     base = build_layout(cfg)
-    full = replace(base, sink_frames=s.sink_frames, rapr=True, max_distance=s.rapr_max_distance)
+    full = replace(base, sink_frames=s.sink_frames, rapr=True, max_distance=s.rapr_max_distance, rapr_rule="ordered")
     return {
         BASELINE: replace(base, sink_frames=0, rapr=False),
         SINK: replace(base, sink_frames=s.sink_frames, rapr=False),
         SINK_RAPR: full,
+        LEGACY: replace(full, rapr_rule="legacy"),
         GAN: full,
     }
+
+
+def same_indices(a: CausalLayout, b: CausalLayout, chunks: int) -> bool:
+    """Whether two layouts give every chunk of a ``chunks``-chunk stream the same keys at the same indices."""
+    c = a.chunk_frames
+    for k in range(chunks):
+        start, end = 1 + k * c, 1 + (k + 1) * c
+        keys = a.visible(start, end)
+        if keys != b.visible(start, end) or a.time_index(keys, end) != b.time_index(keys, end):
+            return False
+    return True
 
 
 def layout_facts(layout: CausalLayout, chunks: int, chunk_s: float) -> dict[str, Any]:
@@ -418,6 +434,11 @@ def run_drift_bench(
             log.warning("drift bench: '%s' skipped: %s", name, students[stage]["skipped"])
             continue
         layout = layouts[name]
+        if name == LEGACY and same_indices(layout, layouts[SINK_RAPR], chunks):
+            results[name] = {"student": stage, "skipped": f"the legacy and ordered RAPR rules give the same indices "
+                             f"with sink_frames={layout.sink_frames} (they differ only with a sink of 1 + k*C "
+                             "frames, e.g. --set student.sink_frames=4)"}  # fmt: skip
+            continue
         gen = StreamingGenerator(dits[stage], vae, audio, text, replace(base_settings, layout=layout))
         t0 = time.perf_counter()
         video = stream(gen, inputs, frames, progress, desc=name)
@@ -436,12 +457,12 @@ def run_drift_bench(
             "identity_dist_all_frames": faces["identity_mean"], "face_rate_all_frames": faces["face_rate_all"],
             "face_box_frames": faces["face_box_frames"],
         }  # fmt: skip
-        for other, key in ((BASELINE, "baseline"), (SINK_RAPR, "sink_rapr")):
+        for other, key in ((BASELINE, "baseline"), (SINK, "sink"), (SINK_RAPR, "sink_rapr")):
             if other in compared and name != other:
                 first, biggest = _first_difference(compared[other], video, cvf)
                 row[f"first_chunk_differing_from_{key}"] = first
                 row[f"max_abs_pixel_diff_vs_{key}"] = biggest
-        if name in (BASELINE, SINK_RAPR):
+        if name in (BASELINE, SINK, SINK_RAPR):
             compared[name] = video
         if streams_out is not None:
             streams_out[name] = video
@@ -496,7 +517,7 @@ def plot_drift(report: dict, out: Path) -> Path:
 
     centres = [(a + b) / 2 for a, b in report["window_edges_s"]]
     style = {BASELINE: ("C3", "o", "-"), SINK: ("C1", "s", "-"), SINK_RAPR: ("C0", "^", "-"),
-             GAN: ("C2", "D", "--")}  # fmt: skip
+             LEGACY: ("C4", "v", ":"), GAN: ("C2", "D", "--")}  # fmt: skip
     fig, axes = plt.subplots(2, 1, figsize=(8, 6.2), sharex=True)
     panels = (("identity_dist", "identity distance to the reference\n(1 - NCC of the grey face region)"),
               ("face_rate", "face rate (FaceMesh)"))  # fmt: skip
@@ -588,6 +609,12 @@ def interpret(report: dict, cfg: Config) -> str:
         parts.append(f"The layouts do change the frames (the sink stream parts from the baseline at chunk "
                      f"{s[SINK]['first_chunk_differing_from_baseline']}, max |pixel difference| "
                      f"{s[SINK]['max_abs_pixel_diff_vs_baseline']:.3g} in [-1, 1]).")  # fmt: skip
+    if LEGACY in ran and SINK_RAPR in ran:
+        part = s[LEGACY].get("first_chunk_differing_from_sink_rapr")
+        parts.append(f"RAPR's sink order: the legacy rule's stream parts from the ordered rule's at chunk {part}; "
+                     f"identity distance in the last window {stat(SINK_RAPR, 'identity_dist', 'last'):.3f} "
+                     f"(ordered) vs {stat(LEGACY, 'identity_dist', 'last'):.3f} (legacy), face rate "
+                     f"{stat(SINK_RAPR, 'face_rate', 'last'):.2f} vs {stat(LEGACY, 'face_rate', 'last'):.2f}.")  # fmt: skip
     facts = s[ran[0]]["layout"] if BASELINE not in ran else s[BASELINE]["layout"]
     if BASELINE in ran and facts["reference_evicted_from_s"] is None:
         parts.append("The stream is too short for the rolling window to evict the reference, so the baseline "

@@ -10,17 +10,19 @@ paths see the same keys at the same positions (tests/test_model_streaming.py pro
   ``window_frames`` non-sink frames (the rolling window);
 * RAPR: keys are cached BEFORE RoPE. Sink frames keep their own index (the reference at 0, the first
   chunk at 1..C). Every other frame ``t`` is rotated at ``t - shift`` with one shift per chunk, so all
-  distances between generated frames are kept and the chunk's last frame sits at ``min(e - 1, S' - 1 + D')``
-  when the chunk ends (exclusive) at ``e``: S' = max(1, sink_frames), D' = max(D, window_frames +
-  chunk_frames). That is the paper's "the current frame takes min(t, D), all other cached keys shift to keep
-  their relative positions", counted above the sink, so that the window (W + C frames) always sits above the
-  sink: no two cached frames share an index and their order is kept (``rapr_rule="ordered"``, the default;
-  D is raised to W + C when smaller, since a window wider than D cannot fit otherwise). With one sink frame
-  (the reference only) this is exactly the rule below. ``rapr_rule="legacy"``: shift ``max(0, e - 1 - D)``
-  for every non-sink frame whatever the sink, so with a sink of 1 + C frames the first chunk collides with
-  window frames and appears after the oldest of them; kept to measure what the ordered rule changes (bench
-  --drift). No index ever exceeds ``S' - 1 + D'`` however long the stream runs. With ``rapr=False`` every
-  frame is rotated at its absolute index (vanilla RoPE).
+  distances between generated frames are kept and the chunk's last frame sits at ``min(e - 1, top)`` when
+  the chunk ends (exclusive) at ``e``, with ``top = max(D, S' - 1 + W + C)`` (S' = max(1, sink_frames),
+  W = window_frames, C = chunk_frames): the paper's "the current frame takes min(t, D), all other cached
+  keys shift to keep their relative positions", except that D is raised just enough for the window and the
+  current chunk (W + C frames) to fit above the sink. So no two cached frames share an index and their order
+  is kept (``rapr_rule="ordered"``, the default). With the paper's sink 4, window 6, C 3, D 10 the frames of a
+  late chunk sit at 0..3 (sink), 4..9 (window), 10..12 (chunk); with the demo's sink 1, window 3, C 3, D 6 the
+  top stays D and the rule equals the legacy one. ``rapr_rule="legacy"``: shift ``max(0, e - 1 - D)`` for
+  every non-sink frame whatever the sink, so with a sink of 1 + C frames the first chunk collides with window
+  frames and appears after the oldest of them (at chunk 601 of the paper's layout: [0,1,2,3, 2,3,4,5,6,7,
+  8,9,10]); kept to measure what the ordered rule changes (bench --drift). No index ever exceeds ``top``
+  however long the stream runs. With ``rapr=False`` every frame is rotated at its absolute index (vanilla
+  RoPE).
 """
 
 from __future__ import annotations
@@ -76,8 +78,11 @@ class CausalLayout:
             return 0
         if self.rapr_rule == "legacy":
             return max(0, end - 1 - self.max_distance)
-        top = max(1, self.sink_frames) - 1 + max(self.max_distance, self.window_frames + self.chunk_frames)
-        return max(0, end - 1 - top)
+        return max(0, end - 1 - self.top())
+
+    def top(self) -> int:
+        """The highest RoPE index of the ordered rule: D, raised so the window and chunk fit above the sink."""
+        return max(self.max_distance, max(1, self.sink_frames) - 1 + self.window_frames + self.chunk_frames)
 
     def time_index(self, frames: list[int], end: int) -> list[int]:
         """RoPE time index of each frame for the chunk that ends (exclusive) at ``end``."""

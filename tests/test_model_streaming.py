@@ -185,26 +185,29 @@ def test_rapr_positions_follow_the_paper():
     # early chunks: absolute positions (no shift until the chunk ends beyond the sink + D)
     assert layout.time_index([0, 1, 2, 3, 4, 5, 6, 7, 8, 9], end=10) == list(range(10))
     # chunk [601, 604): the sink anchored at 0..3 (reference 0, first chunk 1..3), then the window with its
-    # distances kept and the current frames on top, at D = 10 above the sink's last frame: 11..13
+    # distances kept and the current frames on top; D = 10 is raised to 12 so that the 9 frames fit above the sink
     keys = layout.visible(601, 604)
     assert keys == [0, 1, 2, 3, 595, 596, 597, 598, 599, 600, 601, 602, 603]
-    assert layout.time_index(keys, end=604) == [0, 1, 2, 3, 5, 6, 7, 8, 9, 10, 11, 12, 13]
+    assert layout.time_index(keys, end=604) == list(range(13))
+    # a D that leaves room keeps the paper's min(t, D) for the current frame (a gap below the window)
+    roomy = CausalLayout(chunk_frames=3, sink_frames=4, window_frames=6, rapr=True, max_distance=15)
+    assert roomy.time_index(keys, end=604) == [0, 1, 2, 3, 7, 8, 9, 10, 11, 12, 13, 14, 15]
     # the legacy rule (kept for the drift bench) put the sink's first chunk among the window frames
     legacy = CausalLayout(chunk_frames=3, sink_frames=4, window_frames=6, rapr=True, max_distance=10, rapr_rule="legacy")
     assert legacy.time_index(keys, end=604) == [0, 1, 2, 3, 2, 3, 4, 5, 6, 7, 8, 9, 10]
 
 
 @pytest.mark.parametrize("sink", [0, 1, 4, 7])
-@pytest.mark.parametrize("window, chunk, distance", [(6, 3, 10), (3, 3, 6), (12, 3, 5), (0, 2, 1), (4, 2, 30)])
+@pytest.mark.parametrize("window, chunk, distance", [(6, 3, 10), (3, 3, 6), (12, 3, 5), (0, 2, 1), (4, 2, 30), (6, 3, 15)])
 def test_rapr_keeps_every_cached_frame_distinct_and_in_order(sink, window, chunk, distance):
     """The rule, stated without the layout's own planning: a frame's index is its absolute index until the
-    stream is long; then the current chunk's last frame sits at top = max(1, sink) - 1 + max(D, W + C), every
+    stream is long; then the current chunk's last frame sits at top = max(D, max(1, sink) - 1 + W + C), every
     other non-sink frame keeps its distance to it, and sink frames keep their own index. Checked against
     time_index for every chunk of a long stream: indices distinct, ascending in frame order, bounded by top."""
     if sink > 1 and (sink - 1) % chunk:
         pytest.skip("not a valid sink for this chunk size")
     layout = CausalLayout(chunk_frames=chunk, sink_frames=sink, window_frames=window, rapr=True, max_distance=distance)
-    top = max(1, sink) - 1 + max(distance, window + chunk)
+    top = max(distance, max(1, sink) - 1 + window + chunk)
     for start in range(1, 1 + chunk * 400, chunk):
         end = start + chunk
         keys = layout.visible(start, end)

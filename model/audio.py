@@ -205,10 +205,11 @@ class AudioStream:
         self._avatar: torch.Tensor | None = None
         self._other: torch.Tensor | None = None
 
-    def push(
-        self, avatar: torch.Tensor, interlocutor: torch.Tensor, threshold_db: float = -45.0
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """avatar/interlocutor [B, n * samples_per_frame] -> (talk, listen, mask) for those n frames."""
+    def features(self, avatar: torch.Tensor, interlocutor: torch.Tensor) -> torch.Tensor:
+        """Append n frames of both streams; the windowed features [B, n, 2k + 1, D] of those frames, computed
+        from the mix of the kept history and the new frames only: no audio after the newest frame (the +-k
+        window repeats it at the right edge). Training computes its features with this same function
+        (:func:`streamed_features`), so the student is trained on what it sees live."""
         n = avatar.shape[-1] // self.spf
         if avatar.shape != interlocutor.shape or n * self.spf != avatar.shape[-1]:
             raise ValueError(f"give both streams the same whole number of video frames ({self.spf} samples each)")
@@ -217,8 +218,34 @@ class AudioStream:
         self._other = interlocutor if self._other is None else torch.cat([self._other, interlocutor], -1)[..., -keep - avatar.shape[-1]:]
         total = self._avatar.shape[-1] // self.spf
         mix = (self._avatar + self._other).clamp(-1.0, 1.0)
-        feats = self.cond.features(mix, total)[:, -n:]
+        return self.cond.features(mix, total)[:, -n:]
+
+    def push(
+        self, avatar: torch.Tensor, interlocutor: torch.Tensor, threshold_db: float = -45.0
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """avatar/interlocutor [B, n * samples_per_frame] -> (talk, listen, mask) for those n frames."""
+        n = avatar.shape[-1] // self.spf
+        if avatar.shape != interlocutor.shape or n * self.spf != avatar.shape[-1]:
+            raise ValueError(f"give both streams the same whole number of video frames ({self.spf} samples each)")
+        feats = self.features(avatar, interlocutor)
         mask = speaking_mask(avatar, interlocutor, self.spf, n, threshold_db)
         talk, listen = split_talk_listen(feats, mask)
         f = self.cond.frames_per_latent
         return group_latent(talk, f), group_latent(listen, f), mask
+
+
+def streamed_features(cond: AudioConditioner, wave: torch.Tensor, chunk_frames: int, history_frames: int) -> torch.Tensor:
+    """The windowed features [B, T, 2k + 1, D] that a live stream computes for a clip's audio ``wave``
+    [B, T * samples_per_frame] (the conversation's mix): frame 0 is the reference (its features are those of
+    silence, as the stream's reference slot), frames 1.. are pushed chunk by chunk of ``chunk_frames`` video
+    frames through an :class:`AudioStream`, as StreamingGenerator does. Training windows start on this chunk
+    grid, so every training feature equals the streamed one (tests/test_model_audio_vae.py)."""
+    spf = cond.extractor.samples_per_frame
+    total = wave.shape[-1] // spf
+    stream = AudioStream(cond, history_frames)
+    out = [torch.zeros_like(cond.features(wave[..., :spf], 1))]  # the reference frame: silent
+    silence = torch.zeros_like(wave[..., : chunk_frames * spf])
+    for a in range(1, total, chunk_frames):
+        b = min(a + chunk_frames, total)
+        out.append(stream.features(wave[..., a * spf : b * spf], silence[..., : (b - a) * spf]))
+    return torch.cat(out, dim=1)

@@ -31,7 +31,13 @@ import pandas as pd
 import torch
 from tqdm import tqdm
 
-from model.audio import AudioConditioner, group_latent, split_talk_listen, window_frames, with_reference_slot
+from model.audio import (
+    AudioConditioner,
+    group_latent,
+    split_talk_listen,
+    streamed_features,
+    with_reference_slot,
+)
 from model.vae import VideoVAE
 from tasks.common.media import MediaError, read_audio, read_frames
 from tasks.config import Config, ConfigError
@@ -59,7 +65,8 @@ def fingerprint(cfg: Config) -> str:
     """What a clip's encoded windows depend on."""
     keys = {"video": cfg.video.model_dump(mode="json"), "vae": cfg.vae.model_dump(mode="json"),
             "audio": cfg.audio.model_dump(mode="json"), "chunk": cfg.student.chunk_frames,
-            "window_chunks": cfg.train.window_chunks, "stride": cfg.train.window_stride_chunks}  # fmt: skip
+            "window_chunks": cfg.train.window_chunks, "stride": cfg.train.window_stride_chunks,
+            "audio_features": "streamed"}  # fmt: skip
     return hashlib.sha256(json.dumps(keys, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -119,7 +126,9 @@ def encode_clip(cfg: Config, root: Path, row: pd.Series, vae: VideoVAE, audio: A
         raise MediaError(f"{row.video_path}: {total} frames, shorter than one training window of {length}")
     wave_t = torch.from_numpy(np.pad(wave, (0, max(0, total * spf - len(wave))))[: total * spf])[None]
     with torch.no_grad():
-        feats = window_frames(audio.extractor(wave_t.to(module_device(audio)), total), audio.window).float().cpu()
+        # what the live stream computes (chunk by chunk, past audio only), not the whole clip at once
+        feats = streamed_features(audio, wave_t.to(module_device(audio)), cfg.student.chunk_frames * cfg.vae.temporal_compression,
+                                  cfg.audio.history_frames).float().cpu()  # fmt: skip
     out = {k: [] for k in ("latents", "talk", "listen", "wave", "mask", "reference")}
     device = vae.mean.device
     for s in starts:

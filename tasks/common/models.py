@@ -55,10 +55,11 @@ def dit_spec(cfg: Config, audio_dim: int) -> DiTSpec:
     )  # fmt: skip
 
 
-def build_dit(cfg: Config, audio_dim: int, pretrained: bool = True) -> AudioDiT:
-    """The AudioDiT of the profile: random init, or Wan weights from ``model.pretrained_path``."""
+def build_dit(cfg: Config, audio_dim: int, pretrained: bool = True, dtype: torch.dtype | None = None) -> AudioDiT:
+    """The AudioDiT of the profile: random init, or Wan weights from ``model.pretrained_path``; its parameters
+    in ``dtype`` (default ``project.dtype``; training passes float32: master weights, bf16 via autocast)."""
     spec = dit_spec(cfg, audio_dim)
-    device, dtype = device_of(cfg), dtype_of(cfg)
+    device, dtype = device_of(cfg), dtype or dtype_of(cfg)
     if pretrained and cfg.model.pretrained_path:
         model = load_wan_transformer(cfg.model.pretrained_path, audio_dim, dtype=dtype, device=device)
         wrong = {k: (getattr(model.spec, k), v) for k, v in spec.to_json().items() if getattr(model.spec, k) != v}

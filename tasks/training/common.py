@@ -43,10 +43,17 @@ class Run:
     root: Path
     dist: Dist
     device: torch.device
-    dtype: torch.dtype
+    dtype: torch.dtype  # of the parameters and inputs: float32, the master weights AdamW updates
     text: torch.Tensor  # [1, text_len, text_dim], the fixed prompt's embedding
     audio: AudioConditioner
     progress: bool
+    compute: torch.dtype = torch.float32  # project.dtype: what the steps compute in (autocast)
+
+    def autocast(self):
+        """The steps' mixed precision: bf16/fp16 compute on float32 master weights (a no-op for float32).
+        Parameters stored in bf16 would lose AdamW's small updates: at lr 2e-6 most weights of magnitude ~0.02
+        would not change at all (tests/test_mixed_precision.py)."""
+        return torch.autocast(self.device.type, dtype=self.compute, enabled=self.compute != torch.float32)
 
     @property
     def checkpoint_root(self) -> Path:
@@ -68,7 +75,8 @@ def start_run(cfg: Config, root: Path, progress: bool = True) -> Run:
     text = prompt_embedding(cfg.model.prompt, cfg.model.text_len, cfg.model.text_dim, cfg.model.text_encoder_path,
                             cache_dir=root / "data" / "cache", dtype=dtype_of(cfg))  # fmt: skip
     audio = build_audio(cfg).to(dist.device)
-    return Run(cfg, root, dist, dist.device, dtype_of(cfg), text.float(), audio, progress and dist.main)
+    return Run(cfg, root, dist, dist.device, torch.float32, text.float(), audio, progress and dist.main,
+               compute=dtype_of(cfg))  # fmt: skip
 
 
 def run_fingerprint(cfg: Config, sections: list[str], extra: dict | None = None) -> str:
@@ -88,8 +96,9 @@ def model_sections() -> list[str]:
     return ["project.seed", "project.dtype", "model", "vae", "audio", "video", "student", "train"]
 
 
-def dit_from_state(cfg: Config, audio: AudioConditioner, state: dict, device: torch.device) -> AudioDiT:
-    dit = build_dit(cfg, audio.token_dim, pretrained=False).to(device)
+def dit_from_state(cfg: Config, audio: AudioConditioner, state: dict, device: torch.device,
+                   dtype: torch.dtype | None = None) -> AudioDiT:  # fmt: skip
+    dit = build_dit(cfg, audio.token_dim, pretrained=False, dtype=dtype).to(device)
     dit.load_state_dict(state)
     return dit
 

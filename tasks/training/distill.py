@@ -80,7 +80,7 @@ def run_distill(cfg: Config, root: Path, progress: bool = True) -> StageResult:
                 "pairs": pairs_digest(cfg, root)}  # fmt: skip
 
     # 1. ODE initialisation; measured on held-out pairs before and after
-    student = dit_from_state(cfg, run.audio, teacher_state, run.device)
+    student = dit_from_state(cfg, run.audio, teacher_state, run.device, run.dtype)
     before, reg_before = ode_match(run, student), ode_regression(run, student)
     fp_init = run_fingerprint(cfg, model_sections() + ["ode_init"], upstream)
     student, init_last = ode_init(run, student, fp_init)
@@ -90,7 +90,7 @@ def run_distill(cfg: Config, root: Path, progress: bool = True) -> StageResult:
                       "fingerprint": fp_init}, run.checkpoint_root / STAGE / "ode_init.pt")  # fmt: skip
 
     # 2. SiD with student forcing; measured on the same held-out pairs before (= after ODE init) and after
-    teacher = frozen(dit_from_state(cfg, run.audio, teacher_state, run.device))
+    teacher = frozen(dit_from_state(cfg, run.audio, teacher_state, run.device, run.dtype))
     fp_sid = run_fingerprint(cfg, model_sections() + ["ode_init", STAGE], upstream)
     student, sid_last, sid_hist = sid(run, student, teacher, fp_sid)
     sid_after = ode_match(run, student)
@@ -189,7 +189,8 @@ def ode_init(run: Run, student, fingerprint: str):
             ckpt.save(s, {"model": sd, "optimizer": opt.state_dict()})
 
     metrics = Metrics(ckpt.dir / "metrics.jsonl", "ode_init", cfg.train.log_every, dist.main, fresh=start == 0)
-    last = run_loop("ode_init", start, o.iterations, step, save, metrics, cfg.train.checkpoint_every, run.progress)
+    last = run_loop("ode_init", start, o.iterations, step, save, metrics, cfg.train.checkpoint_every, run.progress,
+                    amp=run.autocast)  # fmt: skip
     return student, last
 
 
@@ -344,7 +345,8 @@ def sid(run: Run, student, teacher, fingerprint: str):
                           "fake_optimizer": opt_f.state_dict()})  # fmt: skip
 
     metrics = Metrics(ckpt.dir / "metrics.jsonl", "sid", cfg.train.log_every, dist.main, fresh=start == 0)
-    last = run_loop("sid", start, d.iterations, step, save, metrics, cfg.train.checkpoint_every, run.progress)
+    last = run_loop("sid", start, d.iterations, step, save, metrics, cfg.train.checkpoint_every, run.progress,
+                    amp=run.autocast)  # fmt: skip
     hist = {}
     rows = [r for r in metrics.history if r["step"] < d.iterations]
     if rows:  # none when distill.iterations is 0 (ODE init alone)

@@ -18,6 +18,7 @@ differs (changed config, new upstream weights) starts over instead of resuming s
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -291,13 +292,16 @@ def run_loop(
     metrics: Metrics,
     checkpoint_every: int,
     progress: bool,
+    amp: Callable[[], contextlib.AbstractContextManager] | None = None,
 ) -> dict[str, float]:
-    """Steps ``start .. total - 1``; a checkpoint every ``checkpoint_every`` steps and after the last one."""
+    """Steps ``start .. total - 1``; a checkpoint every ``checkpoint_every`` steps and after the last one.
+    ``amp``: the context each step runs in (mixed precision: Run.autocast)."""
     last: dict[str, float] = {}
     t0 = time.perf_counter()
     bar = tqdm(range(start, total), initial=start, total=total, desc=name, unit="it", disable=not progress)
     for step in bar:
-        values = step_fn(step)
+        with amp() if amp is not None else contextlib.nullcontext():
+            values = step_fn(step)
         for k, v in values.items():
             if not np.isfinite(v):
                 raise FloatingPointError(f"{name}: {k} is {v} at step {step}; the last good checkpoint is kept")

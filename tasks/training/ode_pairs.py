@@ -92,7 +92,7 @@ def run_ode_pairs(cfg: Config, root: Path, progress: bool = True) -> StageResult
     c = cfg.ode_pairs
     teacher_path = run.checkpoint_root / "teacher" / "final.pt"
     state = load_final(teacher_path, "teacher")
-    teacher = frozen(dit_from_state(cfg, run.audio, state["model"], run.device))
+    teacher = frozen(dit_from_state(cfg, run.audio, state["model"], run.device, run.dtype))
     out = root / c.out_dir
     (out / "shards").mkdir(parents=True, exist_ok=True)
     index_path = out / "index.parquet"
@@ -140,7 +140,7 @@ def run_ode_pairs(cfg: Config, root: Path, progress: bool = True) -> StageResult
 
             fn = teacher_velocity(teacher, run.context(teacher, 1), w.talk.to(run.device), w.listen.to(run.device),
                                   c.cfg_scale)  # fmt: skip
-            with torch.no_grad():
+            with torch.no_grad(), run.autocast():
                 if c.eta:
                     g = step_generator(cfg.project.seed, STAGE, 1, pid)
                     x0 = ancestral_sample_sigmas(fn, x, sigmas, c.eta, g, given_frames=1, keep=keep)

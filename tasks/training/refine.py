@@ -162,8 +162,8 @@ def run_refine(cfg: Config, root: Path, progress: bool = True) -> StageResult:
     teacher_path = run.checkpoint_root / "teacher" / "final.pt"
     student_path = run.checkpoint_root / "distill" / "final.pt"
     student = dit_from_state(cfg, run.audio, load_final(student_path, "distilled student (stage distill)")["model"],
-                             device)  # fmt: skip
-    backbone = dit_from_state(cfg, run.audio, load_final(teacher_path, "teacher")["model"], device)
+                             device, run.dtype)  # fmt: skip
+    backbone = dit_from_state(cfg, run.audio, load_final(teacher_path, "teacher")["model"], device, run.dtype)
     data = load_windows(cfg, root, "train")
     n_frames = data.latents.shape[2]
     disc = build_discriminator(cfg, backbone, n_frames).to(device)
@@ -219,7 +219,8 @@ def run_refine(cfg: Config, root: Path, progress: bool = True) -> StageResult:
                           "disc_optimizer": opt_d.state_dict()})  # fmt: skip
 
     metrics = Metrics(ckpt.dir / "metrics.jsonl", STAGE, cfg.train.log_every, dist.main, fresh=start == 0)
-    last = run_loop(STAGE, start, r.iterations, step, save, metrics, cfg.train.checkpoint_every, run.progress)
+    last = run_loop(STAGE, start, r.iterations, step, save, metrics, cfg.train.checkpoint_every, run.progress,
+                    amp=run.autocast)  # fmt: skip
     after = held_out(run, student, val)
     result = StageResult(STAGE)
     sd = state_dict_of(student)

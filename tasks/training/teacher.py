@@ -59,7 +59,7 @@ def run_teacher(cfg: Config, root: Path, progress: bool = True) -> StageResult:
     data = load_windows(cfg, root, "train")
     val = load_windows(cfg, root, "val", limit=cfg.train.val_windows)
 
-    model = build_dit(cfg, run.audio.token_dim)  # Wan weights from model.pretrained_path, or the demo's random init
+    model = build_dit(cfg, run.audio.token_dim, dtype=run.dtype)  # Wan weights from model.pretrained_path, or the demo's random init
     init = None
     if t.init_from and not cfg.model.pretrained_path:
         init = load_base_dit(cfg, root, model)
@@ -107,7 +107,8 @@ def run_teacher(cfg: Config, root: Path, progress: bool = True) -> StageResult:
             ckpt.save(s, {"model": sd, "optimizer": opt.state_dict()})
 
     metrics = Metrics(ckpt.dir / "metrics.jsonl", STAGE, cfg.train.log_every, dist.main, fresh=start == 0)
-    last = run_loop(STAGE, start, t.iterations, step, save, metrics, cfg.train.checkpoint_every, run.progress)
+    last = run_loop(STAGE, start, t.iterations, step, save, metrics, cfg.train.checkpoint_every, run.progress,
+                    amp=run.autocast)  # fmt: skip
     result = StageResult(STAGE)
     final_sd = state_dict_of(model)
     if dist.main:

@@ -86,9 +86,14 @@ class DiTSpec:
 
 @dataclass
 class PreparedContext:
-    """Text cross-attention keys/values of every layer, computed once per prompt (the prompt is fixed)."""
+    """Text cross-attention keys/values of every layer, computed once per prompt (the prompt is fixed).
+
+    With ``text`` set instead (``kv`` empty) the context is lazy: the raw prompt embedding, which each block
+    turns into its keys/values inside its own forward. That is what a model sharded with FSDP2 needs: its
+    weights are only gathered inside the forward of the module that owns them."""
 
     kv: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
+    text: torch.Tensor | None = None
 
 
 class AudioAttention(nn.Module):
@@ -203,7 +208,7 @@ class AudioDiTBlock(nn.Module):
         self,
         x: torch.Tensor,
         temb: torch.Tensor,
-        text_kv: tuple[torch.Tensor, torch.Tensor],
+        text_kv: tuple[torch.Tensor, torch.Tensor] | torch.Tensor,
         segments: list[_Segment],
         frames: int,
         audio_talk: torch.Tensor | None = None,
@@ -227,7 +232,9 @@ class AudioDiTBlock(nn.Module):
         h = modulate(self.norm1, x, scale, shift)
         x = gated(x, self.self_attention(h, segments, frames, cache, layer, write), gate)
 
-        # 2. text cross-attention
+        # 2. text cross-attention (``text_kv``: this layer's cached keys/values, or the embedded prompt)
+        if isinstance(text_kv, torch.Tensor):
+            text_kv = self.text_kv(text_kv)
         h = self.norm2(x.float()).type_as(x)
         attn = self.attn2
         q = attn.norm_q(attn.to_q(h)).unflatten(2, (attn.heads, -1))
@@ -276,9 +283,17 @@ class AudioDiT(nn.Module):
 
     # -- conditioning -------------------------------------------------------------------------------------
     def prepare_text(self, text: torch.Tensor) -> PreparedContext:
-        """Embed the prompt and compute every layer's cross-attention K/V once."""
+        """Embed the prompt and compute every layer's cross-attention K/V once; for a model sharded with FSDP2
+        (whose weights exist only inside forward), a lazy context that the forward computes."""
+        if self.sharded:
+            return PreparedContext(text=text)
         states = self.condition_embedder.text_embedder(text)
         return PreparedContext([block.text_kv(states) for block in self.blocks])
+
+    @property
+    def sharded(self) -> bool:
+        """Whether FSDP2 shards the weights (DTensor parameters)."""
+        return type(self.proj_out.weight).__name__ == "DTensor"
 
     def embed_audio(self, audio: torch.Tensor | None) -> torch.Tensor | None:
         if audio is None or self.audio_embedder is None:
@@ -395,7 +410,10 @@ class AudioDiT(nn.Module):
         x = self.patch_embedding(latents).flatten(2).transpose(1, 2).contiguous()
         x = self.add_reference(x, latents, attention, layout, cache, frame_start, write_cache)
         temb, temb_proj = self._time_embedding(timestep)
-        context = text if isinstance(text, PreparedContext) else self.prepare_text(text)
+        context = text if isinstance(text, PreparedContext) else PreparedContext(text=text)
+        if not context.kv:  # the prompt embedded here, each layer's K/V in its own block (FSDP-safe)
+            states = self.condition_embedder.text_embedder(context.text)
+            context = PreparedContext([states] * len(self.blocks))
         talk, listen = self.embed_audio(audio_talk), self.embed_audio(audio_listen)
         segments = self._plan(attention, frames, hp, wp, layout, cache, frame_start, latents.device)
         write = list(range(frame_start, frame_start + frames)) if (write_cache and cache is not None) else None

@@ -103,6 +103,14 @@ def dit_from_state(cfg: Config, audio: AudioConditioner, state: dict, device: to
     return dit
 
 
+def whole(run: Run, model: AudioDiT, state: dict) -> AudioDiT:
+    """The trained model for what rank 0 measures alone: itself, or, when FSDP2 shards it (its forward would
+    wait for the other ranks), a whole copy built from the gathered ``state``."""
+    if not model.sharded:
+        return model
+    return dit_from_state(run.cfg, run.audio, state, run.device, run.dtype).eval()
+
+
 def frozen(model: nn.Module) -> nn.Module:
     model.eval()
     for p in model.parameters():

@@ -51,6 +51,7 @@ from tasks.training.common import (
     student_samples,
     teacher_x0,
     trainable,
+    whole,
 )
 from tasks.training.data import windows_digest
 from tasks.training.engine import (
@@ -60,9 +61,10 @@ from tasks.training.engine import (
     file_digest,
     global_batch,
     load_final,
+    optimizer_state,
     optimizer_step,
+    prepare_training,
     run_loop,
-    shard_model,
     state_dict_of,
     step_generator,
 )
@@ -85,8 +87,9 @@ def run_distill(cfg: Config, root: Path, progress: bool = True) -> StageResult:
     fp_init = run_fingerprint(cfg, model_sections() + ["ode_init"], upstream)
     student, init_last = ode_init(run, student, fp_init)
     after, reg_after = ode_match(run, student), ode_regression(run, student)
+    init_sd = state_dict_of(student)  # under FSDP2 a collective: every rank
     if dist.main:  # the student after ODE init alone, for evaluate's chain table (before SiD changes it)
-        atomic_save({"model": state_dict_of(student), "spec": student.spec.to_json(), "step": cfg.ode_init.iterations,
+        atomic_save({"model": init_sd, "spec": student.spec.to_json(), "step": cfg.ode_init.iterations,
                       "fingerprint": fp_init}, run.checkpoint_root / STAGE / "ode_init.pt")  # fmt: skip
 
     # 2. SiD with student forcing; measured on the same held-out pairs before (= after ODE init) and after
@@ -98,6 +101,7 @@ def run_distill(cfg: Config, root: Path, progress: bool = True) -> StageResult:
     result = StageResult(STAGE)
     sd = state_dict_of(student)
     if dist.main:
+        student = whole(run, student, sd)
         ckpt = run.checkpoints(STAGE, fp_sid)
         final = ckpt.save_final({"model": sd, "spec": student.spec.to_json(), "step": cfg.distill.iterations})
         report = root / "data" / "reports" / STAGE
@@ -152,14 +156,11 @@ def ode_init(run: Run, student, fingerprint: str):
     index, states, x0, sigmas = load_pairs(cfg, run.root, "train")
     windows = windows_for(cfg, run.root, index, "train")
     ckpt = run.checkpoints(f"{STAGE}/ode_init", fingerprint)
-    opt = torch.optim.AdamW(student.parameters(), lr=o.lr, weight_decay=cfg.train.weight_decay)
-    start = 0
     state = ckpt.latest()
-    if state is not None:
-        student.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        start = state["step"]
-    student = shard_model(student.train(), dist, cfg.train.parallel)
+    start = state["step"] if state is not None else 0
+    student, opt = prepare_training(
+        student.train(), lambda m: torch.optim.AdamW(m.parameters(), lr=o.lr, weight_decay=cfg.train.weight_decay),
+        dist, cfg.train.parallel, state and state["model"], state and state["optimizer"])  # fmt: skip
     n_frames = 1 + x0.shape[2]
     chunks = layout.chunks(n_frames)[1:]
     sig = torch.tensor(sigmas)
@@ -184,9 +185,9 @@ def ode_init(run: Run, student, fingerprint: str):
         return {"loss": dist.mean(float(loss.detach())), "grad_norm": float(gnorm)}
 
     def save(s: int) -> None:
-        sd = state_dict_of(student)
+        sd, osd = state_dict_of(student), optimizer_state(student, opt, dist, cfg.train.parallel)
         if dist.main:
-            ckpt.save(s, {"model": sd, "optimizer": opt.state_dict()})
+            ckpt.save(s, {"model": sd, "optimizer": osd})
 
     metrics = Metrics(ckpt.dir / "metrics.jsonl", "ode_init", cfg.train.log_every, dist.main, fresh=start == 0)
     last = run_loop("ode_init", start, o.iterations, step, save, metrics, cfg.train.checkpoint_every, run.progress,
@@ -301,18 +302,15 @@ def sid(run: Run, student, teacher, fingerprint: str):
     data = load_windows(cfg, run.root, "train")
     fake = trainable(clone(teacher).train())
     ckpt = run.checkpoints(STAGE + "/sid", fingerprint)
-    opt_g = torch.optim.AdamW(student.parameters(), lr=d.lr, betas=(0.0, 0.999), weight_decay=cfg.train.weight_decay)
-    opt_f = torch.optim.AdamW(fake.parameters(), lr=d.fake_lr, betas=(0.0, 0.999), weight_decay=cfg.train.weight_decay)
-    start = 0
     state = ckpt.latest()
-    if state is not None:
-        student.load_state_dict(state["model"])
-        fake.load_state_dict(state["fake"])
-        opt_g.load_state_dict(state["optimizer"])
-        opt_f.load_state_dict(state["fake_optimizer"])
-        start = state["step"]
-    student = shard_model(student.train(), dist, cfg.train.parallel)
-    fake = shard_model(fake, dist, cfg.train.parallel)
+    start = state["step"] if state is not None else 0
+    wd = cfg.train.weight_decay
+    student, opt_g = prepare_training(
+        student.train(), lambda m: torch.optim.AdamW(m.parameters(), lr=d.lr, betas=(0.0, 0.999), weight_decay=wd),
+        dist, cfg.train.parallel, state and state["model"], state and state["optimizer"])  # fmt: skip
+    fake, opt_f = prepare_training(
+        fake, lambda m: torch.optim.AdamW(m.parameters(), lr=d.fake_lr, betas=(0.0, 0.999), weight_decay=wd),
+        dist, cfg.train.parallel, state and state["fake"], state and state["fake_optimizer"])  # fmt: skip
     n_frames = data.latents.shape[2]
     chunks = layout.chunks(n_frames)[1:]
     gb = d.batch_size * dist.world
@@ -340,9 +338,9 @@ def sid(run: Run, student, teacher, fingerprint: str):
 
     def save(s: int) -> None:
         sd, fsd = state_dict_of(student), state_dict_of(fake)
+        osd, fosd = (optimizer_state(m, o, dist, cfg.train.parallel) for m, o in ((student, opt_g), (fake, opt_f)))
         if dist.main:
-            ckpt.save(s, {"model": sd, "fake": fsd, "optimizer": opt_g.state_dict(),
-                          "fake_optimizer": opt_f.state_dict()})  # fmt: skip
+            ckpt.save(s, {"model": sd, "fake": fsd, "optimizer": osd, "fake_optimizer": fosd})
 
     metrics = Metrics(ckpt.dir / "metrics.jsonl", "sid", cfg.train.log_every, dist.main, fresh=start == 0)
     last = run_loop("sid", start, d.iterations, step, save, metrics, cfg.train.checkpoint_every, run.progress,

@@ -55,7 +55,8 @@ class Dist:
         """Mean of every gradient over the ranks (one all-reduce of a flat buffer)."""
         if self.world == 1:
             return
-        grads = [p.grad for p in params if p.grad is not None]
+        # FSDP2's parameters (DTensors) have their gradients reduced by FSDP itself: never twice
+        grads = [p.grad for p in params if p.grad is not None and type(p).__name__ != "DTensor"]
         if not grads:
             return
         flat = torch.cat([g.reshape(-1) for g in grads])
@@ -106,7 +107,7 @@ def rank_from_env() -> int:
 
 def shard_model(model: nn.Module, dist: Dist, parallel: str) -> nn.Module:
     """FSDP2 per transformer block, then the root, for ``train.parallel=fsdp`` with several ranks."""
-    if parallel != "fsdp" or dist.world == 1:
+    if parallel != "fsdp" or dist.world == 1 or getattr(model, "sharded", False):
         return model
     from torch.distributed.fsdp import fully_shard
 
@@ -118,6 +119,35 @@ def shard_model(model: nn.Module, dist: Dist, parallel: str) -> nn.Module:
 
 def sharded(parallel: str, dist: Dist) -> bool:
     return parallel == "fsdp" and dist.world > 1
+
+
+def prepare_training(model: nn.Module, make_optimizer: Callable[[nn.Module], torch.optim.Optimizer], dist: Dist,
+                     parallel: str, model_state: dict | None = None, optimizer_state: dict | None = None,
+                     ) -> tuple[nn.Module, torch.optim.Optimizer]:  # fmt: skip
+    """A resumed state loaded into the whole model, the model sharded (FSDP2 with several ranks), then its
+    optimiser built over the parameters it now has and its state loaded. The order matters: fully_shard
+    replaces the parameters, so an optimiser built before it would update tensors the model no longer uses."""
+    if model_state is not None:
+        model.load_state_dict(model_state)
+    model = shard_model(model, dist, parallel)
+    opt = make_optimizer(model)
+    if optimizer_state is not None:
+        if sharded(parallel, dist):
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+            set_optimizer_state_dict(model, opt, optimizer_state, options=StateDictOptions(full_state_dict=True))
+        else:
+            opt.load_state_dict(optimizer_state)
+    return model, opt
+
+
+def optimizer_state(model: nn.Module, opt: torch.optim.Optimizer, dist: Dist, parallel: str) -> dict:
+    """The optimiser's whole state for a checkpoint (under FSDP2 a collective: call it on every rank)."""
+    if sharded(parallel, dist):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        return get_optimizer_state_dict(model, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return opt.state_dict()
 
 
 # -------------------------------------------------------------------------------------------- randomness

@@ -41,6 +41,7 @@ from tasks.training.common import (
     student_sample,
     student_samples,
     trainable,
+    whole,
 )
 from tasks.training.data import WindowSet, load_windows, windows_digest
 from tasks.training.engine import (
@@ -49,9 +50,10 @@ from tasks.training.engine import (
     file_digest,
     global_batch,
     load_final,
+    optimizer_state,
     optimizer_step,
+    prepare_training,
     run_loop,
-    shard_model,
     state_dict_of,
     step_generator,
 )
@@ -172,17 +174,15 @@ def run_refine(cfg: Config, root: Path, progress: bool = True) -> StageResult:
     ckpt = run.checkpoints(STAGE, run_fingerprint(cfg, model_sections() + [STAGE], upstream))
     val = load_windows(cfg, root, "val", limit=cfg.train.val_windows)
     before = held_out(run, student, val)  # the distilled student, before any resumed refinement
-    opt_g = torch.optim.AdamW(student.parameters(), lr=r.lr, betas=(0.0, 0.999), weight_decay=cfg.train.weight_decay)
-    opt_d = torch.optim.AdamW(disc.parameters(), lr=r.disc_lr, betas=(0.0, 0.999), weight_decay=cfg.train.weight_decay)
-    start = 0
     state = ckpt.latest()
-    if state is not None:
-        student.load_state_dict(state["model"])
-        disc.load_state_dict(state["discriminator"])
-        opt_g.load_state_dict(state["optimizer"])
-        opt_d.load_state_dict(state["disc_optimizer"])
-        start = state["step"]
-    student = shard_model(student.train(), dist, cfg.train.parallel)
+    start = state["step"] if state is not None else 0
+    wd = cfg.train.weight_decay
+    student, opt_g = prepare_training(
+        student.train(), lambda m: torch.optim.AdamW(m.parameters(), lr=r.lr, betas=(0.0, 0.999), weight_decay=wd),
+        dist, cfg.train.parallel, state and state["model"], state and state["optimizer"])  # fmt: skip
+    disc, opt_d = prepare_training(  # the discriminator is small: replicated
+        disc, lambda m: torch.optim.AdamW(m.parameters(), lr=r.disc_lr, betas=(0.0, 0.999), weight_decay=wd),
+        dist, "none", state and state["discriminator"], state and state["disc_optimizer"])  # fmt: skip
     disc.train()
     layout = build_layout(cfg)
     sigmas = student_sigmas(cfg.student.steps, cfg.student.timestep_shift)
@@ -214,9 +214,9 @@ def run_refine(cfg: Config, root: Path, progress: bool = True) -> StageResult:
 
     def save(s: int) -> None:
         sd, dsd = state_dict_of(student), state_dict_of(disc)
+        osd = optimizer_state(student, opt_g, dist, cfg.train.parallel)
         if dist.main:
-            ckpt.save(s, {"model": sd, "discriminator": dsd, "optimizer": opt_g.state_dict(),
-                          "disc_optimizer": opt_d.state_dict()})  # fmt: skip
+            ckpt.save(s, {"model": sd, "discriminator": dsd, "optimizer": osd, "disc_optimizer": opt_d.state_dict()})
 
     metrics = Metrics(ckpt.dir / "metrics.jsonl", STAGE, cfg.train.log_every, dist.main, fresh=start == 0)
     last = run_loop(STAGE, start, r.iterations, step, save, metrics, cfg.train.checkpoint_every, run.progress,
@@ -225,6 +225,7 @@ def run_refine(cfg: Config, root: Path, progress: bool = True) -> StageResult:
     result = StageResult(STAGE)
     sd = state_dict_of(student)
     if dist.main:
+        student = whole(run, student, sd)
         final = ckpt.save_final({"model": sd, "spec": student.spec.to_json(), "step": r.iterations})
         report = root / "data" / "reports" / STAGE
         report.mkdir(parents=True, exist_ok=True)

@@ -31,15 +31,17 @@ from tasks.training.common import (
     run_fingerprint,
     start_run,
     teacher_sample,
+    whole,
 )  # fmt: skip
 from tasks.training.data import build_windows, load_windows, windows_digest
 from tasks.training.engine import (
     Metrics,
     file_digest,
     global_batch,
+    optimizer_state,
     optimizer_step,
+    prepare_training,
     run_loop,
-    shard_model,
     state_dict_of,
     step_generator,
 )
@@ -73,14 +75,12 @@ def run_teacher(cfg: Config, root: Path, progress: bool = True) -> StageResult:
     text_val = run.text.to(device)
     before = heldout_fm_losses(model, val_dev, text_val, val.talk.to(device), val.listen.to(device), mean, var)
     gaussian = heldout_fm_losses(None, val_dev, text_val, val.talk, val.listen, mean, var)
-    opt = torch.optim.AdamW(param_groups(model, t.lr, t.audio_lr_scale), lr=t.lr, weight_decay=cfg.train.weight_decay)
-    start = 0
     state = ckpt.latest()
-    if state is not None:
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        start = state["step"]
-    model = shard_model(model.train(), dist, cfg.train.parallel)
+    start = state["step"] if state is not None else 0
+    model, opt = prepare_training(
+        model.train(), lambda m: torch.optim.AdamW(param_groups(m, t.lr, t.audio_lr_scale), lr=t.lr,
+                                                   weight_decay=cfg.train.weight_decay),
+        dist, cfg.train.parallel, state and state["model"], state and state["optimizer"])  # fmt: skip
     gb = t.batch_size * dist.world
     spatial = None
     if t.mouth_weight != 1.0:
@@ -102,9 +102,9 @@ def run_teacher(cfg: Config, root: Path, progress: bool = True) -> StageResult:
         return {"loss": dist.mean(float(loss.detach())), "grad_norm": float(gnorm)}
 
     def save(s: int) -> None:
-        sd = state_dict_of(model)
+        sd, osd = state_dict_of(model), optimizer_state(model, opt, dist, cfg.train.parallel)
         if dist.main:
-            ckpt.save(s, {"model": sd, "optimizer": opt.state_dict()})
+            ckpt.save(s, {"model": sd, "optimizer": osd})
 
     metrics = Metrics(ckpt.dir / "metrics.jsonl", STAGE, cfg.train.log_every, dist.main, fresh=start == 0)
     last = run_loop(STAGE, start, t.iterations, step, save, metrics, cfg.train.checkpoint_every, run.progress,
@@ -112,6 +112,7 @@ def run_teacher(cfg: Config, root: Path, progress: bool = True) -> StageResult:
     result = StageResult(STAGE)
     final_sd = state_dict_of(model)
     if dist.main:
+        model = whole(run, model, final_sd)
         final = ckpt.save_final({"model": final_sd, "spec": model.spec.to_json(), "step": t.iterations})
         history = _history(ckpt.dir / "metrics.jsonl", t.iterations)
         m = {"windows_train": float(len(data)), "windows_val": float(len(val)), "steps": float(t.iterations), **history}

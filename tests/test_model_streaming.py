@@ -197,15 +197,18 @@ def test_rapr_positions_follow_the_paper():
     assert legacy.time_index(keys, end=604) == [0, 1, 2, 3, 2, 3, 4, 5, 6, 7, 8, 9, 10]
 
 
-@pytest.mark.parametrize("sink", [0, 1, 4, 7])
-@pytest.mark.parametrize("window, chunk, distance", [(6, 3, 10), (3, 3, 6), (12, 3, 5), (0, 2, 1), (4, 2, 30), (6, 3, 15)])
+LAYOUTS = [(6, 3, 10), (3, 3, 6), (12, 3, 5), (0, 2, 1), (4, 2, 30), (6, 3, 15)]  # window, chunk, D
+
+
+@pytest.mark.parametrize("sink, window, chunk, distance", [
+    (sink, *layout) for sink in (0, 1, 4, 7) for layout in LAYOUTS
+    if sink <= 1 or (sink - 1) % layout[1] == 0  # a sink is the reference + whole chunks
+])  # fmt: skip
 def test_rapr_keeps_every_cached_frame_distinct_and_in_order(sink, window, chunk, distance):
     """The rule, stated without the layout's own planning: a frame's index is its absolute index until the
     stream is long; then the current chunk's last frame sits at top = max(D, max(1, sink) - 1 + W + C), every
     other non-sink frame keeps its distance to it, and sink frames keep their own index. Checked against
     time_index for every chunk of a long stream: indices distinct, ascending in frame order, bounded by top."""
-    if sink > 1 and (sink - 1) % chunk:
-        pytest.skip("not a valid sink for this chunk size")
     layout = CausalLayout(chunk_frames=chunk, sink_frames=sink, window_frames=window, rapr=True, max_distance=distance)
     top = max(distance, max(1, sink) - 1 + window + chunk)
     for start in range(1, 1 + chunk * 400, chunk):

@@ -102,6 +102,19 @@ class LinearResampler:
         return out
 
 
+def control(text: str, expected: str, where: str) -> dict:
+    """A text message parsed as the JSON object ``{"type": expected, ...}``; ProtocolError (bad_json, or
+    expected_start / unknown_message) naming ``where`` otherwise."""
+    try:
+        body = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ProtocolError("bad_json", f"{where} is not JSON ({exc})") from None
+    if not isinstance(body, dict) or body.get("type") != expected:
+        code = "expected_start" if expected == "start" else "unknown_message"
+        raise ProtocolError(code, f'{where} must be {{"type": "{expected}", ...}}')
+    return body
+
+
 def pack(kind: int, payload: bytes = b"") -> bytes:
     return bytes([kind]) + payload
 

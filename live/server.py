@@ -33,7 +33,7 @@ from starlette.responses import HTMLResponse, JSONResponse, PlainTextResponse, R
 from starlette.routing import Route, WebSocketRoute
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
-from live.protocol import AVATAR, REFERENCE, USER, AudioFormat, ProtocolError, pack_chunk, unpack
+from live.protocol import AVATAR, REFERENCE, USER, AudioFormat, ProtocolError, control, pack_chunk, unpack
 from live.session import LiveMetrics, LiveSession, Outbox, OutChunk, release_logger, session_logger
 from model.streaming import StreamingGenerator
 from tasks.common.media import MediaError
@@ -278,13 +278,7 @@ class LiveServer:
         msg = await self._receive(ws, live.start_timeout_s, "waiting for the start message")
         if msg.get("text") is None:
             raise ProtocolError("expected_start", 'the first message must be text: {"type": "start", ...}')
-        try:
-            start = json.loads(msg["text"])
-        except json.JSONDecodeError as exc:
-            raise ProtocolError("bad_json", f"the start message is not JSON ({exc})") from None
-        if not isinstance(start, dict) or start.get("type") != "start":
-            raise ProtocolError("expected_start", 'the first message must be {"type": "start", ...}')
-        fmt = AudioFormat.from_start(start)
+        fmt = AudioFormat.from_start(control(msg["text"], "start", "the first message"))
         msg = await self._receive(ws, live.start_timeout_s, "waiting for the reference image")
         if msg.get("bytes") is None:
             raise ProtocolError("expected_reference", "after start, send the reference image as a binary message "
@@ -340,12 +334,7 @@ class LiveServer:
                     break
                 msg = recv.result()
                 if msg.get("text") is not None:
-                    try:
-                        body = json.loads(msg["text"])
-                    except json.JSONDecodeError as exc:
-                        raise ProtocolError("bad_json", f"a text message that is not JSON ({exc})") from None
-                    if not isinstance(body, dict) or body.get("type") != "end":
-                        raise ProtocolError("unknown_message", 'text messages after start: only {"type": "end"}')
+                    control(msg["text"], "end", "a text message after start")
                     session.finish()
                     ended = True
                 elif msg.get("bytes") is not None:

@@ -244,10 +244,7 @@ class LiveSession:
                 self._inbox.get_nowait()
             except queue.Empty:
                 break
-        try:
-            self._inbox.put_nowait(_STOP)
-        except queue.Full:
-            pass
+        self._inbox.put_nowait(_STOP)  # the inbox is unbounded: this never waits
         self._thread.join(timeout)
 
     @property

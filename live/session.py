@@ -122,7 +122,6 @@ class OutChunk:
     avatar_pcm: bytes  # s16le mono at the model's rate, the frames' span of the avatar's voice
     ready_at: float  # perf_counter when the chunk's last audio sample arrived
     rgb: np.ndarray | None = None  # the frames [T, H, W, 3] uint8 (what the WebRTC track plays)
-    done_at: float = 0.0
 
 
 @dataclass
@@ -266,7 +265,6 @@ class Outbox:
 
     def _put(self, item: OutChunk | None) -> None:
         if item is not None:
-            item.done_at = time.perf_counter()
             chunks = [i for i in self.items if i is not None]
             if len(chunks) >= self.maxsize:
                 self.items.remove(chunks[0])

@@ -34,6 +34,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also copy demo_vae.pt / demo_dit.pt there with a provenance .json beside each, e.g. weights")
     p.add_argument("--what", default="all", choices=["all", "vae", "dit"],
                    help="train both (default), only the VAE, or only the base DiT (on the VAE already pretrained)")
+    p = sub.add_parser("plan", help="capacity planner: memory per GPU, FLOPs and step time of each training stage "
+                       "for a profile on N GPUs, and which micro batch / activation checkpointing settings fit")
+    _config_args(p)
+    p.add_argument("--gpus", type=int, default=8, help="GPUs the stages train on (default 8)")
+    p.add_argument("--gpu-memory-gib", type=float, default=80.0, help="memory of one GPU (default 80)")
+    p.add_argument("--mfu", type=float, default=0.35, help="model FLOPs utilisation for the step time (0.35)")
+    p.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak of one GPU (H100 SXM: 989)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of the table")
     p = sub.add_parser("pipeline", help="run the Prefect flow full-pipeline (embedded Prefect, no server needed)")
     _config_args(p)
     p.add_argument("--stages", default="", help=f"comma-separated subset of: {','.join(ORDER)}")
@@ -52,6 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="identity drift of the trained students over a long stream (the paper's Table 1 in "
                            "miniature): rolling cache vs + reference sink vs + sink + RAPR (distilled student) "
                            "vs + GAN (refined student, sink + RAPR); same seed and inputs")
+    mode.add_argument("--train-step", action="store_true",
+                      help="one teacher training step (forward + backward) at the profile's shapes, random weights: "
+                           "step time, TFLOP/s and MFU, peak memory against `streamavatar plan`")
     mode.add_argument("--live", action="store_true",
                       help="latency of the live server (a real `streamavatar live` process) under 1, 2, 4 concurrent "
                            "paced sessions: p50/p95/p99 audio-in to frame-out, dropped frames, MiB per session")
@@ -61,6 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--voice", default=None, metavar="AUDIO",
                    help="--live: the avatar's voice (default ../shared/fixtures/avatars/fashion_blogger.wav)")
     p.add_argument("--json", action="store_true", help="print the report as JSON instead of a table")
+    p.add_argument("--steps", type=int, default=5, help="--train-step: steps to time (the first is warm-up)")
+    p.add_argument("--peak-tflops", type=float, default=989.0, help="--train-step: the GPU's dense peak (H100: 989)")
     p.add_argument("--chunks", type=int, default=500, help="--model-only: chunks to stream through the DiT (default 500)")
     p.add_argument("--vae-chunks", type=int, default=60, help="--model-only: chunks to decode with the VAE (default 60)")
     p.add_argument("--teacher-steps", type=int, default=50, help="--model-only: teacher Euler steps for the cost ratio")
@@ -196,6 +209,11 @@ def main(argv: list[str] | None = None) -> int:
             return _live(args, cfg, root)
         if args.command == "pretrain":
             return _pretrain(args, cfg, root)
+        if args.command == "plan":
+            from tasks.planning import plan
+
+            print(plan(cfg, args.gpus, args.gpu_memory_gib, args.mfu, args.peak_tflops, as_json=args.json))
+            return 0
         from tasks.runner import run_stage
         from tasks.training.engine import rank_from_env
 
@@ -273,7 +291,7 @@ def _bench(args, cfg, root: Path) -> int:
 
         report = run_curation_bench(cfg, root, curation_clips(args.clips, root), seconds=args.seconds,
                                     torch_threads=args.torch_threads)  # fmt: skip
-        default_out = "data/reports/curation_bench.json"
+        default_out = f"{cfg.project.data_dir}/reports/curation_bench.json"
     elif args.model_only:
         from tasks.evaluation.model_bench import format_report, run_model_bench
 
@@ -281,7 +299,12 @@ def _bench(args, cfg, root: Path) -> int:
             raise ConfigError("--chunks, --vae-chunks and --teacher-steps must be at least 1")
         report = run_model_bench(cfg, chunks=args.chunks, vae_chunks=args.vae_chunks,
                                  teacher_steps=args.teacher_steps, progress=not args.json)  # fmt: skip
-        default_out = "data/reports/model_bench.json"
+        default_out = f"{cfg.project.data_dir}/reports/model_bench.json"
+    elif args.train_step:
+        from tasks.evaluation.train_step_bench import format_report, run_train_step_bench
+
+        report = run_train_step_bench(cfg, steps=args.steps, peak_tflops=args.peak_tflops)
+        default_out = f"{cfg.project.data_dir}/reports/train_step_bench.json"
     elif args.live:
         from live.bench import format_report, run_live_bench
 
@@ -295,11 +318,11 @@ def _bench(args, cfg, root: Path) -> int:
         report = run_live_bench(cfg, root, sessions, args.seconds, args.checkpoint or "auto",
                                 Path(args.reference or shared / "fashion_blogger.jpg"),
                                 Path(args.voice or shared / "fashion_blogger.wav"), args.sets)  # fmt: skip
-        default_out = "data/reports/live_bench.json"
+        default_out = f"{cfg.project.data_dir}/reports/live_bench.json"
     elif args.drift:
         from tasks.evaluation.drift_bench import format_report, run_drift_bench
 
-        default_out = "data/reports/drift_bench.json"
+        default_out = f"{cfg.project.data_dir}/reports/drift_bench.json"
         plot = (root / (args.out or default_out)).with_suffix(".png")
         report = run_drift_bench(cfg, root, frames=args.frames, checkpoint=args.checkpoint, window_s=args.window_s,
                                  progress=not args.json, gan_checkpoint=args.gan_checkpoint,

@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+import torch.utils.checkpoint
 from diffusers.models.attention import FeedForward
 from diffusers.models.normalization import FP32LayerNorm
 from diffusers.models.transformers.transformer_wan import WanAttention, WanTimeTextImageEmbedding
@@ -258,6 +259,10 @@ class AudioDiT(nn.Module):
         if spec.patch_size[0] != 1:
             raise ValueError("chunks are whole latent frames: the temporal patch size must be 1")
         self.spec = spec
+        # activation checkpointing: each block's activations are recomputed in the backward pass instead of kept
+        # (forwards without a KV cache: a cached streaming forward is left alone, because by the time the backward
+        # pass would recompute it the cache holds later chunks)
+        self.checkpoint_blocks = False
         dim = spec.dim
         self.rope = RotaryEmbedding3D(spec.attention_head_dim, spec.rope_theta)
         self.patch_embedding = nn.Conv3d(spec.in_channels, dim, kernel_size=spec.patch_size, stride=spec.patch_size)
@@ -419,8 +424,13 @@ class AudioDiT(nn.Module):
         write = list(range(frame_start, frame_start + frames)) if (write_cache and cache is not None) else None
 
         # 2. transformer blocks
+        recompute = self.checkpoint_blocks and cache is None and torch.is_grad_enabled()
         for i, block in enumerate(self.blocks):
-            x = block(x, temb_proj, context.kv[i], segments, frames, talk, listen, cache, i, write)
+            if recompute:
+                x = torch.utils.checkpoint.checkpoint(block, x, temb_proj, context.kv[i], segments, frames, talk,
+                                                      listen, None, i, None, use_reentrant=False)  # fmt: skip
+            else:
+                x = block(x, temb_proj, context.kv[i], segments, frames, talk, listen, cache, i, write)
         if write is not None:
             cache.advance(write)
 

@@ -136,6 +136,7 @@ def approx_r1(
     x: torch.Tensor,
     sigma: float,
     generator: torch.Generator | None = None,
+    eps: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Finite-difference gradient penalty  mean (D(x + sigma eps) - D(x))^2,  eps ~ N(0, I).
 
@@ -146,7 +147,8 @@ def approx_r1(
     from the generator. ``eps`` is drawn with ``generator`` when given (on ``x``'s device).
     ``approx_r2`` is this same function, applied to generator samples (R2) instead of real data (R1).
     """
-    eps = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+    if eps is None:  # ``eps`` given: drawn beforehand (a micro batch's slice of the whole batch's draw)
+        eps = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
     return ((d_fn(x + sigma * eps) - d_fn(x)) ** 2).mean()
 
 

@@ -30,7 +30,7 @@ class _Section(BaseModel):
 class ProjectConfig(_Section):
     name: str = "streamavatar"
     seed: int = Field(0, ge=0)
-    data_dir: str = "data"
+    data_dir: str = "data"  # every data/... path setting lives under this root (configs/paper.yaml: data/paper)
     device: Literal["cpu", "cuda", "auto"] = "cpu"
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
 
@@ -319,6 +319,12 @@ class PretrainConfig(_Section):
     vae_decoder_only: bool = False  # train the decoder alone: the latents (and a DiT trained on them) stay valid
     dit_init_from: str | None = None
     dit_window_stride: int = Field(0, ge=0)  # video frames between training windows' starts; 0: the window length
+    # true: the DiT hears each clip's own voice (talk = frames above audio.vad_threshold_db, as the live mask;
+    # dropped with dit_audio_dropout for CFG) and learns the audio path the teacher fine-tunes
+    dit_audio: bool = False
+    dit_audio_dropout: float = Field(0.1, ge=0, le=1)
+    dit_mouth_weight: float = Field(1.0, gt=0)  # loss weight of teacher.mouth_box's latent pixels
+    dit_lip_windows: int = Field(12, ge=0)  # held-out windows sampled to measure lip sync (0: not measured)
 
 
 class AudioConfig(_Section):
@@ -373,6 +379,12 @@ class TrainConfig(_Section):
     grad_clip: float = Field(1.0, ge=0)  # max gradient norm; 0 disables
     weight_decay: float = Field(0.0, ge=0)
     parallel: Literal["ddp", "fsdp"] = "ddp"  # multi-process (torchrun): replicate + all-reduce, or FSDP2 shards
+    # every stage's batch_size is the GLOBAL batch (split over the processes); each process runs its share in
+    # micro batches of this many samples and accumulates the gradients (0: its whole share at once)
+    micro_batch_size: int = Field(0, ge=0)
+    # recompute each transformer block in the backward pass instead of keeping its activations (less memory,
+    # ~1/3 more compute; training forwards without a KV cache)
+    activation_checkpointing: bool = False
     sample_video: bool = True  # each stage logs a sample mp4 (with its audio) of a validation window
     val_windows: int = Field(2, ge=1)  # validation windows used for evaluations and the sample
 
@@ -505,6 +517,7 @@ class BenchmarkConfig(_Section):
     vae_device: str = ""  # e.g. "cuda:1" (the paper's second GPU); "" = project.device
     dit_threads: int = Field(0, ge=0)  # CPU intra-op threads of the DiT in the pipelined mode (0: torch's choice)
     vae_threads: int = Field(0, ge=0)  # same for the VAE worker process (pipeline: process)
+    compile: bool = False  # torch.compile the student's forward (the GPU check measures with and without)
 
 
 class EvaluateConfig(_Section):
@@ -628,6 +641,34 @@ class Config(_Section):
     live: LiveConfig = LiveConfig()
     registry: RegistryConfig = RegistryConfig()
     orchestration: OrchestrationConfig = OrchestrationConfig()
+
+    @model_validator(mode="after")
+    def _data_root(self) -> Config:
+        """``project.data_dir`` other than ``data`` re-roots every path setting that starts with ``data/`` (each
+        profile's outputs under its own root: configs/paper.yaml writes under data/paper, never into the demo's)."""
+        top = self.project.data_dir.strip().rstrip("/")
+        if not top or top == "data":
+            return self
+
+        def move(value: Any) -> Any:
+            if isinstance(value, str) and value.startswith("data/"):
+                return f"{top}/{value[len('data/'):]}"
+            if isinstance(value, list):
+                return [move(v) for v in value]
+            return value
+
+        def walk(section: BaseModel) -> None:
+            for name in type(section).model_fields:
+                value = getattr(section, name)
+                if isinstance(value, BaseModel):
+                    walk(value)
+                elif move(value) != value:
+                    object.__setattr__(section, name, move(value))  # already validated; only the prefix changes
+
+        for name in type(self).model_fields:
+            if name != "project":
+                walk(getattr(self, name))
+        return self
 
     def section(self, dotted: str) -> Any:
         """The value at a dotted key, e.g. ``corpus`` or ``corpus.seed``."""
@@ -758,6 +799,11 @@ def project_root() -> Path:
         if (folder / DEFAULT_PARAMS).is_file() and (folder / "dvc.yaml").is_file():
             return folder
     return cwd
+
+
+def data_path(cfg: Config, root: Path, *parts: str) -> Path:
+    """A path under the profile's data root (``project.data_dir``), e.g. ``data_path(cfg, root, "reports", "x")``."""
+    return Path(root) / cfg.project.data_dir / Path(*parts)
 
 
 def resolve_path(path: str | Path, root: Path) -> Path:

@@ -91,6 +91,36 @@ def test_paper_profile_has_the_papers_settings():
     assert (cfg.refine.iterations, cfg.refine.batch_size, cfg.refine.lr, cfg.refine.num_qformers) == (1400, 32, 5e-6, 3)
 
 
+def test_each_profile_has_its_own_data_root():
+    """project.data_dir re-roots every data/... path: the paper profile's outputs never land in the demo's data/."""
+    from tasks.config import data_path
+
+    demo = load_config([], root=REPO)
+    paper = load_config(["configs/paper.yaml"], root=REPO)
+    assert demo.train.latents_dir == "data/latents" and demo.curate.manifest == "data/manifests/curated.parquet"
+    assert paper.project.data_dir == "data/paper"
+    assert paper.train.latents_dir == "data/paper/latents" and paper.train.checkpoint_dir == "data/paper/checkpoints"
+    assert paper.curate.manifest == "data/paper/manifests/curated.parquet"
+    assert paper.curate.speakervid.download_dir == "data/paper/raw/speakervid"  # nested sections too
+    assert paper.benchmark.report == "data/paper/reports/benchmark.json"
+    assert data_path(paper, REPO, "reports", "teacher") == REPO / "data/paper/reports/teacher"
+    assert paper.teacher.init_from is None and paper.model.pretrained_path.startswith("models/")  # untouched
+    # every path setting of the paper profile that names the data root is under data/paper
+    flat = paper.model_dump(mode="json")
+
+    def strings(node):
+        if isinstance(node, dict):
+            for v in node.values():
+                yield from strings(v)
+        elif isinstance(node, list):
+            for v in node:
+                yield from strings(v)
+        elif isinstance(node, str):
+            yield node
+
+    assert not [v for v in strings(flat) if v.startswith("data/") and not v.startswith("data/paper")]
+
+
 def test_curate_takes_several_sources_and_the_single_source_keys_still_work(tmp_path):
     cfg = load_config(root=tmp_path)
     assert cfg.curate.sources == ["synthetic", "local"]  # the demo: its corpus and the shared real clips

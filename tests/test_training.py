@@ -322,10 +322,11 @@ def test_exit_step_choice_changes_the_output():
 # --------------------------------------------------------------------------- 2 processes vs 1, torchrun
 @pytest.mark.slow
 @pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
-def test_two_gloo_processes_match_one_with_the_doubled_batch(project, tmp_path, parallel):
+def test_two_gloo_processes_with_micro_batches_match_one_process(project, tmp_path, parallel):
     """Data parallel (an explicit all-reduce) and FSDP2 (fully_shard per block, on CPU with gloo: the
     optimiser built over the sharded parameters, text K/V computed inside each block's forward, gradients
-    reduced once) both compute what one process computes on the doubled batch."""
+    reduced once, after the last micro batch) both compute what one process computes on the same global batch:
+    teacher.batch_size 4 is 2 per process, each run as 2 micro batches of 1 (train.micro_batch_size)."""
     root = copy_project(project, tmp_path / "p")
     shutil.copy(REPO / "params.yaml", root / "params.yaml")
     common = ["--set", "tracking.enabled=false", "--set", "vae.pretrained_path=null", "--set", "teacher.init_from=null",
@@ -340,7 +341,8 @@ def test_two_gloo_processes_match_one_with_the_doubled_batch(project, tmp_path, 
     def launch(nproc: int, batch: int, ckdir: str) -> dict:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
                "-m", "flows.cli", "teacher", *common, "--set", f"teacher.batch_size={batch}",
-               "--set", f"train.checkpoint_dir={ckdir}", "--set", f"train.parallel={parallel}"]  # fmt: skip
+               "--set", f"train.checkpoint_dir={ckdir}", "--set", f"train.parallel={parallel}",
+               "--set", "train.micro_batch_size=1"]  # fmt: skip
         if nproc == 1:
             cmd = [sys.executable, "-m", "flows.cli", "teacher", *common, "--set", f"teacher.batch_size={batch}",
                    "--set", f"train.checkpoint_dir={ckdir}"]  # fmt: skip
@@ -348,8 +350,8 @@ def test_two_gloo_processes_match_one_with_the_doubled_batch(project, tmp_path, 
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
         return torch.load(root / ckdir / "teacher/final.pt", weights_only=False)
 
-    two = launch(2, 1, "data/ck_two")
-    one = launch(1, 2, "data/ck_one")
+    two = launch(2, 4, "data/ck_two")
+    one = launch(1, 4, "data/ck_one")
     diffs = {k: (two["model"][k] - one["model"][k]).abs().max().item() for k in one["model"]}
     assert max(diffs.values()) < 1e-5, sorted(diffs.items(), key=lambda kv: -kv[1])[:3]
     start = torch.load(root / "data/checkpoints/teacher/final.pt", weights_only=False)  # another run: differs

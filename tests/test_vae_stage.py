@@ -207,3 +207,63 @@ def test_vae_stage_finetunes_from_the_pretrained_weights_on_curated_clips(tiny_r
     assert (tiny_root / "data" / "reports" / "vae" / "reconstructions.png").is_file()
     with pytest.raises(ConfigError, match="init_from"):
         run_vae(tiny_cfg(tiny_root, "vae_train.init_from=weights/missing.pt"), tiny_root, progress=False)
+
+
+def test_pretrain_audio_windows_are_the_teachers_and_the_dit_learns_its_audio_path(tiny_root, pretrained):
+    from model.audio import (
+        group_latent,
+        speaking_mask,
+        split_talk_listen,
+        streamed_features,
+        with_reference_slot,
+    )
+    from tasks.common.media import read_audio
+    from tasks.common.models import build_audio
+    from tasks.training.pretrain import clip_window_audio
+
+    cfg = tiny_cfg(tiny_root, "pretrain.dit_audio=true", "pretrain.dit_lip_windows=2")
+    cond = build_audio(cfg)
+    wave = read_audio(tiny_root / "clips" / CLIPS[1], 16000, duration=2.0)
+    spf, frames, total = 640, 13, 50  # train.window_chunks 1: 1 + 4 * 3 video frames
+    out = clip_window_audio(cfg, cond, wave, total, range(0, total - frames + 1, 4), frames)
+    assert out["talk"].shape[:2] == (10, 4) and out["wave"].shape == (10, frames * spf)
+    # windows on the chunk grid (12 frames) hear exactly what the teacher's windows hear: the features a stream
+    # started at frame 0 computes, split by the live mask, grouped per latent frame behind a silent reference slot
+    w = torch.from_numpy(wave[: total * spf]).float()[None]
+    feats = streamed_features(cond, w, 12, cfg.audio.history_frames).float()
+    mask = speaking_mask(w, None, spf, total, cfg.audio.vad_threshold_db)
+    for i, s in [(0, 0), (3, 12), (6, 24)]:
+        talk, listen = split_talk_listen(feats[:, s + 1 : s + frames], mask[:, s + 1 : s + frames])
+        assert torch.equal(out["talk"][i], with_reference_slot(group_latent(talk, 4))[0])
+        assert torch.equal(out["listen"][i], with_reference_slot(group_latent(listen, 4))[0])
+        assert torch.equal(out["mask"][i], mask[0, s : s + frames])
+    assert 0.3 < float(mask.mean()) <= 1.0  # a talking clip: mostly above the gate
+
+    first = torch.load(tiny_root / "weights" / "demo_dit.pt", weights_only=True)["model"]
+    (tiny_root / "pretrain_audio").mkdir(exist_ok=True)  # --what dit trains on the autoencoder already pretrained
+    shutil.copy(tiny_root / "pretrain" / "demo_vae.pt", tiny_root / "pretrain_audio" / "demo_vae.pt")
+    m = run_pretrain(tiny_cfg(tiny_root, f"pretrain.out_dir={tiny_root / 'pretrain_audio'}", "pretrain.dit_audio=true",
+                              "pretrain.dit_init_from=weights/demo_dit.pt", "pretrain.dit_iterations=30",
+                              "pretrain.dit_lip_windows=2"),
+                     tiny_root, progress=False, what="dit", export="weights_audio").metrics  # fmt: skip
+    # it hears the audio now: the held-out loss changes when the audio is silenced, the mouth box's loss when
+    # another window's audio is played (exactly 0 for a model that ignores the audio)
+    assert m["dit_fm_loss_no_audio"] != pytest.approx(m["dit_fm_loss"], rel=1e-6)
+    assert abs(m["dit_mouth_audio_gain"]) > 1e-6
+    for k in ("dit_lip_corr", "dit_before_lip_corr", "dit_gt_lip_corr"):  # NaN where FaceMesh finds no face (32 px)
+        assert np.isnan(m[k]) or -1.0 <= m[k] <= 1.0, m
+        assert 0.0 <= m[k.replace("lip_corr", "face_rate")] <= 1.0
+    assert 0.3 < m["dit_talking_share"] <= 1.0
+    new = torch.load(tiny_root / "weights_audio" / "demo_dit.pt", weights_only=True)["model"]
+    audio = [k for k in new if k.startswith("audio_embedder.") or ".audio_attn." in k]
+    assert audio and not all(torch.equal(first[k], new[k]) for k in audio)
+
+
+def test_pretrain_holdout_takes_names_and_patterns():
+    from tasks.training.vae import held_out_names
+
+    names = ["head_4", "sy04ab_256x320_full_video_001_A_00", "sy04ab_256x320_full_video_001_B_01",
+             "sy1c00_256x320_full_video_001_A_00", "head_40"]  # fmt: skip
+    assert held_out_names(names, ["head_4", "sy0*"]) == {"head_4", "sy04ab_256x320_full_video_001_A_00",
+                                                         "sy04ab_256x320_full_video_001_B_01"}  # fmt: skip
+    assert held_out_names(names, []) == set()

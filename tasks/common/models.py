@@ -66,9 +66,12 @@ def build_dit(cfg: Config, audio_dim: int, pretrained: bool = True, dtype: torch
         if wrong:
             detail = ", ".join(f"{k}: checkpoint {a} vs config {b}" for k, (a, b) in wrong.items())
             raise ConfigError(f"model.* does not match {cfg.model.pretrained_path}: {detail}")
+        model.checkpoint_blocks = cfg.train.activation_checkpointing
         return model
     torch.manual_seed(cfg.project.seed)
-    return cast_keeping_fp32(AudioDiT(spec).to(device), dtype)
+    model = cast_keeping_fp32(AudioDiT(spec).to(device), dtype)
+    model.checkpoint_blocks = cfg.train.activation_checkpointing
+    return model
 
 
 def load_dit_weights(model: AudioDiT, blob: dict, where: str) -> None:

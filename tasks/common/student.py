@@ -12,7 +12,7 @@ from model.dit import AudioDiT
 from model.streaming import StreamingGenerator
 from model.text import prompt_embedding
 from tasks.common.models import build_audio, build_dit, build_vae, device_of, dtype_of, stream_settings
-from tasks.config import Config, ConfigError, resolve_path
+from tasks.config import Config, ConfigError, data_path, resolve_path
 
 RANDOM = "random"  # --checkpoint random: the seeded, untrained student
 
@@ -70,5 +70,5 @@ def build_stream(cfg: Config, root: Path, checkpoint: str | Path | None) -> tupl
     if device.type != "cpu":
         vae.vae.to(dtype_of(cfg))  # the network only: the latent statistics stay float32
     text = prompt_embedding(cfg.model.prompt, cfg.model.text_len, cfg.model.text_dim, cfg.model.text_encoder_path,
-                            cache_dir=root / "data" / "cache", dtype=dtype_of(cfg))  # fmt: skip
+                            cache_dir=data_path(cfg, root, "cache"), dtype=dtype_of(cfg))  # fmt: skip
     return StreamingGenerator(dit, vae, audio, text.float(), stream_settings(cfg)), info

@@ -28,7 +28,7 @@ from model.text import prompt_embedding
 from model.vae import VideoVAE
 from tasks.common.media import write_video, write_wav
 from tasks.common.models import build_audio, build_dit, build_vae, device_of, dtype_of, stream_settings
-from tasks.config import Config
+from tasks.config import Config, data_path
 from tasks.training.data import WindowSet
 from tasks.training.engine import Checkpoints, Dist, config_digest, init_dist, rank_from_env
 
@@ -73,7 +73,7 @@ class Run:
 def start_run(cfg: Config, root: Path, progress: bool = True) -> Run:
     dist = init_dist(device_of(cfg))
     text = prompt_embedding(cfg.model.prompt, cfg.model.text_len, cfg.model.text_dim, cfg.model.text_encoder_path,
-                            cache_dir=root / "data" / "cache", dtype=dtype_of(cfg))  # fmt: skip
+                            cache_dir=data_path(cfg, root, "cache"), dtype=dtype_of(cfg))  # fmt: skip
     audio = build_audio(cfg).to(dist.device)
     return Run(cfg, root, dist, dist.device, torch.float32, text.float(), audio, progress and dist.main,
                compute=dtype_of(cfg))  # fmt: skip

@@ -33,7 +33,7 @@ from model.rollout import student_rollout
 from model.sampling import NUM_TRAIN_TIMESTEPS, predict_x0, student_sigmas
 from tasks.common.models import build_layout
 from tasks.common.stage import StageResult
-from tasks.config import Config, DistillConfig
+from tasks.config import Config, DistillConfig, data_path
 from tasks.training.common import (
     Run,
     clone,
@@ -57,13 +57,15 @@ from tasks.training.data import windows_digest
 from tasks.training.engine import (
     Dist,
     Metrics,
+    accumulate,
+    apply_gradients,
     atomic_save,
     file_digest,
     global_batch,
     load_final,
     optimizer_state,
-    optimizer_step,
     prepare_training,
+    rank_batch,
     run_loop,
     state_dict_of,
     step_generator,
@@ -104,7 +106,7 @@ def run_distill(cfg: Config, root: Path, progress: bool = True) -> StageResult:
         student = whole(run, student, sd)
         ckpt = run.checkpoints(STAGE, fp_sid)
         final = ckpt.save_final({"model": sd, "spec": student.spec.to_json(), "step": cfg.distill.iterations})
-        report = root / "data" / "reports" / STAGE
+        report = data_path(cfg, root, "reports", STAGE)
         report.mkdir(parents=True, exist_ok=True)
         m = {"ode_match_mse_before": before["mse"], "ode_match_mse_after": after["mse"],
              "ode_match_fd_before": before["fd"], "ode_match_fd_after": after["fd"],
@@ -164,7 +166,8 @@ def ode_init(run: Run, student, fingerprint: str):
     n_frames = 1 + x0.shape[2]
     chunks = layout.chunks(n_frames)[1:]
     sig = torch.tensor(sigmas)
-    gb = o.batch_size * dist.world
+    gb = o.batch_size
+    rank_batch(gb, dist, "ode_init.batch_size")
 
     def step(s: int) -> dict[str, float]:
         g = step_generator(cfg.project.seed, "ode_init", s)
@@ -178,11 +181,18 @@ def ode_init(run: Run, student, fingerprint: str):
             k = level[:, c]
             x[:, :, st:en] = states[idx, k][:, :, st - 1 : en - 1]
             frame_sigma[:, st:en] = sig[k][:, None]
-        target = torch.cat([windows.latents[idx, :, :1], x0[idx]], dim=2).to(device)
-        loss = ode_init_loss(student, x.to(device), frame_sigma.to(device), run.text_batch(b),
-                             windows.talk[idx].to(device), windows.listen[idx].to(device), layout, target)  # fmt: skip
-        gnorm = optimizer_step(loss, opt, student, dist, cfg.train.grad_clip)
-        return {"loss": dist.mean(float(loss.detach())), "grad_norm": float(gnorm)}
+        target = torch.cat([windows.latents[idx, :, :1], x0[idx]], dim=2)
+
+        def micro(sl: slice) -> tuple[torch.Tensor, dict]:
+            i = idx[sl]
+            return ode_init_loss(student, x[sl].to(device), frame_sigma[sl].to(device), run.text_batch(len(i)),
+                                 windows.talk[i].to(device), windows.listen[i].to(device), layout,
+                                 target[sl].to(device)), {}  # fmt: skip
+
+        opt.zero_grad(set_to_none=True)
+        logs = accumulate(student, b, cfg.train.micro_batch_size, micro)
+        gnorm = apply_gradients(opt, student, dist, cfg.train.grad_clip)
+        return {"loss": dist.mean(logs["loss"]), "grad_norm": float(gnorm)}
 
     def save(s: int) -> None:
         sd, osd = state_dict_of(student), optimizer_state(student, opt, dist, cfg.train.parallel)
@@ -251,9 +261,15 @@ class SidDraw:
     sigma_f: torch.Tensor  # [B] where the fake score learns
     eps_f: torch.Tensor
 
+    def take(self, sl: slice) -> SidDraw:
+        """The draw of the samples ``sl`` (a micro batch)."""
+        return SidDraw(self.text[sl], self.reference[sl], self.talk[sl], self.listen[sl], self.noise[sl],
+                       self.renoise[:, sl], self.exits, self.sigma_g[sl], self.eps_g[sl], self.sigma_f[sl],
+                       self.eps_f[sl])  # fmt: skip
+
 
 def sid_update(student, teacher, fake, opt_g, opt_f, draw: SidDraw, layout, sigmas: list[float], d: DistillConfig,
-               dist: Dist | None = None, grad_clip: float = 0.0) -> dict[str, float]:  # fmt: skip
+               dist: Dist | None = None, grad_clip: float = 0.0, micro: int = 0) -> dict[str, float]:  # fmt: skip
     """One SiD iteration, 1:1: a generator step, then a fake-score step.
 
     1. the student rolls out the clip (student forcing), the sample is noised at ``sigma_g``, the frozen teacher
@@ -262,33 +278,46 @@ def sid_update(student, teacher, fake, opt_g, opt_f, draw: SidDraw, layout, sigm
        predict x0, and the student takes the SiD loss. Guidance > 1 also gives the first steps a signal: with
        the fake score a copy of the teacher and no guidance, f_real == f_fake and the loss is exactly zero.
     2. the fake score takes its denoising loss on the detached sample, noised at ``sigma_f``.
+
+    ``micro``: samples per micro batch (0: all at once); both steps accumulate gradients over the micro batches.
     """
     dist = dist or Dist()
     b, n_frames = draw.reference.shape[0], 1 + draw.noise.shape[2]
-    mask = frame_mask(b, n_frames, draw.reference.device)
+    samples: dict[int, torch.Tensor] = {}
+
     # 1. generator
+    def generator(sl: slice) -> tuple[torch.Tensor, dict]:
+        dr = draw.take(sl)
+        x = student_rollout(student, dr.reference, student.prepare_text(dr.text.to(student.dtype)), dr.talk,
+                            dr.listen, layout, sigmas, dr.noise, dr.renoise, dr.exits, d.context)  # fmt: skip
+        x_t = noised(x, dr.eps_g, dr.sigma_g)
+        f_real = teacher_x0(teacher, teacher.prepare_text(dr.text.to(teacher.dtype)), x_t, dr.sigma_g, dr.talk,
+                            dr.listen, d.real_guidance)  # fmt: skip
+        f_fake = teacher_x0(fake, fake.prepare_text(dr.text.to(fake.dtype)), x_t, dr.sigma_g, dr.talk, dr.listen, 1.0)
+        samples[sl.start] = x.detach()
+        with torch.no_grad():
+            gap = float(((f_real - f_fake)[:, :, 1:] ** 2).mean())
+        mask = frame_mask(x.shape[0], n_frames, x.device)
+        return sid_generator_loss(x, f_real, f_fake, d.sid_alpha, mask=mask), {"gap": gap}
+
     trainable(fake, False)
-    x = student_rollout(student, draw.reference, student.prepare_text(draw.text.to(student.dtype)), draw.talk,
-                        draw.listen, layout, sigmas, draw.noise, draw.renoise, draw.exits, d.context)  # fmt: skip
-    x_t = noised(x, draw.eps_g, draw.sigma_g)
-    f_real = teacher_x0(teacher, teacher.prepare_text(draw.text.to(teacher.dtype)), x_t, draw.sigma_g, draw.talk,
-                        draw.listen, d.real_guidance)  # fmt: skip
-    f_fake = teacher_x0(fake, fake.prepare_text(draw.text.to(fake.dtype)), x_t, draw.sigma_g, draw.talk,
-                        draw.listen, 1.0)  # fmt: skip
-    loss_g = sid_generator_loss(x, f_real, f_fake, d.sid_alpha, mask=mask)
-    gnorm = optimizer_step(loss_g, opt_g, student, dist, grad_clip)
+    opt_g.zero_grad(set_to_none=True)
+    g_logs = accumulate(student, b, micro, generator)
+    gnorm = apply_gradients(opt_g, student, dist, grad_clip)
+
     # 2. fake score: denoising (flow-matching) loss on the detached sample
+    def fake_step(sl: slice) -> tuple[torch.Tensor, dict]:
+        dr, xd, dt = draw.take(sl), samples[sl.start], fake.dtype
+        v = fake(noised(xd, dr.eps_f, dr.sigma_f).to(dt), per_frame_t(dr.sigma_f, n_frames), dr.text.to(dt),
+                 dr.talk.to(dt), dr.listen.to(dt)).float()  # fmt: skip
+        return fake_score_loss(v, dr.eps_f, xd, frame_mask(xd.shape[0], n_frames, xd.device)), {}
+
     trainable(fake, True)
-    xd = x.detach()
-    dt = fake.dtype
-    v = fake(noised(xd, draw.eps_f, draw.sigma_f).to(dt), per_frame_t(draw.sigma_f, n_frames), draw.text.to(dt),
-             draw.talk.to(dt), draw.listen.to(dt)).float()  # fmt: skip
-    loss_f = fake_score_loss(v, draw.eps_f, xd, mask)
-    fnorm = optimizer_step(loss_f, opt_f, fake, dist, grad_clip)
-    with torch.no_grad():
-        gap = float(((f_real - f_fake)[:, :, 1:] ** 2).mean())
-    return {"sid_loss": dist.mean(float(loss_g.detach())), "fake_loss": dist.mean(float(loss_f.detach())),
-            "grad_norm": float(gnorm), "fake_grad_norm": float(fnorm), "score_gap": dist.mean(gap),
+    opt_f.zero_grad(set_to_none=True)
+    f_logs = accumulate(fake, b, micro, fake_step)
+    fnorm = apply_gradients(opt_f, fake, dist, grad_clip)
+    return {"sid_loss": dist.mean(g_logs["loss"]), "fake_loss": dist.mean(f_logs["loss"]),
+            "grad_norm": float(gnorm), "fake_grad_norm": float(fnorm), "score_gap": dist.mean(g_logs["gap"]),
             "exit_mean": sum(draw.exits) / len(draw.exits)}  # fmt: skip
 
 
@@ -313,7 +342,8 @@ def sid(run: Run, student, teacher, fingerprint: str):
         dist, cfg.train.parallel, state and state["fake"], state and state["fake_optimizer"])  # fmt: skip
     n_frames = data.latents.shape[2]
     chunks = layout.chunks(n_frames)[1:]
-    gb = d.batch_size * dist.world
+    gb = d.batch_size
+    per = rank_batch(gb, dist, "distill.batch_size")
     lat_shape = data.latents.shape[1:]
     lo, hi = d.sigma_range
 
@@ -329,12 +359,13 @@ def sid(run: Run, student, teacher, fingerprint: str):
         sigma_f = lo + (hi - lo) * torch.rand(gb, generator=g)
         eps_f = torch.randn((gb, *lat_shape), generator=g)
         idx, noise, sigma_g, eps_g, sigma_f, eps_f = (dist.slice(v) for v in (idx, noise, sigma_g, eps_g, sigma_f, eps_f))
-        renoise = renoise[:, dist.rank * d.batch_size : (dist.rank + 1) * d.batch_size] if dist.world > 1 else renoise
+        renoise = renoise[:, dist.rank * per : (dist.rank + 1) * per] if dist.world > 1 else renoise
         b = idx.shape[0]
         draw = SidDraw(run.text_batch(b), data.latents[idx, :, :1].to(device), data.talk[idx].to(device),
                        data.listen[idx].to(device), noise.to(device), renoise.to(device), exits, sigma_g.to(device),
                        eps_g.to(device), sigma_f.to(device), eps_f.to(device))  # fmt: skip
-        return sid_update(student, teacher, fake, opt_g, opt_f, draw, layout, sigmas, d, dist, cfg.train.grad_clip)
+        return sid_update(student, teacher, fake, opt_g, opt_f, draw, layout, sigmas, d, dist, cfg.train.grad_clip,
+                          cfg.train.micro_batch_size)  # fmt: skip
 
     def save(s: int) -> None:
         sd, fsd = state_dict_of(student), state_dict_of(fake)

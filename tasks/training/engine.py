@@ -261,10 +261,55 @@ def optimizer_step(loss: torch.Tensor, opt: torch.optim.Optimizer, model: nn.Mod
     """backward, gradients averaged over the ranks, clipped to ``clip`` (0: no clipping), one step; the norm."""
     opt.zero_grad(set_to_none=True)
     loss.backward()
+    return apply_gradients(opt, model, dist, clip)
+
+
+def apply_gradients(opt: torch.optim.Optimizer, model: nn.Module, dist: Dist, clip: float) -> float:
+    """The gradients already accumulated in ``model`` averaged over the ranks, clipped, one step; the norm."""
     dist.average_gradients(model.parameters())
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip or float("inf"))
     opt.step()
     return float(norm)
+
+
+# ------------------------------------------------------------------------------ global batch, micro batches
+def rank_batch(batch_size: int, dist: Dist, what: str) -> int:
+    """This process's share of a global batch (``batch_size`` is the whole step's batch, as in the paper: 32 on
+    8 GPUs is 4 per GPU); it must split evenly over the processes."""
+    if batch_size % dist.world:
+        from tasks.config import ConfigError
+
+        raise ConfigError(f"{what}: the global batch {batch_size} does not split evenly over {dist.world} processes")
+    return batch_size // dist.world
+
+
+def micro_batches(n: int, micro: int) -> list[slice]:
+    """``n`` samples in micro batches of ``micro`` (0 or >= n: one batch)."""
+    size = micro if 0 < micro < n else n
+    return [slice(i, min(i + size, n)) for i in range(0, n, size)]
+
+
+def gradient_sync(model: nn.Module, on: bool) -> None:
+    """FSDP2 reduce-scatters gradients at every backward unless told to wait for the last micro batch."""
+    if hasattr(model, "set_requires_gradient_sync"):
+        model.set_requires_gradient_sync(on)
+
+
+def accumulate(model: nn.Module, n: int, micro: int,
+               compute: Callable[[slice], tuple[torch.Tensor, dict[str, float]]]) -> dict[str, float]:  # fmt: skip
+    """Gradients of the mean loss over this rank's ``n`` samples, ``micro`` at a time: ``compute(slice)``
+    returns a micro batch's mean loss (and float logs); each is back-propagated weighted by its share, so any
+    split gives the gradients of the whole batch. Returns the share-weighted means of "loss" and the logs."""
+    parts = micro_batches(n, micro)
+    out: dict[str, float] = {}
+    for j, sl in enumerate(parts):
+        gradient_sync(model, j == len(parts) - 1)
+        loss, logs = compute(sl)
+        w = (sl.stop - sl.start) / n
+        (loss * w).backward()
+        for k, v in {"loss": float(loss.detach()), **logs}.items():
+            out[k] = out.get(k, 0.0) + w * float(v)
+    return out
 
 
 

@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from model.sampling import ancestral_sample_sigmas, euler_sample_sigmas, student_sigmas, teacher_sigmas
 from tasks.common.stage import StageResult
-from tasks.config import Config, ConfigError
+from tasks.config import Config, ConfigError, data_path
 from tasks.training.common import (
     dit_from_state,
     frozen,
@@ -165,7 +165,7 @@ def run_ode_pairs(cfg: Config, root: Path, progress: bool = True) -> StageResult
     counts = index.split.value_counts().to_dict()
     m = {"pairs_train": float(counts.get("train", 0)), "pairs_val": float(counts.get("val", 0)),
          "pairs_made_now": float(made), "teacher_steps": float(c.steps), "kept_states": float(len(keep_at))}  # fmt: skip
-    report = root / "data" / "reports" / STAGE
+    report = data_path(cfg, root, "reports", STAGE)
     report.mkdir(parents=True, exist_ok=True)
     (report / "metrics.json").write_text(json.dumps(m, indent=2))
     artifacts = [report / "metrics.json"]

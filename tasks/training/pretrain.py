@@ -4,10 +4,14 @@ Two models, trained from scratch on real talking-head clips (``pretrain.dirs``, 
 ``pretrain.holdout`` are only evaluated on), at a budget longer than ``make demo`` has:
 
 1. the causal streaming autoencoder (tasks/training/vae.py: held-out PSNR / SSIM vs bicubic and untrained);
-2. a base video DiT without audio (the same AudioDiT class with silent audio tokens, the fixed prompt): flow
-   matching on windows of the clips' latents, each window's first latent frame the clean reference, exactly as
-   the teacher trains. Measured on held-out windows at fixed noise levels against the untrained network and the
-   per-channel Gaussian denoiser (the best a model with no learning does), plus a sample sheet.
+2. a base video DiT (the same AudioDiT class, the fixed prompt): flow matching on windows of the clips' latents,
+   each window's first latent frame the clean reference, exactly as the teacher trains; with silent audio
+   tokens, or, with ``pretrain.dit_audio``, each clip's own voice (its streamed features, as training windows
+   and the live stream compute them; talking where the voice is above ``audio.vad_threshold_db``, the live
+   mask), so the audio path arrives trained. Measured on held-out windows at fixed noise levels against the
+   starting network and the per-channel Gaussian denoiser (the best a model with no learning does), plus a
+   sample sheet; with audio also the loss with the audio silenced, the mouth box's loss with another window's
+   audio, and the lip sync (mouth opening vs voice envelope, pooled r) of samples before and after.
 
 ``--export weights/`` writes ``demo_vae.pt`` and ``demo_dit.pt`` with ``.json`` provenance (command, data digest,
 metrics, time, sizes) beside them: the demo's committed defaults (``vae_train.init_from``, ``teacher.init_from``).
@@ -23,17 +27,28 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+import pandas as pd
 import torch
 
+from model.audio import (
+    AudioConditioner,
+    group_latent,
+    speaking_mask,
+    split_talk_listen,
+    streamed_features,
+    with_reference_slot,
+)
 from model.dit import AudioDiT
+from model.losses import region_weight
 from model.sampling import euler_sample_sigmas, shift_sigma, teacher_sigmas
 from model.text import prompt_embedding
 from model.vae import VideoVAE
+from tasks.common.media import MediaError, read_audio
 from tasks.common.models import build_audio, build_dit, load_causal_ae, load_dit_weights
 from tasks.common.stage import StageResult
-from tasks.config import Config, ConfigError, resolve_path
-from tasks.training.common import heldout_fm_losses, teacher_velocity
-from tasks.training.data import window_video_frames
+from tasks.config import Config, ConfigError, data_path, resolve_path
+from tasks.training.common import heldout_fm_losses, mouth_audio_gain, sample_teacher, teacher_velocity
+from tasks.training.data import WindowSet, window_video_frames
 from tasks.training.engine import (
     Checkpoints,
     Dist,
@@ -46,7 +61,11 @@ from tasks.training.engine import (
     warmup_cosine,
 )
 from tasks.training.teacher import teacher_loss
-from tasks.training.vae import _to_video, data_digest, fixture_clips, pretrain_vae
+from tasks.training.vae import _to_video, data_digest, fixture_clips, fixture_files, pretrain_vae
+
+
+def window_starts(length: int, frames: int, stride: int) -> range:
+    return range(0, length - frames + 1, stride or frames)
 
 
 @torch.no_grad()
@@ -58,7 +77,7 @@ def encode_windows(vae: VideoVAE, clips: dict[str, np.ndarray], frames: int, fli
     out = []
     for name in sorted(clips):
         c = clips[name]
-        for s in range(0, len(c) - frames + 1, stride or frames):
+        for s in window_starts(len(c), frames, stride):
             x = _to_video(c[s : s + frames])[None]
             out.append(vae.encode(x)[0])
             if flip:
@@ -68,13 +87,112 @@ def encode_windows(vae: VideoVAE, clips: dict[str, np.ndarray], frames: int, fli
     return torch.stack(out)
 
 
+@torch.no_grad()
+def clip_window_audio(cfg: Config, cond: AudioConditioner, wave: np.ndarray, total: int, starts: range,
+                      frames: int, speaking: np.ndarray | None = None) -> dict[str, torch.Tensor]:  # fmt: skip
+    """The audio of one clip's windows, as the teacher's windows have it: talk / listen tokens [n, 1 + F, A, D]
+    from the live stream's features of a stream started at the window's chunk offset (so each window's tokens
+    are what a stream that began on its chunk grid computes), split by ``speaking`` (per frame, 1 = the person
+    talks: a corpus clip's ground truth) or else the live mask (the voice above ``audio.vad_threshold_db``);
+    plus each window's mask [n, frames] and waveform [n, frames * spf]."""
+    spf = cfg.audio.sample_rate // cfg.video.fps
+    chunk = cfg.student.chunk_frames * cfg.vae.temporal_compression
+    w = torch.from_numpy(np.pad(wave, (0, max(0, total * spf - len(wave))))[: total * spf]).float()[None]
+    if speaking is not None:
+        mask = torch.zeros(total)
+        n = min(total, len(speaking))
+        mask[:n] = torch.as_tensor(np.asarray(speaking[:n], dtype=np.float32) > 0, dtype=torch.float32)
+    else:
+        mask = speaking_mask(w, None, spf, total, cfg.audio.vad_threshold_db)[0]
+    feats: dict[int, torch.Tensor] = {}
+    out: dict[str, list] = {"talk": [], "listen": [], "mask": [], "wave": []}
+    for s in starts:
+        o = s % chunk
+        if o not in feats:
+            feats[o] = streamed_features(cond, w[:, o * spf :], chunk, cfg.audio.history_frames).float()
+        talk, listen = split_talk_listen(feats[o][:, s - o + 1 : s - o + frames], mask[None, s + 1 : s + frames])
+        n = cfg.vae.temporal_compression
+        out["talk"].append(with_reference_slot(group_latent(talk, n))[0])
+        out["listen"].append(with_reference_slot(group_latent(listen, n))[0])
+        out["mask"].append(mask[s : s + frames])
+        out["wave"].append(w[0, s * spf : (s + frames) * spf])
+    return {k: torch.stack(v) for k, v in out.items()}
+
+
+def window_audio(cfg: Config, root: Path, cond: AudioConditioner, clips: dict[str, np.ndarray], frames: int,
+                 flip: bool = False, stride: int = 0) -> dict[str, torch.Tensor]:  # fmt: skip
+    """:func:`clip_window_audio` of every clip, in :func:`encode_windows`' order (a flipped window hears the
+    same voice). The audio is read from the clip's file in ``pretrain.dirs``; a clip of a corpus made by
+    `streamavatar corpus` (``videos/<clip>.mp4`` beside ``gt/<clip>.json``, whose audio is the conversation's
+    mix) is split by its ground-truth speaking mask, any other by the live mask."""
+    files = fixture_files(cfg, root)
+    parts = []
+    for name in sorted(clips):
+        try:
+            wave = read_audio(files[name], cfg.audio.sample_rate, duration=cfg.pretrain.max_seconds_per_clip)
+        except MediaError as exc:
+            raise ConfigError(f"pretrain.dit_audio: {files[name]} has no readable audio ({exc})") from exc
+        gt = files[name].parent.parent / "gt" / f"{name}.json"
+        speaking = np.asarray(json.loads(gt.read_text())["speaking"]) if gt.is_file() else None
+        a = clip_window_audio(cfg, cond, wave, len(clips[name]), window_starts(len(clips[name]), frames, stride),
+                              frames, speaking)  # fmt: skip
+        parts.append({k: v.repeat_interleave(2 if flip else 1, dim=0) for k, v in a.items()})
+    return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+
+
+@torch.no_grad()
+def lip_sync(cfg: Config, model: AudioDiT | None, vae: VideoVAE, held: WindowSet, text: torch.Tensor,
+             limit: int) -> dict[str, float]:  # fmt: skip
+    """Lip sync of the model's samples (the teacher sampler, teacher_sampler.*) of ``limit`` held-out windows
+    (evenly spread) where the clip talks (live mask mean >= 0.5): the voice envelope against FaceMesh's mouth opening,
+    pooled over the windows at the best lag within evaluate.max_lag_frames (tasks/evaluation/metrics.py, as
+    the evaluate stage), its chance level (the envelope reversed) and the face rate. ``model`` None: the
+    held-out frames themselves (decoded latents: the ground truth through the autoencoder)."""
+    from tasks.evaluation import metrics
+
+    talking = torch.nonzero(held.mask[:, 1:].float().mean(1) >= 0.5).flatten()
+    if not len(talking) or limit < 1:
+        return {}
+    talking = talking[torch.linspace(0, len(talking) - 1, min(limit, len(talking))).round().long()].unique().tolist()
+    w = held.take(talking)
+    if model is None:
+        video = vae.decode(w.latents)
+    else:
+        model.eval()
+        g = torch.Generator().manual_seed(cfg.project.seed)
+        x = torch.randn(w.latents.shape, generator=g)
+        x[:, :, :1] = w.latents[:, :, :1]
+        video = vae.decode(sample_teacher(cfg, model, model.prepare_text(text.expand(len(w), -1, -1)), x, w.talk,
+                                          w.listen))  # fmt: skip
+        model.train()
+    frames = ((video.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 4, 1).numpy()[:, 1:]
+    spf = cfg.audio.sample_rate // cfg.video.fps
+    e, series, faces = cfg.evaluate, [], []
+    for i in range(len(w)):
+        kp = metrics.extract_keypoints(frames[i], norm_height=e.keypoint_norm_height, min_side=e.keypoint_min_side)
+        faces.append(kp.detection_rates()["face"])
+        voice = (w.wave[i, spf:] * w.mask[i, 1:].repeat_interleave(spf)).numpy()
+        env = metrics.audio_envelope(voice, cfg.audio.sample_rate, cfg.video.fps, frames.shape[1])
+        series.append((env, metrics.mouth_series(kp.face)))
+    r = metrics.pooled_lagged_correlation(series, e.max_lag_frames)
+    null = metrics.pooled_lagged_correlation(series, e.max_lag_frames, reverse_audio=True)
+    nan = float("nan")
+    return {"lip_corr": nan if r["best_corr"] is None else r["best_corr"],
+            "lip_lag": nan if r["best_lag"] is None else float(r["best_lag"]),
+            "lip_corr_null": nan if null["best_corr"] is None else null["best_corr"],
+            "face_rate": float(np.mean(faces)), "lip_windows": float(len(w))}  # fmt: skip
+
+
 def silent(model: AudioDiT, latents: torch.Tensor, tokens: int) -> torch.Tensor:
     """All-zero audio tokens [B, 1 + F, tokens, audio_dim]: the base model hears nothing."""
     return torch.zeros(latents.shape[0], latents.shape[2], tokens, model.spec.audio_dim)
 
 
 def heldout_losses(model: AudioDiT | None, val: torch.Tensor, text: torch.Tensor, tokens: int, mean: torch.Tensor,
-                   var: torch.Tensor) -> dict[str, float]:  # fmt: skip
+                   var: torch.Tensor, held: WindowSet | None = None) -> dict[str, float]:  # fmt: skip
+    """Held-out flow-matching losses with the windows' own audio (``held``) or silent audio tokens."""
+    if held is not None:
+        return heldout_fm_losses(model, val, text, held.talk, held.listen, mean, var)
     a = torch.zeros(val.shape[0], val.shape[2], tokens, model.spec.audio_dim if model is not None else 1)
     return heldout_fm_losses(model, val, text, a, a, mean, var)
 
@@ -113,8 +231,14 @@ def pretrain_dit(cfg: Config, root: Path, vae: VideoVAE, train: dict, held: dict
     var = data.var(dim=(0, 2, 3, 4), keepdim=True)[0:1]
     audio = build_audio(cfg)
     tokens = audio.tokens_per_latent
+    sounds = held_set = None
+    if p.dit_audio:  # the clips' own voices: train windows in encode_windows' order, held-out ones on the chunk grid
+        sounds = window_audio(cfg, root, audio, train, frames, flip=True, stride=p.dit_window_stride)
+        ha = window_audio(cfg, root, audio, held, frames)
+        held_set = WindowSet(pd.DataFrame({"window": range(len(val))}), val, ha["talk"], ha["listen"], ha["wave"],
+                             ha["mask"], torch.zeros(len(val), 3, 1, 1, dtype=torch.uint8))  # fmt: skip
     text = prompt_embedding(cfg.model.prompt, cfg.model.text_len, cfg.model.text_dim, cfg.model.text_encoder_path,
-                            cache_dir=root / "data" / "cache").float()  # fmt: skip
+                            cache_dir=data_path(cfg, root, "cache")).float()  # fmt: skip
     model = build_dit(cfg, audio.token_dim, pretrained=False)
     init_digest = None
     if p.dit_init_from:
@@ -124,16 +248,22 @@ def pretrain_dit(cfg: Config, root: Path, vae: VideoVAE, train: dict, held: dict
         load_dit_weights(model, torch.load(path, map_location="cpu", weights_only=True),
                          f"pretrain.dit_init_from: {path}")  # fmt: skip
         init_digest = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
-    before = heldout_losses(model, val, text, tokens, mean, var)
-    baseline = heldout_losses(None, val, text, tokens, mean, var)
+    before = heldout_losses(model, val, text, tokens, mean, var, held_set)
+    baseline = heldout_losses(None, val, text, tokens, mean, var, held_set)
+    lip_before = lip_sync(cfg, model, vae, held_set, text, p.dit_lip_windows) if held_set is not None else {}
     fingerprint = config_digest({"model": cfg.model.model_dump(mode="json"), "vae": data_digest(train),
                                  "frames": frames, "lr": p.dit_lr, "batch": p.dit_batch_size,
                                  "latents": float(data.sum()), "seed": cfg.project.seed,
-                                 **({"init": init_digest} if init_digest else {})})  # fmt: skip
+                                 **({"init": init_digest} if init_digest else {}),
+                                 **({"audio": [p.dit_audio_dropout, p.dit_mouth_weight, float(sounds["talk"].sum()),
+                                               cfg.audio.model_dump(mode="json")]} if sounds else {})})  # fmt: skip
     ckpt = Checkpoints(out_dir / "dit_checkpoints", fingerprint, cfg.train.keep_checkpoints)
     opt = torch.optim.AdamW(model.parameters(), lr=p.dit_lr, weight_decay=0.0)
     start = resume(ckpt, model, opt)
     model.train()
+    spatial = None
+    if p.dit_mouth_weight != 1.0:
+        spatial = region_weight(*data.shape[-2:], cfg.teacher.mouth_box, p.dit_mouth_weight)
 
     def step(s: int) -> dict[str, float]:
         g = step_generator(cfg.project.seed, "pretrain_dit", s)
@@ -142,8 +272,12 @@ def pretrain_dit(cfg: Config, root: Path, vae: VideoVAE, train: dict, held: dict
         noise = torch.randn((p.dit_batch_size, *data.shape[1:]), generator=g)
         warmup_cosine(opt, p.dit_lr, s, p.dit_iterations, warmup=50, floor=0.1)
         x0 = data[idx]
-        a = silent(model, x0, tokens)
-        loss = teacher_loss(model, x0, sigma, noise, text.expand(len(idx), -1, -1), a, a)
+        if sounds is None:
+            talk = listen = silent(model, x0, tokens)
+        else:
+            keep = (torch.rand(len(idx), generator=g) >= p.dit_audio_dropout).float().view(-1, 1, 1, 1)
+            talk, listen = sounds["talk"][idx] * keep, sounds["listen"][idx] * keep
+        loss = teacher_loss(model, x0, sigma, noise, text.expand(len(idx), -1, -1), talk, listen, spatial)
         gnorm = optimizer_step(loss, opt, model, Dist(), cfg.train.grad_clip)
         return {"loss": float(loss.detach()), "grad_norm": gnorm}
 
@@ -153,10 +287,17 @@ def pretrain_dit(cfg: Config, root: Path, vae: VideoVAE, train: dict, held: dict
     metrics = Metrics(ckpt.dir / "metrics.jsonl", "pretrain_dit", cfg.train.log_every, True, fresh=start == 0)
     t0 = time.perf_counter()
     run_loop("pretrain dit", start, p.dit_iterations, step, save, metrics, cfg.train.checkpoint_every, progress)
-    after = heldout_losses(model, val, text, tokens, mean, var)
+    after = heldout_losses(model, val, text, tokens, mean, var, held_set)
     m = {"dit_" + k: v for k, v in after.items()}
     m.update({"dit_before_" + k: v for k, v in before.items()})
     m.update({"dit_gaussian_" + k: v for k, v in baseline.items()})
+    if held_set is not None:
+        m["dit_fm_loss_no_audio"] = heldout_losses(model, val, text, tokens, mean, var)["fm_loss"]
+        m.update({"dit_" + k: v for k, v in mouth_audio_gain(model, held_set, text, cfg.teacher.mouth_box).items()})
+        m.update({"dit_" + k: v for k, v in lip_sync(cfg, model, vae, held_set, text, p.dit_lip_windows).items()})
+        m.update({"dit_before_" + k: v for k, v in lip_before.items()})
+        m.update({"dit_gt_" + k: v for k, v in lip_sync(cfg, None, vae, held_set, text, p.dit_lip_windows).items()})
+        m["dit_talking_share"] = float(sounds["mask"].float().mean())
     m.update({"dit_train_windows": float(len(data)), "dit_heldout_windows": float(len(val)),
               "dit_steps": float(p.dit_iterations), "dit_train_seconds": time.perf_counter() - t0,
               "dit_params_m": sum(q.numel() for q in model.parameters()) / 1e6,
@@ -232,5 +373,10 @@ def run_pretrain(cfg: Config, root: Path, progress: bool = True, export: str | N
         start = "at the start" if p.dit_init_from else "untrained"
         parts.append(f"DiT held-out flow-matching loss {m['dit_fm_loss']:.4f} ({start} {m['dit_before_fm_loss']:.4f}, "
                      f"Gaussian denoiser {m['dit_gaussian_fm_loss']:.4f})")  # fmt: skip
+    if "dit_lip_corr" in m:
+        parts.append(f"lip sync of held-out samples r {m['dit_lip_corr']:.3f} (chance {m['dit_lip_corr_null']:.3f}; "
+                     f"before {m.get('dit_before_lip_corr', float('nan')):.3f}; the clips themselves "
+                     f"{m.get('dit_gt_lip_corr', float('nan')):.3f}); mouth loss with another window's audio "
+                     f"{100 * m.get('dit_mouth_audio_gain', float('nan')):+.1f} %")  # fmt: skip
     return StageResult("pretrain", metrics=m, artifacts=artifacts, outputs=outputs, failures=failures,
                        summary="pretrain: " + "; ".join(parts))

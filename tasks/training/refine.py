@@ -27,7 +27,7 @@ from model.rollout import student_rollout
 from model.sampling import student_sigmas
 from tasks.common.models import build_layout
 from tasks.common.stage import StageResult
-from tasks.config import Config, RefineConfig
+from tasks.config import Config, RefineConfig, data_path
 from tasks.training.common import (
     Run,
     dit_from_state,
@@ -47,12 +47,14 @@ from tasks.training.data import WindowSet, load_windows, windows_digest
 from tasks.training.engine import (
     Dist,
     Metrics,
+    accumulate,
+    apply_gradients,
     file_digest,
     global_batch,
     load_final,
     optimizer_state,
-    optimizer_step,
     prepare_training,
+    rank_batch,
     run_loop,
     state_dict_of,
     step_generator,
@@ -89,49 +91,73 @@ class RefineDraw:
     gen_r1: torch.Generator | None = None  # the perturbations of the approximate R1 / R2
     gen_r2: torch.Generator | None = None
 
+    def take(self, sl: slice) -> RefineDraw:
+        """The draw of the samples ``sl`` (a micro batch; the R1 / R2 perturbations are drawn whole first)."""
+        return RefineDraw(self.text[sl], self.real[sl], self.talk[sl], self.listen[sl], self.noise[sl],
+                          self.renoise[:, sl], self.exits, self.sigma[sl], self.eps_real[sl], self.eps_fake[sl])
+
 
 def refine_update(student, disc: ConsistencyAwareDiscriminator, opt_g, opt_d, draw: RefineDraw, layout,
                   sigmas: list[float], r: RefineConfig, context_mode: str, dist: Dist | None = None,
-                  grad_clip: float = 0.0) -> dict[str, float]:  # fmt: skip
-    """One G step, then one D step; returns the step's metrics (``penalty_share``: (w1 R1 + w2 R2) / D's loss)."""
+                  grad_clip: float = 0.0, micro: int = 0) -> dict[str, float]:  # fmt: skip
+    """One G step, then one D step; returns the step's metrics (``penalty_share``: (w1 R1 + w2 R2) / D's loss).
+    ``micro``: samples per micro batch (0: all at once); both steps accumulate gradients over the micro batches."""
     dist = dist or Dist()
-    n_frames = draw.real.shape[2]
-    t = per_frame_t(draw.sigma, n_frames)
+    b, n_frames = draw.real.shape[0], draw.real.shape[2]
     dt = disc.backbone.dtype
 
-    def disc_fn(x: torch.Tensor) -> dict[str, torch.Tensor]:
-        return disc(x.to(dt), t, draw.text.to(dt), draw.talk.to(dt), draw.listen.to(dt))
+    def disc_fn(dr: RefineDraw, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        return disc(x.to(dt), per_frame_t(dr.sigma, n_frames), dr.text.to(dt), dr.talk.to(dt), dr.listen.to(dt))
 
     # 1. generator step: the student's rollout against the frozen discriminator
+    fakes: dict[int, torch.Tensor] = {}
+
+    def generator(sl: slice) -> tuple[torch.Tensor, dict]:
+        dr = draw.take(sl)
+        fake = student_rollout(student, dr.real[:, :, :1], student.prepare_text(dr.text.to(student.dtype)), dr.talk,
+                               dr.listen, layout, sigmas, dr.noise, dr.renoise, dr.exits, context_mode)  # fmt: skip
+        real_t, fake_t = noised(dr.real, dr.eps_real, dr.sigma), noised(fake, dr.eps_fake, dr.sigma)
+        fakes[sl.start] = fake_t.detach()
+        with torch.no_grad():
+            d_real = disc_fn(dr, real_t)
+        return branch_losses(d_real, disc_fn(dr, fake_t), r.global_weight, d_side=False), {}
+
     trainable(disc, False)
-    fake = student_rollout(student, draw.real[:, :, :1], student.prepare_text(draw.text.to(student.dtype)), draw.talk,
-                           draw.listen, layout, sigmas, draw.noise, draw.renoise, draw.exits, context_mode)  # fmt: skip
-    real_t, fake_t = noised(draw.real, draw.eps_real, draw.sigma), noised(fake, draw.eps_fake, draw.sigma)
-    with torch.no_grad():
-        d_real = disc_fn(real_t)
-    loss_g = branch_losses(d_real, disc_fn(fake_t), r.global_weight, d_side=False)
-    gnorm = optimizer_step(loss_g, opt_g, student, dist, grad_clip)
+    opt_g.zero_grad(set_to_none=True)
+    g_logs = accumulate(student, b, micro, generator)
+    gnorm = apply_gradients(opt_g, student, dist, grad_clip)
 
-    # 2. discriminator step: relativistic loss + approximate R1 (real) / R2 (generated)
+    # 2. discriminator step: relativistic loss + approximate R1 (real) / R2 (generated), perturbations drawn whole
     trainable(disc, True)
-    fake_t = fake_t.detach()
-    d_real, d_fake = disc_fn(real_t), disc_fn(fake_t)
-    loss_adv = branch_losses(d_real, d_fake, r.global_weight, d_side=True)
+    eps_r1 = torch.randn(draw.real.shape, generator=draw.gen_r1, device=draw.real.device, dtype=draw.real.dtype)
+    eps_r2 = torch.randn(draw.real.shape, generator=draw.gen_r2, device=draw.real.device, dtype=draw.real.dtype)
 
-    def logits(x: torch.Tensor) -> torch.Tensor:
-        out = disc_fn(x)
-        return torch.cat([out["local"], out["global_"][:, None]], 1)
+    def discriminator(sl: slice) -> tuple[torch.Tensor, dict]:
+        dr = draw.take(sl)
+        real_t, fake_t = noised(dr.real, dr.eps_real, dr.sigma), fakes[sl.start]
+        d_real, d_fake = disc_fn(dr, real_t), disc_fn(dr, fake_t)
+        loss_adv = branch_losses(d_real, d_fake, r.global_weight, d_side=True)
 
-    r1 = approx_r1(logits, real_t, r.penalty_sigma, generator=draw.gen_r1)
-    r2 = approx_r2(logits, fake_t, r.penalty_sigma, generator=draw.gen_r2)
-    penalty = r.r1_weight * r1 + r.r2_weight * r2
-    loss_d = loss_adv + penalty
-    optimizer_step(loss_d, opt_d, disc, dist, grad_clip)
-    share = float(penalty.detach()) / max(float(loss_d.detach()), 1e-12)
-    return {"g_loss": dist.mean(float(loss_g.detach())), "d_loss": dist.mean(float(loss_adv.detach())),
-            "r1": dist.mean(float(r1.detach())), "r2": dist.mean(float(r2.detach())),
-            "penalty_share": dist.mean(share), "d_real_local": float(d_real["local"].detach().mean()),
-            "d_fake_local": float(d_fake["local"].detach().mean()), "grad_norm": float(gnorm)}  # fmt: skip
+        def logits(x: torch.Tensor) -> torch.Tensor:
+            out = disc_fn(dr, x)
+            return torch.cat([out["local"], out["global_"][:, None]], 1)
+
+        r1 = approx_r1(logits, real_t, r.penalty_sigma, eps=eps_r1[sl])
+        r2 = approx_r2(logits, fake_t, r.penalty_sigma, eps=eps_r2[sl])
+        penalty = r.r1_weight * r1 + r.r2_weight * r2
+        return loss_adv + penalty, {"adv": float(loss_adv.detach()), "r1": float(r1.detach()),
+                                    "r2": float(r2.detach()), "penalty": float(penalty.detach()),
+                                    "d_real_local": float(d_real["local"].detach().mean()),
+                                    "d_fake_local": float(d_fake["local"].detach().mean())}  # fmt: skip
+
+    opt_d.zero_grad(set_to_none=True)
+    d_logs = accumulate(disc, b, micro, discriminator)
+    apply_gradients(opt_d, disc, dist, grad_clip)
+    share = d_logs["penalty"] / max(d_logs["loss"], 1e-12)
+    return {"g_loss": dist.mean(g_logs["loss"]), "d_loss": dist.mean(d_logs["adv"]),
+            "r1": dist.mean(d_logs["r1"]), "r2": dist.mean(d_logs["r2"]),
+            "penalty_share": dist.mean(share), "d_real_local": d_logs["d_real_local"],
+            "d_fake_local": d_logs["d_fake_local"], "grad_norm": float(gnorm)}  # fmt: skip
 
 
 @torch.no_grad()
@@ -187,7 +213,8 @@ def run_refine(cfg: Config, root: Path, progress: bool = True) -> StageResult:
     layout = build_layout(cfg)
     sigmas = student_sigmas(cfg.student.steps, cfg.student.timestep_shift)
     chunks = layout.chunks(n_frames)[1:]
-    gb = r.batch_size * dist.world
+    gb = r.batch_size
+    per = rank_batch(gb, dist, "refine.batch_size")
     lat_shape = data.latents.shape[1:]
     lo, hi = r.disc_sigma_range
 
@@ -203,14 +230,14 @@ def run_refine(cfg: Config, root: Path, progress: bool = True) -> StageResult:
         eps_fake = torch.randn((gb, *lat_shape), generator=g)
         idx, noise, sigma, eps_real, eps_fake = (dist.slice(v) for v in (idx, noise, sigma, eps_real, eps_fake))
         if dist.world > 1:
-            renoise = renoise[:, dist.rank * r.batch_size : (dist.rank + 1) * r.batch_size]
+            renoise = renoise[:, dist.rank * per : (dist.rank + 1) * per]
         b = idx.shape[0]
         draw = RefineDraw(run.text_batch(b), data.latents[idx].to(device), data.talk[idx].to(device),
                           data.listen[idx].to(device), noise.to(device), renoise.to(device), exits, sigma.to(device),
                           eps_real.to(device), eps_fake.to(device), step_generator(cfg.project.seed, STAGE, s, "r1"),
                           step_generator(cfg.project.seed, STAGE, s, "r2"))  # fmt: skip
         return refine_update(student, disc, opt_g, opt_d, draw, layout, sigmas, r, cfg.student.context, dist,
-                             cfg.train.grad_clip)  # fmt: skip
+                             cfg.train.grad_clip, cfg.train.micro_batch_size)  # fmt: skip
 
     def save(s: int) -> None:
         sd, dsd = state_dict_of(student), state_dict_of(disc)
@@ -227,7 +254,7 @@ def run_refine(cfg: Config, root: Path, progress: bool = True) -> StageResult:
     if dist.main:
         student = whole(run, student, sd)
         final = ckpt.save_final({"model": sd, "spec": student.spec.to_json(), "step": r.iterations})
-        report = root / "data" / "reports" / STAGE
+        report = data_path(cfg, root, "reports", STAGE)
         report.mkdir(parents=True, exist_ok=True)
         m = {"steps": float(r.iterations), "windows_train": float(len(data)), "windows_val": float(len(val)),
              **{f"{k}_before": v for k, v in before.items()}, **{f"{k}_after": v for k, v in after.items()},

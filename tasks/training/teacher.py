@@ -21,7 +21,7 @@ from model.losses import flow_matching_loss, region_weight
 from model.sampling import add_noise, shift_sigma
 from tasks.common.models import build_dit, build_vae, load_dit_weights
 from tasks.common.stage import StageResult
-from tasks.config import Config, ConfigError, resolve_path
+from tasks.config import Config, ConfigError, data_path, resolve_path
 from tasks.training.common import (
     frame_mask,
     heldout_fm_losses,
@@ -36,11 +36,13 @@ from tasks.training.common import (
 from tasks.training.data import build_windows, load_windows, windows_digest
 from tasks.training.engine import (
     Metrics,
+    accumulate,
+    apply_gradients,
     file_digest,
     global_batch,
     optimizer_state,
-    optimizer_step,
     prepare_training,
+    rank_batch,
     run_loop,
     state_dict_of,
     step_generator,
@@ -52,7 +54,7 @@ STAGE = "teacher"
 def run_teacher(cfg: Config, root: Path, progress: bool = True) -> StageResult:
     run = start_run(cfg, root, progress)
     dist, device, t = run.dist, run.device, cfg.teacher
-    report = root / "data" / "reports" / STAGE
+    report = data_path(cfg, root, "reports", STAGE)
     vae = build_vae(cfg, root=root).eval()
     failures: dict[str, str] = {}
     if dist.main:
@@ -81,7 +83,8 @@ def run_teacher(cfg: Config, root: Path, progress: bool = True) -> StageResult:
         model.train(), lambda m: torch.optim.AdamW(param_groups(m, t.lr, t.audio_lr_scale), lr=t.lr,
                                                    weight_decay=cfg.train.weight_decay),
         dist, cfg.train.parallel, state and state["model"], state and state["optimizer"])  # fmt: skip
-    gb = t.batch_size * dist.world
+    gb = t.batch_size
+    rank_batch(gb, dist, "teacher.batch_size")
     spatial = None
     if t.mouth_weight != 1.0:
         spatial = region_weight(*data.latents.shape[-2:], t.mouth_box, t.mouth_weight).to(device)
@@ -93,13 +96,18 @@ def run_teacher(cfg: Config, root: Path, progress: bool = True) -> StageResult:
         noise = torch.randn((gb, *data.latents.shape[1:]), generator=g)
         keep_audio = (torch.rand(gb, generator=g) >= t.audio_dropout).float()
         idx, sigma, noise, keep_audio = (dist.slice(v) for v in (idx, sigma, noise, keep_audio))
-        x0 = data.latents[idx].to(device)
-        keep = keep_audio.view(-1, 1, 1, 1).to(device)
-        talk, listen = data.talk[idx].to(device) * keep, data.listen[idx].to(device) * keep
-        loss = teacher_loss(model, x0, sigma.to(device), noise.to(device), run.text_batch(x0.shape[0]), talk, listen,
-                            spatial)
-        gnorm = optimizer_step(loss, opt, model, dist, cfg.train.grad_clip)
-        return {"loss": dist.mean(float(loss.detach())), "grad_norm": float(gnorm)}
+
+        def micro(sl: slice) -> tuple[torch.Tensor, dict]:
+            x0 = data.latents[idx[sl]].to(device)
+            keep = keep_audio[sl].view(-1, 1, 1, 1).to(device)
+            talk, listen = data.talk[idx[sl]].to(device) * keep, data.listen[idx[sl]].to(device) * keep
+            return teacher_loss(model, x0, sigma[sl].to(device), noise[sl].to(device), run.text_batch(x0.shape[0]),
+                                talk, listen, spatial), {}  # fmt: skip
+
+        opt.zero_grad(set_to_none=True)
+        logs = accumulate(model, len(idx), cfg.train.micro_batch_size, micro)
+        gnorm = apply_gradients(opt, model, dist, cfg.train.grad_clip)
+        return {"loss": dist.mean(logs["loss"]), "grad_norm": float(gnorm)}
 
     def save(s: int) -> None:
         sd, osd = state_dict_of(model), optimizer_state(model, opt, dist, cfg.train.parallel)

@@ -21,6 +21,7 @@ and a contact sheet (rows: original, reconstruction, bicubic). Resumable: step c
 
 from __future__ import annotations
 
+import fnmatch
 import hashlib
 import json
 import logging
@@ -40,7 +41,7 @@ from model.causal_ae import CausalVideoAE
 from tasks.common.media import MediaError, read_frames
 from tasks.common.models import build_causal_ae, causal_ae_spec
 from tasks.common.stage import StageResult
-from tasks.config import Config, ConfigError, resolve_path
+from tasks.config import Config, ConfigError, data_path, resolve_path
 from tasks.training.data import choose_clips
 from tasks.training.engine import (
     Checkpoints,
@@ -84,17 +85,30 @@ def face_box(frames: np.ndarray, scale: float) -> tuple[int, int, int] | None:
     return x0, y0, side
 
 
+def held_out_names(names, patterns: list[str]) -> set[str]:
+    """The clip names ``pretrain.holdout`` names: exact names or shell patterns (``sy0*``: the corpus
+    conversations whose id starts with 0, both sides)."""
+    return {k for k in names if any(fnmatch.fnmatchcase(k, pat) for pat in patterns)}
+
+
+def fixture_files(cfg: Config, root: Path) -> dict[str, Path]:
+    """The video files of ``pretrain.dirs``: clip name (the file's stem) -> path, in folder then name order."""
+    files: dict[str, Path] = {}
+    for d in cfg.pretrain.dirs:
+        folder = resolve_path(d, root)
+        if not folder.is_dir():
+            raise ConfigError(f"pretrain.dirs: {folder} is not a folder")
+        for f in sorted(f for f in folder.iterdir() if f.suffix.lower() in VIDEO_EXT):
+            files.setdefault(f.stem, f)
+    return files
+
+
 def fixture_clips(cfg: Config, root: Path, progress: bool = True, cache_dir: Path | None = None
                   ) -> tuple[dict, dict, dict[str, str]]:  # fmt: skip
     """(train, held-out, failures) of ``pretrain.dirs``: name -> [T, H, W, 3] uint8 face crops at the demo size.
     With ``cache_dir``, the crops are kept there (keyed by the files and the settings) for the next run."""
     p, v = cfg.pretrain, cfg.video
-    files = []
-    for d in p.dirs:
-        folder = resolve_path(d, root)
-        if not folder.is_dir():
-            raise ConfigError(f"pretrain.dirs: {folder} is not a folder")
-        files += sorted(f for f in folder.iterdir() if f.suffix.lower() in VIDEO_EXT)
+    files = list(fixture_files(cfg, root).values())
     key = config_digest({"files": [[f.name, f.stat().st_size] for f in files], "video": v.model_dump(mode="json"),
                          "seconds": p.max_seconds_per_clip, "scale": p.face_scale})  # fmt: skip
     cache = cache_dir / f"crops_{key}.npz" if cache_dir else None
@@ -109,9 +123,10 @@ def fixture_clips(cfg: Config, root: Path, progress: bool = True, cache_dir: Pat
             np.savez(cache.with_suffix(".tmp.npz"), **crops)
             cache.with_suffix(".json").write_text(json.dumps(failures))
             cache.with_suffix(".tmp.npz").replace(cache)
-    train = {k: c for k, c in crops.items() if k not in p.holdout}
-    held = {k: c for k, c in crops.items() if k in p.holdout}
-    missing = sorted(set(p.holdout) - set(held))
+    held_out = held_out_names(crops, p.holdout)
+    train = {k: c for k, c in crops.items() if k not in held_out}
+    held = {k: c for k, c in crops.items() if k in held_out}
+    missing = sorted(pat for pat in p.holdout if not any(fnmatch.fnmatchcase(k, pat) for k in crops))
     if missing:
         log.warning("pretrain.holdout: %s not found in pretrain.dirs", missing)
     return train, held, failures
@@ -363,7 +378,7 @@ def load_init(cfg: Config, where: str, field: str, root: Path) -> dict:
 
 def run_vae(cfg: Config, root: Path, progress: bool = True) -> StageResult:
     """Stage `vae`: fine-tune the causal autoencoder on the curated training clips."""
-    report = root / "data" / "reports" / "vae"
+    report = data_path(cfg, root, "reports", "vae")
     if cfg.vae.kind != "causal-ae":
         report.mkdir(parents=True, exist_ok=True)
         m = {"skipped": 1.0}

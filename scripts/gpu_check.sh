@@ -22,7 +22,7 @@ if [ "${GPUS}" = "0" ] && [ -z "${GPU_CHECK_ON_CPU:-}" ]; then
   exit 1
 fi
 if [ -n "${GPU_CHECK_ON_CPU:-}" ]; then  # the code paths, on CPU, at the demo's tiny shapes (what the test runs)
-  PAPER=(--set tracking.enabled=false --set project.device=cpu)
+  PAPER=(--set tracking.enabled=false --set project.device=cpu --set vae.pretrained_path=weights/demo_vae.pt)
   CHUNKS=4
 else
   CHUNKS=40

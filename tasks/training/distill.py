@@ -162,7 +162,7 @@ def ode_init(run: Run, student, fingerprint: str):
     start = state["step"] if state is not None else 0
     student, opt = prepare_training(
         student.train(), lambda m: torch.optim.AdamW(m.parameters(), lr=o.lr, weight_decay=cfg.train.weight_decay),
-        dist, cfg.train.parallel, state and state["model"], state and state["optimizer"])  # fmt: skip
+        dist, cfg.train.parallel, state and state["model"], state and state["optimizer"], run.compute)  # fmt: skip
     n_frames = 1 + x0.shape[2]
     chunks = layout.chunks(n_frames)[1:]
     sig = torch.tensor(sigmas)
@@ -336,10 +336,10 @@ def sid(run: Run, student, teacher, fingerprint: str):
     wd = cfg.train.weight_decay
     student, opt_g = prepare_training(
         student.train(), lambda m: torch.optim.AdamW(m.parameters(), lr=d.lr, betas=(0.0, 0.999), weight_decay=wd),
-        dist, cfg.train.parallel, state and state["model"], state and state["optimizer"])  # fmt: skip
+        dist, cfg.train.parallel, state and state["model"], state and state["optimizer"], run.compute)  # fmt: skip
     fake, opt_f = prepare_training(
         fake, lambda m: torch.optim.AdamW(m.parameters(), lr=d.fake_lr, betas=(0.0, 0.999), weight_decay=wd),
-        dist, cfg.train.parallel, state and state["fake"], state and state["fake_optimizer"])  # fmt: skip
+        dist, cfg.train.parallel, state and state["fake"], state and state["fake_optimizer"], run.compute)  # fmt: skip
     n_frames = data.latents.shape[2]
     chunks = layout.chunks(n_frames)[1:]
     gb = d.batch_size

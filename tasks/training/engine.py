@@ -2,8 +2,8 @@
 metrics, the loop with its progress bar.
 
 Multi-process training. Launch any stage with ``torchrun --nproc_per_node K -m flows.cli <stage>``: each rank
-computes its slice of the global batch (``batch_size`` is per rank) and gradients are averaged over ranks
-before every optimiser step -- data parallelism, exactly what DDP computes. The all-reduce is explicit
+computes its slice of the global batch (``batch_size`` is global, split over the ranks, each share run in micro
+batches of ``train.micro_batch_size``) and gradients are averaged over ranks before every optimiser step -- data parallelism, exactly what DDP computes. The all-reduce is explicit
 (:meth:`Dist.average_gradients`, one bucketed call) rather than DDP's backward hooks because student forcing
 runs several forward passes with autograd per step (one exit step per chunk), which DDP's reducer does not
 accept. ``train.parallel=fsdp`` (the paper profile, CUDA) shards each transformer block with FSDP2
@@ -105,15 +105,25 @@ def rank_from_env() -> int:
     return int(os.environ.get("RANK", "0"))
 
 
-def shard_model(model: nn.Module, dist: Dist, parallel: str) -> nn.Module:
-    """FSDP2 per transformer block, then the root, for ``train.parallel=fsdp`` with several ranks."""
+def shard_model(model: nn.Module, dist: Dist, parallel: str, compute: torch.dtype = torch.float32) -> nn.Module:
+    """FSDP2 per transformer block, then the root, for ``train.parallel=fsdp`` with several ranks.
+
+    Mixed precision (``compute`` bf16/fp16, from project.dtype): the sharded master parameters stay float32
+    (what AdamW updates), each block's parameters are all-gathered in ``compute`` (MixedPrecisionPolicy: half
+    the traffic and memory of gathering float32) and its gradients reduce-scattered in float32. The root's own
+    parameters (patch and time embedders, head: what diffusers keeps in float32) are gathered in float32. Block
+    inputs are not cast (cast_forward_inputs=False): the time modulation and RoPE tables stay float32 and the
+    stages' autocast decides each op's precision, as on the replicated path."""
     if parallel != "fsdp" or dist.world == 1 or getattr(model, "sharded", False):
         return model
-    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+    half = compute != torch.float32
+    policy = MixedPrecisionPolicy(param_dtype=compute if half else None, reduce_dtype=torch.float32 if half else None,
+                                  cast_forward_inputs=False)  # fmt: skip
     for block in getattr(model, "blocks", []):
-        fully_shard(block)
-    fully_shard(model)
+        fully_shard(block, mp_policy=policy)
+    fully_shard(model, mp_policy=MixedPrecisionPolicy(cast_forward_inputs=False))
     return model
 
 
@@ -123,13 +133,13 @@ def sharded(parallel: str, dist: Dist) -> bool:
 
 def prepare_training(model: nn.Module, make_optimizer: Callable[[nn.Module], torch.optim.Optimizer], dist: Dist,
                      parallel: str, model_state: dict | None = None, optimizer_state: dict | None = None,
-                     ) -> tuple[nn.Module, torch.optim.Optimizer]:  # fmt: skip
+                     compute: torch.dtype = torch.float32) -> tuple[nn.Module, torch.optim.Optimizer]:  # fmt: skip
     """A resumed state loaded into the whole model, the model sharded (FSDP2 with several ranks), then its
     optimiser built over the parameters it now has and its state loaded. The order matters: fully_shard
     replaces the parameters, so an optimiser built before it would update tensors the model no longer uses."""
     if model_state is not None:
         model.load_state_dict(model_state)
-    model = shard_model(model, dist, parallel)
+    model = shard_model(model, dist, parallel, compute)
     opt = make_optimizer(model)
     if optimizer_state is not None:
         if sharded(parallel, dist):

@@ -205,7 +205,7 @@ def run_refine(cfg: Config, root: Path, progress: bool = True) -> StageResult:
     wd = cfg.train.weight_decay
     student, opt_g = prepare_training(
         student.train(), lambda m: torch.optim.AdamW(m.parameters(), lr=r.lr, betas=(0.0, 0.999), weight_decay=wd),
-        dist, cfg.train.parallel, state and state["model"], state and state["optimizer"])  # fmt: skip
+        dist, cfg.train.parallel, state and state["model"], state and state["optimizer"], run.compute)  # fmt: skip
     disc, opt_d = prepare_training(  # the discriminator is small: replicated
         disc, lambda m: torch.optim.AdamW(m.parameters(), lr=r.disc_lr, betas=(0.0, 0.999), weight_decay=wd),
         dist, "none", state and state["discriminator"], state and state["disc_optimizer"])  # fmt: skip

@@ -82,7 +82,7 @@ def run_teacher(cfg: Config, root: Path, progress: bool = True) -> StageResult:
     model, opt = prepare_training(
         model.train(), lambda m: torch.optim.AdamW(param_groups(m, t.lr, t.audio_lr_scale), lr=t.lr,
                                                    weight_decay=cfg.train.weight_decay),
-        dist, cfg.train.parallel, state and state["model"], state and state["optimizer"])  # fmt: skip
+        dist, cfg.train.parallel, state and state["model"], state and state["optimizer"], run.compute)  # fmt: skip
     gb = t.batch_size
     rank_batch(gb, dist, "teacher.batch_size")
     spatial = None

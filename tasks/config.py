@@ -385,6 +385,9 @@ class TrainConfig(_Section):
     # recompute each transformer block in the backward pass instead of keeping its activations (less memory,
     # ~1/3 more compute; training forwards without a KV cache)
     activation_checkpointing: bool = False
+    # under FSDP2: each process writes only its own shards of every step checkpoint (torch.distributed.checkpoint,
+    # step_<n>.dcp/) instead of gathering whole model and optimiser states into one file on rank 0
+    sharded_checkpoints: bool = False
     sample_video: bool = True  # each stage logs a sample mp4 (with its audio) of a validation window
     val_windows: int = Field(2, ge=1)  # validation windows used for evaluations and the sample
 

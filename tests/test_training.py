@@ -321,6 +321,48 @@ def test_exit_step_choice_changes_the_output():
 
 # --------------------------------------------------------------------------- 2 processes vs 1, torchrun
 @pytest.mark.slow
+def test_fsdp_sharded_checkpoints_resume_exactly(project, tmp_path):
+    """train.sharded_checkpoints under FSDP2 (2 gloo processes): each process writes its own shards of the step
+    checkpoint (torch.distributed.checkpoint, step_<n>.dcp/) and step_<n>.pt holds only references; a run
+    stopped after step 2 and resumed from the shards computes what the uninterrupted run computes."""
+    root = copy_project(project, tmp_path / "p")
+    shutil.copy(REPO / "params.yaml", root / "params.yaml")
+    env = tool_env(root)
+    env["OMP_NUM_THREADS"] = "1"
+
+    def launch(iterations: int, ckdir: str) -> None:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               "-m", "flows.cli", "teacher", "--set", "tracking.enabled=false", "--set", "vae.pretrained_path=null",
+               "--set", "teacher.init_from=null", "--set", "model.num_layers=2", "--set", "model.num_heads=2",
+               "--set", "model.head_dim=16", "--set", "model.ffn_dim=128", "--set", "train.window_chunks=2",
+               "--set", "train.val_windows=1", "--set", "train.sample_video=false",
+               "--set", f"teacher.iterations={iterations}", "--set", "teacher.batch_size=4",
+               "--set", "train.checkpoint_every=2", "--set", f"train.checkpoint_dir={ckdir}",
+               "--set", "train.parallel=fsdp", "--set", "train.sharded_checkpoints=true"]  # fmt: skip
+        proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+    launch(4, "data/ck_straight")
+    launch(2, "data/ck_resumed")  # "interrupted" after step 2
+    stage = root / "data/ck_resumed/teacher"
+    shards = sorted(p.name for p in (stage / "step_0000002.dcp").iterdir())
+    assert sum(name.endswith(".distcp") for name in shards) == 2, shards  # one file per process
+    ref = torch.load(stage / "step_0000002.pt", weights_only=False)
+    assert ref["model"]["__dcp__"] == "step_0000002.dcp" and not any(isinstance(v, torch.Tensor) for v in ref.values())
+    launch(4, "data/ck_resumed")  # resumes from the shards at step 2
+    losses = {}
+    for name in ("straight", "resumed"):
+        rows = [json.loads(x) for x in (root / f"data/ck_{name}/teacher/metrics.jsonl").read_text().splitlines()]
+        losses[name] = {r["step"]: r["loss"] for r in rows}
+    assert [losses["resumed"][s] for s in (2, 3)] == [losses["straight"][s] for s in (2, 3)]
+    a = torch.load(root / "data/ck_straight/teacher/final.pt", weights_only=False)["model"]
+    b = torch.load(stage / "final.pt", weights_only=False)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert sorted(p.name for p in stage.glob("step_*")) == ["step_0000002.dcp", "step_0000002.pt",
+                                                            "step_0000004.dcp", "step_0000004.pt"]  # fmt: skip
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize(("parallel", "dtype"), [("ddp", "float32"), ("fsdp", "float32"), ("fsdp", "bfloat16")])
 def test_two_gloo_processes_with_micro_batches_match_one_process(project, tmp_path, parallel, dtype):
     """Data parallel (an explicit all-reduce) and FSDP2 (fully_shard per block, on CPU with gloo: the

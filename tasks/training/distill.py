@@ -63,10 +63,10 @@ from tasks.training.engine import (
     file_digest,
     global_batch,
     load_final,
-    optimizer_state,
     prepare_training,
     rank_batch,
     run_loop,
+    save_step,
     state_dict_of,
     step_generator,
 )
@@ -195,9 +195,7 @@ def ode_init(run: Run, student, fingerprint: str):
         return {"loss": dist.mean(logs["loss"]), "grad_norm": float(gnorm)}
 
     def save(s: int) -> None:
-        sd, osd = state_dict_of(student), optimizer_state(student, opt, dist, cfg.train.parallel)
-        if dist.main:
-            ckpt.save(s, {"model": sd, "optimizer": osd})
+        save_step(ckpt, s, dist, cfg.train.parallel, {"model": (student, opt)}, cfg.train.sharded_checkpoints)
 
     metrics = Metrics(ckpt.dir / "metrics.jsonl", "ode_init", cfg.train.log_every, dist.main, fresh=start == 0)
     last = run_loop("ode_init", start, o.iterations, step, save, metrics, cfg.train.checkpoint_every, run.progress,
@@ -368,10 +366,8 @@ def sid(run: Run, student, teacher, fingerprint: str):
                           cfg.train.micro_batch_size)  # fmt: skip
 
     def save(s: int) -> None:
-        sd, fsd = state_dict_of(student), state_dict_of(fake)
-        osd, fosd = (optimizer_state(m, o, dist, cfg.train.parallel) for m, o in ((student, opt_g), (fake, opt_f)))
-        if dist.main:
-            ckpt.save(s, {"model": sd, "fake": fsd, "optimizer": osd, "fake_optimizer": fosd})
+        save_step(ckpt, s, dist, cfg.train.parallel, {"model": (student, opt_g), "fake": (fake, opt_f)},
+                  cfg.train.sharded_checkpoints)  # fmt: skip
 
     metrics = Metrics(ckpt.dir / "metrics.jsonl", "sid", cfg.train.log_every, dist.main, fresh=start == 0)
     last = run_loop("sid", start, d.iterations, step, save, metrics, cfg.train.checkpoint_every, run.progress,

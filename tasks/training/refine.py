@@ -52,10 +52,10 @@ from tasks.training.engine import (
     file_digest,
     global_batch,
     load_final,
-    optimizer_state,
     prepare_training,
     rank_batch,
     run_loop,
+    save_step,
     state_dict_of,
     step_generator,
 )
@@ -240,10 +240,8 @@ def run_refine(cfg: Config, root: Path, progress: bool = True) -> StageResult:
                              cfg.train.grad_clip, cfg.train.micro_batch_size)  # fmt: skip
 
     def save(s: int) -> None:
-        sd, dsd = state_dict_of(student), state_dict_of(disc)
-        osd = optimizer_state(student, opt_g, dist, cfg.train.parallel)
-        if dist.main:
-            ckpt.save(s, {"model": sd, "discriminator": dsd, "optimizer": osd, "disc_optimizer": opt_d.state_dict()})
+        save_step(ckpt, s, dist, cfg.train.parallel, {"model": (student, opt_g)}, cfg.train.sharded_checkpoints,
+                  extra={"discriminator": state_dict_of(disc), "disc_optimizer": opt_d.state_dict()})  # fmt: skip
 
     metrics = Metrics(ckpt.dir / "metrics.jsonl", STAGE, cfg.train.log_every, dist.main, fresh=start == 0)
     last = run_loop(STAGE, start, r.iterations, step, save, metrics, cfg.train.checkpoint_every, run.progress,

@@ -40,10 +40,10 @@ from tasks.training.engine import (
     apply_gradients,
     file_digest,
     global_batch,
-    optimizer_state,
     prepare_training,
     rank_batch,
     run_loop,
+    save_step,
     state_dict_of,
     step_generator,
 )
@@ -110,9 +110,7 @@ def run_teacher(cfg: Config, root: Path, progress: bool = True) -> StageResult:
         return {"loss": dist.mean(logs["loss"]), "grad_norm": float(gnorm)}
 
     def save(s: int) -> None:
-        sd, osd = state_dict_of(model), optimizer_state(model, opt, dist, cfg.train.parallel)
-        if dist.main:
-            ckpt.save(s, {"model": sd, "optimizer": osd})
+        save_step(ckpt, s, dist, cfg.train.parallel, {"model": (model, opt)}, cfg.train.sharded_checkpoints)
 
     metrics = Metrics(ckpt.dir / "metrics.jsonl", STAGE, cfg.train.log_every, dist.main, fresh=start == 0)
     last = run_loop(STAGE, start, t.iterations, step, save, metrics, cfg.train.checkpoint_every, run.progress,

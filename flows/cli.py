@@ -60,6 +60,10 @@ def build_parser() -> argparse.ArgumentParser:
                       help="identity drift of the trained students over a long stream (the paper's Table 1 in "
                            "miniature): rolling cache vs + reference sink vs + sink + RAPR (distilled student) "
                            "vs + GAN (refined student, sink + RAPR); same seed and inputs")
+    mode.add_argument("--vad", action="store_true",
+                      help="the live talk/listen mask (energy gate, Silero VAD, the both-streams leak rule) against the "
+                           "corpus's ground truth: clean, noisy and leaking streams; F1 per detector and its cost")
+    mode.add_argument("--conversations", type=int, default=8, help="--vad: corpus conversations to synthesise")
     mode.add_argument("--train-step", action="store_true",
                       help="one teacher training step (forward + backward) at the profile's shapes, random weights: "
                            "step time, TFLOP/s and MFU, peak memory against `streamavatar plan`")
@@ -300,6 +304,13 @@ def _bench(args, cfg, root: Path) -> int:
         report = run_model_bench(cfg, chunks=args.chunks, vae_chunks=args.vae_chunks,
                                  teacher_steps=args.teacher_steps, progress=not args.json)  # fmt: skip
         default_out = f"{cfg.project.data_dir}/reports/model_bench.json"
+    elif args.vad:
+        from tasks.evaluation.vad_bench import format_report, run_vad_bench
+
+        if args.conversations < 1:
+            raise ConfigError("--conversations must be at least 1")
+        report = run_vad_bench(cfg, conversations=args.conversations)
+        default_out = f"{cfg.project.data_dir}/reports/vad_bench.json"
     elif args.train_step:
         from tasks.evaluation.train_step_bench import format_report, run_train_step_bench
 

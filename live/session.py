@@ -4,8 +4,9 @@ A session owns its own :class:`StreamingGenerator` (KV cache, VAE decoder cache,
 model weights every session shares, and one worker thread that runs the generator chunk by chunk, so a
 slow session never blocks the server's event loop or another session. The two voices arrive as PCM in
 pieces of any size; they are resampled to ``audio.sample_rate`` and cut into chunks of 4C video frames. The
-avatar talks while its own voice is above the generator's voice gate and listens otherwise: the same
-per-frame mask (``speaking_mask``) the student was trained on.
+avatar talks while the generator's voice detector (``audio.vad``, model/vad.py: Silero VAD with hangover, or
+the energy gate) hears speech on its own stream and listens otherwise; each chunk carries that per-frame
+mask, the one the generator conditioned the chunk on.
 
 Both directions are bounded (``live.max_pending_chunks``): while that many chunks of audio wait for
 generation the server stops reading the socket (TCP pushes back on a client that sends faster than real
@@ -29,7 +30,6 @@ import numpy as np
 import torch
 
 from live.protocol import AVATAR, USER, AudioFormat, LinearResampler
-from model.audio import speaking_mask
 from model.streaming import StreamingGenerator
 
 _STOP = object()
@@ -218,7 +218,7 @@ class LiveSession:
                 self.report.chunks_in += 1
                 video = self.gen.step(torch.from_numpy(avatar), torch.from_numpy(user))[0]  # [3, T, H, W]
                 frames = ((video.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 3, 0).cpu().numpy()
-                talking = speaking_mask(torch.from_numpy(avatar)[None], None, self.spf, len(frames), self.threshold_db)[0]
+                talking = self.gen.last_mask[0]  # the live mask the generator conditioned this chunk on
                 enc = [cv2.imencode(".jpg", f[:, :, ::-1], [cv2.IMWRITE_JPEG_QUALITY, self.jpeg_quality])[1].tobytes()
                        for f in frames]  # fmt: skip
                 pcm = (np.clip(avatar, -1, 1) * 32767).round().astype("<i2").tobytes()

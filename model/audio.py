@@ -198,12 +198,17 @@ class AudioStream:
     context, and returns the features of the newest frames only (frames after the chunk are unknown, so
     the right edge of the +-k window repeats the last frame, as at the end of a clip)."""
 
-    def __init__(self, conditioner: AudioConditioner, history_frames: int) -> None:
+    def __init__(self, conditioner: AudioConditioner, history_frames: int, vad=None) -> None:
+        """``vad``: a callable that makes one model.vad.VoiceActivity (a detector per stream and batch item);
+        None: the plain energy gate of :func:`speaking_mask` on the avatar's stream."""
         self.cond = conditioner
         self.history_frames = history_frames
         self.spf = conditioner.extractor.samples_per_frame
         self._avatar: torch.Tensor | None = None
         self._other: torch.Tensor | None = None
+        self._vad = vad
+        self._detectors: list[tuple] | None = None
+        self.partner_mask: torch.Tensor | None = None  # the other person's voice activity in the last push
 
     def features(self, avatar: torch.Tensor, interlocutor: torch.Tensor) -> torch.Tensor:
         """Append n frames of both streams; the windowed features [B, n, 2k + 1, D] of those frames, computed
@@ -228,7 +233,19 @@ class AudioStream:
         if avatar.shape != interlocutor.shape or n * self.spf != avatar.shape[-1]:
             raise ValueError(f"give both streams the same whole number of video frames ({self.spf} samples each)")
         feats = self.features(avatar, interlocutor)
-        mask = speaking_mask(avatar, interlocutor, self.spf, n, threshold_db)
+        if self._vad is None:
+            mask = speaking_mask(avatar, interlocutor, self.spf, n, threshold_db)
+            self.partner_mask = speaking_mask(interlocutor, None, self.spf, n, threshold_db)
+        else:  # a voice detector on BOTH streams, its state carried from chunk to chunk
+            if self._detectors is None:
+                self._detectors = [(self._vad(), self._vad()) for _ in range(avatar.shape[0])]
+            from model.vad import both_streams
+
+            pairs = [both_streams(d[0], d[1], a, o, d[0].leak_db)
+                     for d, a, o in zip(self._detectors, avatar.cpu(), interlocutor.cpu(), strict=True)]  # fmt: skip
+            mask = torch.stack([torch.from_numpy(m.astype("float32")) for m, _ in pairs])
+            self.partner_mask = torch.stack([torch.from_numpy(m.astype("float32")) for _, m in pairs])
+            mask = mask.to(feats.device)
         talk, listen = split_talk_listen(feats, mask)
         f = self.cond.frames_per_latent
         return group_latent(talk, f), group_latent(listen, f), mask

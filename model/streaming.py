@@ -9,6 +9,7 @@ audio stream a fixed history, so memory stays flat however long the stream runs.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -27,8 +28,9 @@ class StreamSettings:
     timestep_shift: float = 5.0
     context: str = "noisy"  # "noisy": keep the K/V of the last denoising step (paper); "clean": re-run at t=0
     audio_history_frames: int = 50
-    vad_threshold_db: float = -45.0
+    vad_threshold_db: float = -45.0  # the energy gate's level (when ``vad`` is None)
     seed: int = 0
+    vad: Callable[[], object] | None = None  # makes a model.vad.VoiceActivity per stream (None: the energy gate)
 
 
 class StreamingGenerator:
@@ -65,7 +67,7 @@ class StreamingGenerator:
         b = img.shape[0]
         self.cache = KVCache(self.layout, len(self.dit.blocks))
         self.context = self.dit.prepare_text(self._text.to(self.device, self.dtype).expand(b, -1, -1))
-        self.stream = AudioStream(self.audio, self.settings.audio_history_frames)
+        self.stream = AudioStream(self.audio, self.settings.audio_history_frames, self.settings.vad)
         self.noise = torch.Generator(device=self.device).manual_seed(self.settings.seed)
         silent = torch.zeros(b, 1, self.audio.tokens_per_latent, self.audio.token_dim, device=self.device, dtype=self.dtype)
         zero_t = torch.zeros(b, 1, device=self.device)
@@ -85,7 +87,8 @@ class StreamingGenerator:
         other = _batch(interlocutor_audio, b).to(self.device)
         if avatar.shape[-1] != self.samples_per_chunk:
             raise ValueError(f"a step takes {self.samples_per_chunk} samples per stream, got {avatar.shape[-1]}")
-        talk, listen, _ = self.stream.push(avatar, other, self.settings.vad_threshold_db)
+        talk, listen, self.last_mask = self.stream.push(avatar, other, self.settings.vad_threshold_db)
+        self.last_partner_mask = self.stream.partner_mask  # [B, 4C]: who spoke in this chunk (1: speech)
         talk, listen = talk.to(self.dtype), listen.to(self.dtype)
         c = self.layout.chunk_frames
         _, z, _, h, w = self.ref_latent.shape

@@ -319,7 +319,7 @@ class PretrainConfig(_Section):
     vae_decoder_only: bool = False  # train the decoder alone: the latents (and a DiT trained on them) stay valid
     dit_init_from: str | None = None
     dit_window_stride: int = Field(0, ge=0)  # video frames between training windows' starts; 0: the window length
-    # true: the DiT hears each clip's own voice (talk = frames above audio.vad_threshold_db, as the live mask;
+    # true: the DiT hears each clip's own voice (talk = the live mask of audio.vad, or a corpus clip's truth;
     # dropped with dit_audio_dropout for CFG) and learns the audio path the teacher fine-tunes
     dit_audio: bool = False
     dit_audio_dropout: float = Field(0.1, ge=0, le=1)
@@ -334,7 +334,17 @@ class AudioConfig(_Section):
     n_mels: int = Field(40, ge=8)
     wav2vec2_layers: list[int] = Field(default_factory=lambda: [-4, -3, -2, -1])  # hidden states to stack
     sample_rate: Literal[16000] = 16000
-    vad_threshold_db: float = Field(-45.0, le=0)  # live mask: the avatar stream is speech above this level
+    # the live talk/listen mask (model/vad.py), on the avatar's and the other person's stream: "silero" (Silero
+    # VAD, the model inside the silero-vad wheel) or "energy" (the frame level above vad_threshold_db)
+    vad: Literal["silero", "energy"] = "silero"
+    vad_threshold: float = Field(0.5, gt=0, lt=1)  # silero: speech probability of an onset (offset 0.15 below)
+    vad_threshold_db: float = Field(-45.0, le=0)  # energy: a frame is speech above this level
+    # speech ends after this long below the offset threshold (bench --vad: 0 scores best on the corpus, whose
+    # ground truth ends each utterance at its last word; Silero's hysteresis already bridges word gaps)
+    vad_hangover_ms: float = Field(0.0, ge=0)
+    vad_model_path: str | None = None  # a local silero_vad.jit (default: the one in the silero-vad wheel)
+    # both streams speech: the one more than this many dB quieter is the other's voice leaking in (0: off)
+    vad_leak_db: float = Field(12.0, ge=0)
     history_frames: int = Field(50, ge=0)  # past video frames of audio kept as context while streaming
 
 

@@ -148,7 +148,8 @@ def test_a_two_voice_session_talks_then_listens_and_records_the_right_duration(s
     assert len(read_frames(out)) == 250
     talking = np.array(s["talking"])
     assert talking[:125].mean() > 0.6, talking[:125]  # the avatar's voice: talking frames
-    assert talking[125:].mean() == 0.0  # the user's voice only: listening frames
+    # the user's voice only: listening frames (Silero's decision trails the voice by up to two frames, 80 ms)
+    assert talking[127:].mean() == 0.0 and talking[125:127].sum() <= 2
     assert 9.5 < s["sent_s"] < 14, s["sent_s"]  # paced at the audio rate, not faster
     assert s["latency_ms_p95"] < 1500, s  # the issue's target at the demo size (untrained student)
     m = server.metrics()
@@ -159,12 +160,14 @@ def test_a_two_voice_session_talks_then_listens_and_records_the_right_duration(s
 
 
 def test_audio_at_another_rate_and_stereo_is_resampled(server):
-    """44.1 kHz stereo float PCM for 2 s: the frames cover 2 s at 25 fps."""
+    """44.1 kHz stereo float PCM for 2 s of speech: the frames cover 2 s at 25 fps, and the voice detector hears
+    the speech through the resampling."""
     image = portrait()
     rate = 44100
+    speech16 = voice("fashion_blogger", 2.0)
     t = np.arange(2 * rate) / rate
-    tone = (0.3 * np.sin(2 * np.pi * 220 * t)).astype("<f4")
-    stereo = np.stack([tone, tone], 1).reshape(-1)
+    speech = np.interp(t, np.arange(speech16.size) / SR, speech16).astype("<f4")  # 16 kHz -> 44.1 kHz
+    stereo = np.stack([speech, speech], 1).reshape(-1)
     with connect(server.ws, max_size=None) as ws:
         ready = start(ws, image, sample_rate=rate, channels=2, format="f32le")
         assert ready["type"] == "ready", ready
@@ -184,7 +187,7 @@ def test_audio_at_another_rate_and_stereo_is_resampled(server):
             assert cv2.imdecode(np.frombuffer(jpegs[0], np.uint8), cv2.IMREAD_COLOR).shape == (64, 64, 3)
     assert done["type"] == "done" and done["frames"] == frames
     assert 50 <= frames < 50 + ready["chunk_frames"], frames  # 2 s = 50 frames, the last chunk padded
-    assert np.mean(talking[:50]) == 1.0  # a steady tone above the voice gate: talking throughout
+    assert np.mean(talking[:50]) > 0.6  # speech: talking (the same 2 s at 16 kHz: 0.72 of the frames)
 
 
 @pytest.mark.parametrize("case, expected", [

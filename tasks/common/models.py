@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 from pathlib import Path
 
@@ -155,8 +156,21 @@ def stream_settings(cfg: Config, seed: int | None = None) -> StreamSettings:
     return StreamSettings(
         layout=build_layout(cfg), steps=s.steps, timestep_shift=s.timestep_shift, context=s.context,
         audio_history_frames=cfg.audio.history_frames, vad_threshold_db=cfg.audio.vad_threshold_db,
-        seed=cfg.project.seed if seed is None else seed,
+        seed=cfg.project.seed if seed is None else seed, vad=vad_factory(cfg),
     )  # fmt: skip
+
+
+def vad_factory(cfg: Config):
+    """Makes the live mask's voice detector of ``audio.vad`` (model/vad.py); None for the plain energy gate
+    without hangover (the same mask as the old gate)."""
+    a = cfg.audio
+    if a.vad == "energy" and a.vad_hangover_ms == 0 and a.vad_leak_db == 0:
+        return None
+    from model.vad import build_vad, silero_model
+
+    if a.vad == "silero":
+        silero_model(a.vad_model_path)  # a missing model is an error now, not at the first chunk
+    return functools.partial(build_vad, a, fps=cfg.video.fps)
 
 
 def build_generator(cfg: Config, pretrained: bool = True) -> StreamingGenerator:

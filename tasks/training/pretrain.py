@@ -7,8 +7,8 @@ Two models, trained from scratch on real talking-head clips (``pretrain.dirs``, 
 2. a base video DiT (the same AudioDiT class, the fixed prompt): flow matching on windows of the clips' latents,
    each window's first latent frame the clean reference, exactly as the teacher trains; with silent audio
    tokens, or, with ``pretrain.dit_audio``, each clip's own voice (its streamed features, as training windows
-   and the live stream compute them; talking where the voice is above ``audio.vad_threshold_db``, the live
-   mask), so the audio path arrives trained. Measured on held-out windows at fixed noise levels against the
+   and the live stream compute them; talking where the live mask (``audio.vad``) hears the voice, or the
+   corpus ground truth), so the audio path arrives trained. Measured on held-out windows at fixed noise levels against the
    starting network and the per-channel Gaussian denoiser (the best a model with no learning does), plus a
    sample sheet; with audio also the loss with the audio silenced, the mouth box's loss with another window's
    audio, and the lip sync (mouth opening vs voice envelope, pooled r) of samples before and after.
@@ -33,7 +33,6 @@ import torch
 from model.audio import (
     AudioConditioner,
     group_latent,
-    speaking_mask,
     split_talk_listen,
     streamed_features,
     with_reference_slot,
@@ -42,6 +41,7 @@ from model.dit import AudioDiT
 from model.losses import region_weight
 from model.sampling import euler_sample_sigmas, shift_sigma, teacher_sigmas
 from model.text import prompt_embedding
+from model.vad import build_vad, clip_mask
 from model.vae import VideoVAE
 from tasks.common.media import MediaError, read_audio
 from tasks.common.models import build_audio, build_dit, load_causal_ae, load_dit_weights
@@ -93,7 +93,7 @@ def clip_window_audio(cfg: Config, cond: AudioConditioner, wave: np.ndarray, tot
     """The audio of one clip's windows, as the teacher's windows have it: talk / listen tokens [n, 1 + F, A, D]
     from the live stream's features of a stream started at the window's chunk offset (so each window's tokens
     are what a stream that began on its chunk grid computes), split by ``speaking`` (per frame, 1 = the person
-    talks: a corpus clip's ground truth) or else the live mask (the voice above ``audio.vad_threshold_db``);
+    talks: a corpus clip's ground truth) or else the live mask of the clip's voice (audio.vad, model/vad.py);
     plus each window's mask [n, frames] and waveform [n, frames * spf]."""
     spf = cfg.audio.sample_rate // cfg.video.fps
     chunk = cfg.student.chunk_frames * cfg.vae.temporal_compression
@@ -103,7 +103,7 @@ def clip_window_audio(cfg: Config, cond: AudioConditioner, wave: np.ndarray, tot
         n = min(total, len(speaking))
         mask[:n] = torch.as_tensor(np.asarray(speaking[:n], dtype=np.float32) > 0, dtype=torch.float32)
     else:
-        mask = speaking_mask(w, None, spf, total, cfg.audio.vad_threshold_db)[0]
+        mask = torch.from_numpy(clip_mask(w[0], build_vad(cfg.audio, fps=cfg.video.fps), total).astype(np.float32))
     feats: dict[int, torch.Tensor] = {}
     out: dict[str, list] = {"talk": [], "listen": [], "mask": [], "wave": []}
     for s in starts:

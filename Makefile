@@ -53,7 +53,7 @@ demo: install
 	@echo "  make serve                     the same as Prefect deployments on a server + worker, with an MLflow server"
 
 test: install
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=15
 
 test-fast: install
 	$(BIN)/python -m pytest -q -m "not slow"

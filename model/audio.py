@@ -198,9 +198,10 @@ class AudioStream:
     context, and returns the features of the newest frames only (frames after the chunk are unknown, so
     the right edge of the +-k window repeats the last frame, as at the end of a clip)."""
 
-    def __init__(self, conditioner: AudioConditioner, history_frames: int, vad=None) -> None:
-        """``vad``: a callable that makes one model.vad.VoiceActivity (a detector per stream and batch item);
-        None: the plain energy gate of :func:`speaking_mask` on the avatar's stream."""
+    def __init__(self, conditioner: AudioConditioner, history_frames: int, vad=None, batch: int | None = None) -> None:
+        """``vad``: a callable that makes one model.vad.VoiceActivity (a detector per stream and batch item;
+        made here when ``batch`` is given, else at the first push); None: the plain energy gate of
+        :func:`speaking_mask` on the avatar's stream."""
         self.cond = conditioner
         self.history_frames = history_frames
         self.spf = conditioner.extractor.samples_per_frame
@@ -208,6 +209,8 @@ class AudioStream:
         self._other: torch.Tensor | None = None
         self._vad = vad
         self._detectors: list[tuple] | None = None
+        if vad is not None and batch:
+            self._detectors = [(vad(), vad()) for _ in range(batch)]
         self.partner_mask: torch.Tensor | None = None  # the other person's voice activity in the last push
 
     def features(self, avatar: torch.Tensor, interlocutor: torch.Tensor) -> torch.Tensor:

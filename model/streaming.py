@@ -67,7 +67,7 @@ class StreamingGenerator:
         b = img.shape[0]
         self.cache = KVCache(self.layout, len(self.dit.blocks))
         self.context = self.dit.prepare_text(self._text.to(self.device, self.dtype).expand(b, -1, -1))
-        self.stream = AudioStream(self.audio, self.settings.audio_history_frames, self.settings.vad)
+        self.stream = AudioStream(self.audio, self.settings.audio_history_frames, self.settings.vad, batch=b)
         self.noise = torch.Generator(device=self.device).manual_seed(self.settings.seed)
         silent = torch.zeros(b, 1, self.audio.tokens_per_latent, self.audio.token_dim, device=self.device, dtype=self.dtype)
         zero_t = torch.zeros(b, 1, device=self.device)

@@ -290,7 +290,7 @@ def run_benchmark(cfg: Config, root: Path, progress: bool = True) -> dict[str, A
     b = cfg.benchmark
     gen, student = build_stream(cfg, root, resolve_student(cfg, root, b.checkpoint))
     if b.compile:  # the module stays itself (its cache, blocks, dtype); only its forward is compiled
-        gen.dit.forward = torch.compile(gen.dit.forward, dynamic=True)
+        gen.dit.forward = torch.compile(gen.dit.forward, dynamic=True, backend=b.compile_backend)
     chunk_s = gen.chunk_video_frames / cfg.video.fps
     ref, avatar, other = _inputs(gen, cfg, max(b.chunks, b.warmup_chunks))
     devices = [gen.device] + ([torch.device(b.vae_device)] if b.vae_device else [])
@@ -318,7 +318,7 @@ def run_benchmark(cfg: Config, root: Path, progress: bool = True) -> dict[str, A
             "vae_params_m": round(sum(p.numel() for p in gen.vae.parameters()) / 1e6, 3),
         },  # fmt: skip
         "student": student["label"],
-        "compiled": b.compile,
+        "compiled": b.compile, "compile_backend": b.compile_backend if b.compile else None,
         "hardware": hardware(gen.device),
         "setup_s": seq["setup_s"],
         "dit": {"rtf": dit_rtf, "ffd_s": seq["dit_s"][0], **_stats(seq["dit_s"])},

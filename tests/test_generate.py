@@ -227,3 +227,28 @@ def test_without_a_trained_student_the_way_out_is_named(root, tmp_path, capsys):
     with pytest.raises(ConfigError, match="make demo"):
         generate(config(root), root, image, voice, out, progress=False)
     assert not out.exists()
+
+
+class _Payload:  # an object a malicious checkpoint could carry: unpickling it would call __reduce__'s callable
+    def __reduce__(self):
+        return (print, ("code ran while loading",))
+
+
+def test_a_checkpoint_that_holds_more_than_weights_is_refused(tmp_path):
+    """Checkpoints load with torch.load(weights_only=True): one that pickles an arbitrary object (code would run
+    while loading it) is refused with an error naming the file; a plain one loads."""
+    from tasks.common.models import build_audio
+    from tasks.common.student import load_student
+
+    cfg = Config()
+    bad = tmp_path / "bad.pt"
+    torch.save({"model": {}, "extra": _Payload()}, bad)
+    with pytest.raises(ConfigError, match=r"bad\.pt: refused, it holds more than weights"):
+        load_student(cfg, tmp_path, str(bad), build_audio(cfg), torch.device("cpu"))
+    from tasks.common.models import build_dit
+
+    good = tmp_path / "good.pt"
+    audio = build_audio(cfg)
+    torch.save({"model": build_dit(cfg, audio.token_dim, pretrained=False).state_dict(), "step": 3}, good)
+    dit, info = load_student(cfg, tmp_path, str(good), audio, torch.device("cpu"))
+    assert info["trained"] and not dit.training

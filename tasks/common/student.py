@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pickle
 from pathlib import Path
 from typing import Any
 
@@ -49,7 +50,11 @@ def load_student(cfg: Config, root: Path, checkpoint: str | Path | None, audio: 
         path = resolve_path(checkpoint, root)
         if not path.is_file():
             raise ConfigError(f"--checkpoint {checkpoint}: no such file")
-    blob = torch.load(path, map_location="cpu", weights_only=False)
+    try:  # tensors and plain containers only: unpickling arbitrary objects would run code from the file
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise ConfigError(f"{path}: refused, it holds more than weights (torch.load weights_only: "
+                          f"{str(exc).splitlines()[0]})") from None  # fmt: skip
     if not isinstance(blob, dict) or "model" not in blob:
         raise ConfigError(f"{path}: not a training checkpoint (expected a dict with a 'model' state dict)")
     try:

@@ -282,7 +282,7 @@ def _load_teacher(cfg: Config, root: Path, audio, device):
     path = root / cfg.train.checkpoint_dir / "teacher" / "final.pt"
     if not path.is_file():
         return None, f"skipped: no teacher checkpoint at {path.relative_to(root)}"
-    blob = torch.load(path, map_location="cpu", weights_only=False)
+    blob = torch.load(path, map_location="cpu", weights_only=True)
     return dit_from_state(cfg, audio, blob["model"], device).eval(), str(path.relative_to(root))
 
 

@@ -275,7 +275,7 @@ class Checkpoints:
         """The newest step checkpoint made with the same fingerprint, else None (older ones are removed)."""
         for path in reversed(self.steps()):
             try:
-                state = torch.load(path, map_location="cpu", weights_only=False)
+                state = torch.load(path, map_location="cpu", weights_only=True)
             except Exception as exc:  # noqa: BLE001 -- a torn file from a crash: use the one before
                 log.warning("%s: unreadable (%s), trying an older checkpoint", path, exc)
                 continue
@@ -320,7 +320,7 @@ class Checkpoints:
         path = self.dir / "final.pt"
         if not path.is_file():
             return None
-        state = torch.load(path, map_location="cpu", weights_only=False)
+        state = torch.load(path, map_location="cpu", weights_only=True)
         return state if state.get("fingerprint") == self.fingerprint else None
 
 
@@ -334,7 +334,7 @@ def load_final(path: Path, what: str) -> dict:
     """A stage's final.pt, with an error that says which stage to run when it is missing."""
     if not Path(path).is_file():
         raise FileNotFoundError(f"{path}: no {what} checkpoint; run that stage first")
-    return torch.load(path, map_location="cpu", weights_only=False)
+    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def state_dict_of(model: nn.Module) -> dict:

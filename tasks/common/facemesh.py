@@ -31,10 +31,12 @@ class FaceMesh:
     def __init__(self, static_image_mode: bool = True, min_detection_confidence: float = 0.5) -> None:
         import mediapipe as mp
 
-        self._mesh = mp.solutions.face_mesh.FaceMesh(
+        from tasks.common.native_logs import quiet_first_call
+
+        self._mesh = quiet_first_call(mp.solutions.face_mesh.FaceMesh(
             static_image_mode=static_image_mode, max_num_faces=1, refine_landmarks=False,
             min_detection_confidence=min_detection_confidence,
-        )
+        ))  # fmt: skip
 
     def __call__(self, rgb: np.ndarray) -> np.ndarray | None:
         h, w = rgb.shape[:2]

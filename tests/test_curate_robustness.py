@@ -113,3 +113,46 @@ def test_killed_run_resumes_without_redoing_or_duplicating(tmp_path):
     table = pd.read_parquet(root / cfg.curate.manifest)
     assert sorted(table["clip_id"]) == [f"part_{i}" for i in range(5)]  # nothing lost, nothing twice
     assert (table["status"] == "ok").all(), table[["clip_id", "reason"]]
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_to_the_main_process_stops_curate_and_its_workers(tmp_path, sig):
+    """SIGTERM (a Prefect cancellation, a scheduler) or SIGINT sent to `streamavatar curate` alone: the main
+    process exits within seconds, its two pool workers end with it (no orphans curating on), the clips it
+    finished stay, and the manifest is not written half-done."""
+    import psutil
+
+    root = tmp_path
+    clips = root / "clips"
+    clips.mkdir()
+    src = shared_path("fixtures", "speakervid", "head_4.mp4")
+    for i in range(16):  # ~45 s of work left when the signal comes: a run that waits for it is caught
+        _ff("-ss", str(i % 5), "-i", str(src), "-t", "2.5", "-c:v", "libx264", "-c:a", "aac",
+            str(clips / f"part_{i}.mp4"))  # fmt: skip
+    weights = shared_path("models", "light-asd", "finetuning_TalkSet.model")
+    sets = [*FAST, f"curate.asd_weights={weights}", "curate.sources=[local]", f"curate.local_dirs=[{clips}]",
+            "curate.workers=2"]  # fmt: skip
+    shutil.copy(REPO / "params.yaml", root / "params.yaml")
+    shutil.copy(REPO / "dvc.yaml", root / "dvc.yaml")
+    cmd = [sys.executable, "-m", "flows.cli", "curate", *[a for s in sets for a in ("--set", s)]]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=tool_env(root), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)  # fmt: skip
+    journal = root / "data/curated/rows"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and not list(journal.glob("*.json")):
+        time.sleep(0.2)
+    workers = psutil.Process(proc.pid).children(recursive=True)
+    assert len(workers) >= 2, workers  # the spawn pool is running
+    os.kill(proc.pid, sig)  # the main process only, not its group
+    try:
+        _, err = proc.communicate(timeout=12)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        pytest.fail(f"curate still running 12 s after {sig.name}")
+    assert proc.returncode == (143 if sig == signal.SIGTERM else 130), err[-2000:]
+    assert "finished work is kept" in err
+    _, alive = psutil.wait_procs(workers, timeout=10)
+    assert not alive, f"orphaned workers still running: {alive}"
+    done = list(journal.glob("*.json"))
+    assert 1 <= len(done) < 16, done  # finished clips kept, the rest not curated after the signal
+    assert not (root / "data/manifests/curated.parquet").exists()

@@ -27,9 +27,31 @@ def map_jobs(
                 bar.update()
             return
         ctx = multiprocessing.get_context("spawn")  # mediapipe and fork do not mix
-        with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
+        pool = ProcessPoolExecutor(max_workers=workers, mp_context=ctx)
+        try:
             futures = {pool.submit(fn, job): job for job in jobs}
             for fut in as_completed(futures):
                 exc = fut.exception()
                 yield futures[fut], (None if exc else fut.result()), exc
                 bar.update()
+        except BaseException:
+            # interrupted (SIGINT/SIGTERM, an error in the caller, the generator closed): the workers stop NOW.
+            # The executor's own exit would wait for every queued job, so a cancelled run went on curating.
+            stop_workers(pool)
+            raise
+        pool.shutdown(wait=True)
+
+
+def stop_workers(pool: ProcessPoolExecutor, grace_s: float = 5.0) -> None:
+    """Cancel the queued jobs and end the pool's worker processes (SIGTERM, then SIGKILL after ``grace_s``).
+    Finished jobs were already handed back: whatever the caller wrote for them stays."""
+    procs = list((getattr(pool, "_processes", None) or {}).values())  # the executor has no public handle on them
+    pool.shutdown(wait=False, cancel_futures=True)
+    for p in procs:
+        if p.is_alive():
+            p.terminate()
+    for p in procs:
+        p.join(grace_s)
+        if p.is_alive():
+            p.kill()
+            p.join(1.0)

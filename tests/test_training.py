@@ -7,6 +7,7 @@ import json
 import shutil
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -326,6 +327,41 @@ TINY_SETS = ["tracking.enabled=false", "vae.pretrained_path=null", "teacher.init
              "ode_pairs.steps=6", "ode_pairs.eta=0.0", "teacher_sampler.steps=6", "ode_init.iterations=4",
              "ode_init.lr=1e-3", "distill.iterations=4", "refine.iterations=2",
              "refine.qformer_dim=16"]  # tiny_config (tests/training_data.py) as --set  # fmt: skip
+
+
+@pytest.mark.slow
+def test_sigterm_stops_a_training_stage_and_the_next_run_resumes(project, tmp_path):
+    """SIGTERM to `streamavatar teacher` mid-run: it exits within seconds (143), the step checkpoints it wrote
+    stay, and the next run resumes from the newest one instead of starting over."""
+    import signal
+
+    root = copy_project(project, tmp_path / "p")
+    shutil.copy(REPO / "params.yaml", root / "params.yaml")
+    shutil.rmtree(root / "data/checkpoints/teacher")
+    sets = [x for kv in TINY_SETS + ["teacher.iterations=400"] for x in ("--set", kv)]
+    proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "teacher", *sets], cwd=root, env=tool_env(root),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    stage = root / "data/checkpoints/teacher"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and len(list(stage.glob("step_*.pt"))) < 2:
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    try:
+        _, err = proc.communicate(timeout=15)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        pytest.fail("teacher still running 15 s after SIGTERM")
+    assert proc.returncode == 143 and "finished work is kept" in err, err[-2000:]
+    assert not (stage / "final.pt").exists()
+    newest = max(int(p.stem.split("_")[1]) for p in stage.glob("step_*.pt"))
+    assert 2 <= newest < 400
+    cfg = tiny_config(root)
+    cfg.teacher.iterations = newest + 2
+    from tasks.training.teacher import run_teacher
+
+    run_teacher(cfg, root, progress=False)  # resumes: only the last 2 steps are computed again
+    steps = [r["step"] for r in history(root, "teacher")]
+    assert steps[-2:] == [newest, newest + 1] and (stage / "final.pt").exists()
 
 
 @pytest.mark.slow

@@ -82,20 +82,27 @@ def test_odd_audio_and_odd_names_are_normalised(bad_batch):
     assert (root / table.loc[odd[0], "video_path"]).parent == root / cfg.curate.out_dir / "clips"
 
 
-def test_killed_run_resumes_without_redoing_or_duplicating(tmp_path):
-    root = tmp_path
+def _curate_command(root, n: int, workers: int) -> tuple[list[str], object]:
+    """``n`` 2.5 s cuts of a real clip under root/clips, a project at root, and the `streamavatar curate`
+    command line over them (plus its config)."""
     clips = root / "clips"
     clips.mkdir()
     src = shared_path("fixtures", "speakervid", "head_4.mp4")
-    for i in range(5):
-        _ff("-ss", str(i), "-i", str(src), "-t", "2.5", "-c:v", "libx264", "-c:a", "aac", str(clips / f"part_{i}.mp4"))
-    cfg = _cfg(root, clips, "curate.workers=1")
+    for i in range(n):
+        _ff("-ss", str(i % 5), "-i", str(src), "-t", "2.5", "-c:v", "libx264", "-c:a", "aac",
+            str(clips / f"part_{i}.mp4"))  # fmt: skip
     weights = shared_path("models", "light-asd", "finetuning_TalkSet.model")
     sets = [*FAST, f"curate.asd_weights={weights}", "curate.sources=[local]", f"curate.local_dirs=[{clips}]",
-            "curate.workers=1"]  # fmt: skip
+            f"curate.workers={workers}"]  # fmt: skip
     shutil.copy(REPO / "params.yaml", root / "params.yaml")
     shutil.copy(REPO / "dvc.yaml", root / "dvc.yaml")
     cmd = [sys.executable, "-m", "flows.cli", "curate", *[a for s in sets for a in ("--set", s)]]
+    return cmd, _cfg(root, clips, f"curate.workers={workers}")
+
+
+def test_killed_run_resumes_without_redoing_or_duplicating(tmp_path):
+    root = tmp_path
+    cmd, cfg = _curate_command(root, 5, workers=1)
     proc = subprocess.Popen(cmd, cwd=REPO, env=tool_env(root), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)  # fmt: skip
     journal = root / cfg.curate.out_dir / "rows"
@@ -123,18 +130,7 @@ def test_a_signal_to_the_main_process_stops_curate_and_its_workers(tmp_path, sig
     import psutil
 
     root = tmp_path
-    clips = root / "clips"
-    clips.mkdir()
-    src = shared_path("fixtures", "speakervid", "head_4.mp4")
-    for i in range(16):  # ~45 s of work left when the signal comes: a run that waits for it is caught
-        _ff("-ss", str(i % 5), "-i", str(src), "-t", "2.5", "-c:v", "libx264", "-c:a", "aac",
-            str(clips / f"part_{i}.mp4"))  # fmt: skip
-    weights = shared_path("models", "light-asd", "finetuning_TalkSet.model")
-    sets = [*FAST, f"curate.asd_weights={weights}", "curate.sources=[local]", f"curate.local_dirs=[{clips}]",
-            "curate.workers=2"]  # fmt: skip
-    shutil.copy(REPO / "params.yaml", root / "params.yaml")
-    shutil.copy(REPO / "dvc.yaml", root / "dvc.yaml")
-    cmd = [sys.executable, "-m", "flows.cli", "curate", *[a for s in sets for a in ("--set", s)]]
+    cmd, _ = _curate_command(root, 16, workers=2)  # ~45 s of work left when the signal comes: a run that waits is caught
     proc = subprocess.Popen(cmd, cwd=REPO, env=tool_env(root), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             text=True, start_new_session=True)  # fmt: skip
     journal = root / "data/curated/rows"

@@ -11,6 +11,7 @@ a real error from the native code, or another thread's output in that window -- 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
@@ -47,10 +48,8 @@ def filter_noise(text: str) -> str:
 def call_quietly(fn: Callable, *args, **kwargs):
     """``fn(*args, **kwargs)`` with fd 2 captured and filtered through :func:`filter_noise`."""
     with _lock, tempfile.TemporaryFile(mode="w+b") as tmp:
-        try:
+        with contextlib.suppress(AttributeError, ValueError):  # a closed or replaced sys.stderr
             sys.stderr.flush()
-        except (AttributeError, ValueError):
-            pass
         saved = os.dup(2)
         os.dup2(tmp.fileno(), 2)
         try:

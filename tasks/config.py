@@ -518,7 +518,9 @@ class RefineConfig(_Section):
 class BenchmarkConfig(_Section):
     """Stage `benchmark` (`streamavatar bench`): real-time speed of the streaming student, module by module."""
 
-    report: str = "data/reports/benchmark.json"
+    report: str = "data/reports/benchmark.json"  # the whole report: settings, hardware, every figure
+    metrics: str = "data/reports/benchmark_metrics.json"  # its figures only, numbers (dvc metrics show/diff)
+    latency: str = "data/reports/benchmark_latency.csv"  # per-chunk latency of each mode (dvc plots show)
     # "auto": data/checkpoints/refine/final.pt, else distill/final.pt, else the seeded random student (speed does
     # not depend on the weights' values); or a path; or "random"
     checkpoint: str = "auto"
@@ -539,7 +541,8 @@ class BenchmarkConfig(_Section):
 class EvaluateConfig(_Section):
     """Stage `evaluate` and the re-evaluation flow: teacher, student and ground truth on held-out clips."""
 
-    report: str = "data/reports/metrics.json"
+    report: str = "data/reports/metrics.json"  # the whole report: the evaluation set, every item, definitions
+    metrics: str = "data/reports/evaluate_metrics.json"  # each system's aggregate figures, numbers only (dvc metrics)
     out_dir: str = "data/reports/evaluate"  # table.csv, eval_set.json, the evaluation videos
     history_dir: str = "data/reports/reevaluate"  # the re-evaluation flow: history.parquet + history.png
     max_clips: int = Field(5, ge=1)  # held-out clips per split (val, unseen) in the fixed evaluation set

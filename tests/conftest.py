@@ -30,12 +30,13 @@ def tool_env(root: Path) -> dict:
     return env
 
 
-def make_clone(dest: Path) -> Path:
-    """A temporary project checkout: the repository's files (tracked and new, not ignored) in a fresh git repo."""
-    files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"], cwd=REPO,
+def make_clone(dest: Path, source: Path = REPO) -> Path:
+    """A temporary project checkout: ``source``'s files (tracked and new, not ignored: no data, no DVC cache) in
+    a fresh git repo."""
+    files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"], cwd=source,
                            capture_output=True, check=True).stdout.decode().split("\0")
     for rel in filter(None, files):
-        src = REPO / rel
+        src = source / rel
         if src.is_file():
             (dest / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src, dest / rel)

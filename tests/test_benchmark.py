@@ -21,10 +21,42 @@ def _sets(*extra: str) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def report(tmp_path_factory):
-    out = tmp_path_factory.mktemp("bench") / "benchmark.json"
-    assert cli_main(["bench", "--json", *_sets(f"benchmark.report={out}")]) == 0
-    return json.loads(out.read_text())
+def outputs(tmp_path_factory):
+    d = tmp_path_factory.mktemp("bench")
+    files = {"report": d / "benchmark.json", "metrics": d / "metrics.json", "latency": d / "latency.csv"}
+    assert cli_main(["bench", "--json", *_sets(*(f"benchmark.{k}={v}" for k, v in files.items()))]) == 0
+    return files
+
+
+@pytest.fixture(scope="module")
+def report(outputs):
+    return json.loads(outputs["report"].read_text())
+
+
+def test_dvc_files_hold_numbers_and_each_chunk(outputs, report):
+    """benchmark_metrics.json (what `dvc metrics` reads): the report's figures as a flat object of numbers, equal
+    to the report's; benchmark_latency.csv (a `dvc plots` plot): one row per measured chunk, in ms."""
+    m = json.loads(outputs["metrics"].read_text())
+    assert all(type(v) is float for v in m.values()) and len(m) >= 15
+    assert m["dit_rtf"] == report["dit"]["rtf"] and m["pipelined_rtf"] == report["pipelined"]["rtf"]
+    lines = outputs["latency"].read_text().splitlines()
+    assert lines[0] == "chunk,sequential_ms,pipelined_ms,live_ms" and len(lines) == 1 + 3
+    per = report["per_chunk_latency_s"]
+    for k, line in enumerate(lines[1:]):
+        cells = [float(c) for c in line.split(",")]
+        assert cells[0] == k
+        assert cells[1:] == pytest.approx([1e3 * per[mode][k] for mode in ("sequential", "pipelined", "live")], abs=1e-3)
+    assert max(per["pipelined"]) * 1e3 >= report["pipelined"]["chunk_latency"]["p99_ms"] - 1e-6
+
+
+def test_metrics_files_refuse_text(tmp_path):
+    from tasks.common.stage import write_json_atomic
+
+    with pytest.raises(ValueError, match="finite numbers"):
+        write_json_atomic(tmp_path / "m.json", {"rtf": 0.5, "device": "cpu"})
+    with pytest.raises(ValueError, match="finite numbers"):
+        write_json_atomic(tmp_path / "m.json", {"rtf": float("nan")})
+    assert not (tmp_path / "m.json").exists()
 
 
 def test_report_has_every_field(report):

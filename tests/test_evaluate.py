@@ -112,6 +112,10 @@ def test_reevaluation_appends_history_and_plots(project):
     assert history.fid.isna().all() and history.fid_status.str.startswith("skipped").all()
     png = project / cfg.evaluate.history_dir / "history.png"
     assert png.is_file() and png.read_bytes()[:4] == b"\x89PNG"
+    # the CSV dvc.yaml's "re-evaluation history" plot draws: one row per run, the plotted figures
+    table = pd.read_csv(project / cfg.evaluate.history_dir / "history.csv")
+    assert list(table.run) == [1, 2] and {"lip_corr", "identity_dist", "flicker"} <= set(table.columns)
+    assert np.allclose(table.flicker, history.flicker)
 
 
 def test_no_validation_windows_is_a_clear_error(tmp_path):

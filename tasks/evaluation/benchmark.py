@@ -43,7 +43,7 @@ import torch
 from tqdm import tqdm
 
 from model.streaming import StreamingGenerator
-from tasks.common.stage import StageResult
+from tasks.common.stage import StageResult, write_json_atomic
 from tasks.common.student import RANDOM, build_stream, default_checkpoint  # noqa: F401  (build_stream re-exported)
 from tasks.config import Config, ConfigError, resolve_path
 from tasks.evaluation.model_bench import _pct, _test_audio, hardware
@@ -339,6 +339,8 @@ def run_benchmark(cfg: Config, root: Path, progress: bool = True) -> dict[str, A
                  "keeps_up": max(live["latency_s"]) < 2 * max(chunk_s, live["latency_s"][0])},  # fmt: skip
         "peak_memory": _peak_memory(devices),
         "paper_table5": PAPER,
+        "per_chunk_latency_s": {"sequential": seq["latency_s"], "pipelined": pipe["latency_s"],
+                                "live": live["latency_s"]},  # fmt: skip
     }
     if pipe["frames"] != b.chunks * gen.chunk_video_frames:
         raise RuntimeError(f"the pipelined worker decoded {pipe['frames']} frames, expected "
@@ -406,12 +408,29 @@ def run_benchmark_stage(cfg: Config, root: Path, progress: bool = True) -> Stage
     tmp = out.with_suffix(".partial")
     tmp.write_text(json.dumps(report, indent=2))
     tmp.replace(out)
+    flat = _flat_metrics(report)
+    metrics = write_json_atomic(resolve_path(cfg.benchmark.metrics, root), flat)
+    latency = _latency_csv(report, resolve_path(cfg.benchmark.latency, root))
     q = report["pipelined"]
     summary = (f"benchmark: DiT RTF {report['dit']['rtf']:.3f}, VAE RTF {report['vae']['rtf']:.3f}, end to end "
                f"{report['sequential']['rtf']:.3f} sequential / {q['rtf']:.3f} pipelined "
                f"({q['speedup_vs_sequential']:.2f}x), first-frame delay {report['sequential']['first_frame_delay_s']:.3f} s")
-    return StageResult("benchmark", metrics=_flat_metrics(report), artifacts=[out], outputs=[out], summary=summary,
+    return StageResult("benchmark", metrics=flat, artifacts=[out, metrics, latency], outputs=[out, metrics, latency],
+                       summary=summary,
                        tables={"benchmark_table.json": _table(report)})  # fmt: skip
+
+
+def _latency_csv(r: dict, path: Path) -> Path:
+    """One row per measured chunk: its latency in ms in each mode (sequential, pipelined, live)."""
+    per = r["per_chunk_latency_s"]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lines = ["chunk,sequential_ms,pipelined_ms,live_ms"]
+    for k, vals in enumerate(zip(per["sequential"], per["pipelined"], per["live"], strict=True)):
+        lines.append(f"{k}," + ",".join(f"{1e3 * v:.3f}" for v in vals))
+    tmp = path.with_suffix(".partial")
+    tmp.write_text("\n".join(lines) + "\n")
+    tmp.replace(path)
+    return path
 
 
 def _table(r: dict) -> list[dict]:

@@ -35,7 +35,7 @@ import torch
 from tqdm import tqdm
 
 from tasks.common.media import MediaError, read_frames
-from tasks.common.stage import StageResult
+from tasks.common.stage import StageResult, write_json_atomic
 from tasks.config import Config, ConfigError, resolve_path
 from tasks.evaluation import fidelity, lipsync, metrics
 
@@ -424,14 +424,15 @@ def run_evaluate(cfg: Config, root: Path, progress: bool = True) -> StageResult:
     tmp.replace(out)
     log.info("evaluation (%d windows)\n%s", len(report["eval_set"]["items"]), text)
     flat = {f"{row['system']}_{k}": float(v) for row in report["table"] for k, v in row.items()
-            if isinstance(v, (int, float)) and not isinstance(v, bool) and v is not None}  # fmt: skip
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and v is not None and math.isfinite(v)}  # fmt: skip
+    metrics = write_json_atomic(resolve_path(e.metrics, root), flat)
     videos = sorted((out_dir / "videos").glob("*.mp4"))
     skipped = sorted({str(row.get(k)) for row in report["table"] for k in ("fid", "fvd")
                       if str(row.get(k)).startswith("skipped")})  # fmt: skip
     summary = (f"evaluate: {len(report['eval_set']['items'])} held-out windows, systems "
                f"{', '.join(report['systems'])}; " + ("; ".join(skipped) if skipped else "FID/FVD computed"))
-    return StageResult("evaluate", metrics=flat, artifacts=[out, out_dir / "table.csv", out_dir / "table.md",
-                       *videos[:2]], outputs=[out, out_dir], summary=summary,
+    return StageResult("evaluate", metrics=flat, artifacts=[out, metrics, out_dir / "table.csv", out_dir / "table.md",
+                       *videos[:2]], outputs=[out, metrics, out_dir], summary=summary,
                        tables={"metrics_table.json": report["table"]})  # fmt: skip
 
 

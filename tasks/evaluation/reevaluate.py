@@ -62,7 +62,21 @@ def append_history(path: Path, row: dict[str, Any]) -> pd.DataFrame:
     tmp = path.with_suffix(".partial")
     history.to_parquet(tmp, index=False)
     tmp.replace(path)
+    history_csv(history, path.with_suffix(".csv"))
     return history
+
+
+def history_csv(history: pd.DataFrame, out: Path) -> Path:
+    """The history's figures as a CSV, one row per evaluation (``run`` 1, 2, ...; the checkpoint's digest and
+    alias beside them): what dvc.yaml's re-evaluation plot draws."""
+    cols = [c for c in ("checkpoint_sha256", "alias") if c in history]
+    cols += [c for c in PLOTTED if c in history] + [f"gt_{c}" for c in PLOTTED if f"gt_{c}" in history]
+    table = history[cols].copy()
+    table.insert(0, "run", range(1, len(table) + 1))
+    tmp = out.with_suffix(".partial")
+    table.to_csv(tmp, index=False)
+    tmp.replace(out)
+    return out
 
 
 def plot_history(history: pd.DataFrame, out: Path) -> Path:

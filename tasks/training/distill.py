@@ -62,6 +62,7 @@ from tasks.training.engine import (
     atomic_save,
     file_digest,
     global_batch,
+    history_csv,
     load_final,
     prepare_training,
     rank_batch,
@@ -118,6 +119,8 @@ def run_distill(cfg: Config, root: Path, progress: bool = True) -> StageResult:
              **{f"sid_last_{k}": v for k, v in sid_last.items()}, **sid_hist}  # fmt: skip
         (report / "metrics.json").write_text(json.dumps(m, indent=2))
         artifacts = [report / "metrics.json"]
+        for phase in ("ode_init", "sid"):  # each phase's loss curve (dvc.yaml plots)
+            artifacts.append(history_csv(ckpt.dir / phase / "metrics.jsonl", report / f"{phase}_loss.csv"))
         if cfg.train.sample_video:
             from tasks.training.data import load_windows
 

@@ -19,6 +19,7 @@ differs (changed config, new upstream weights) starts over instead of resuming s
 from __future__ import annotations
 
 import contextlib
+import csv
 import hashlib
 import json
 import logging
@@ -421,6 +422,27 @@ def warmup_cosine(opt: torch.optim.Optimizer, base_lr: float, step: int, total: 
     lr = base_lr * warm * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * step / max(1, total))))
     for group in opt.param_groups:
         group["lr"] = lr
+
+
+def history_csv(jsonl: Path, out: Path) -> Path:
+    """A stage's per-step history (``Metrics``' JSON-lines file: a resumed run's steps before its checkpoint too, the
+    newest row per step) as a CSV, one row per step: the loss curves dvc.yaml's stage plots draw. A missing
+    history gives a header-only file."""
+    rows: dict[int, dict] = {}
+    if jsonl.is_file():
+        for line in jsonl.read_text().splitlines():
+            if line.strip():
+                r = json.loads(line)
+                rows[int(r["step"])] = r
+    cols = ["step"] + sorted({k for r in rows.values() for k in r if k != "step"})
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".partial")
+    with open(tmp, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=cols)
+        w.writeheader()
+        w.writerows(rows[s] for s in sorted(rows))
+    tmp.replace(out)
+    return out
 
 
 class Metrics:

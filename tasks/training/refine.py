@@ -51,6 +51,7 @@ from tasks.training.engine import (
     apply_gradients,
     file_digest,
     global_batch,
+    history_csv,
     load_final,
     prepare_training,
     rank_batch,
@@ -258,7 +259,7 @@ def run_refine(cfg: Config, root: Path, progress: bool = True) -> StageResult:
              **{f"{k}_before": v for k, v in before.items()}, **{f"{k}_after": v for k, v in after.items()},
              **_history(metrics.history, r.iterations), **{f"last_{k}": v for k, v in last.items()}}  # fmt: skip
         (report / "metrics.json").write_text(json.dumps(m, indent=2))
-        artifacts = [report / "metrics.json"]
+        artifacts = [report / "metrics.json", history_csv(ckpt.dir / "metrics.jsonl", report / "loss.csv")]
         if cfg.train.sample_video:
             artifacts.append(student_sample(run, student, sample_vae(cfg, root), val, report / "sample.mp4"))
         result = StageResult(

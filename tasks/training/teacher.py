@@ -40,6 +40,7 @@ from tasks.training.engine import (
     apply_gradients,
     file_digest,
     global_batch,
+    history_csv,
     prepare_training,
     rank_batch,
     run_loop,
@@ -134,7 +135,7 @@ def run_teacher(cfg: Config, root: Path, progress: bool = True) -> StageResult:
                                                               t.mouth_box).items()})  # fmt: skip
         report.mkdir(parents=True, exist_ok=True)
         (report / "metrics.json").write_text(json.dumps(m, indent=2))
-        artifacts = [report / "metrics.json"]
+        artifacts = [report / "metrics.json", history_csv(ckpt.dir / "metrics.jsonl", report / "loss.csv")]
         if cfg.train.sample_video:
             artifacts.append(teacher_sample(run, model, vae, val, report / "sample.mp4"))
         result = StageResult(

@@ -48,6 +48,7 @@ from tasks.training.engine import (
     Dist,
     Metrics,
     config_digest,
+    history_csv,
     optimizer_step,
     resume,
     run_loop,
@@ -383,6 +384,7 @@ def run_vae(cfg: Config, root: Path, progress: bool = True) -> StageResult:
         report.mkdir(parents=True, exist_ok=True)
         m = {"skipped": 1.0}
         (report / "metrics.json").write_text(json.dumps(m))
+        history_csv(report / "none.jsonl", report / "loss.csv")  # header only: nothing trained
         return StageResult("vae", metrics=m, summary=f"vae: nothing to train (vae.kind={cfg.vae.kind} is loaded "
                                                      f"from vae.pretrained_path)")  # fmt: skip
     t = cfg.vae_train
@@ -394,7 +396,8 @@ def run_vae(cfg: Config, root: Path, progress: bool = True) -> StageResult:
     out = resolve_path(t.out, root)
     save_weights(cfg, ae, train, out, {"data_digest": data_digest(train), "metrics": m})
     sheet = contact_sheet(ae, windows, cfg.vae.spatial_compression, report / "reconstructions.png")
-    return StageResult("vae", metrics=m, artifacts=_report(report, m, sheet), outputs=[out], failures=failures,
+    curve = history_csv(root / cfg.train.checkpoint_dir / "vae" / "metrics.jsonl", report / "loss.csv")
+    return StageResult("vae", metrics=m, artifacts=[*_report(report, m, sheet), curve], outputs=[out], failures=failures,
                        summary=_summary("vae", m))  # fmt: skip
 
 

@@ -31,12 +31,13 @@ class FaceMesh:
     def __init__(self, static_image_mode: bool = True, min_detection_confidence: float = 0.5) -> None:
         import mediapipe as mp
 
-        from tasks.common.native_logs import quiet_first_call
+        from tasks.common.native_logs import filter_native_logs
 
-        self._mesh = quiet_first_call(mp.solutions.face_mesh.FaceMesh(
+        filter_native_logs()  # MediaPipe's native start-up noise (before the graph's threads start)
+        self._mesh = mp.solutions.face_mesh.FaceMesh(
             static_image_mode=static_image_mode, max_num_faces=1, refine_landmarks=False,
             min_detection_confidence=min_detection_confidence,
-        ))  # fmt: skip
+        )
 
     def __call__(self, rgb: np.ndarray) -> np.ndarray | None:
         h, w = rgb.shape[:2]

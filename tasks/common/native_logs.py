@@ -1,24 +1,28 @@
 """Third-party native log noise, filtered at the file-descriptor level.
 
-MediaPipe's TFLite graphs write to fd 2 from C++ on the first ``process()`` of every FaceMesh / Pose / Hands /
-FaceDetection instance ("Created TensorFlow Lite XNNPACK delegate", absl's "All log messages before
-absl::InitializeLog()", and "Feedback manager requires a model with a single signature inference" once per
-model) -- no environment variable turns them off, and a `make demo` creates hundreds of instances across its
-worker processes. :func:`quiet_first_call` wraps an instance's ``process`` so that its first call runs with
-fd 2 captured: the known noise lines are dropped (each logged once per process at DEBUG), anything else --
-a real error from the native code, or another thread's output in that window -- is written back to stderr.
+MediaPipe's TFLite graphs write to fd 2 from C++ threads: "Created TensorFlow Lite XNNPACK delegate", absl's "All
+log messages before absl::InitializeLog()", "Feedback manager requires a model with a single signature
+inference" once per model, and "Using NORM_RECT without IMAGE_DIMENSIONS" when tracking starts. No environment
+variable turns them off; they come from the graph's own threads (after the constructor returns, or when a
+landmark model first runs, which can be any later frame), and a `make demo` creates hundreds of instances
+across its worker processes.
+
+:func:`filter_native_logs` (called before a solution is built) puts a pipe on fd 2 for the rest of the process:
+a reader thread passes every byte on to the real stderr at once, except whole lines matching a known noise
+pattern (each noted once per process at DEBUG). Python's own stderr, tqdm bars (partial lines, passed on as
+they come), ffmpeg children and real native errors all get through; at exit the pipe is drained and fd 2
+restored. faulthandler is pointed at the real stderr so a crash's traceback never waits on the reader.
+``STREAMAVATAR_NATIVE_LOGS=all`` turns the filter off (everything as MediaPipe writes it).
 """
 
 from __future__ import annotations
 
-import contextlib
+import atexit
+import faulthandler
 import logging
 import os
 import re
-import sys
-import tempfile
 import threading
-from collections.abc import Callable
 
 log = logging.getLogger(__name__)
 
@@ -27,54 +31,108 @@ NOISE = (
     re.compile(r"^WARNING: All log messages before absl::InitializeLog\(\) is called are written to STDERR$"),
     re.compile(r"^[WI]\d{4} [\d:. ]+\s+\d+ inference_feedback_manager\.cc:\d+\] Feedback manager requires a model"),
     re.compile(r"^[WI]\d{4} [\d:. ]+\s+\d+ gl_context\.cc:\d+\] "),
+    re.compile(r"^[WI]\d{4} [\d:. ]+\s+\d+ landmark_projection_calculator\.cc:\d+\] Using NORM_RECT without "),
 )
-_lock = threading.Lock()  # fd 2 is process-wide: one capture at a time
+# a partial line that may still become a noise line is held until its newline; anything else passes at once
+_HELD = re.compile(rb"^(I(N(F(O(:.*)?)?)?)?|W(A(R(N(I(N(G(:.*)?)?)?)?)?)?)?|[WI]\d{0,4}( .*)?)$", re.S)
 _seen: set[int] = set()
+_state: dict = {"pid": None}
+_lock = threading.Lock()
+
+
+def is_noise(line: str) -> bool:
+    """Whether ``line`` (no newline) is a known noise line; the first of each kind is logged at DEBUG."""
+    hit = next((i for i, p in enumerate(NOISE) if p.search(line)), None)
+    if hit is not None and hit not in _seen:
+        _seen.add(hit)
+        log.debug("native log (shown once, then dropped): %s", line)
+    return hit is not None
 
 
 def filter_noise(text: str) -> str:
-    """``text`` without the known noise lines (each noted once per process at DEBUG)."""
-    kept = []
-    for line in text.splitlines(keepends=True):
-        hit = next((i for i, p in enumerate(NOISE) if p.search(line.rstrip("\n"))), None)
-        if hit is None:
-            kept.append(line)
-        elif hit not in _seen:
-            _seen.add(hit)
-            log.debug("native log (shown once, then dropped): %s", line.rstrip())
-    return "".join(kept)
+    """``text`` without the known noise lines."""
+    return "".join(x for x in text.splitlines(keepends=True) if not is_noise(x.rstrip("\n")))
 
 
-def call_quietly(fn: Callable, *args, **kwargs):
-    """``fn(*args, **kwargs)`` with fd 2 captured and filtered through :func:`filter_noise`."""
-    with _lock, tempfile.TemporaryFile(mode="w+b") as tmp:
-        with contextlib.suppress(AttributeError, ValueError):  # a closed or replaced sys.stderr
-            sys.stderr.flush()
-        saved = os.dup(2)
-        os.dup2(tmp.fileno(), 2)
+def _pump(read_fd: int, out_fd: int) -> None:
+    pending = b""
+    while True:
         try:
-            return fn(*args, **kwargs)
-        finally:
-            os.dup2(saved, 2)
-            os.close(saved)
-            tmp.seek(0)
-            rest = filter_noise(tmp.read().decode("utf-8", "replace"))
-            if rest:
-                sys.stderr.write(rest)
-                sys.stderr.flush()
+            chunk = os.read(read_fd, 65536)
+        except OSError:
+            chunk = b""
+        if not chunk:
+            break
+        data = pending + chunk
+        *lines, pending = data.split(b"\n")
+        kept = [x + b"\n" for x in lines if not is_noise(x.decode("utf-8", "replace"))]
+        if pending and not _HELD.match(pending):
+            kept.append(pending)
+            pending = b""
+        if kept:
+            _write_all(out_fd, b"".join(kept))
+    if pending and not is_noise(pending.decode("utf-8", "replace")):
+        _write_all(out_fd, pending)
+    os.close(read_fd)
 
 
-def quiet_first_call(solution):
-    """``solution`` (a MediaPipe solution) whose first ``process`` call has its native noise filtered; returned
-    for chaining: ``mesh = quiet_first_call(FaceMesh(...))``."""
-    original = solution.process
-    state = {"first": True}
+def _write_all(fd: int, data: bytes) -> None:
+    while data:
+        try:
+            data = data[os.write(fd, data):]
+        except OSError:  # the real stderr is gone (a closed terminal): nothing left to show it to
+            return
 
-    def process(*args, **kwargs):
-        if state["first"]:
-            state["first"] = False
-            return call_quietly(original, *args, **kwargs)
-        return original(*args, **kwargs)
 
-    solution.process = process
-    return solution
+def filter_native_logs() -> bool:
+    """Filter this process's fd 2 from now on (idempotent per process; a forked child installs its own).
+    Returns whether the filter is on."""
+    if os.environ.get("STREAMAVATAR_NATIVE_LOGS", "").lower() == "all":
+        return False
+    with _lock:
+        if _state["pid"] == os.getpid() and _is_ours():
+            return True  # (a test harness that swapped fd 2 since gets a filter of its own)
+        import sys
+
+        try:
+            sys.stderr.flush()
+        except (AttributeError, ValueError):  # a closed or replaced sys.stderr
+            pass
+        real = os.dup(2)
+        read_fd, write_fd = os.pipe()
+        os.dup2(write_fd, 2)
+        os.close(write_fd)
+        pipe = os.fstat(2)
+        thread = threading.Thread(target=_pump, args=(read_fd, real), name="native-log-filter", daemon=True)
+        thread.start()
+        crash = os.fdopen(os.dup(real), "w")
+        if faulthandler.is_enabled():
+            faulthandler.enable(file=crash)
+        _state.update(pid=os.getpid(), real=real, thread=thread, crash=crash, pipe=(pipe.st_dev, pipe.st_ino))
+        atexit.register(_restore, os.getpid())
+        return True
+
+
+def _is_ours() -> bool:
+    try:
+        st = os.fstat(2)
+    except OSError:
+        return False
+    return (st.st_dev, st.st_ino) == _state.get("pipe")
+
+
+def _restore(pid: int) -> None:
+    """At exit: fd 2 back to the real stderr (the pipe's last writer here closes), the reader drains. Nothing
+    is touched when fd 2 is no longer the filter's pipe (something else took it over since)."""
+    if _state.get("pid") != pid or os.getpid() != pid or not _is_ours():
+        return
+    import sys
+
+    try:
+        sys.stderr.flush()
+    except (AttributeError, ValueError):
+        pass
+    os.dup2(_state["real"], 2)
+    _state["thread"].join(timeout=2.0)
+    _state["pid"] = None
+

@@ -33,12 +33,12 @@ def detect_faces(frames: np.ndarray, min_confidence: float = 0.5) -> FaceTrack:
     """mediapipe face detection on RGB frames [T, H, W, 3]; the largest face per frame."""
     import mediapipe as mp
 
-    from tasks.common.native_logs import quiet_first_call
+    from tasks.common.native_logs import filter_native_logs
 
     t, h, w, _ = frames.shape
     boxes = np.full((t, 4), np.nan, dtype=np.float64)
+    filter_native_logs()  # MediaPipe's native start-up noise (before the graph's threads start)
     with mp.solutions.face_detection.FaceDetection(model_selection=1, min_detection_confidence=min_confidence) as det:
-        quiet_first_call(det)  # MediaPipe's native start-up noise
         for i, frame in enumerate(frames):
             res = det.process(frame)
             if not res.detections:

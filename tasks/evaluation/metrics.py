@@ -24,7 +24,7 @@ import numpy as np
 from tqdm import tqdm
 
 from tasks.common.facemesh import FaceMesh, mouth_opening
-from tasks.common.native_logs import quiet_first_call
+from tasks.common.native_logs import filter_native_logs
 
 POSE_POINTS, HAND_POINTS, FACE_POINTS = 33, 21, 468
 MIN_POSE_VISIBILITY = 0.5
@@ -146,8 +146,9 @@ def extract_keypoints(frames: np.ndarray, norm_height: int = 512, min_side: int 
     body, left, right, face = (_nan_points(t, POSE_POINTS), _nan_points(t, HAND_POINTS),
                                _nan_points(t, HAND_POINTS), _nan_points(t, FACE_POINTS))  # fmt: skip
     static = not tracking
-    pose = quiet_first_call(mp.solutions.pose.Pose(static_image_mode=static, model_complexity=1))
-    hands = quiet_first_call(mp.solutions.hands.Hands(static_image_mode=static, model_complexity=1, max_num_hands=2))
+    filter_native_logs()  # before the graphs start: their threads log as soon as they are built
+    pose = mp.solutions.pose.Pose(static_image_mode=static, model_complexity=1)
+    hands = mp.solutions.hands.Hands(static_image_mode=static, model_complexity=1, max_num_hands=2)
     mesh = FaceMesh(static_image_mode=static)
     try:
         for i in tqdm(range(t), desc="landmarks", unit="frame", disable=not progress):

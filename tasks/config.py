@@ -42,6 +42,9 @@ class TrackingConfig(_Section):
     # when set, wins (`make serve` points its worker at the MLflow server that way)
     tracking_uri: str = "sqlite:///mlflow.db"
     artifact_dir: str = "mlruns"
+    # each stage run samples CPU, memory, disk, network (and GPU with nvidia-ml-py installed) as system/* metrics
+    system_metrics: bool = True
+    system_metrics_interval_s: float = Field(10.0, gt=0)
 
 
 class CorpusConfig(_Section):

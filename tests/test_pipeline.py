@@ -19,7 +19,8 @@ TINY_TRAINING = {"curate": {"sources": ["synthetic"]}, "vae_train": {"iterations
                  "ode_init": {"iterations": 2}, "distill": {"iterations": 2},
                  "refine": {"iterations": 2, "qformer_dim": 16}, "train": {"checkpoint_every": 2},
                  "benchmark": {"chunks": 2, "warmup_chunks": 0},
-                 "evaluate": {"max_clips": 1, "chain": False}}  # the chain rows: tests/test_evaluate.py  # fmt: skip
+                 "evaluate": {"max_clips": 1, "chain": False},  # the chain rows: tests/test_evaluate.py
+                 "tracking": {"system_metrics_interval_s": 1.0}}  # fmt: skip
 STAGES = ["corpus", "curate", "vae", "teacher", "ode_pairs", "distill", "refine", "benchmark", "evaluate"]
 
 
@@ -150,6 +151,16 @@ def test_full_pipeline_flow_records_mlflow_and_leaves_dvc_clean(clone):
     for stage in ("teacher", "ode_pairs", "distill", "refine"):
         arts = [a.path for a in client.list_artifacts(by_stage[stage].info.run_id, stage)]
         assert f"{stage}/sample.mp4" in arts and f"{stage}/metrics.json" in arts, (stage, arts)
+    # dataset lineage: curate read the corpus table, every later stage the curated manifest (one digest)
+    inputs = {st: [(d.dataset.name, d.dataset.digest, [t.value for t in d.tags]) for d in r.inputs.dataset_inputs]
+              for st, r in by_stage.items()}  # fmt: skip
+    assert [(n, c) for n, _, c in inputs["curate"]] == [("corpus", ["curation"])] and not inputs["corpus"]
+    manifest = {d for st in STAGES[2:] for _, d, _ in inputs[st]}
+    assert len(manifest) == 1 and all([n for n, _, _ in inputs[st]] == ["curated-manifest"] for st in STAGES[2:])
+    assert inputs["teacher"][0][2] == ["training"] and inputs["evaluate"][0][2] == ["evaluation"]
+    # system metrics (sampled each second here) on the stage runs that last long enough
+    assert "system/cpu_utilization_percentage" in by_stage["evaluate"].data.metrics
+    assert "system/system_memory_usage_megabytes" in by_stage["teacher"].data.metrics
     # the benchmark and the evaluation table are in MLflow
     bench = client.get_run(by_stage["benchmark"].info.run_id).data.metrics
     assert {"dit_rtf", "vae_rtf", "sequential_rtf", "pipelined_rtf", "pipeline_speedup"} <= set(bench)

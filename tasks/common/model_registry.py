@@ -149,6 +149,7 @@ def register_student(cfg: Config, root: Path, checkpoint: Path, stage: str) -> d
 
     Returns {name, version, model_uri}. Must run inside the stage's MLflow run."""
     import tempfile
+    import warnings
 
     import mlflow
     import torch
@@ -162,13 +163,15 @@ def register_student(cfg: Config, root: Path, checkpoint: Path, stage: str) -> d
     with tempfile.TemporaryDirectory() as tmp:
         cfg_file = Path(tmp) / "config.yaml"
         cfg_file.write_text(to_yaml(cfg))
-        info = mlflow.pyfunc.log_model(
-            name="student", python_model=_python_model_class()(),
-            artifacts={"checkpoint": str(checkpoint), "config": str(cfg_file)},
-            signature=_signature(), registered_model_name=name,
-            pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "streamavatar"],
-            metadata={"stage": stage, "checkpoint_sha256": sha},
-        )  # fmt: skip
+        with warnings.catch_warnings():  # MLflow's hints on type hints and input examples (the signature is set)
+            warnings.simplefilter("ignore", UserWarning)
+            info = mlflow.pyfunc.log_model(
+                name="student", python_model=_python_model_class()(),
+                artifacts={"checkpoint": str(checkpoint), "config": str(cfg_file)},
+                signature=_signature(), registered_model_name=name,
+                pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "streamavatar"],
+                metadata={"stage": stage, "checkpoint_sha256": sha},
+            )  # fmt: skip
     version = str(info.registered_model_version)
     client = MlflowClient()
     for key, value in {"stage": stage, "checkpoint_sha256": sha, "source_run": run.info.run_id,

@@ -35,6 +35,9 @@ def setup(cfg: Config, root: Path) -> str:
     import mlflow
 
     logging.getLogger("alembic").setLevel(logging.WARNING)
+    # "Started / Stopping / Successfully terminated system metrics monitoring", "Skip logging GPU metrics": four
+    # lines per stage run
+    logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)
     mlflow.set_tracking_uri(tracking_uri(cfg, root))
     exp = mlflow.get_experiment_by_name(cfg.tracking.experiment)
     if exp is None:
@@ -76,9 +79,48 @@ def stage_run(cfg: Config, root: Path, stage: str, params: dict, parent_run_id: 
     tags = {"streamavatar.kind": "stage", "streamavatar.stage": stage}
     if parent:
         tags["mlflow.parentRunId"] = parent
-    with mlflow.start_run(run_name=stage, tags=tags, nested=mlflow.active_run() is not None) as run:
+    if cfg.tracking.system_metrics:
+        mlflow.set_system_metrics_sampling_interval(cfg.tracking.system_metrics_interval_s)
+    with mlflow.start_run(run_name=stage, tags=tags, nested=mlflow.active_run() is not None,
+                          log_system_metrics=cfg.tracking.system_metrics) as run:  # fmt: skip
         mlflow.log_params(_params(params))
+        log_inputs(cfg, root, stage)
         yield run
+
+
+# the data each stage reads, logged as MLflow dataset inputs (name, digest, source, schema, context)
+TRAINING = ("vae", "teacher", "ode_pairs", "distill", "refine")
+
+
+def stage_inputs(cfg: Config, root: Path, stage: str) -> list[tuple[str, Path, str]]:
+    """(dataset name, file, context) of what ``stage`` reads: curate the corpus table, every later stage the
+    curated manifest (its rows name the clips, their split and selection)."""
+    root = Path(root)
+    if stage == "curate":
+        return [("corpus", root / cfg.corpus.out_dir / "corpus.parquet", "curation")]
+    if stage in TRAINING:
+        return [("curated-manifest", root / cfg.curate.manifest, "training")]
+    if stage in ("benchmark", "evaluate"):
+        return [("curated-manifest", root / cfg.curate.manifest, "evaluation")]
+    return []
+
+
+def log_inputs(cfg: Config, root: Path, stage: str) -> None:
+    """``mlflow.log_input`` for each of :func:`stage_inputs` that exists (a stage that makes its own input, or
+    runs before it exists, logs none); the digest is MLflow's hash of the table's contents."""
+    import warnings
+
+    import mlflow
+    import pandas as pd
+
+    for name, path, context in stage_inputs(cfg, root, stage):
+        if not path.is_file():
+            continue
+        table = pd.read_parquet(path)
+        with warnings.catch_warnings():  # MLflow's hints on resolving a local source and on integer columns
+            warnings.simplefilter("ignore", UserWarning)
+            dataset = mlflow.data.from_pandas(table, source=str(path.resolve()), name=name)
+            mlflow.log_input(dataset, context=context)
 
 
 def log_result(result: StageResult, root: Path) -> None:

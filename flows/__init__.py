@@ -17,6 +17,10 @@ def _configure_environment() -> None:
     os.environ.setdefault("DO_NOT_TRACK", "1")
     os.environ.setdefault("GLOG_minloglevel", "2")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    # the stages' own loggers reach the Prefect UI's run logs (not only the console); outside a run they stay
+    # console-only, silently
+    os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "streamavatar,tasks,model,flows,live")
+    os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")
 
 
 _configure_environment()

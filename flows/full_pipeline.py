@@ -6,6 +6,7 @@ import time
 from pathlib import Path
 
 from prefect import flow, get_run_logger
+from prefect.artifacts import create_markdown_artifact
 
 from flows.benchmark import benchmark_flow
 from flows.corpus import corpus_flow
@@ -69,4 +70,8 @@ def full_pipeline(configs: list[str] | None = None, sets: list[str] | None = Non
             import mlflow
 
             mlflow.log_metric("pipeline_seconds", time.perf_counter() - t0)
+    rows = [f"| {s} | {o['status']} | {o['dvc']} | {o['summary'][:300].replace('|', '/')} |" for s, o in outcomes.items()]
+    create_markdown_artifact(key="pipeline-summary", description=f"{name}: {len(outcomes)} stages", markdown="\n".join(
+        [f"### {name} ({time.perf_counter() - t0:.0f} s, MLflow run {run_id})", "",
+         "| stage | status | DVC | summary |", "|---|---|---|---|", *rows]))  # fmt: skip
     return {"mlflow_run_id": run_id, "stages": outcomes}

@@ -127,6 +127,28 @@ def test_full_pipeline_flow_records_mlflow_and_leaves_dvc_clean(clone):
         # files as the first run) and DVC is clean again
         back = full_pipeline(root=str(clone), stages=["corpus"])
         assert back["stages"]["corpus"]["status"] == "ran"
+        # Prefect artifacts: each stage's result, the evaluation table, the run's summary, training progress
+        # at 100 %; and the stages' own loggers reached the run logs
+        import logging
+
+        from prefect.client.orchestration import get_client
+
+        for handler in logging.getLogger("tasks").handlers:  # Prefect's API handler: send what it holds
+            handler.flush()
+        with get_client(sync_client=True) as pc:
+            artifacts = pc.read_artifacts()
+            logs, page = [], True
+            while page:  # every log record, a page at a time
+                page = pc.read_logs(limit=200, offset=len(logs))
+                logs += page
+        keys = {a.key for a in artifacts if a.key}
+        assert {f"{s.replace('_', '-')}-result" for s in STAGES} | {"evaluation-table", "pipeline-summary"} <= keys
+        table = next(a for a in artifacts if a.key == "evaluation-table")
+        assert table.type == "markdown" and "ground_truth |" in table.data and "student |" in table.data
+        progress = [a for a in artifacts if a.type == "progress"]
+        assert len(progress) >= 4 and all(float(a.data) == 100.0 for a in progress), [a.data for a in progress]
+        assert any(r.name == "streamavatar" and r.message.startswith("teacher: 3 steps") and r.flow_run_id
+                   for r in logs), sorted({r.name for r in logs})  # fmt: skip
     assert "up to date" in dvc(clone, "status").stdout
     repro = dvc(clone, "repro")
     assert "Running stage" not in repro.stdout

@@ -27,6 +27,7 @@ import math
 import os
 import random
 import shutil
+import sys
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -472,6 +473,27 @@ class Metrics:
                 mlflow.log_metrics({f"{self.prefix}/{k}": float(v) for k, v in values.items()}, step=step)
 
 
+def prefect_progress(name: str, start: int, total: int, updates: int = 20) -> Callable[[int], None]:
+    """Inside a Prefect task run (the flows' path), a progress artifact for this loop (the run's Artifacts tab
+    shows the % done), updated ~``updates`` times; elsewhere (the CLI, dvc repro, torchrun ranks > 0) a no-op.
+    Prefect is never imported from here: only used when the caller already runs under it."""
+    if "prefect" not in sys.modules or int(os.environ.get("RANK", "0")) != 0:
+        return lambda step: None
+    from prefect.artifacts import create_progress_artifact, update_progress_artifact
+    from prefect.context import TaskRunContext
+
+    if TaskRunContext.get() is None:
+        return lambda step: None
+    every = max(1, (total - start) // updates)
+    artifact = create_progress_artifact(progress=100.0 * start / max(total, 1), description=f"{name}: steps done (%)")
+
+    def report(step: int) -> None:
+        if (step - start) % every == 0 or step == total:
+            update_progress_artifact(artifact_id=artifact, progress=100.0 * step / max(total, 1))
+
+    return report
+
+
 def run_loop(
     name: str,
     start: int,
@@ -488,6 +510,7 @@ def run_loop(
     last: dict[str, float] = {}
     t0 = time.perf_counter()
     bar = tqdm(range(start, total), initial=start, total=total, desc=name, unit="it", disable=not progress)
+    report = prefect_progress(name, start, total)
     for step in bar:
         with amp() if amp is not None else contextlib.nullcontext():
             values = step_fn(step)
@@ -499,6 +522,7 @@ def run_loop(
         bar.set_postfix({k: f"{v:.4g}" for k, v in list(values.items())[:3]})
         if (step + 1) % checkpoint_every == 0 or step + 1 == total:
             save_fn(step + 1)
+        report(step + 1)
     bar.close()
     if total <= start and metrics.history:  # nothing left to run (a finished stage re-run): its last step
         last = {k: v for k, v in metrics.history[-1].items() if k != "step"}

@@ -9,7 +9,7 @@ across its worker processes.
 
 :func:`filter_native_logs` (called before a solution is built) puts a pipe on fd 2 for the rest of the process:
 a reader thread passes every byte on to the real stderr at once, except whole lines matching a known noise
-pattern (each noted once per process at DEBUG). Python's own stderr, tqdm bars (partial lines, passed on as
+pattern. Python's own stderr, tqdm bars (partial lines, passed on as
 they come), ffmpeg children and real native errors all get through; at exit the pipe is drained and fd 2
 restored. faulthandler is pointed at the real stderr so a crash's traceback never waits on the reader.
 ``STREAMAVATAR_NATIVE_LOGS=all`` turns the filter off (everything as MediaPipe writes it).
@@ -19,12 +19,9 @@ from __future__ import annotations
 
 import atexit
 import faulthandler
-import logging
 import os
 import re
 import threading
-
-log = logging.getLogger(__name__)
 
 NOISE = (
     re.compile(r"^INFO: Created TensorFlow Lite XNNPACK delegate for CPU\.$"),
@@ -35,18 +32,14 @@ NOISE = (
 )
 # a partial line that may still become a noise line is held until its newline; anything else passes at once
 _HELD = re.compile(rb"^(I(N(F(O(:.*)?)?)?)?|W(A(R(N(I(N(G(:.*)?)?)?)?)?)?)?|[WI]\d{0,4}( .*)?)$", re.S)
-_seen: set[int] = set()
 _state: dict = {"pid": None}
 _lock = threading.Lock()
 
 
 def is_noise(line: str) -> bool:
-    """Whether ``line`` (no newline) is a known noise line; the first of each kind is logged at DEBUG."""
-    hit = next((i for i, p in enumerate(NOISE) if p.search(line)), None)
-    if hit is not None and hit not in _seen:
-        _seen.add(hit)
-        log.debug("native log (shown once, then dropped): %s", line)
-    return hit is not None
+    """Whether ``line`` (no newline) is a known noise line. (Nothing is logged from here: the reader thread
+    that calls it must never write to the fd it drains.)"""
+    return any(p.search(line) for p in NOISE)
 
 
 def filter_noise(text: str) -> str:
@@ -64,11 +57,14 @@ def _pump(read_fd: int, out_fd: int) -> None:
         if not chunk:
             break
         data = pending + chunk
-        *lines, pending = data.split(b"\n")
-        kept = [x + b"\n" for x in lines if not is_noise(x.decode("utf-8", "replace"))]
-        if pending and not _HELD.match(pending):
-            kept.append(pending)
-            pending = b""
+        try:
+            *lines, pending = data.split(b"\n")
+            kept = [x + b"\n" for x in lines if not is_noise(x.decode("utf-8", "replace"))]
+            if pending and not _HELD.match(pending):
+                kept.append(pending)
+                pending = b""
+        except Exception:  # never let the reader die: a process writing to a pipe nobody reads would hang
+            kept, pending = [data], b""
         if kept:
             _write_all(out_fd, b"".join(kept))
     if pending and not is_noise(pending.decode("utf-8", "replace")):

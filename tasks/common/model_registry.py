@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 import math
 import time
 from dataclasses import dataclass, field
@@ -154,6 +155,11 @@ def register_student(cfg: Config, root: Path, checkpoint: Path, stage: str) -> d
     import mlflow
     import torch
     from mlflow import MlflowClient
+
+    with warnings.catch_warnings():  # importing pyfunc defines MLflow's own models, which warn about type hints
+        warnings.simplefilter("ignore", UserWarning)
+        import mlflow.pyfunc  # noqa: F401
+    logging.getLogger("mlflow.pyfunc").setLevel(logging.ERROR)  # "Passing a Python object as python_model ..."
 
     run = mlflow.active_run()
     if run is None:

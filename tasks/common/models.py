@@ -33,6 +33,8 @@ def device_of(cfg: Config) -> torch.device:
 def dtype_of(cfg: Config) -> torch.dtype:
     return DTYPES[cfg.project.dtype]
 
+_said: dict[str, bool] = {}
+
 
 def build_audio(cfg: Config) -> AudioConditioner:
     a = cfg.audio
@@ -41,7 +43,9 @@ def build_audio(cfg: Config) -> AudioConditioner:
             raise ConfigError("audio.features is 'wav2vec2' but audio.wav2vec2_path is not set (a local checkpoint)")
         extractor = Wav2Vec2Features.from_pretrained(a.wav2vec2_path, a.wav2vec2_layers, fps=cfg.video.fps)
     else:
-        log.info("audio features: log-mel (no pretrained weights; the demo's substitute for Wav2Vec2)")
+        if not _said.get("logmel"):  # once per process, not once per stage
+            _said["logmel"] = True
+            log.info("audio features: log-mel (no pretrained weights; the demo's substitute for Wav2Vec2)")
         extractor = LogMelFeatures(a.sample_rate, cfg.video.fps, a.n_mels)
     return AudioConditioner(extractor, a.window_frames, cfg.vae.temporal_compression)
 

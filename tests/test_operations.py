@@ -34,6 +34,19 @@ def holder(tmp_path):
     proc.wait()
 
 
+def test_reevaluation_waits_for_a_running_pipeline(tmp_path, holder):
+    """The nightly re-evaluation reads what a pipeline writes: it takes the pipeline's lock, so while one runs it
+    is refused (or waits, orchestration.lock_timeout_s), naming the run, before reading anything."""
+    from tasks.config import Config
+    from tasks.evaluation.reevaluate import run_reevaluation
+
+    cfg = Config()
+    cfg.tracking.enabled = False
+    with pytest.raises(locking.Busy, match="flow run brave-otter"):
+        run_reevaluation(cfg, tmp_path, progress=False)
+    assert not (tmp_path / cfg.evaluate.history_dir).exists()
+
+
 def test_second_writer_is_refused_with_the_holders_name(tmp_path, holder):
     from tasks.config import Config
     from tasks.runner import run_stage

@@ -1,5 +1,6 @@
 """One writer at a time: the lock a pipeline run (Prefect, `streamavatar pipeline`, or a stage under
-`dvc repro`) holds while it writes data/, and the re-evaluation holds while it appends to its history.
+`dvc repro`) holds while it writes data/; the re-evaluation takes the same lock (it reads what a pipeline
+writes, and appends to its history).
 
 An OS file lock (flock through `filelock`): the kernel drops it when the holder dies, so a killed run never
 leaves a stale lock behind. Who holds it (pid, host, what, since when) is written beside it, so a refused run

@@ -189,7 +189,9 @@ def run_reevaluation(cfg: Config, root: Path, checkpoint: str | None = None, pro
     champion only when it beats it: tasks/common/model_registry.decide); else evaluate.checkpoint."""
     t0 = time.perf_counter()
     root = Path(root)
-    with locking.hold(root, "re-evaluation", timeout_s=cfg.orchestration.lock_timeout_s, name="reevaluate"):
+    # the pipeline's own lock: the evaluation reads data/ (latents, curated clips, checkpoints), which a running
+    # pipeline may be rewriting; the nightly job waits for it (orchestration.lock_timeout_s) or is refused
+    with locking.hold(root, "re-evaluation", timeout_s=cfg.orchestration.lock_timeout_s):
         found = None
         if checkpoint is None and cfg.registry.enabled and cfg.tracking.enabled:
             found = _registry_rows(cfg, root, progress)

@@ -7,6 +7,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import pandas as pd
@@ -133,6 +134,9 @@ def test_a_signal_to_the_main_process_stops_curate_and_its_workers(tmp_path, sig
     cmd, _ = _curate_command(root, 16, workers=2)  # ~45 s of work left when the signal comes: a run that waits is caught
     proc = subprocess.Popen(cmd, cwd=REPO, env=tool_env(root), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             text=True, start_new_session=True)  # fmt: skip
+    lines: list[str] = []  # stderr read from the start: a full pipe must never be what holds the run up
+    reader = threading.Thread(target=lambda: lines.extend(proc.stderr), daemon=True)
+    reader.start()
     journal = root / "data/curated/rows"
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and not list(journal.glob("*.json")):
@@ -141,10 +145,14 @@ def test_a_signal_to_the_main_process_stops_curate_and_its_workers(tmp_path, sig
     assert len(workers) >= 2, workers  # the spawn pool is running
     os.kill(proc.pid, sig)  # the main process only, not its group
     try:
-        _, err = proc.communicate(timeout=12)
+        proc.wait(timeout=20)  # the workers get 5 s after SIGTERM before SIGKILL, then the interpreter exits
     except subprocess.TimeoutExpired:
+        stacks = {p.pid: p.status() for p in [psutil.Process(proc.pid), *workers] if p.is_running()}
         os.killpg(proc.pid, signal.SIGKILL)
-        pytest.fail(f"curate still running 12 s after {sig.name}")
+        pytest.fail(f"curate still running 20 s after {sig.name}; process states {stacks}; stderr tail: "
+                    f"{''.join(lines)[-1500:]}")  # fmt: skip
+    reader.join(timeout=10)
+    err = "".join(lines)
     assert proc.returncode == (143 if sig == signal.SIGTERM else 130), err[-2000:]
     assert "finished work is kept" in err
     _, alive = psutil.wait_procs(workers, timeout=10)

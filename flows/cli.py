@@ -187,6 +187,9 @@ def _on_sigterm(signum, frame):
 def main(argv: list[str] | None = None) -> int:
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _on_sigterm)
+        # Ctrl-C / SIGINT raises KeyboardInterrupt even when the parent started us with SIGINT ignored (a process
+        # inherits an ignored SIGINT, and Python then keeps it ignored: the run went on after a SIGINT)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         return _main(argv)
     except KeyboardInterrupt as exc:

@@ -18,6 +18,7 @@ restored. faulthandler is pointed at the real stderr so a crash's traceback neve
 from __future__ import annotations
 
 import atexit
+import contextlib
 import faulthandler
 import os
 import re
@@ -90,10 +91,8 @@ def filter_native_logs() -> bool:
             return True  # (a test harness that swapped fd 2 since gets a filter of its own)
         import sys
 
-        try:
+        with contextlib.suppress(AttributeError, ValueError):  # a closed or replaced sys.stderr
             sys.stderr.flush()
-        except (AttributeError, ValueError):  # a closed or replaced sys.stderr
-            pass
         real = os.dup(2)
         read_fd, write_fd = os.pipe()
         os.dup2(write_fd, 2)
@@ -124,10 +123,8 @@ def _restore(pid: int) -> None:
         return
     import sys
 
-    try:
+    with contextlib.suppress(AttributeError, ValueError):
         sys.stderr.flush()
-    except (AttributeError, ValueError):
-        pass
     os.dup2(_state["real"], 2)
     _state["thread"].join(timeout=2.0)
     _state["pid"] = None

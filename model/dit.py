@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -54,6 +54,14 @@ class DiTSpec:
     # the same place of every frame that can see the reference: Wan I2V's channel-concatenated image
     # condition written as a sum (conv([x, ref]) = conv_x(x) + conv_ref(ref)); off in plain Wan
     reference_embedding: bool = False
+    # the order of the audio tokens of a latent frame (which video frame, which offset of its +-k window):
+    # a learned embedding per slot, added inside the audio embedder. Without it the frame-local attention is a
+    # weighted sum over an unordered set, so it cannot tell which of the latent frame's video frames a sound
+    # belongs to. 0: none (order-free, as before); otherwise the number of tokens per latent frame
+    audio_slots: int = 0
+    # a learned null key (value zero) in both audio attentions: each video token's query decides how much audio
+    # it takes, so one attention can drive the mouth without moving the rest of the frame
+    audio_null_key: bool = False
 
     @property
     def dim(self) -> int:
@@ -100,9 +108,11 @@ class PreparedContext:
 class AudioAttention(nn.Module):
     """Frame-local cross-attention: the tokens of latent frame f attend to the audio tokens of frame f."""
 
-    def __init__(self, dim: int, heads: int, eps: float) -> None:
+    def __init__(self, dim: int, heads: int, eps: float, null_key: bool = False) -> None:
         super().__init__()
         self.heads = heads
+        # a key (after the key norm) whose value is zero: the share of attention it takes is audio not taken
+        self.null_k = nn.Parameter(torch.zeros(heads, dim // heads)) if null_key else None
         self.norm = FP32LayerNorm(dim, eps, elementwise_affine=True)
         self.to_q = nn.Linear(dim, dim)
         self.to_k = nn.Linear(dim, dim)
@@ -120,20 +130,35 @@ class AudioAttention(nn.Module):
         q = self.norm_q(self.to_q(h)).reshape(b * f, n, self.heads, -1)
         k = self.norm_k(self.to_k(audio)).reshape(b * f, audio.shape[2], self.heads, -1)
         v = self.to_v(audio).reshape(b * f, audio.shape[2], self.heads, -1)
+        if self.null_k is not None:
+            k = torch.cat([k, self.null_k.to(k.dtype).expand(b * f, 1, -1, -1)], dim=1)
+            v = torch.cat([v, v.new_zeros(b * f, 1, *v.shape[2:])], dim=1)
         return self.to_out(attend(q, k, v)).reshape(b, f, n, d)
+
+
+SLOT_INIT_STD = 0.5  # the spread of the embedded log-mel tokens per channel is ~0.3-0.4
 
 
 class AudioEmbedder(nn.Module):
     """Projects per-token audio features (wav2vec2 layers or log-mel) into the model width."""
 
-    def __init__(self, audio_dim: int, dim: int) -> None:
+    def __init__(self, audio_dim: int, dim: int, slots: int = 0) -> None:
         super().__init__()
         self.linear_1 = nn.Linear(audio_dim, dim)
         self.act = nn.GELU(approximate="tanh")
         self.linear_2 = nn.Linear(dim, dim)
+        # one learned vector per token slot of a latent frame, before the nonlinearity: the embedded token then
+        # depends on where it sits, and a sum over the frame's tokens can weigh each slot differently (what a
+        # projection of the concatenated window does, at the cost of one vector per slot)
+        self.slot = nn.Parameter(torch.randn(slots, dim) * SLOT_INIT_STD) if slots else None
 
     def forward(self, audio: torch.Tensor) -> torch.Tensor:
-        return self.linear_2(self.act(self.linear_1(audio)))
+        h = self.linear_1(audio)
+        if self.slot is not None:
+            if audio.shape[-2] != self.slot.shape[0]:
+                raise ValueError(f"audio has {audio.shape[-2]} tokens per latent frame, the embedder {self.slot.shape[0]} slots")
+            h = h + self.slot.to(h.dtype)
+        return self.linear_2(self.act(h))
 
 
 @dataclass
@@ -163,8 +188,8 @@ class AudioDiTBlock(nn.Module):
         self.ffn = FeedForward(dim, inner_dim=spec.ffn_dim, activation_fn="gelu-approximate")
         self.norm3 = FP32LayerNorm(dim, spec.eps, elementwise_affine=False)
         self.scale_shift_table = nn.Parameter(torch.randn(1, 6, dim) / dim**0.5)
-        self.audio_attn = AudioAttention(dim, heads, spec.eps) if spec.audio_dim else None
-        self.interact_attn = AudioAttention(dim, heads, spec.eps) if spec.audio_dim else None
+        self.audio_attn = AudioAttention(dim, heads, spec.eps, spec.audio_null_key) if spec.audio_dim else None
+        self.interact_attn = AudioAttention(dim, heads, spec.eps, spec.audio_null_key) if spec.audio_dim else None
 
     def text_kv(self, text: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         attn = self.attn2
@@ -275,7 +300,7 @@ class AudioDiT(nn.Module):
         self.condition_embedder = WanTimeTextImageEmbedding(
             dim=dim, time_freq_dim=spec.freq_dim, time_proj_dim=dim * 6, text_embed_dim=spec.text_dim
         )
-        self.audio_embedder = AudioEmbedder(spec.audio_dim, dim) if spec.audio_dim else None
+        self.audio_embedder = AudioEmbedder(spec.audio_dim, dim, spec.audio_slots) if spec.audio_dim else None
         self.blocks = nn.ModuleList([AudioDiTBlock(spec) for _ in range(spec.num_layers)])
         self.norm_out = FP32LayerNorm(dim, spec.eps, elementwise_affine=False)
         self.proj_out = nn.Linear(dim, spec.out_channels * math.prod(spec.patch_size))
@@ -448,12 +473,14 @@ class AudioDiT(nn.Module):
 
 
 def load_wan_transformer(
-    path: str | Path, audio_dim: int, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
+    path: str | Path, audio_dim: int, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+    audio_slots: int = 0, audio_null_key: bool = False,
 ) -> AudioDiT:
     """Build an AudioDiT from a local diffusers Wan transformer directory (e.g. Wan2.2-TI2V-5B-Diffusers).
 
     ``path`` is the model root (with ``transformer/``) or the transformer folder itself. Every Wan weight
-    must be present; the audio modules (absent from Wan checkpoints) keep their zero-output init.
+    must be present; the audio modules (absent from Wan checkpoints) keep their zero-output init, with
+    ``audio_slots`` / ``audio_null_key`` as in :class:`DiTSpec`.
     """
     from safetensors.torch import load_file
 
@@ -463,6 +490,7 @@ def load_wan_transformer(
     if not cfg_file.is_file():
         raise FileNotFoundError(f"no diffusers transformer config at {cfg_file} (model.pretrained_path={path})")
     spec = DiTSpec.from_wan_config(json.loads(cfg_file.read_text()), audio_dim=audio_dim)
+    spec = replace(spec, audio_slots=audio_slots if audio_dim else 0, audio_null_key=audio_null_key)
     shards = sorted(folder.glob("*.safetensors"))
     if not shards:
         raise FileNotFoundError(f"no *.safetensors weights in {folder}")
@@ -481,10 +509,10 @@ def load_wan_transformer(
     # The audio modules were built on the meta device: build them for real (zero-output init).
     if spec.audio_dim:
         with torch.device(device):
-            model.audio_embedder = AudioEmbedder(spec.audio_dim, spec.dim)
+            model.audio_embedder = AudioEmbedder(spec.audio_dim, spec.dim, spec.audio_slots)
             for block in model.blocks:
-                block.audio_attn = AudioAttention(spec.dim, spec.num_attention_heads, spec.eps)
-                block.interact_attn = AudioAttention(spec.dim, spec.num_attention_heads, spec.eps)
+                block.audio_attn = AudioAttention(spec.dim, spec.num_attention_heads, spec.eps, spec.audio_null_key)
+                block.interact_attn = AudioAttention(spec.dim, spec.num_attention_heads, spec.eps, spec.audio_null_key)
     return cast_keeping_fp32(model, dtype)
 
 

@@ -245,6 +245,11 @@ class ModelConfig(_Section):
     # I2V's image condition as a sum; off by default (Wan2.2 TI2V has no such input; on the demo, 800 steps
     # of continuing the base DiT with it did not keep faces longer)
     reference_embedding: bool = False
+    # a learned embedding per audio token slot of a latent frame (which video frame, which window offset):
+    # without it the frame-local audio attention sees an unordered set of tokens (model/dit.py DiTSpec)
+    audio_slots: bool = False
+    # a learned null key in both audio attentions: each video token chooses how much audio it takes
+    audio_null_key: bool = False
 
     @model_validator(mode="after")
     def _patch(self) -> ModelConfig:

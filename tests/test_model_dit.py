@@ -172,3 +172,73 @@ def test_three_attention_modes_share_weights_and_differ_only_in_what_they_see():
         model(**_inputs(frames=9, batch=1), attention="block_causal", layout=layout)
     with pytest.raises(ValueError, match="unknown attention mode"):
         model(**x, attention="sideways", layout=layout)
+
+
+def _trained_audio(spec: DiTSpec, seed: int = 0) -> AudioDiT:
+    torch.manual_seed(seed)
+    model = AudioDiT(spec).eval()
+    for block in model.blocks:  # trained-looking audio modules (their outputs start at zero)
+        torch.nn.init.normal_(block.audio_attn.to_out.weight, std=0.2)
+        torch.nn.init.normal_(block.interact_attn.to_out.weight, std=0.2)
+    return model
+
+
+@torch.no_grad()
+def test_audio_slots_make_the_token_order_within_a_frame_matter():
+    """Without slots the frame-local audio attention is a weighted sum over an unordered set: permuting a
+    frame's tokens changes nothing, so the model cannot tell which video frame a sound belongs to. With a slot
+    embedding per token position it can; at the zero-output start both equal plain Wan."""
+    x = _inputs()
+    perm = torch.randperm(10, generator=torch.Generator().manual_seed(5))
+    shuffled = {**x, "audio_talk": x["audio_talk"][:, :, perm], "audio_listen": x["audio_listen"][:, :, perm]}
+    plain = _trained_audio(DiTSpec(audio_dim=AUDIO_DIM))
+    assert (plain(**shuffled) - plain(**x)).abs().max().item() <= 1e-5
+    slots = _trained_audio(DiTSpec(audio_dim=AUDIO_DIM, audio_slots=10))
+    assert slots.audio_embedder.slot.shape == (10, 32)
+    assert (slots(**shuffled) - slots(**x)).abs().max().item() > 1e-3
+    fresh = _ours_from(_wan())
+    start = AudioDiT(DiTSpec(audio_dim=AUDIO_DIM, audio_slots=10, audio_null_key=True)).eval()
+    start.load_state_dict({**start.state_dict(), **fresh.state_dict()})
+    assert (start(**x) - fresh(**x)).abs().max().item() <= 1e-6
+    with pytest.raises(ValueError, match="10 slots"):
+        slots(**{**x, "audio_talk": x["audio_talk"][:, :, :6]})
+
+
+@torch.no_grad()
+def test_audio_null_key_lets_each_video_token_take_no_audio():
+    """The null key's value is zero: a token whose query prefers it takes (almost) no audio, which a softmax
+    over the audio tokens alone cannot do; the output is the softmax over [audio keys, null key]."""
+    from model.dit import AudioAttention
+
+    torch.manual_seed(0)
+    attn = AudioAttention(32, 2, 1e-6, null_key=True)
+    torch.nn.init.normal_(attn.to_out.weight, std=0.2)
+    x, audio = torch.randn(2, 3, 16, 32), torch.randn(2, 3, 5, 32)
+    h = attn.norm(x)
+    q = attn.norm_q(attn.to_q(h)).unflatten(-1, (2, 16))  # [B, F, N, heads, hd]
+    k = attn.norm_k(attn.to_k(audio)).unflatten(-1, (2, 16))
+    v = attn.to_v(audio).unflatten(-1, (2, 16))
+    attn.null_k.copy_(torch.randn(2, 16))
+    k_all = torch.cat([k, attn.null_k.expand(2, 3, 1, 2, 16)], dim=2)
+    v_all = torch.cat([v, torch.zeros(2, 3, 1, 2, 16)], dim=2)
+    w = torch.einsum("bfnhd,bfahd->bfhna", q, k_all).div(16**0.5).softmax(-1)
+    want = attn.to_out(torch.einsum("bfhna,bfahd->bfnhd", w, v_all).flatten(-2))
+    assert (attn(x, audio) - want).abs().max().item() <= 1e-5
+    # a null key far along a token's query takes nearly all of its attention: that token gets ~no audio
+    attn.null_k.copy_(q[0, 0, 0] * 50)
+    out = attn(x, audio)
+    plain = attn.to_out.bias.expand(32)
+    assert (out[0, 0, 0] - plain).abs().max() < 1e-3 * (out[0, 0, 1:] - plain).abs().max()
+
+
+def test_wan_loader_builds_the_audio_slots_and_null_keys(tmp_path):
+    wan = _wan(3)
+    wan.save_pretrained(tmp_path / "Wan-tiny" / "transformer")
+    model = load_wan_transformer(tmp_path / "Wan-tiny", AUDIO_DIM, audio_slots=10, audio_null_key=True)
+    assert model.spec.audio_slots == 10 and model.spec.audio_null_key
+    assert model.audio_embedder.slot.shape == (10, 32) and model.blocks[1].interact_attn.null_k.shape == (2, 16)
+    assert all(p.device.type == "cpu" for p in model.parameters())
+    x = _inputs()
+    with torch.no_grad():
+        expected = wan(x["latents"], _per_token(x["timestep"], 16), x["text"]).sample
+        assert (model(**x) - expected).abs().max().item() <= 1e-5

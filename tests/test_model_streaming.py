@@ -262,3 +262,25 @@ def test_reference_embedding_starts_at_zero_and_loads_a_dit_saved_without_it():
     with pytest.raises(ConfigError, match="holds a DiT"):
         load_dit_weights(AudioDiT(DiTSpec(audio_dim=AUDIO_DIM, num_layers=3)),
                          {"model": base.state_dict(), "spec": base.spec.to_json()}, "test")  # fmt: skip
+
+
+def test_audio_slots_and_null_keys_stream_exactly_and_load_into_a_base_dit():
+    from tasks.common.models import load_dit_weights
+
+    torch.manual_seed(2)
+    model = AudioDiT(DiTSpec(audio_dim=AUDIO_DIM, audio_slots=6, audio_null_key=True)).eval()
+    for block in model.blocks:  # trained-looking audio modules
+        torch.nn.init.normal_(block.audio_attn.to_out.weight, std=0.1)
+        torch.nn.init.normal_(block.interact_attn.null_k, std=1.0)
+    layout = CausalLayout(chunk_frames=3, sink_frames=1, window_frames=3, rapr=True, max_distance=6)
+    x = _sequence(1 + 3 * 4, seed=5)
+    with torch.no_grad():
+        masked = model(**x, attention="block_causal", layout=layout)
+    assert (masked - _stream(model, x, layout)).abs().max().item() <= 1e-5
+    # a base DiT (audio at its zero-output start) saved without them: continued, it computes what it did
+    torch.manual_seed(3)
+    base = AudioDiT(DiTSpec(audio_dim=AUDIO_DIM)).eval()
+    load_dit_weights(model, {"model": base.state_dict(), "spec": base.spec.to_json()}, "test")
+    with torch.no_grad():
+        assert torch.equal(model(**x), base(**x))
+    assert model.audio_embedder.slot.abs().sum() > 0  # the slots keep their (random) init

@@ -5,6 +5,7 @@ fixed set, recording why, and never promoting a candidate that is not better (th
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -178,3 +179,73 @@ def test_registered_model_makes_a_video(project, tmp_path, monkeypatch):
                                         "seconds": 1.0}]))  # fmt: skip
     assert out.is_file() and out.stat().st_size > 1000
     assert int(pred.frames.iloc[0]) == math.ceil(1.0 * cfg.video.fps)
+
+
+@pytest.mark.slow
+def test_registered_model_is_self_contained_in_a_fresh_venv(project, tmp_path):
+    """The registered model carries its code (code_paths), its weights (checkpoint + VAE) and pinned
+    requirements: a fresh venv with ONLY those requirements (no streamavatar, no checkout, another cwd) loads it
+    with mlflow.pyfunc.load_model and makes the same video the project's own environment makes."""
+    import os
+    import subprocess
+    import sys
+
+    import mlflow
+
+    from tasks.common import tracking
+    from tasks.common.media import read_frames
+    from tasks.common.models import build_causal_ae, causal_ae_spec
+    from tests.conftest import shared_path
+
+    cfg = _cfg(project)
+    torch.manual_seed(7)  # a VAE weights file, so the model has one to bundle
+    ae = build_causal_ae(cfg)
+    vae_file = project / "weights" / "tiny_vae.pt"
+    vae_file.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"model": ae.state_dict(), "latents_mean": [0.0] * cfg.vae.z_dim,
+                "latents_std": [1.0] * cfg.vae.z_dim, "spec": causal_ae_spec(cfg)}, vae_file)  # fmt: skip
+    cfg.vae.pretrained_path = "weights/tiny_vae.pt"  # relative: resolved against the project at registration
+    cfg.audio.vad = "energy"  # (silero-vad would be one more requirement; the demo's own setting is covered above)
+    version = _register(cfg, project, _student_checkpoint(cfg, project / "ckpt" / "fresh.pt", seed=4))
+    tracking.setup(cfg, project)
+    model_dir = Path(mlflow.artifacts.download_artifacts(version["model_uri"], dst_path=str(tmp_path / "dl")))
+    reqs = (model_dir / "requirements.txt").read_text().split()
+    assert "streamavatar" not in " ".join(reqs) and all("==" in r for r in reqs), reqs
+    assert {"model", "tasks"} <= {p.name for p in (model_dir / "code").iterdir()}
+    assert any((model_dir / "artifacts").rglob("tiny_vae.pt"))  # the VAE weights travel with the model
+
+    avatars = shared_path("fixtures", "avatars")
+    image, audio = sorted(avatars.glob("*.jpg"))[0], sorted(avatars.glob("*.wav"))[0]
+    script = (
+        "import sys, pandas as pd, mlflow.pyfunc\n"
+        "m = mlflow.pyfunc.load_model(sys.argv[1])\n"
+        "print(m.predict(pd.DataFrame([{'reference': sys.argv[2], 'audio': sys.argv[3], 'out': sys.argv[4],"
+        " 'seconds': 1.0}])).to_json())\n"
+    )
+    (tmp_path / "run.py").write_text(script)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("STREAMAVATAR", "PYTHON", "VIRTUAL_ENV"))}
+    env.update(OMP_NUM_THREADS="1", MLFLOW_DISABLE_TELEMETRY="true")
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    py = str(venv / "bin" / "python")
+    install = subprocess.run([py, "-m", "pip", "install", "-q", "--disable-pip-version-check", "-r",
+                              str(model_dir / "requirements.txt")], env=env, capture_output=True, text=True)  # fmt: skip
+    assert install.returncode == 0, install.stderr[-3000:]
+    missing = subprocess.run([py, "-c", "import tasks"], env=env, cwd=tmp_path, capture_output=True, text=True)
+    assert missing.returncode != 0  # the project is not importable there: only the model's own code is
+    fresh = tmp_path / "fresh.mp4"
+    run = subprocess.run([py, str(tmp_path / "run.py"), str(model_dir), str(image), str(audio), str(fresh)],
+                         env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert '"frames":{"0":' + str(math.ceil(cfg.video.fps)) in run.stdout.replace(" ", "")
+    # the same video as the project's environment makes with the same registered model
+    here = tmp_path / "here.mp4"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        mlflow.pyfunc.load_model(str(model_dir)).predict(pd.DataFrame([{"reference": str(image), "audio": str(audio),
+                                                                        "out": str(here), "seconds": 1.0}]))  # fmt: skip
+    finally:
+        torch.set_num_threads(threads)
+    a, b = read_frames(fresh).astype(float), read_frames(here).astype(float)
+    assert a.shape == b.shape and abs(a - b).mean() < 1.0

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -111,20 +112,30 @@ def _python_model_class():
         def load_context(self, context) -> None:
             from tasks.config import load_config
 
-            self.checkpoint = context.artifacts["checkpoint"]
-            self.cfg = load_config([context.artifacts["config"]], use_params=False)
+            art = context.artifacts
+            self.checkpoint = art["checkpoint"]
+            # the weights the model was registered with, from its own artifacts (not from the project's paths)
+            sets = [f"{key}={art[name]}" for name, key in BUNDLED.items() if name in art]
+            if "prompt" in art:  # the cached prompt embedding, under the key this environment looks it up by
+                data = Path(tempfile.mkdtemp(prefix="streamavatar-model-")) / "data"
+                sets.append(f"project.data_dir={data}")
+            self.cfg = load_config([art["config"]], sets, use_params=False)
+            if "prompt" in art:
+                cached = data / "cache" / prompt_cache_name(self.cfg)
+                cached.parent.mkdir(parents=True)
+                cached.write_bytes(Path(art["prompt"]).read_bytes())
+            self.root = Path(art["config"]).parent
 
         def predict(self, context, model_input, params=None):
             import pandas as pd
 
-            from tasks.config import project_root
             from tasks.inference.generate import generate
 
             rows = []
             for rec in model_input.to_dict("records"):
                 listen = rec.get("listen_to")
                 seconds = rec.get("seconds")
-                res = generate(self.cfg, project_root(), Path(rec["reference"]), Path(rec["audio"]), Path(rec["out"]),
+                res = generate(self.cfg, self.root, Path(rec["reference"]), Path(rec["audio"]), Path(rec["out"]),
                                listen_to=Path(listen) if isinstance(listen, str) and listen else None,
                                checkpoint=self.checkpoint, progress=False,
                                seconds=float(seconds) if _finite(seconds) else None)  # fmt: skip
@@ -132,6 +143,64 @@ def _python_model_class():
             return pd.DataFrame(rows)
 
     return StudentAvatar
+
+
+# artifact name -> the config key it replaces when the model is loaded: every file the inference path reads
+BUNDLED = {"vae": "vae.pretrained_path", "wav2vec2": "audio.wav2vec2_path", "vad": "audio.vad_model_path"}
+# the third-party modules the inference path (tasks.inference.generate) imports (mediapipe: the head crop of the
+# reference photo); their installed distributions,
+# pinned, are the model's pip requirements (tests/test_registry.py installs exactly these in a fresh venv)
+INFERENCE_MODULES = ("torch", "numpy", "diffusers", "transformers", "pydantic", "yaml", "tqdm", "scipy", "PIL",
+                     "cv2", "ffmpeg", "imageio_ffmpeg", "pandas", "safetensors", "mediapipe")  # fmt: skip
+
+
+def inference_requirements(cfg: Config) -> list[str]:
+    """Pinned pip requirements of the registered model: the installed distributions of INFERENCE_MODULES (and
+    silero-vad when the live mask uses it), mlflow-skinny to load it; no local package."""
+    from importlib import metadata
+
+    dists = metadata.packages_distributions()
+    modules = [*INFERENCE_MODULES, *(["silero_vad"] if cfg.audio.vad == "silero" and not cfg.audio.vad_model_path else [])]
+    reqs = []
+    for module in modules:
+        if not dists.get(module):
+            raise RuntimeError(f"the inference path imports {module!r}, which no installed distribution provides")
+        dist = dists[module][0]
+        reqs.append(f"{dist}=={metadata.version(dist).split('+')[0]}")
+    return [f"mlflow-skinny=={metadata.version('mlflow-skinny')}", *reqs]
+
+
+def prompt_cache_name(cfg: Config) -> str:
+    """The file name under data/cache/ that the inference path looks the prompt embedding up by."""
+    from model.text import cache_key
+    from tasks.common.models import dtype_of
+
+    m = cfg.model
+    return f"text_{cache_key(m.text_encoder_path, m.prompt, m.text_len, dtype_of(cfg))}.pt"
+
+
+def bundle_files(cfg: Config, root: Path) -> dict[str, str]:
+    """The files besides the checkpoint that the inference path reads, as artifacts (see BUNDLED): the VAE
+    weights, Wav2Vec2 and the VAD model when set, and the prompt embedding (the cached umT5 output, so the 11 GB
+    encoder is not needed to run the model; the demo's embedding is seeded and needs no file)."""
+    from tasks.config import data_path, resolve_path
+
+    art: dict[str, str] = {}
+    for name, key in BUNDLED.items():
+        section, field_name = key.split(".")
+        value = getattr(cfg.section(section), field_name)
+        if not value:
+            continue
+        path = resolve_path(value, root)
+        if not path.exists():
+            raise FileNotFoundError(f"{key}: {path} does not exist (the registered model bundles it)")
+        art[name] = str(path)
+    if cfg.model.text_encoder_path:
+        cached = data_path(cfg, root, "cache") / prompt_cache_name(cfg)
+        if not cached.is_file():
+            raise FileNotFoundError(f"{cached}: the prompt embedding is not cached (run a training stage first)")
+        art["prompt"] = str(cached)
+    return art
 
 
 def _signature():
@@ -145,15 +214,18 @@ def _signature():
     return ModelSignature(inputs=inputs, outputs=outputs)
 
 
+def root_of_code() -> Path:
+    """The directory holding the ``model`` and ``tasks`` packages (copied into the model: code_paths)."""
+    return Path(__file__).resolve().parents[2]
+
+
 def register_student(cfg: Config, root: Path, checkpoint: Path, stage: str) -> dict[str, Any]:
     """Log ``checkpoint`` as a pyfunc model in the active MLflow run, register it, alias it ``candidate``.
 
     Returns {name, version, model_uri}. Must run inside the stage's MLflow run."""
-    import tempfile
     import warnings
 
     import mlflow
-    import torch
     from mlflow import MlflowClient
 
     with warnings.catch_warnings():  # importing pyfunc defines MLflow's own models, which warn about type hints
@@ -169,13 +241,13 @@ def register_student(cfg: Config, root: Path, checkpoint: Path, stage: str) -> d
     with tempfile.TemporaryDirectory() as tmp:
         cfg_file = Path(tmp) / "config.yaml"
         cfg_file.write_text(to_yaml(cfg))
+        artifacts = {"checkpoint": str(checkpoint), "config": str(cfg_file), **bundle_files(cfg, root)}
         with warnings.catch_warnings():  # MLflow's hints on type hints and input examples (the signature is set)
             warnings.simplefilter("ignore", UserWarning)
             info = mlflow.pyfunc.log_model(
-                name="student", python_model=_python_model_class()(),
-                artifacts={"checkpoint": str(checkpoint), "config": str(cfg_file)},
-                signature=_signature(), registered_model_name=name,
-                pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "streamavatar"],
+                name="student", python_model=_python_model_class()(), artifacts=artifacts,
+                code_paths=[str(root_of_code() / "model"), str(root_of_code() / "tasks")],
+                signature=_signature(), registered_model_name=name, pip_requirements=inference_requirements(cfg),
                 metadata={"stage": stage, "checkpoint_sha256": sha},
             )  # fmt: skip
     version = str(info.registered_model_version)

@@ -57,7 +57,14 @@ def dit_spec(cfg: Config, audio_dim: int) -> DiTSpec:
         in_channels=cfg.vae.z_dim, out_channels=cfg.vae.z_dim, text_dim=m.text_dim, freq_dim=m.freq_dim,
         ffn_dim=m.ffn_dim, num_layers=m.num_layers, eps=m.eps, audio_dim=audio_dim,
         reference_embedding=m.reference_embedding,
+        audio_slots=audio_tokens_per_latent(cfg) if m.audio_slots and audio_dim else 0,
+        audio_null_key=m.audio_null_key,
     )  # fmt: skip
+
+
+def audio_tokens_per_latent(cfg: Config) -> int:
+    """Audio tokens per latent frame: each of its video frames brings its +-k window of feature frames."""
+    return cfg.vae.temporal_compression * (2 * cfg.audio.window_frames + 1)
 
 
 def build_dit(cfg: Config, audio_dim: int, pretrained: bool = True, dtype: torch.dtype | None = None) -> AudioDiT:
@@ -66,7 +73,8 @@ def build_dit(cfg: Config, audio_dim: int, pretrained: bool = True, dtype: torch
     spec = dit_spec(cfg, audio_dim)
     device, dtype = device_of(cfg), dtype or dtype_of(cfg)
     if pretrained and cfg.model.pretrained_path:
-        model = load_wan_transformer(cfg.model.pretrained_path, audio_dim, dtype=dtype, device=device)
+        model = load_wan_transformer(cfg.model.pretrained_path, audio_dim, dtype=dtype, device=device,
+                                     audio_slots=spec.audio_slots, audio_null_key=spec.audio_null_key)
         wrong = {k: (getattr(model.spec, k), v) for k, v in spec.to_json().items() if getattr(model.spec, k) != v}
         if wrong:
             detail = ", ".join(f"{k}: checkpoint {a} vs config {b}" for k, (a, b) in wrong.items())
@@ -79,19 +87,31 @@ def build_dit(cfg: Config, audio_dim: int, pretrained: bool = True, dtype: torch
     return model
 
 
+# spec fields whose modules a DiT saved without them can gain on loading: (saved value meaning "absent", the
+# state-dict keys they add). The reference embedding starts at zero, so the loaded model computes exactly what
+# the saved one did; the audio slots and null keys change nothing while the saved audio modules are at their
+# zero-output start (a base DiT), and start training from their init otherwise.
+_ADDABLE = {
+    "reference_embedding": (False, lambda k: k.startswith("reference_embedding.")),
+    "audio_slots": (0, lambda k: k == "audio_embedder.slot"),
+    "audio_null_key": (False, lambda k: k.endswith("_attn.null_k")),
+}
+
+
 def load_dit_weights(model: AudioDiT, blob: dict, where: str) -> None:
     """A saved DiT ({"model", "spec"}) into ``model``; ``where`` names the file and the setting in errors.
 
-    A DiT saved without the reference embedding loads into one with it (the embedding stays at its zero
-    start, so the model computes exactly what the saved one did): how a base DiT is continued with it."""
-    want, have = model.spec.to_json(), {"reference_embedding": False, **(blob.get("spec") or {})}
-    added = want.get("reference_embedding") and not have.get("reference_embedding", False)
-    if added:
-        have["reference_embedding"] = True
+    A DiT saved without the reference embedding, the audio slots or the audio null keys loads into one with
+    them (the added modules keep their init, see ``_ADDABLE``): how a base DiT is continued with them."""
+    want = model.spec.to_json()
+    have = {**{k: absent for k, (absent, _) in _ADDABLE.items()}, **(blob.get("spec") or {})}
+    added = [k for k, (absent, _) in _ADDABLE.items() if want.get(k) != absent and have.get(k) == absent]
+    for k in added:
+        have[k] = want[k]
     if have != want:
         raise ConfigError(f"{where} holds a DiT {blob.get('spec')}, but model.* builds {want}")
     missing, unexpected = model.load_state_dict(blob["model"], strict=not added)
-    if unexpected or any(not k.startswith("reference_embedding.") for k in missing):
+    if unexpected or any(not any(_ADDABLE[a][1](k) for a in added) for k in missing):
         raise ConfigError(f"{where}: weights do not fit (missing {missing}, unexpected {unexpected})")
 
 

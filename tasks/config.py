@@ -118,6 +118,9 @@ class SpeakerVidConfig(_Section):
     keep_raw_videos: bool = False  # delete a raw video once every clip cut from it is written
     shard_size: int = Field(16, ge=1)  # clips per shard; a shard whose status file exists is skipped
     retries: int = Field(3, ge=0, le=20)  # extra attempts per download, with exponential backoff
+    # a clip whose download failed with a transient error is tried again by the next curate runs, until it has
+    # failed in this many runs; permanent errors (404, private, removed ...) and failed cuts are not retried
+    retry_runs: int = Field(3, ge=1)
     backoff_s: float = Field(2.0, ge=0)  # first wait; doubles per attempt
     rate_limit_per_min: float = Field(20.0, gt=0)  # downloads started per minute, at most
     timeout_s: float = Field(60.0, gt=0)  # socket timeout per request

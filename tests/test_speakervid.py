@@ -174,3 +174,36 @@ def test_rate_limit_spaces_starts():
     for _ in range(5):
         limiter.wait()
     assert time.monotonic() - t0 >= 4 * 0.05 * 0.99
+
+
+def test_failed_downloads_are_retried_by_later_runs_up_to_a_limit(standin):
+    """A transient failure (503 in every attempt of a run) is tried again by the next run, until the clip has
+    failed in curate.speakervid.retry_runs runs; a permanent one (404) never again; raising the limit retries it."""
+    from tasks.curation.speakervid import speakervid_clips
+
+    hub, root = standin
+    hub.fail_first["/videos/HALF1-yyyyy.mp4"] = 2  # 503 for the first two requests: runs 1 and 2 fail
+    cfg = load_config(sets=["tracking.enabled=false", *_sv_sets(hub, retries=0, retry_runs=2)], root=root)
+    sv = cfg.curate.speakervid
+
+    def run():
+        clips = {c.clip_id: c for c in speakervid_clips(sv, root, workers=1, progress=False)}
+        return clips, dict(hub.hits)
+
+    first, hits1 = run()
+    assert first[HALF].error and "503" in first[HALF].error and first[HEAD.format(1)].error is None
+    assert "HTTP Error 404" in first[GONE].error and hits1["/videos/gone0000000.mp4"] == 1
+    second, hits2 = run()  # HALF tried again (its second failing run), GONE not: permanent
+    assert hits2["/videos/HALF1-yyyyy.mp4"] == hits1["/videos/HALF1-yyyyy.mp4"] + 1
+    assert hits2["/videos/gone0000000.mp4"] == 1 and second[HALF].error
+    third, hits3 = run()  # HALF has failed in retry_runs = 2 runs: left alone, like every finished shard
+    assert {k: v for k, v in hits3.items() if k.startswith("/videos/")} == {
+        k: v for k, v in hits2.items() if k.startswith("/videos/")}
+    assert third[HALF].error == second[HALF].error
+    status = pd.read_parquet(root / sv.download_dir / "shards" / "00001.parquet").set_index("clip_id")
+    assert status.loc[HALF, "runs"] == 2 and not status.loc[HALF, "permanent"] and status.loc[GONE, "permanent"]
+    # one more run allowed: the outage is over, HALF downloads and is cut; the finished clips are not fetched
+    cfg = load_config(sets=["tracking.enabled=false", *_sv_sets(hub, retries=0, retry_runs=3)], root=root)
+    fourth = {c.clip_id: c for c in speakervid_clips(cfg.curate.speakervid, root, workers=1, progress=False)}
+    assert fourth[HALF].error is None and fourth[HALF].video_path.endswith(f"{HALF}.mp4")
+    assert hub.hits["/videos/gone0000000.mp4"] == 1 and hub.hits["/videos/hEAd4_xxxxx.mp4"] == hits1["/videos/hEAd4_xxxxx.mp4"]

@@ -47,7 +47,18 @@ ANNO_SUFFIXES = (".json", ".tar", ".tar.gz", ".tgz")
 PERMANENT = ("HTTP Error 404", "HTTP Error 410", "HTTP Error 403", "Video unavailable", "Private video",
              "has been removed", "account associated with this video has been terminated",
              "Unsupported URL")  # fmt: skip
-SHARD_COLUMNS = ["clip_id", "name", "ytid", "shard", "status", "error", "path", "attempts"]
+# runs: how many curate runs have tried the clip; permanent: its error will not change on a retry (PERMANENT, or a
+# cut of a downloaded video that failed)
+SHARD_COLUMNS = ["clip_id", "name", "ytid", "shard", "status", "error", "path", "attempts", "runs", "permanent"]
+
+
+def _permanent(error: str) -> bool:
+    return any(p in error for p in PERMANENT)
+
+
+def _settled(row, limit: int) -> bool:
+    """A status row that a later run leaves alone: ok, failed for good, or failed in ``limit`` runs already."""
+    return row["status"] == "ok" or bool(row["permanent"]) or int(row["runs"]) >= limit
 
 
 class SourceError(RuntimeError):
@@ -284,19 +295,25 @@ def download_video(url: str, dest_dir: Path, ytid: str, cfg: SpeakerVidConfig, l
     raise RuntimeError(f"download failed after {cfg.retries + 1} attempts: {error}")
 
 
-def run_shard(index: int, clips: list[RemoteClip], cfg: SpeakerVidConfig, base: Path, limiter: RateLimiter) -> pd.DataFrame:
-    """Download and cut one shard's clips; every clip gets a status row, whatever happens to the others."""
+def run_shard(index: int, clips: list[RemoteClip], cfg: SpeakerVidConfig, base: Path, limiter: RateLimiter,
+              previous: pd.DataFrame | None = None) -> pd.DataFrame:  # fmt: skip
+    """Download and cut one shard's clips; every clip gets a status row, whatever happens to the others.
+    ``previous``: the shard's status from an earlier run; its settled rows (``_settled``) are kept as they are,
+    its other failed rows are tried again."""
     from tasks.common.media import probe
     from tasks.curation.normalize import cut_clip
 
     raw_dir, clip_dir = base / "videos", base / "clips"
     raw_dir.mkdir(parents=True, exist_ok=True)
+    before = {} if previous is None else {r["clip_id"]: r for r in previous.to_dict("records")}
     rows = []
     by_video: dict[str, list[RemoteClip]] = {}
     for clip in clips:
         by_video.setdefault(clip.ytid, []).append(clip)
     for ytid, group in by_video.items():
-        pending = [c for c in group if not (clip_dir / f"{c.name}.mp4").is_file()]
+        kept = {c.name: before[c.name] for c in group
+                if c.name in before and before[c.name]["status"] != "ok" and _settled(before[c.name], cfg.retry_runs)}
+        pending = [c for c in group if not (clip_dir / f"{c.name}.mp4").is_file() and c.name not in kept]
         raw, attempts, error = None, 0, ""
         if pending:
             try:
@@ -305,18 +322,24 @@ def run_shard(index: int, clips: list[RemoteClip], cfg: SpeakerVidConfig, base: 
             except Exception as exc:  # noqa: BLE001 -- recorded per sample
                 error = str(exc)
         for clip in group:
+            if clip.name in kept:  # failed for good, or in retry_runs runs: not tried again
+                rows.append({**kept[clip.name], "shard": index})
+                continue
             dst = clip_dir / f"{clip.name}.mp4"
-            status, err = "ok", ""
+            status, err, permanent = "ok", "", False
+            runs = int(before[clip.name]["runs"]) if clip.name in before else 0
             if not dst.is_file():
+                runs += 1
                 if error:
-                    status, err = "failed", error
+                    status, err, permanent = "failed", error, _permanent(error)
                 else:
                     try:
                         cut_clip(raw, dst, info, clip.start_s, clip.end_s, clip.bbox, clip.width, clip.height)
-                    except Exception as exc:  # noqa: BLE001
-                        status, err = "failed", str(exc)
+                    except Exception as exc:  # noqa: BLE001 -- the video is here: cutting it again would fail again
+                        status, err, permanent = "failed", str(exc), True
             rows.append({"clip_id": clip.name, "name": clip.name, "ytid": ytid, "shard": index, "status": status,
-                         "error": err, "path": str(dst) if status == "ok" else "", "attempts": attempts})  # fmt: skip
+                         "error": err, "path": str(dst) if status == "ok" else "", "attempts": attempts,
+                         "runs": max(runs, 1), "permanent": permanent})  # fmt: skip
         if raw is not None and not cfg.keep_raw_videos:
             raw.unlink(missing_ok=True)
     table = pd.DataFrame(rows, columns=SHARD_COLUMNS)
@@ -342,7 +365,8 @@ def make_shards(clips: list[RemoteClip], size: int) -> list[list[RemoteClip]]:
     return [s for s in shards if s]
 
 
-def _shard_done(path: Path, clips: list[RemoteClip]) -> pd.DataFrame | None:
+def _shard_status(path: Path, clips: list[RemoteClip]) -> pd.DataFrame | None:
+    """The shard's status file from an earlier run, when it is about these clips (else None: redo it)."""
     if not path.is_file():
         return None
     try:
@@ -351,10 +375,20 @@ def _shard_done(path: Path, clips: list[RemoteClip]) -> pd.DataFrame | None:
         return None
     if list(table["clip_id"]) != [c.name for c in clips]:
         return None  # the list or max_clips changed: this shard now holds other clips
+    if "runs" not in table:  # written before retries across runs: each row has had one run
+        table["runs"] = 1
+        table["permanent"] = [_permanent(str(e)) for e in table["error"]]
+    return table
+
+
+def _shard_done(table: pd.DataFrame | None, limit: int) -> bool:
+    """Nothing left to do in the shard: every clip ok (its file still there) or settled as failed."""
+    if table is None:
+        return False
     ok = table[table["status"] == "ok"]
     if not all(Path(p).is_file() for p in ok["path"]):
-        return None  # a cut clip vanished
-    return table
+        return False  # a cut clip vanished
+    return all(_settled(r, limit) for r in table.to_dict("records"))
 
 
 def speakervid_clips(cfg: SpeakerVidConfig, root: Path, workers: int = 2, progress: bool = True) -> list[SourceClip]:
@@ -397,22 +431,27 @@ def speakervid_clips(cfg: SpeakerVidConfig, root: Path, workers: int = 2, progre
     shards = make_shards(remote, cfg.shard_size)
     limiter = RateLimiter(cfg.rate_limit_per_min)
     tables: dict[int, pd.DataFrame] = {}
+    previous: dict[int, pd.DataFrame | None] = {}
     todo = []
     for i, shard in enumerate(shards):
-        done = _shard_done(base / "shards" / f"{i:05d}.parquet", shard)
-        if done is not None:
-            tables[i] = done
+        previous[i] = _shard_status(base / "shards" / f"{i:05d}.parquet", shard)
+        if _shard_done(previous[i], cfg.retry_runs):
+            tables[i] = previous[i]
         else:
             todo.append(i)
     with ThreadPoolExecutor(max_workers=max(1, min(workers, len(todo) or 1))) as pool, \
             tqdm(total=len(todo), desc="speakervid: shards", unit="shard", disable=not progress) as bar:  # fmt: skip
-        futures = {i: pool.submit(run_shard, i, shards[i], cfg, base, limiter) for i in todo}
+        futures = {i: pool.submit(run_shard, i, shards[i], cfg, base, limiter, previous[i]) for i in todo}
         for i, fut in futures.items():
             tables[i] = fut.result()
             bar.update()
     skipped = len(shards) - len(todo)
     if skipped:
         log.info("speakervid: %d of %d shards already finished, skipped", skipped, len(shards))
+    retried = sum(int(previous[i] is not None) for i in todo)
+    if retried:
+        log.info("speakervid: %d shards with failed downloads tried again (curate.speakervid.retry_runs %d)",
+                 retried, cfg.retry_runs)  # fmt: skip
     for i in sorted(tables):
         for row in tables[i].itertuples():
             ok = row.status == "ok"

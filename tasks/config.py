@@ -121,6 +121,12 @@ class SpeakerVidConfig(_Section):
     # a clip whose download failed with a transient error is tried again by the next curate runs, until it has
     # failed in this many runs; permanent errors (404, private, removed ...) and failed cuts are not retried
     retry_runs: int = Field(3, ge=1)
+    # the records' own quality fields as filters (None / false: off); a clip they reject is not downloaded and
+    # gets a `rejected` row with the reason. sync: a number, or a list of numbers (their mean); conf: a number;
+    # clear: true / 1
+    min_sync: float | None = None
+    min_conf: float | None = None
+    require_clear: bool = False
     backoff_s: float = Field(2.0, ge=0)  # first wait; doubles per attempt
     rate_limit_per_min: float = Field(20.0, gt=0)  # downloads started per minute, at most
     timeout_s: float = Field(60.0, gt=0)  # socket timeout per request

@@ -207,3 +207,26 @@ def test_failed_downloads_are_retried_by_later_runs_up_to_a_limit(standin):
     fourth = {c.clip_id: c for c in speakervid_clips(cfg.curate.speakervid, root, workers=1, progress=False)}
     assert fourth[HALF].error is None and fourth[HALF].video_path.endswith(f"{HALF}.mp4")
     assert hub.hits["/videos/gone0000000.mp4"] == 1 and hub.hits["/videos/hEAd4_xxxxx.mp4"] == hits1["/videos/hEAd4_xxxxx.mp4"]
+
+
+def test_quality_filters_reject_before_downloading(standin):
+    """curate.speakervid.min_sync / min_conf / require_clear judge the records' own fields; a rejected clip is
+    never downloaded and becomes a `rejected` row that names the field and the threshold."""
+    from tasks.curation.clip import curate_clip
+    from tasks.curation.speakervid import quality_rejection, speakervid_clips
+
+    hub, root = standin
+    cfg = load_config(sets=["tracking.enabled=false", *_sv_sets(hub, min_conf=0.95)], root=root)
+    clips = {c.clip_id: c for c in speakervid_clips(cfg.curate.speakervid, root, workers=1, progress=False)}
+    for name in (HEAD.format(1), HEAD.format(2), HALF, GONE):
+        assert clips[name].rejected == "conf 0.9 < curate.speakervid.min_conf 0.95" and not clips[name].error
+    assert not any(k.startswith("/videos/") for k in hub.hits)  # nothing was downloaded
+    row = curate_clip(clips[HALF], None, str(root))
+    assert row["status"] == "rejected" and row["reason"] == clips[HALF].rejected
+    # the rules on their own: sync as a number or a list (its mean), clear, fields that cannot be judged
+    sv = SpeakerVidConfig(min_sync=4.0, require_clear=True)
+    assert quality_rejection({"sync": 5.0, "clear": 1}, sv) is None
+    assert quality_rejection({"sync": [3.0, 4.0], "clear": 1}, sv) == "sync 3.5 < curate.speakervid.min_sync 4"
+    assert quality_rejection({"sync": 5.0, "clear": 0}, sv) == "clear is 0 (curate.speakervid.require_clear)"
+    assert "cannot judge" in quality_rejection({"sync": {"a": 1}, "clear": 1}, sv)
+    assert quality_rejection({"sync": 0.0, "conf": 0.0, "clear": 0}, SpeakerVidConfig()) is None  # filters off

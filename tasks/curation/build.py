@@ -97,7 +97,7 @@ def fingerprint(clip: SourceClip, settings: ClipSettings, root: Path) -> str:
     stat = src.stat() if src.exists() else None
     shaped = {k: v for k, v in asdict(settings).items() if k not in ("out_dir", "torch_threads")}
     blob = json.dumps([CURATE_VERSION, str(src.resolve()), stat and stat.st_size, stat and stat.st_mtime_ns,
-                       clip.bbox, clip.error, shaped], sort_keys=True, default=str)  # fmt: skip
+                       clip.bbox, clip.error, clip.rejected, shaped], sort_keys=True, default=str)  # fmt: skip
     return hashlib.sha1(blob.encode()).hexdigest()[:16]
 
 

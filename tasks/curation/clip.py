@@ -85,6 +85,8 @@ def _row(clip: SourceClip, status: str, reason: str = "", **values) -> dict:
 def curate_clip(clip: SourceClip, s: ClipSettings, root: str) -> dict:
     if clip.error:
         return _row(clip, "failed", clip.error)
+    if clip.rejected:
+        return _row(clip, "rejected", clip.rejected)
     import torch
 
     torch.set_num_threads(max(1, s.torch_threads))

@@ -38,6 +38,7 @@ class SourceClip:
     bbox: tuple[float, float, float, float] | None = None  # person box, normalised x1 y1 x2 y2 of the video
     gt_path: str | None = None  # ground truth (synthetic corpus only)
     error: str | None = None  # the source could not supply this clip (download failed, bad list entry): why
+    rejected: str | None = None  # the source declined it (a quality filter of its record): why; not fetched
     source: str = ""  # synthetic | local | speakervid
     identity: str | None = None  # the person shown (None: unknown, the clip is taken as its own person)
 

@@ -155,6 +155,28 @@ def invalid_id(name: str) -> str:
     return f"invalid-{readable}-{digest}"
 
 
+def quality_rejection(record: dict, cfg: SpeakerVidConfig) -> str | None:
+    """Why the record's quality fields fail curate.speakervid's filters (None: kept, or no filter set)."""
+    field = "curate.speakervid"
+    if cfg.min_sync is not None:
+        sync = record.get("sync")
+        if isinstance(sync, list) and sync and all(isinstance(v, (int, float)) for v in sync):
+            sync = sum(sync) / len(sync)
+        if not isinstance(sync, (int, float)) or isinstance(sync, bool):
+            return f"sync {sync!r} is not a number or a list of numbers: {field}.min_sync cannot judge it"
+        if sync < cfg.min_sync:
+            return f"sync {sync:.3g} < {field}.min_sync {cfg.min_sync:g}"
+    if cfg.min_conf is not None:
+        conf = record.get("conf")
+        if not isinstance(conf, (int, float)) or isinstance(conf, bool):
+            return f"conf {conf!r} is not a number: {field}.min_conf cannot judge it"
+        if conf < cfg.min_conf:
+            return f"conf {conf:.3g} < {field}.min_conf {cfg.min_conf:g}"
+    if cfg.require_clear and not record.get("clear"):
+        return f"clear is {record.get('clear')!r} ({field}.require_clear)"
+    return None
+
+
 def remote_clip(name: str, record: dict) -> RemoteClip:
     anno = MergedAnno.model_validate(record)
     end = anno.end_seconds if anno.end_seconds > anno.start_seconds else anno.start_seconds + anno.duration
@@ -422,7 +444,12 @@ def speakervid_clips(cfg: SpeakerVidConfig, root: Path, workers: int = 2, progre
             out[name] = SourceClip(name, "", m["ytid"], error=f"no merged_anno record for {name} under {cfg.anno_prefix}")
             continue
         try:
-            remote.append(remote_clip(name, records[name]))
+            clip = remote_clip(name, records[name])
+            why = quality_rejection(records[name], cfg)
+            if why:
+                out[name] = SourceClip(name, "", m["ytid"], rejected=why)
+            else:
+                remote.append(clip)
         except ValidationError as exc:
             first = exc.errors()[0]
             field = ".".join(str(p) for p in first["loc"])

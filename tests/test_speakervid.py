@@ -230,3 +230,29 @@ def test_quality_filters_reject_before_downloading(standin):
     assert quality_rejection({"sync": 5.0, "clear": 0}, sv) == "clear is 0 (curate.speakervid.require_clear)"
     assert "cannot judge" in quality_rejection({"sync": {"a": 1}, "clear": 1}, sv)
     assert quality_rejection({"sync": 0.0, "conf": 0.0, "clear": 0}, SpeakerVidConfig()) is None  # filters off
+
+
+def test_local_boxes_apply_only_to_raw_videos(tmp_path):
+    """A merged_anno box is normalised to the raw frame: applied to a local file that is the raw video, not to
+    one that is already the cut clip (it would crop the person away); a file of neither size gets a note."""
+    from tasks.curation.sources import local_clips
+
+    video = shared_path("fixtures", "speakervid", "head_4.mp4")  # 1376 x 1088, 10.1 s
+    cases = {  # name: (raw size, clip size, duration, total duration) -> box applied?
+        "raw": ((1376, 1088), (256, 320), 4.0, 10.1, True),
+        "cut": ((1920, 1080), (1376, 1088), 10.1, 60.0, False),
+        "same_size_cut": ((1376, 1088), (1376, 1088), 10.1, 60.0, False),
+        "same_size_raw": ((1376, 1088), (1376, 1088), 3.0, 10.1, True),
+        "resized": ((640, 480), (256, 320), 4.0, 10.1, False),
+    }
+    for name, (raw, clip, duration, total, _) in cases.items():
+        shutil.copy(video, tmp_path / f"{name}.mp4")
+        rec = {**_record(name, 0.0, duration, [0.2, 0.1, 0.8, 0.9]), "raw_video_width": raw[0],
+               "raw_video_height": raw[1], "clip_video_width": clip[0], "clip_video_height": clip[1],
+               "duration": duration, "duration_new": duration, "video_total_duration": total}  # fmt: skip
+        (tmp_path / f"{name}.json").write_text(json.dumps(rec))
+    clips, notes = local_clips([tmp_path])
+    boxes = {c.clip_id: c.bbox for c in clips}
+    for name, (*_, applied) in cases.items():
+        assert (boxes[name] == (0.2, 0.1, 0.8, 0.9)) if applied else boxes[name] is None, name
+    assert len(notes) == 1 and "resized.mp4" in notes[0] and "neither the record's raw video" in notes[0]

@@ -83,13 +83,42 @@ def local_clips(entries: list[Path] | Path, groups: dict[str, str] | None = None
             for anno in (folder / f"{stem}.json", folder / "merged_anno" / f"{stem}.json"):
                 if anno.is_file():
                     record = MergedAnno.model_validate(json.loads(anno.read_text()))
-                    bbox = tuple(float(v) for v in record.bbox)
+                    bbox, note = record_box(video, record)
+                    if note:
+                        notes.append(f"{video}: {note}")
                     break
             clip_id = safe_id(stem)
             m = CLIP_RE.match(stem)
             group = groups.get(clip_id) or (m["ytid"] if m else clip_id)
             clips.append(SourceClip(clip_id, str(video), group, bbox, source="local", identity=identity_of(clip_id)))
     return clips, notes
+
+
+def record_box(video: Path, record: MergedAnno) -> tuple[tuple[float, float, float, float] | None, str]:
+    """The record's person box for ``video`` when the file is the raw video it was drawn on, else None; and a
+    note when the box is left out. The box is normalised to the RAW frame: on a file that is already the cut
+    and cropped clip it would crop the person away. Told apart by the frame size (raw_video_width x height vs
+    clip_video_width x height), and by the duration when both sizes are the same."""
+    from tasks.common.media import MediaError, probe
+
+    try:
+        info = probe(video)
+    except (MediaError, FileNotFoundError) as exc:
+        return None, f"cannot probe it to place its merged_anno box ({exc}); box not applied"
+    size = (info.width, info.height)
+    raw = size == (record.raw_video_width, record.raw_video_height)
+    cut = size == (record.clip_video_width, record.clip_video_height)
+    if raw and cut:  # the same size: a file as long as the clip is the clip
+        length = record.duration_new or record.duration
+        cut = abs(info.duration_s - length) <= 0.5 and abs(info.duration_s - record.video_total_duration) > 0.5
+        raw = not cut
+    if raw:
+        return tuple(float(v) for v in record.bbox), ""
+    if cut:
+        return None, ""  # already the clip: the box was applied when it was cut
+    return None, (f"{size[0]}x{size[1]} is neither the record's raw video ({record.raw_video_width}x"
+                  f"{record.raw_video_height}) nor its clip ({record.clip_video_width}x{record.clip_video_height}): "
+                  "its person box is not applied")  # fmt: skip
 
 
 def identity_of(clip_id: str) -> str:

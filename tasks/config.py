@@ -117,6 +117,11 @@ class SpeakerVidConfig(_Section):
     download_dir: str = "data/raw/speakervid"  # hub cache, raw videos, cut clips, shard status
     keep_raw_videos: bool = False  # delete a raw video once every clip cut from it is written
     shard_size: int = Field(16, ge=1)  # clips per shard; a shard whose status file exists is skipped
+    # download only the time ranges the clips need (yt-dlp download ranges): each clip +- section_margin_s,
+    # ranges less than section_gap_s apart in one download; false: each whole video once
+    download_sections: bool = True
+    section_margin_s: float = Field(1.0, ge=0)
+    section_gap_s: float = Field(30.0, ge=0)
     retries: int = Field(3, ge=0, le=20)  # extra attempts per download, with exponential backoff
     # a clip whose download failed with a transient error is tried again by the next curate runs, until it has
     # failed in this many runs; permanent errors (404, private, removed ...) and failed cuts are not retried

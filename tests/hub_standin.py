@@ -5,7 +5,8 @@
 * plain video files under /videos/ (what yt-dlp's generic extractor downloads in place of YouTube).
 
 ``fail_first[path] = n`` answers 503 to the first n requests of a path (a transient outage); ``hits``
-counts requests per path. The production code talks to it unchanged, through curate.speakervid.endpoint and
+counts requests per path, ``sent`` the body bytes sent per path. Video files honour HTTP Range requests (206
+Partial Content), as YouTube's media servers do, so a time-range download can fetch part of a video. The production code talks to it unchanged, through curate.speakervid.endpoint and
 curate.speakervid.video_url.
 """
 
@@ -26,6 +27,7 @@ class HubStandIn:
     def __init__(self, repo_id: str, repo_dir: Path, videos_dir: Path) -> None:
         self.repo_id, self.repo_dir, self.videos_dir = repo_id, Path(repo_dir), Path(videos_dir)
         self.hits: Counter[str] = Counter()
+        self.sent: Counter[str] = Counter()
         self.fail_first: dict[str, int] = {}
         self.lock = threading.Lock()
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
@@ -63,7 +65,15 @@ class HubStandIn:
                 self.send_header("Content-Length", str(len(data)))
                 self.end_headers()
                 if body:
-                    self.wfile.write(data)
+                    path = unquote(urlparse(self.path).path)
+                    for at in range(0, len(data), 1 << 16):  # counted as written: a reader may stop early
+                        try:
+                            self.wfile.write(data[at : at + (1 << 16)])
+                            self.wfile.flush()
+                        except (BrokenPipeError, ConnectionResetError):  # (ffmpeg seeking elsewhere)
+                            break
+                        with hub.lock:
+                            hub.sent[path] += len(data[at : at + (1 << 16)])
 
             def _serve(self, body: bool) -> None:
                 path = unquote(urlparse(self.path).path)
@@ -96,6 +106,17 @@ class HubStandIn:
                 headers = {"Content-Type": "video/mp4" if target.suffix == ".mp4" else "application/octet-stream"}
                 if hub_headers:
                     headers.update({"X-Repo-Commit": COMMIT, "ETag": f'"{hashlib.sha1(data).hexdigest()}"'})
+                else:
+                    headers["Accept-Ranges"] = "bytes"
+                    wanted = self.headers.get("Range", "")
+                    if wanted.startswith("bytes=") and "," not in wanted:
+                        first, _, last = wanted[len("bytes="):].partition("-")
+                        start = int(first) if first else max(0, len(data) - int(last))
+                        end = min(int(last), len(data) - 1) if first and last else len(data) - 1
+                        if start >= len(data):
+                            return self._send(416, b"", {"Content-Range": f"bytes */{len(data)}"}, body)
+                        headers["Content-Range"] = f"bytes {start}-{end}/{len(data)}"
+                        return self._send(206, data[start:end + 1], headers, body)
                 self._send(200, data, headers, body)
 
         return Handler

@@ -62,7 +62,7 @@ def standin(tmp_path):
 
 def _sv_sets(hub, **extra) -> list[str]:
     values = {"endpoint": hub.url, "video_url": hub.url + "/videos/{ytid}.mp4", "backoff_s": 0.05,
-              "rate_limit_per_min": 1200, "shard_size": 2, **extra}  # fmt: skip
+              "rate_limit_per_min": 1200, "shard_size": 2, "download_sections": False, **extra}  # fmt: skip
     return [f"curate.speakervid.{k}={v}" for k, v in values.items()]
 
 
@@ -256,3 +256,31 @@ def test_local_boxes_apply_only_to_raw_videos(tmp_path):
     for name, (*_, applied) in cases.items():
         assert (boxes[name] == (0.2, 0.1, 0.8, 0.9)) if applied else boxes[name] is None, name
     assert len(notes) == 1 and "resized.mp4" in notes[0] and "neither the record's raw video" in notes[0]
+
+
+def test_time_range_downloads_fetch_only_the_clips_sections(standin):
+    """download_sections: each video is fetched only around its clips (yt-dlp download ranges through ffmpeg,
+    ranges apart by more than section_gap_s downloaded separately), and the clips cut from a section are the
+    clips cut from the whole video (same frames, no time shift)."""
+    from tasks.common.media import probe, read_frames
+    from tasks.curation.speakervid import speakervid_clips
+
+    hub, root = standin
+    common = ["tracking.enabled=false", "curate.speakervid.keep_raw_videos=true"]
+    cfg = load_config(sets=[*common, *_sv_sets(hub, retries=0, download_sections=True, section_margin_s=0.2,
+                                               section_gap_s=0.0, download_dir="data/raw/sections")], root=root)  # fmt: skip
+    parts = {c.clip_id: c for c in speakervid_clips(cfg.curate.speakervid, root, workers=1, progress=False)}
+    raw = {p.name: probe(p).duration_s for p in (root / "data/raw/sections/videos").glob("*.mp4")}
+    # HEAD's clips [0.5, 4.5) and [5.0, 9.0): two sections (0.3-4.7 s, 4.8-9.2 s), HALF's [1, 5): one;
+    # each 4.4 s long, none the whole 10 s video
+    assert sorted(raw) == ["HALF1-yyyyy_800-5200ms.mp4", "hEAd4_xxxxx_300-4700ms.mp4", "hEAd4_xxxxx_4800-9200ms.mp4"]
+    assert all(abs(d - 4.4) < 0.1 for d in raw.values()), raw
+    cfg = load_config(sets=[*common, *_sv_sets(hub, retries=0, download_dir="data/raw/whole")], root=root)
+    whole = {c.clip_id: c for c in speakervid_clips(cfg.curate.speakervid, root, workers=1, progress=False)}
+    for name in (HEAD.format(1), HEAD.format(2), HALF):
+        a = read_frames(parts[name].video_path).astype(float)
+        b = read_frames(whole[name].video_path).astype(float)
+        assert abs(len(a) - len(b)) <= 1, (name, len(a), len(b))
+        n = min(len(a), len(b)) - 10
+        diff = {lag: abs(a[5 + lag : 5 + lag + n] - b[5 : 5 + n]).mean() for lag in range(-5, 6)}
+        assert min(diff, key=diff.get) == 0 and diff[0] < 3.0, (name, diff)  # the same frames, not shifted

@@ -282,22 +282,32 @@ class _QuietLog:
         log.debug(msg)
 
 
-def download_video(url: str, dest_dir: Path, ytid: str, cfg: SpeakerVidConfig, limiter: RateLimiter) -> tuple[Path, int]:
-    """yt-dlp ``url`` to ``dest_dir``/``ytid``.<ext>; returns (path, attempts). Transient errors are retried
-    with exponential backoff; errors in PERMANENT are not. Raises RuntimeError with yt-dlp's message."""
+def download_video(url: str, dest_dir: Path, stem: str, cfg: SpeakerVidConfig, limiter: RateLimiter,
+                   section: tuple[float, float] | None = None) -> tuple[Path, int]:  # fmt: skip
+    """yt-dlp ``url`` to ``dest_dir``/``stem``.<ext>; returns (path, attempts). ``section`` (start, end) in
+    seconds: only that time range is downloaded (yt-dlp's download ranges through ffmpeg, cut on exact frames,
+    so the file's time 0 is ``start``). Transient errors are retried with exponential backoff; errors in
+    PERMANENT are not. Raises RuntimeError with yt-dlp's message."""
     import yt_dlp
 
-    for done in dest_dir.glob(f"{ytid}.*"):
+    for done in dest_dir.glob(f"{stem}.*"):
         if done.suffix in (".mp4", ".mkv", ".webm") and ".part" not in done.name and done.stat().st_size > 0:
             return done, 0
     opts = {
-        "outtmpl": str(dest_dir / f"{ytid}.%(ext)s").replace("%", "%%").replace("%%(ext)s", "%(ext)s"),
+        "outtmpl": str(dest_dir / f"{stem}.%(ext)s").replace("%", "%%").replace("%%(ext)s", "%(ext)s"),
         "format": cfg.ytdlp_format, "merge_output_format": "mp4", "noplaylist": True, "quiet": True,
         "no_warnings": True, "noprogress": True, "logger": _QuietLog(), "retries": 0, "fragment_retries": 0,
         "extractor_retries": 0, "socket_timeout": cfg.timeout_s, "overwrites": True,
     }  # fmt: skip
     if cfg.cookies_file:
         opts["cookiefile"] = cfg.cookies_file
+    if section is not None:
+        from yt_dlp.utils import download_range_func
+
+        from tasks.common.media import ffmpeg_exe
+
+        opts.update({"download_ranges": download_range_func(None, [section]), "force_keyframes_at_cuts": True,
+                     "ffmpeg_location": ffmpeg_exe()})  # fmt: skip
     error = ""
     for attempt in range(1, cfg.retries + 2):
         limiter.wait()
@@ -332,14 +342,22 @@ def run_shard(index: int, clips: list[RemoteClip], cfg: SpeakerVidConfig, base: 
     by_video: dict[str, list[RemoteClip]] = {}
     for clip in clips:
         by_video.setdefault(clip.ytid, []).append(clip)
+    parts = []  # (ytid, the section downloaded or None for the whole video, its clips)
     for ytid, group in by_video.items():
+        if cfg.download_sections:
+            parts += [(ytid, (s, e), cs) for s, e, cs in sections(group, cfg.section_margin_s, cfg.section_gap_s)]
+        else:
+            parts.append((ytid, None, group))
+    for ytid, section, group in parts:
         kept = {c.name: before[c.name] for c in group
                 if c.name in before and before[c.name]["status"] != "ok" and _settled(before[c.name], cfg.retry_runs)}
         pending = [c for c in group if not (clip_dir / f"{c.name}.mp4").is_file() and c.name not in kept]
         raw, attempts, error = None, 0, ""
+        offset = section[0] if section else 0.0
+        stem = f"{ytid}_{round(section[0] * 1000)}-{round(section[1] * 1000)}ms" if section else ytid
         if pending:
             try:
-                raw, attempts = download_video(cfg.video_url.format(ytid=ytid), raw_dir, ytid, cfg, limiter)
+                raw, attempts = download_video(cfg.video_url.format(ytid=ytid), raw_dir, stem, cfg, limiter, section)
                 info = probe(raw)
             except Exception as exc:  # noqa: BLE001 -- recorded per sample
                 error = str(exc)
@@ -356,7 +374,8 @@ def run_shard(index: int, clips: list[RemoteClip], cfg: SpeakerVidConfig, base: 
                     status, err, permanent = "failed", error, _permanent(error)
                 else:
                     try:
-                        cut_clip(raw, dst, info, clip.start_s, clip.end_s, clip.bbox, clip.width, clip.height)
+                        cut_clip(raw, dst, info, clip.start_s - offset, clip.end_s - offset, clip.bbox, clip.width,
+                                 clip.height)  # fmt: skip
                     except Exception as exc:  # noqa: BLE001 -- the video is here: cutting it again would fail again
                         status, err, permanent = "failed", str(exc), True
             rows.append({"clip_id": clip.name, "name": clip.name, "ytid": ytid, "shard": index, "status": status,
@@ -371,6 +390,19 @@ def run_shard(index: int, clips: list[RemoteClip], cfg: SpeakerVidConfig, base: 
     table.to_parquet(buf, index=False)
     _atomic_write(out, buf.getvalue())
     return table
+
+
+def sections(clips: list[RemoteClip], margin: float, gap: float) -> list[tuple[float, float, list[RemoteClip]]]:
+    """The time ranges to download for one video's clips: each clip's [start - margin, end + margin), ranges
+    less than ``gap`` seconds apart merged (one download serves both); in time order, with their clips."""
+    out: list[tuple[float, float, list[RemoteClip]]] = []
+    for clip in sorted(clips, key=lambda c: c.start_s):
+        start, end = max(0.0, clip.start_s - margin), clip.end_s + margin
+        if out and start - out[-1][1] <= gap:
+            out[-1] = (out[-1][0], max(out[-1][1], end), [*out[-1][2], clip])
+        else:
+            out.append((start, end, [clip]))
+    return out
 
 
 def make_shards(clips: list[RemoteClip], size: int) -> list[list[RemoteClip]]:

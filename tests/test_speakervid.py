@@ -284,3 +284,59 @@ def test_time_range_downloads_fetch_only_the_clips_sections(standin):
         n = min(len(a), len(b)) - 10
         diff = {lag: abs(a[5 + lag : 5 + lag + n] - b[5 : 5 + n]).mean() for lag in range(-5, 6)}
         assert min(diff, key=diff.get) == 0 and diff[0] < 3.0, (name, diff)  # the same frames, not shifted
+
+
+def test_archive_index_fetches_only_the_archives_that_hold_missing_clips(standin, monkeypatch):
+    """The clip -> archive index: the first run reads archives until its clips are found and indexes each one
+    read; a later run fetches only the archive holding its clip, and none at all for a clip no indexed archive
+    holds (while one that may batch records in other files would still be read)."""
+    from tasks.curation import speakervid as sv
+
+    hub, root = standin
+    anno = root / "hubrepo" / "merged_anno"
+    for archive in anno.iterdir():
+        archive.unlink()
+
+    def write(name: str, clips: list[str]) -> None:
+        buf = io.BytesIO()
+        with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+            for clip in clips:
+                data = json.dumps(_record(clip, 0.0, 3.0, [0, 0, 1, 1])).encode()
+                info = tarfile.TarInfo(f"merged_anno/{clip}.json")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+        (anno / name).write_bytes(buf.getvalue())
+
+    write("batch_000.tar.gz", [HEAD.format(1), HEAD.format(2)])
+    write("batch_001.tar.gz", [HALF, GONE])
+    fetched: list[str] = []
+    real_fetch = sv.HubFiles.fetch
+
+    def spy(self, name):
+        fetched.append(name)
+        return real_fetch(self, name)
+
+    monkeypatch.setattr(sv.HubFiles, "fetch", spy)
+    runs = []
+
+    def run(names: list[str]) -> dict:  # each run its own list file (the Hub client caches a file per commit)
+        fetched.clear()
+        runs.append(f"run{len(runs)}.json")
+        (root / "hubrepo" / runs[-1]).write_text(json.dumps(names))
+        cfg = load_config(sets=["tracking.enabled=false", *_sv_sets(hub, retries=0, list_file=runs[-1])], root=root)
+        return {c.clip_id: c for c in sv.speakervid_clips(cfg.curate.speakervid, root, workers=1, progress=False)}
+
+    first = run([HALF])
+    assert first[HALF].error is None
+    assert [f for f in fetched if f.endswith(".tar.gz")] == ["merged_anno/batch_000.tar.gz", "merged_anno/batch_001.tar.gz"]
+    index = json.loads((root / SpeakerVidConfig().download_dir / "anno" / "archive_index.json").read_text())
+    assert index["merged_anno/batch_000.tar.gz"] == {"clips": sorted([HEAD.format(1), HEAD.format(2)]), "batched": False}
+    second = run([GONE, HEAD.format(2)])  # both indexed: only their archives, the known holder first
+    assert "no merged_anno record" not in (second[HEAD.format(2)].error or "")
+    assert sorted(f for f in fetched if f.endswith(".tar.gz")) == ["merged_anno/batch_000.tar.gz", "merged_anno/batch_001.tar.gz"]
+    third = run([NOANNO])  # in no indexed archive: nothing fetched, a clear failure
+    assert not [f for f in fetched if f.endswith(".tar.gz")] and "no merged_anno record" in third[NOANNO].error
+    write("batch_002.tar.gz", [HEAD.format(5)])  # a new archive on the Hub: read, and only it
+    fourth = run([HEAD.format(5)])
+    assert [f for f in fetched if f.endswith(".tar.gz")] == ["merged_anno/batch_002.tar.gz"]
+    assert "no merged_anno record" not in (fourth[HEAD.format(5)].error or "")

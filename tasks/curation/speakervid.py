@@ -202,12 +202,31 @@ def find_records(hub: HubFiles, files: list[str], wanted: set[str], anno_dir: Pa
     for name in sorted(missing & set(direct)):
         found.update(_records_in_json(hub.fetch(direct[name]).read_bytes(), name, {name}))
     archives = [f for f in candidates if not f.lower().endswith(".json")]
-    for archive in tqdm(archives, desc="speakervid: annotation archives", unit="archive", leave=False,
-                        disable=not archives or not (wanted - set(found))):  # fmt: skip
+    # clip -> archive index (anno_dir/archive_index.json): every archive read once lists the clip-named records
+    # it holds, so later runs fetch only the archives that hold the clips they miss; an archive with records in
+    # files not named like a clip ("batched") may hold any clip and is still read when a clip is missing
+    index_file = anno_dir / "archive_index.json"
+    try:
+        index = json.loads(index_file.read_text()) if index_file.is_file() else {}
+    except json.JSONDecodeError:
+        index = {}  # a torn index: rebuilt as archives are read
+
+    def rank(archive: str) -> int:  # 0: the index says it holds a missing clip; 1: not read yet; 2: batched
+        entry = index.get(archive)
+        if entry is None:
+            return 1
+        return 0 if (wanted - set(found)) & set(entry["clips"]) else 2 if entry["batched"] else 3
+
+    todo = sorted((a for a in archives if rank(a) < 3), key=rank)
+    for archive in tqdm(todo, desc="speakervid: annotation archives", unit="archive", leave=False,
+                        disable=not todo or not (wanted - set(found))):  # fmt: skip
         missing = wanted - set(found)
         if not missing:
             break
+        if rank(archive) == 3:
+            continue  # indexed since the order was made: holds none of the clips still missing
         path = hub.fetch(archive)
+        names, batched = set(), False
         try:
             with tarfile.open(path) as tar:
                 for member in tar:
@@ -215,13 +234,19 @@ def find_records(hub: HubFiles, files: list[str], wanted: set[str], anno_dir: Pa
                     if not member.isfile() or not base.endswith(".json"):
                         continue
                     stem = base[: -len(".json")]
-                    if stem not in missing and CLIP_RE.match(stem):
-                        continue  # another clip's record (a file not named like a clip may batch records)
+                    if CLIP_RE.match(stem):
+                        names.add(stem)
+                        if stem not in missing:
+                            continue  # another clip's record
+                    else:
+                        batched = True  # a file not named like a clip may batch records
                     data = tar.extractfile(member)
                     if data is not None:
                         found.update(_records_in_json(data.read(), stem, missing))
         except tarfile.TarError as exc:
             raise SourceError(f"{archive}: not a readable tar archive ({exc})") from None
+        index[archive] = {"clips": sorted(names), "batched": batched}
+        _atomic_write(index_file, json.dumps(index).encode())
     for name in set(found) & wanted:
         target = anno_dir / f"{name}.json"
         if not target.is_file():

@@ -140,8 +140,11 @@ def test_list_formats(tmp_path):
     assert read_list(path, "l") == ["a", "b"]
     path.write_text(json.dumps([{"video_name": "a"}, {"clip_name": "b"}]))
     assert read_list(path, "l") == ["a", "b"]
-    path.write_text(json.dumps({"a": 1, "b": 2}))
-    assert read_list(path, "l") == ["a", "b"]
+    path.write_text(json.dumps({HALF: {"bbox": [0, 0, 1, 1]}, GONE: {}}))
+    assert read_list(path, "l") == [HALF, GONE]
+    path.write_text(json.dumps({"talking": [HALF], "listening": [GONE]}))  # categories: refused, not clip ids
+    with pytest.raises(SourceError, match=r"keys are not SpeakerVid clip names \(talking, listening\)"):
+        read_list(path, "l")
     path.write_text("a\nb\n")
     assert read_list(path, "l") == ["a", "b"]
     path.write_text(json.dumps([{"x": 1}]))

@@ -108,14 +108,20 @@ def _is_missing(exc: Exception) -> bool:
 
 
 def read_list(path: Path, label: str) -> list[str]:
-    """Clip names from a list file: a JSON list of names or of records with a name field, or a JSON object
-    keyed by name, or one name per line."""
+    """Clip names from a list file: a JSON list of names or of records with a name field, a JSON object keyed by
+    clip name (refused when a key is not one), or one name per line."""
     text = path.read_text(encoding="utf-8", errors="replace")
     try:
         data = json.loads(text)
     except json.JSONDecodeError:
         return [line.strip() for line in text.splitlines() if line.strip()]
     if isinstance(data, dict):
+        # keyed by clip name; any other object (e.g. categories -> lists) would turn its keys into clip ids
+        strays = [str(k) for k in data if not CLIP_RE.match(str(k))]
+        if strays:
+            raise SourceError(f"{label}: a JSON object whose keys are not SpeakerVid clip names ({', '.join(strays[:3])}"
+                              f"{' ...' if len(strays) > 3 else ''}); expected a list of clip names, a list of records, "
+                              "or an object keyed by clip name")  # fmt: skip
         return [str(k) for k in data]
     if isinstance(data, list):
         names = []

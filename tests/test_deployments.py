@@ -65,9 +65,11 @@ class Served:
             assert proc.returncode == 0, f"{args}:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
         return proc
 
-    def trigger(self, deployment: str, watch: bool = True) -> str:
+    def trigger(self, deployment: str, watch: bool = True, params: dict | None = None) -> str:
         """`prefect deployment run <flow>/<deployment>`; returns the flow run id."""
         args = [str(BIN / "prefect"), "deployment", "run", deployment]
+        if params:
+            args += ["--params", json.dumps(params)]
         if watch:
             args += ["--watch", "--watch-interval", "2", "--watch-timeout", "900"]
         proc = self.cli(*args, check=False)
@@ -108,6 +110,14 @@ def _running(pid: int, grace_s: float = 5.0) -> bool:
         if time.monotonic() > deadline:
             return True
         time.sleep(0.2)
+
+
+def _flow_run_of(proc) -> str | None:
+    """The Prefect flow run a process runs (the worker starts each with PREFECT__FLOW_RUN_ID set)."""
+    try:
+        return proc.environ().get("PREFECT__FLOW_RUN_ID")
+    except Exception:  # noqa: BLE001 -- gone, or not ours to read
+        return None
 
 
 def _stage_runs(client, pipeline_run) -> dict[str, list]:
@@ -250,6 +260,35 @@ def test_served_deployments_end_to_end(clone):
                                     order_by=["attributes.start_time DESC"])[0]  # fmt: skip
         assert reeval.data.tags["streamavatar.decision_reason"] == v2.tags["streamavatar.decision_reason"]
         assert {"champion/flicker", "candidate/flicker"} <= set(reeval.data.metrics)
+
+        # 6. Prefect's own cancellation of a deployment run, mid-stage: the worker stops the flow run's process;
+        # it and every process under it are gone within a minute, the run is CANCELLED and the data/ lock free
+        import psutil
+
+        from tasks.common import locking
+
+        long = s.trigger("full-pipeline/demo", watch=False, params={"sets": ["teacher.iterations=100000"],
+                                                                    "stages": ["teacher"]})  # fmt: skip
+        deadline, procs = time.monotonic() + 300, []
+        while time.monotonic() < deadline and not procs:  # the flow run's process, once its teacher steps
+            time.sleep(2)
+            if s.flow_run(long)["state"]["type"] in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED"):
+                break
+            exp = client.get_experiment_by_name("streamavatar").experiment_id
+            if client.search_runs([exp], "tags.`streamavatar.stage` = 'teacher' and attributes.status = 'RUNNING'"):
+                procs = [p for p in psutil.process_iter() if _flow_run_of(p) == long]
+        assert procs, (s.flow_run(long)["state"], s.states(long))
+        time.sleep(5)  # inside the training loop
+        tree = {q.pid for p in procs for q in [p, *p.children(recursive=True)]}
+        cancelled_at = time.monotonic()
+        httpx.post(f"{s.api}/flow_runs/{long}/set_state", timeout=30,
+                   json={"state": {"type": "CANCELLING", "name": "Cancelling"}, "force": True}).raise_for_status()
+        final = s.wait(long, timeout_s=180)
+        assert final["state"]["type"] == "CANCELLED", s.states(long)
+        left = [pid for pid in tree if _running(pid, grace_s=60 - (time.monotonic() - cancelled_at))]
+        assert not left, f"processes of the cancelled flow run still run: {left}"
+        with locking.hold(clone, "test: after the cancellation", timeout_s=10):
+            pass  # the cancelled run let go of data/
     finally:
         stopped = s.cli(str(BIN / "streamavatar"), "stop", check=False, timeout=120)
     assert stopped.returncode == 0, stopped.stderr

@@ -76,7 +76,13 @@ def dvc_up_to_date(root: Path, stage: str) -> bool:
 
 
 def dvc_record(root: Path, stage: str) -> str:
-    """Store the stage's current outputs in DVC's cache and dvc.lock, as `dvc repro` would have."""
+    """Store the stage's current outputs in DVC's cache and dvc.lock, as `dvc repro` would have.
+
+    `dvc commit --force <stage>` hashes the stage's deps, params and outputs now, after the stage ran, and stores
+    them: what `dvc repro` does once a stage's command has finished. --force only skips commit's question before
+    it replaces a changed stage's record, which a non-interactive run cannot answer. Only called for a run whose
+    parameters are params.yaml's (else the record would claim settings the outputs were not made with).
+    Tested: the record equals `dvc repro --force`'s for the same stage (tests/test_pipeline.py)."""
     if not (root / ".dvc").is_dir():
         return "no DVC repository here: nothing recorded"
     proc = _dvc(root, "commit", "--force", stage)

@@ -152,6 +152,15 @@ def test_full_pipeline_flow_records_mlflow_and_leaves_dvc_clean(clone):
     assert "up to date" in dvc(clone, "status").stdout
     repro = dvc(clone, "repro")
     assert "Running stage" not in repro.stdout
+    # what the Prefect path recorded is what `dvc repro` records for the same stage: command, deps, params and
+    # outputs alike (the re-run resumes the finished corpus: the same videos; only its metrics file, which
+    # counts what this run made, differs)
+    recorded = yaml.safe_load((clone / "dvc.lock").read_text())["stages"]["corpus"]
+    assert "Running stage 'corpus'" in dvc(clone, "repro", "--force", "corpus").stdout
+    again = yaml.safe_load((clone / "dvc.lock").read_text())["stages"]["corpus"]
+    assert {k: again[k] for k in ("cmd", "deps", "params")} == {k: recorded[k] for k in ("cmd", "deps", "params")}
+    outs = lambda lock: {o["path"]: o["md5"] for o in lock["outs"] if not o["path"].endswith("metrics.json")}  # noqa: E731
+    assert outs(again) == outs(recorded) and len(outs(recorded)) == 3
     client, found = runs(clone)
     parents = [r for r in found if r.data.tags.get("streamavatar.kind") == "pipeline"]
     children = [r for r in found if r.data.tags.get("streamavatar.kind") == "stage"]

@@ -351,7 +351,7 @@ def download_video(url: str, dest_dir: Path, stem: str, cfg: SpeakerVidConfig, l
             error = f"yt-dlp reported success but wrote no file at {path}"
         except Exception as exc:  # noqa: BLE001 -- yt-dlp raises DownloadError and others
             error = str(exc).replace("ERROR: ", "").strip()
-            if any(p in error for p in PERMANENT):
+            if _permanent(error):
                 raise RuntimeError(f"download failed (not retried): {error}") from None
         if attempt <= cfg.retries:
             time.sleep(cfg.backoff_s * 2 ** (attempt - 1))

@@ -90,7 +90,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="--curation: seconds of each clip to curate, from its start; --live: seconds of audio per "
                         "session (default 10)")
     p.add_argument("--torch-threads", type=int, default=None,
-                   help="--curation: torch intra-op threads (default: torch's own choice, as the stage runs)")
+                   help="--curation: torch intra-op threads per worker (default: as the stage runs; one worker: "
+                        "torch's own choice, several: cores / workers)")
+    p.add_argument("--workers", type=int, default=None,
+                   help="--curation: worker processes side by side (default: curate.workers, as the stage runs)")
     p.add_argument("--frames", type=int, default=1500,
                    help="--drift: video frames to stream per setting (default 1500 = 60 s at 25 fps)")
     p.add_argument("--checkpoint", default=None, metavar="PATH",
@@ -318,8 +321,9 @@ def _bench(args, cfg, root: Path) -> int:
     if args.curation:
         from tasks.evaluation.curation_bench import curation_clips, format_report, run_curation_bench
 
+        workers = args.workers if args.workers is not None else cfg.curate.workers
         report = run_curation_bench(cfg, root, curation_clips(args.clips, root), seconds=args.seconds,
-                                    torch_threads=args.torch_threads)  # fmt: skip
+                                    torch_threads=args.torch_threads, workers=workers, progress=not args.json)  # fmt: skip
         default_out = f"{cfg.project.data_dir}/reports/curation_bench.json"
     elif args.model_only:
         from tasks.evaluation.model_bench import format_report, run_model_bench

@@ -102,3 +102,88 @@ def test_per_clip_calibration_leaves_a_one_behaviour_real_clip_alone(talking_cli
     assert result.threshold == 0.0  # 10 s of talking: no second group far enough apart to split off
     assert (result.mask >= 0).all()  # every frame scored, the last one included
     assert (result.mask == 1).mean() >= 0.9
+
+
+def _visual_3d(enc, x: torch.Tensor) -> torch.Tensor:
+    """The visual encoder as published: the blocks' 3D convolutions and batch norms as modules, 3D pooling."""
+    import torch.nn.functional as F
+
+    def block(b, y):
+        return F.relu(b.bn_last(b.last(b._path(y, 3) + b._path(y, 5))))
+
+    pool = dict(kernel_size=(1, 3, 3), stride=(1, 2, 2), padding=(0, 1, 1))
+    y = F.max_pool3d(block(enc.block1, x), **pool)
+    y = F.max_pool3d(block(enc.block2, y), **pool)
+    return block(enc.block3, y).amax(dim=(3, 4)).transpose(1, 2)
+
+
+@pytest.mark.parametrize("mode", ["eval", "train"])
+def test_visual_encoder_as_2d_convolutions_equals_the_3d_form(mode):
+    torch.manual_seed(0)
+    model = LightASD()
+    for m in model.modules():  # batch norms with statistics of their own, so that folding them is exercised
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.uniform_(-0.2, 0.2)
+    model.train(mode == "train").double()  # float64: the training-mode gradients pass three batch norms
+    x = torch.randn(2, 1, 12, 112, 112, dtype=torch.float64)
+    reference = _visual_3d(model.visual, x)
+    ours = model.visual(x)
+    assert ours.shape == (2, 12, 128)
+    assert torch.allclose(ours, reference, atol=1e-9, rtol=1e-9), (ours - reference).abs().max()
+    if mode == "train":  # the gradient reaches every conv the same way
+        ours.square().mean().backward()
+        grads = {n: p.grad.clone() for n, p in model.visual.named_parameters()}
+        model.zero_grad()
+        _visual_3d(model.visual, x).square().mean().backward()
+        for n, p in model.visual.named_parameters():
+            assert torch.allclose(grads[n], p.grad, atol=1e-9, rtol=1e-7), n
+
+
+def test_chunked_clip_encoding_and_shared_scores_equal_one_pass():
+    torch.manual_seed(0)
+    model = LightASD().eval()
+    faces = torch.rand(1, 70, 112, 112) * 255
+    mfcc = torch.randn(1, 280, 13)
+    with torch.no_grad():
+        whole = model.frame_embeddings(mfcc, faces)
+        for chunk in (16, 25, 69):  # chunks with VISUAL_REACH frames of context: the same features
+            assert torch.allclose(model.frame_embeddings(mfcc, faces, chunk=chunk), whole, atol=1e-5)
+        # one window over the whole clip: the shared-encoder scores are the detector's own forward
+        direct = model(mfcc, faces)[0].numpy()
+    scores = asd_scores(model, mfcc[0].numpy(), faces[0].numpy().astype(np.uint8), [70 / 25])
+    with torch.no_grad():
+        direct = model(mfcc, torch.from_numpy(faces[0].numpy().astype(np.uint8))[None])[0].numpy()
+    assert np.allclose(scores, direct, atol=1e-5)
+
+
+def test_face_tracks_follow_one_person_across_frames():
+    from tasks.curation.asd import box_iou, link_tracks
+
+    a = np.array([[10, 10, 50, 60]], dtype=float)  # the person, in every frame
+    b = np.array([[200, 20, 300, 140]], dtype=float)  # someone bigger walking through frames 4-6 only
+    frames = list(range(0, 20, 2))
+    dets = [np.concatenate([a + i, b + 3 * i]) if 4 <= f <= 6 else a + i for i, f in enumerate(frames)]
+    dets[7] = np.zeros((0, 4))  # the person lost for a frame (a turn), then found where they were
+    main = link_tracks(frames, dets, 0.3)
+    assert sorted(main) == [f for f in frames if f != 14]
+    assert all(box_iou(main[f][None], a)[0, 0] > 0.5 for f in main)
+    assert box_iou(a, b)[0, 0] == 0.0 and box_iou(a, a)[0, 0] == pytest.approx(1.0)
+    assert link_tracks([0, 1], [np.zeros((0, 4)), np.zeros((0, 4))], 0.3) == {}
+
+
+def test_face_detection_on_every_fifth_frame_keeps_the_track(talking_clip):
+    frames, _ = talking_clip
+    every = detect_faces(frames[:100])
+    fifth = detect_faces(frames[:100], stride=5)
+    assert fifth.found.mean() >= 0.95 and every.found.mean() >= 0.95
+    ious = np.diag(_ious(every.boxes, fifth.boxes))
+    assert np.median(ious) > 0.9 and ious.min() > 0.7
+
+
+def _ious(a, b):
+    from tasks.curation.asd import box_iou
+
+    return box_iou(a, b)

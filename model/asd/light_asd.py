@@ -55,7 +55,66 @@ class _SplitBlock(nn.Module):
         return F.relu(getattr(self, f"bn_t_{k}")(getattr(self, f"t_{k}")(x)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.dims == 3:
+            return self._forward_video(x)
         return F.relu(self.bn_last(self.last(self._path(x, 3) + self._path(x, 5))))
+
+    def _forward_video(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, t, h, w = x.shape
+        y = self.frames_forward(x.transpose(1, 2).reshape(b * t, c, h, w), b, t)
+        return y.reshape(b, t, *y.shape[1:]).transpose(1, 2)
+
+    def frames_forward(self, frames: torch.Tensor, b: int, t: int) -> torch.Tensor:
+        """The block on frames [B*T, C, H, W] -> [B*T, C', H', W'] (channels last): the same computation as
+        the 3D convolutions, as 2D ones -- a (1, k, k) conv is a 2D conv of every frame, a (k, 1, 1) conv a 2D
+        conv with a (k, 1) kernel over [B, C, T, H*W], a view of the same channels-last memory, so nothing is
+        transposed between them; in eval mode each batch norm is folded into its conv. oneDNN runs this ~2x
+        faster than the 3D form on CPU (tested equal)."""
+        frames = frames.contiguous(memory_format=torch.channels_last)
+        total = None
+        for k in (3, 5):
+            spatial, temporal = getattr(self, f"s_{k}"), getattr(self, f"t_{k}")
+            y = _conv_bn(frames, spatial.weight[:, :, 0], getattr(self, f"bn_s_{k}"), stride=spatial.stride[1:],
+                         padding=spatial.padding[1:])  # fmt: skip
+            co, ho, wo = y.shape[1:]
+            y = _as_time(y, b, t)  # [B, C, T, H*W]
+            y = _conv_bn(y, temporal.weight[..., 0], getattr(self, f"bn_t_{k}"), padding=(temporal.padding[0], 0))
+            if total is None:
+                total = y
+            else:  # in place unless autograd needs the first path's output (its ReLU's backward)
+                total = total + y if torch.is_grad_enabled() else total.add_(y)
+        y = _pointwise_bn(total, self.last.weight.flatten(1), self.bn_last)  # [B, T, H*W, C]
+        return y.reshape(b * t, ho, wo, co).permute(0, 3, 1, 2)
+
+
+def _as_time(frames: torch.Tensor, b: int, t: int) -> torch.Tensor:
+    """[B*T, C, H, W] -> [B, C, T, H*W] over the same channels-last memory (a copy only if it is not)."""
+    n, c, h, w = frames.shape
+    return frames.permute(0, 2, 3, 1).reshape(b, t, h * w, c).permute(0, 3, 1, 2)
+
+
+def _conv_bn(x: torch.Tensor, weight: torch.Tensor, bn: nn.modules.batchnorm._BatchNorm, **conv) -> torch.Tensor:
+    """relu(bn(conv2d(x, weight))) with a BatchNorm3d's parameters: folded into the conv in eval mode, batch
+    statistics over every dim but the channels when training (as the 3D layer)."""
+    if bn.training:
+        return F.relu_(F.batch_norm(F.conv2d(x, weight, **conv), bn.running_mean, bn.running_var, bn.weight,
+                                    bn.bias, True, bn.momentum, bn.eps))  # fmt: skip
+    scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+    bias = bn.bias - bn.running_mean * scale
+    return F.relu_(F.conv2d(x, weight * scale.view(-1, *([1] * (weight.dim() - 1))), bias, **conv))
+
+
+def _pointwise_bn(x: torch.Tensor, weight: torch.Tensor, bn: nn.modules.batchnorm._BatchNorm) -> torch.Tensor:
+    """relu(bn(1x1 conv)) of channels-last x [B, C, T, N] as one matrix product over the channels (oneDNN has
+    no fast 1x1 path for this layout) -> [B, T, N, C'] contiguous."""
+    y = F.linear(x.permute(0, 2, 3, 1), weight)
+    if bn.training:
+        shape = y.shape
+        y = F.batch_norm(y.reshape(-1, shape[-1]), bn.running_mean, bn.running_var, bn.weight, bn.bias, True,
+                         bn.momentum, bn.eps).reshape(shape)  # fmt: skip
+        return F.relu_(y)
+    scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+    return F.relu_(y.mul_(scale).add_(bn.bias - bn.running_mean * scale))
 
 
 class VisualEncoder(nn.Module):
@@ -66,11 +125,12 @@ class VisualEncoder(nn.Module):
         self.block3 = _SplitBlock(3, 64, 128)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, 1, T, H, W] normalised
-        pool = dict(kernel_size=(1, 3, 3), stride=(1, 2, 2), padding=(0, 1, 1))
-        x = F.max_pool3d(self.block1(x), **pool)
-        x = F.max_pool3d(self.block2(x), **pool)
-        x = self.block3(x)  # [B, 128, T, h, w]
-        return x.amax(dim=(3, 4)).transpose(1, 2)  # [B, T, 128]
+        b, c, t, h, w = x.shape
+        y = x.transpose(1, 2).reshape(b * t, c, h, w)  # every frame; the blocks' temporal convs see [B, C, T, .]
+        y = F.max_pool2d(self.block1.frames_forward(y, b, t), kernel_size=3, stride=2, padding=1)
+        y = F.max_pool2d(self.block2.frames_forward(y, b, t), kernel_size=3, stride=2, padding=1)
+        y = self.block3.frames_forward(y, b, t)  # [B*T, 128, h, w]
+        return y.amax(dim=(2, 3)).reshape(b, t, -1)  # [B, T, 128]
 
 
 class AudioEncoder(nn.Module):
@@ -111,13 +171,37 @@ class LightASD(nn.Module):
         self.head_av = nn.Linear(128, 2)
         self.head_v = nn.Linear(128, 2)  # visual-only auxiliary head (training)
 
+    # frames of context each side that make a chunk's visual features equal the whole sequence's: each of the
+    # three blocks' temporal convs (k <= 5) reaches 2 frames further
+    VISUAL_REACH = 6
+
     def forward(self, mfcc: torch.Tensor, faces: torch.Tensor) -> torch.Tensor:
         """mfcc [B, 4T, 13] (100 Hz), faces [B, T, 112, 112] grey uint8-range -> speaking logit [B, T]."""
-        v = self.visual(((faces.float() / 255 - GREY_MEAN) / GREY_STD).unsqueeze(1))
+        return self.classify(self.frame_embeddings(mfcc, faces))
+
+    def frame_embeddings(self, mfcc: torch.Tensor, faces: torch.Tensor, chunk: int = 0) -> torch.Tensor:
+        """The per-frame audio + visual embedding [B, T, 128] the GRUs read. ``chunk`` > 0: the visual encoder
+        runs on pieces of that many frames with ``VISUAL_REACH`` frames of context each side (the same result
+        as one pass, in bounded memory)."""
         a = self.audio(mfcc.float().unsqueeze(1).transpose(2, 3))
+        n = faces.shape[1]
+        if chunk <= 0 or n <= chunk:
+            v = self._visual(faces)
+        else:
+            r, parts = self.VISUAL_REACH, []
+            for s in range(0, n, chunk):
+                lo, hi = max(0, s - r), min(n, s + chunk + r)
+                parts.append(self._visual(faces[:, lo:hi])[:, s - lo : s - lo + min(chunk, n - s)])
+            v = torch.cat(parts, 1)
         t = min(a.shape[1], v.shape[1])
-        x = self.gru(a[:, :t] + v[:, :t])
-        return self.head_av(x)[..., 1]
+        return a[:, :t] + v[:, :t]
+
+    def _visual(self, faces: torch.Tensor) -> torch.Tensor:
+        return self.visual(((faces.float() / 255 - GREY_MEAN) / GREY_STD).unsqueeze(1))
+
+    def classify(self, x: torch.Tensor) -> torch.Tensor:
+        """Embeddings [B, T, 128] -> speaking logit [B, T] (the bidirectional GRUs and the audio-visual head)."""
+        return self.head_av(self.gru(x))[..., 1]
 
 
 _RENAME = (

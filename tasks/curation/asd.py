@@ -1,10 +1,11 @@
 """Per-frame speaking/listening mask of a single-person clip by active speaker detection.
 
-Face track (mediapipe face detection, largest face per frame, gaps interpolated, median-smoothed), face
-crops and MFCCs prepared exactly as Light-ASD / TalkNet were trained (anchors.md: 25 fps, 16 kHz mono,
-crop resized to 224x224 grey then the centre 112x112; 13 MFCCs at 100 Hz), per-frame logits averaged over
-several window lengths and smoothed over +-2 frames; speaking where the score is >= 0. Frames where no face
-was detected are UNKNOWN (-1): never guessed.
+Face track (mediapipe face detection on every k-th frame, detections linked across frames by overlap, the
+clip's main track kept, gaps interpolated, median-smoothed), face crops and MFCCs prepared exactly as
+Light-ASD / TalkNet were trained (anchors.md: 25 fps, 16 kHz mono, crop resized to 224x224 grey then the
+centre 112x112; 13 MFCCs at 100 Hz), per-frame logits averaged over several window lengths and smoothed over
++-2 frames; speaking where the score is >= 0. Frames where no face was detected are UNKNOWN (-1): never
+guessed.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ os.environ.setdefault("GLOG_minloglevel", "2")
 SPEAKING, LISTENING, UNKNOWN = 1, 0, -1
 CROP_SCALE = 0.40  # margin around the detected box, as in the detectors' own demos
 SMOOTH_KERNEL = 13  # median filter over box centre/size (frames)
+ENCODE_CHUNK = 100  # frames per visual-encoder pass (bounded memory: ~0.4 GB at 112x112)
 
 
 @dataclass
@@ -29,29 +31,87 @@ class FaceTrack:
     found: np.ndarray  # [T] bool: a face was detected in this frame
 
 
-def detect_faces(frames: np.ndarray, min_confidence: float = 0.5) -> FaceTrack:
-    """mediapipe face detection on RGB frames [T, H, W, 3]; the largest face per frame."""
+def detect_faces(frames: np.ndarray, min_confidence: float = 0.5, stride: int = 1, iou: float = 0.3) -> FaceTrack:
+    """The clip's main face track: mediapipe face detection on every ``stride``-th RGB frame [T, H, W, 3], the
+    detections linked into tracks across frames (a detection joins the track whose last box overlaps it most,
+    IoU >= ``iou``, however long ago it was last seen: a face lost in a turn is found again where it was), the
+    main track the one with the most face area over the
+    clip (the person on screen longest and largest -- not the largest face of each frame, which jumps to
+    whoever is nearer the camera for a moment). Its boxes are interpolated over the frames between detections;
+    a frame counts as found where the track was detected in it, or between two of its detections no more than
+    ``stride`` frames apart (or within ``stride`` frames after the last)."""
     import mediapipe as mp
 
     from tasks.common.native_logs import filter_native_logs
 
     t, h, w, _ = frames.shape
-    boxes = np.full((t, 4), np.nan, dtype=np.float64)
+    stride = max(1, int(stride))
+    sampled = range(0, t, stride)
+    per_frame: list[np.ndarray] = []
     filter_native_logs()  # MediaPipe's native start-up noise (before the graph's threads start)
     with mp.solutions.face_detection.FaceDetection(model_selection=1, min_detection_confidence=min_confidence) as det:
-        for i, frame in enumerate(frames):
-            res = det.process(frame)
-            if not res.detections:
-                continue
-            best = max(res.detections, key=lambda d: d.location_data.relative_bounding_box.width)
-            r = best.location_data.relative_bounding_box
-            boxes[i] = [r.xmin * w, r.ymin * h, (r.xmin + r.width) * w, (r.ymin + r.height) * h]
-    found = ~np.isnan(boxes[:, 0])
-    if found.any():
+        for i in sampled:
+            res = det.process(frames[i])
+            found = []
+            for d in res.detections or []:
+                r = d.location_data.relative_bounding_box
+                found.append([r.xmin * w, r.ymin * h, (r.xmin + r.width) * w, (r.ymin + r.height) * h])
+            per_frame.append(np.asarray(found, dtype=np.float64).reshape(-1, 4))
+    main = link_tracks(list(sampled), per_frame, iou)
+    boxes = np.full((t, 4), np.nan, dtype=np.float64)
+    found = np.zeros(t, dtype=bool)
+    if main:
+        frame_ids = np.array(sorted(main))
+        pts = np.stack([main[i] for i in frame_ids])
         idx = np.arange(t)
         for c in range(4):
-            boxes[:, c] = np.interp(idx, idx[found], boxes[found, c])
+            boxes[:, c] = np.interp(idx, frame_ids, pts[:, c])
+        found[frame_ids] = True
+        for a, b in zip(frame_ids[:-1], frame_ids[1:], strict=True):
+            if b - a <= stride:
+                found[a:b] = True
+        found[frame_ids[-1] : min(t, frame_ids[-1] + stride)] = True
     return FaceTrack(boxes=boxes, found=found)
+
+
+def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """IoU of boxes a [N, 4] against b [M, 4] (x1, y1, x2, y2) -> [N, M]."""
+    lo = np.maximum(a[:, None, :2], b[None, :, :2])
+    hi = np.minimum(a[:, None, 2:], b[None, :, 2:])
+    inter = np.prod(np.clip(hi - lo, 0, None), axis=2)
+    area = lambda x: np.prod(np.clip(x[:, 2:] - x[:, :2], 0, None), axis=1)  # noqa: E731
+    union = area(a)[:, None] + area(b)[None, :] - inter
+    return np.where(union > 0, inter / np.maximum(union, 1e-12), 0.0)
+
+
+def link_tracks(frame_ids: list[int], detections: list[np.ndarray], min_iou: float) -> dict[int, np.ndarray]:
+    """Greedy IoU tracking: per frame, each detection joins the track whose last box overlaps it most
+    (>= ``min_iou``; best pairs first; one detection per track and frame), or starts a new track. Returns
+    the track with the most box area summed over its frames, as {frame: box}; {} when nothing was detected."""
+    tracks: list[dict[int, np.ndarray]] = []
+    last: list[int] = []
+    for f, boxes in zip(frame_ids, detections, strict=True):
+        live = list(range(len(tracks)))
+        taken: set[int] = set()
+        if live and len(boxes):
+            ious = box_iou(boxes, np.stack([tracks[k][last[k]] for k in live]))
+            for flat in np.argsort(-ious, axis=None):
+                d, j = np.unravel_index(flat, ious.shape)
+                if ious[d, j] < min_iou:
+                    break
+                k = live[j]
+                if d in taken or last[k] == f:
+                    continue
+                tracks[k][f], last[k] = boxes[d], f
+                taken.add(int(d))
+        for d in range(len(boxes)):
+            if d not in taken:
+                tracks.append({f: boxes[d]})
+                last.append(f)
+    if not tracks:
+        return {}
+    area = [sum(float((b[2] - b[0]) * (b[3] - b[1])) for b in tr.values()) for tr in tracks]
+    return tracks[int(np.argmax(area))]
 
 
 def face_crops(frames: np.ndarray, track: FaceTrack) -> np.ndarray:
@@ -86,20 +146,30 @@ def mfcc_100hz(audio: np.ndarray, sample_rate: int = 16000) -> np.ndarray:
 
 @torch.no_grad()
 def asd_scores(model: torch.nn.Module, mfcc: np.ndarray, faces: np.ndarray, durations: list[float]) -> np.ndarray:
-    """Per-frame speaking logits, averaged over windows of each length in ``durations`` (seconds)."""
+    """Per-frame speaking logits, averaged over windows of each length in ``durations`` (seconds).
+
+    A detector with ``frame_embeddings`` / ``classify`` (Light-ASD) encodes the clip once -- its encoders are
+    convolutions a few frames deep, so each frame's embedding needs only its neighbours, not the window -- and
+    runs only its recurrent back end per window: one visual pass whatever the number of window lengths, and
+    no window edge padded with zeros inside the clip. Others (TalkNet, whose encoders normalise over the
+    window) run whole per window."""
     n = min(len(faces), (len(mfcc) - len(mfcc) % 4) // 4)
     if n == 0:
         return np.zeros(0)
     mfcc, faces = mfcc[: 4 * n], faces[:n]
+    a_all, v_all = torch.from_numpy(mfcc).float()[None], torch.from_numpy(faces)[None]
+    local = hasattr(model, "frame_embeddings") and hasattr(model, "classify")
+    shared = model.frame_embeddings(a_all, v_all, chunk=ENCODE_CHUNK) if local else None
     runs = []
     for dur in durations:
         step = max(1, int(round(dur * 25)))
         scores = []
         for s in range(0, n, step):
             e = min(n, s + step)
-            a = torch.from_numpy(mfcc[4 * s : 4 * e]).float()[None]
-            v = torch.from_numpy(faces[s:e]).float()[None]
-            scores.append(model(a, v)[0].numpy())
+            if shared is not None:
+                scores.append(model.classify(shared[:, s:e])[0].numpy())
+            else:
+                scores.append(model(a_all[:, 4 * s : 4 * e], v_all[:, s:e].float())[0].numpy())
         runs.append(np.concatenate(scores)[:n])
     return np.mean(runs, axis=0)
 
@@ -163,10 +233,13 @@ def speaking_mask(
     threshold: float = 0.0,
     min_gap: float = 2.0,
     min_share: float = 0.1,
+    track: FaceTrack | None = None,
+    detect_stride: int = 1,
 ) -> ClipMask:
-    """frames [T, H, W, 3] RGB at 25 fps, audio float mono at ``sample_rate`` -> per-frame mask."""
+    """frames [T, H, W, 3] RGB at 25 fps, audio float mono at ``sample_rate`` -> per-frame mask. ``track``:
+    the clip's face track when already made (else :func:`detect_faces` every ``detect_stride``-th frame)."""
     t = len(frames)
-    track = detect_faces(frames)
+    track = track if track is not None else detect_faces(frames, stride=detect_stride)
     mask = np.full(t, UNKNOWN, dtype=np.int8)
     score = np.full(t, np.nan)
     if not track.found.any():

@@ -62,7 +62,7 @@ def clip_settings(cfg: Config, root: Path) -> ClipSettings:
         max_pitch_deg=c.max_pitch_deg, max_roll_deg=c.max_roll_deg, max_pose_fraction=c.max_pose_fraction,
         min_face_fraction=c.min_face_fraction, pose_stride=c.pose_stride, luminance_range=tuple(c.luminance_range),
         min_face_sharpness=c.min_face_sharpness, torch_threads=max(1, (os.cpu_count() or 1) // c.workers),
-        max_duration_s=c.max_duration_s, crop=c.crop, head_scale=c.head_scale,
+        max_duration_s=c.max_duration_s, crop=c.crop, head_scale=c.head_scale, face_stride=c.face_stride,
     )  # fmt: skip
 
 

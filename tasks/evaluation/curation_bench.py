@@ -24,10 +24,11 @@ import psutil
 import torch
 from tqdm import tqdm
 
-from tasks.common.media import probe, read_audio, read_frames
+from tasks.common.media import probe, read_audio
 from tasks.config import Config, ConfigError, resolve_path
 from tasks.curation import asd
 from tasks.curation.asd import UNKNOWN, load_detector, speaking_mask
+from tasks.curation.clip import analysis_frames
 from tasks.curation.pose import clip_pose, pose_stats
 
 DEFAULT_CLIPS_DIR = "../shared/fixtures/speakervid"
@@ -151,14 +152,14 @@ def _curate_parts(
     # 1. decode: probe, frames at the analysis width and rate, audio; only the first `seconds` are read
     with meter.part("decode"):
         info = probe(path)
-        frames = read_frames(path, width=min(c.analysis_width, info.width), fps=fps, duration=seconds)
+        frames = analysis_frames(path, info, c.analysis_width, fps, seconds)
         audio = read_audio(path, sr, duration=seconds)
     n = min(len(frames), len(audio) * fps // sr)
     frames, audio = frames[:n], audio[: n * sr // fps]
     # 2. active speaker mask
     with meter.part("asd"), _timed_steps(asd, ASD_STEPS, steps):
         result = speaking_mask(detector, frames, audio, list(c.asd_durations), sr, c.asd_calibration,
-                               c.asd_threshold, c.asd_min_gap, c.asd_min_share)  # fmt: skip
+                               c.asd_threshold, c.asd_min_gap, c.asd_min_share, detect_stride=c.face_stride)  # fmt: skip
     # 3. head pose
     with meter.part("pose"):
         stats = pose_stats(clip_pose(frames, c.pose_stride), c.max_yaw_deg, c.max_pitch_deg, c.max_roll_deg)
@@ -184,42 +185,103 @@ def _torch_threads(n: int | None) -> Iterator[None]:
 
 def run_curation_bench(
     cfg: Config, root: Path, clips: list[Path] | None = None, seconds: float = 10.0, progress: bool = True,
-    torch_threads: int | None = None,
+    torch_threads: int | None = None, workers: int = 1,
 ) -> dict[str, Any]:  # fmt: skip
     """Time decode, ASD and pose of the curate stage on each clip cut to its first ``seconds``, with torch's
-    intra-op threads left as the stage leaves them unless ``torch_threads`` is given."""
+    intra-op threads left as the stage leaves them unless ``torch_threads`` is given.
+
+    ``workers`` > 1: that many processes side by side, as the stage runs them (``curate.workers``), each with
+    ``torch_threads`` or cores / workers torch threads, each curating every clip after a shared start; the
+    total is all the workers' video over the wall time until the last one finished, per core, and each part's
+    figure is its mean wall time across the workers."""
     if not seconds > 0:
         raise ConfigError(f"--seconds must be positive, got {seconds}")
     if torch_threads is not None and torch_threads < 1:
         raise ConfigError(f"--torch-threads must be at least 1, got {torch_threads}")
-    with _torch_threads(torch_threads):
-        return _run(cfg, Path(root), clips, seconds, progress)
-
-
-def _run(cfg: Config, root: Path, clips: list[Path] | None, seconds: float, progress: bool) -> dict[str, Any]:
-    clips = clips if clips is not None else curation_clips(None, root)
+    if workers < 1:
+        raise ConfigError(f"--workers must be at least 1, got {workers}")
+    clips = clips if clips is not None else curation_clips(None, Path(root))
     if not clips:
         raise ConfigError("no clips to benchmark")
-    c = cfg.curate
-    weights = resolve_path(c.asd_weights, root)
+    weights = resolve_path(cfg.curate.asd_weights, Path(root))
     if not weights.is_file():
         raise ConfigError(f"curate.asd_weights: {weights} not found")
-
     load_before = os.getloadavg()[0]
+    if workers == 1:
+        with _torch_threads(torch_threads):
+            runs = [_worker_run(cfg, clips, seconds, weights, progress)]
+            hw = hardware()
+    else:
+        runs = _run_workers(cfg, clips, seconds, weights, workers, torch_threads or max(1, usable_cores() // workers))
+        hw = hardware()
+        hw["torch_threads"] = runs[0]["torch_threads"]
+    return _report(cfg, runs, weights, hw, load_before, seconds)
+
+
+def _worker_run(cfg: Config, clips: list[Path], seconds: float, weights: Path, progress: bool = False,
+                start=None) -> dict[str, Any]:  # fmt: skip
+    """One worker's timings: load the detector, warm up, (wait at ``start``, a barrier), curate every clip."""
+    c = cfg.curate
     t0 = time.perf_counter()
     detector = load_detector(c.asd, weights)
     load_s = time.perf_counter() - t0
     # one-off costs of a worker (imports, mediapipe and torch first calls, oneDNN kernels per ASD window
-    # length) stay out of the timings: a stage worker pays them once, then curates clip after clip
+    # length, the frame buffer grown to the largest clip) stay out of the timings: a stage worker pays them
+    # once, then curates clip after clip
     t0 = time.perf_counter()
     _curate_parts(clips[0], min(seconds, max(c.asd_durations)), cfg, detector, _Meter(), {})
+    for path in clips:
+        analysis_frames(path, probe(path), c.analysis_width, cfg.video.fps, seconds)
     warmup_s = time.perf_counter() - t0
-
+    if start is not None:
+        start.wait()
     meter = _Meter()
     steps: dict[str, float] = {}
+    t0 = time.perf_counter()
     rows = [_curate_parts(path, seconds, cfg, detector, meter, steps)
             for path in tqdm(clips, desc="curation bench", unit="clip", disable=not progress)]  # fmt: skip
+    return {"wall": meter.wall, "cpu": meter.cpu, "child_cpu": meter.child_cpu, "steps": steps, "rows": rows,
+            "elapsed_s": time.perf_counter() - t0, "load_s": load_s, "warmup_s": warmup_s,
+            "torch_threads": torch.get_num_threads(), "process_threads": psutil.Process().num_threads()}  # fmt: skip
 
+
+def _worker_main(cfg: Config, clips: list[Path], seconds: float, weights: Path, threads: int, start,
+                 results) -> None:  # fmt: skip
+    torch.set_num_threads(threads)
+    try:
+        results.put(_worker_run(cfg, clips, seconds, weights, start=start))
+    except BaseException as exc:  # noqa: BLE001 -- reported by the parent, which would otherwise wait forever
+        start.abort()
+        results.put({"error": f"{type(exc).__name__}: {exc}"})
+
+
+def _run_workers(cfg: Config, clips: list[Path], seconds: float, weights: Path, workers: int,
+                 threads: int) -> list[dict[str, Any]]:  # fmt: skip
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")  # as the stage's pool: mediapipe and fork do not mix
+    start, results = ctx.Barrier(workers), ctx.Queue()
+    procs = [ctx.Process(target=_worker_main, args=(cfg, clips, seconds, weights, threads, start, results),
+                         daemon=True) for _ in range(workers)]  # fmt: skip
+    for proc in procs:
+        proc.start()
+    try:
+        runs = [results.get() for _ in procs]
+    finally:
+        for proc in procs:
+            proc.join(timeout=30)
+            if proc.is_alive():
+                proc.kill()
+    errors = [r["error"] for r in runs if "error" in r]
+    if errors:
+        raise RuntimeError(f"curation bench worker failed: {errors[0]}")
+    return runs
+
+
+def _report(cfg: Config, runs: list[dict[str, Any]], weights: Path, hw: dict[str, Any], load_before: float,
+            seconds: float) -> dict[str, Any]:  # fmt: skip
+    c, n = cfg.curate, len(runs)
+    rows = [{**row, "worker": i} if n > 1 else row for i, run in enumerate(runs) for row in run["rows"]]
     video_s = float(sum(r["video_seconds"] for r in rows))
     report: dict[str, Any] = {
         "unit": UNIT,
@@ -233,21 +295,25 @@ def _run(cfg: Config, root: Path, clips: list[Path] | None, seconds: float, prog
             "asd_durations": list(c.asd_durations),
             "asd_calibration": c.asd_calibration,
             "pose_stride": c.pose_stride,
+            "face_stride": c.face_stride,
+            "workers": n,
         },
-        "hardware": hardware(),
+        "hardware": hw,
         "video_seconds": video_s,
         "clips": rows,
     }
-    cores = report["hardware"]["cores"]
-    for p in PARTS:
-        report[p] = _rate(video_s, meter.wall[p], meter.cpu[p], meter.child_cpu[p], cores)
-    report["total"] = _rate(video_s, sum(meter.wall.values()), sum(meter.cpu.values()),
-                            sum(meter.child_cpu.values()), cores)  # fmt: skip
-    report["asd"]["steps_s"] = {**{name: steps.get(name, 0.0) for name in ASD_STEPS},
-                                "other": max(0.0, meter.wall["asd"] - sum(steps.values()))}  # fmt: skip
-    report["asd"]["load_s"] = load_s
-    report["warmup_s"] = warmup_s
-    report["hardware"]["process_threads"] = psutil.Process().num_threads()  # torch's, mediapipe's, ours
+    cores = hw["cores"]
+    mean = lambda key, p: sum(run[key][p] for run in runs) / n  # noqa: E731
+    for p in PARTS:  # each part: its mean wall time per worker (workers run side by side)
+        report[p] = _rate(video_s, mean("wall", p), mean("cpu", p), mean("child_cpu", p), cores)
+    total_wall = sum(runs[0]["wall"].values()) if n == 1 else max(run["elapsed_s"] for run in runs)
+    report["total"] = _rate(video_s, total_wall, sum(sum(run["cpu"].values()) for run in runs),
+                            sum(sum(run["child_cpu"].values()) for run in runs), cores)  # fmt: skip
+    steps = {name: sum(run["steps"].get(name, 0.0) for run in runs) / n for name in ASD_STEPS}
+    report["asd"]["steps_s"] = {**steps, "other": max(0.0, report["asd"]["wall_s"] - sum(steps.values()))}
+    report["asd"]["load_s"] = max(run["load_s"] for run in runs)
+    report["warmup_s"] = max(run["warmup_s"] for run in runs)
+    report["hardware"]["process_threads"] = runs[0]["process_threads"]  # torch's, mediapipe's, ours
     # other work on the machine skews every figure: the 1-minute load average before and after says if it ran
     report["hardware"]["load_avg_1m"] = {"before": load_before, "after": os.getloadavg()[0]}
     return report
@@ -258,7 +324,8 @@ def format_report(r: dict) -> str:
     lines = [
         f"curation benchmark  {len(r['clips'])} clips, {r['video_seconds']:.1f} s of video (each <= {s['seconds']:g} s), "
         f"analysis {s['analysis_width']} px @ {s['fps']} fps, {s['asd']} x {len(s['asd_durations'])} windows, "
-        f"pose stride {s['pose_stride']}",
+        f"pose stride {s['pose_stride']}, face detection stride {s['face_stride']}, {s['workers']} worker process"
+        f"{'es' if s['workers'] > 1 else ''}",
         f"  on {h['cpu']}, {h['cores']} cores (of {h['cpu_count']}), torch {h['torch']} "
         f"({h['torch_threads']} intra-op / {h['torch_interop_threads']} inter-op threads), load average "
         f"{h['load_avg_1m']['before']:.2f} before, {h['load_avg_1m']['after']:.2f} after",
@@ -274,7 +341,8 @@ def format_report(r: dict) -> str:
     lines.append("  asd steps: " + ", ".join(f"{k} {v:.2f} s" for k, v in st.items())
                  + f"; not counted: detector load {r['asd']['load_s']:.2f} s, warm-up {r['warmup_s']:.2f} s")  # fmt: skip
     for c in r["clips"]:
-        lines.append(f"  {c['clip']:20s} {c['source']:>15s} {c['video_seconds']:5.1f} s  decode {c['decode_s']:5.2f} s  "
+        who = f"w{c['worker']} " if "worker" in c else ""
+        lines.append(f"  {who}{c['clip']:20s} {c['source']:>15s} {c['video_seconds']:5.1f} s  decode {c['decode_s']:5.2f} s  "
                      f"asd {c['asd_s']:5.2f} s  pose {c['pose_s']:5.2f} s  faces: asd {c['asd_face_fraction']:.0%}, "
                      f"pose {c['pose_face_fraction']:.0%}")  # fmt: skip
     return "\n".join(lines)

@@ -137,3 +137,30 @@ def test_read_frames_into_one_array_and_the_reused_buffer(monkeypatch):
     real = media.probe(clip)
     monkeypatch.setattr(media, "probe", lambda path: dataclasses.replace(real, duration_s=0.1))
     assert np.array_equal(media.read_frames(clip, width=160, fps=25, duration=1.0), stacked)
+
+
+def test_a_small_face_is_read_again_at_the_detectors_scale():
+    from tasks.common.media import probe
+    from tasks.curation.asd import ASD_MIN_CROP, detect_faces
+    from tasks.curation.clip import analysis_frames, crop_side, detector_scale
+
+    clip = shared_path("fixtures", "speakervid", "head_4.mp4")
+    info = probe(clip)
+    big = analysis_frames(clip, info, 480, 25, 1.0)
+    track = detect_faces(big, stride=5)
+    assert crop_side(track) >= ASD_MIN_CROP
+    same, kept = detector_scale(clip, info, big, track, 25, 1.0)
+    assert same is big and kept is track  # large enough: nothing is read again
+    small = analysis_frames(clip, info, 160, 25, 1.0).copy()
+    track = detect_faces(small, stride=5)
+    assert crop_side(track) < ASD_MIN_CROP  # ~76 px at 160 px wide
+    frames, scaled = detector_scale(clip, info, small, track, 25, 1.0)
+    assert frames.shape[0] == small.shape[0] and small.shape[2] < frames.shape[2] <= info.width
+    assert ASD_MIN_CROP <= crop_side(scaled) < ASD_MIN_CROP * 1.1
+    k = frames.shape[2] / small.shape[2]
+    assert np.allclose(scaled.boxes[:, 0], track.boxes[:, 0] * k) and np.array_equal(scaled.found, track.found)
+    # the scaled track sits on the face of the sharper frames: detection there agrees
+    direct = detect_faces(frames, stride=5)
+    from tasks.curation.asd import box_iou
+
+    assert np.median(np.diag(box_iou(direct.boxes, scaled.boxes))) > 0.8

@@ -21,6 +21,7 @@ os.environ.setdefault("GLOG_minloglevel", "2")
 
 SPEAKING, LISTENING, UNKNOWN = 1, 0, -1
 CROP_SCALE = 0.40  # margin around the detected box, as in the detectors' own demos
+ASD_MIN_CROP = 112  # px: the face crop is resized to 224 (the detectors' input is its centre 112): at most 2x up
 SMOOTH_KERNEL = 13  # median filter over box centre/size (frames)
 ENCODE_CHUNK = 100  # frames per visual-encoder pass (bounded memory: ~0.4 GB at 112x112)
 

@@ -20,7 +20,16 @@ from pathlib import Path
 import numpy as np
 
 from tasks.common.media import MediaError, probe, read_audio, read_frames
-from tasks.curation.asd import UNKNOWN, FaceTrack, detect_faces, face_crops, load_detector, speaking_mask
+from tasks.curation.asd import (
+    ASD_MIN_CROP,
+    CROP_SCALE,
+    UNKNOWN,
+    FaceTrack,
+    detect_faces,
+    face_crops,
+    load_detector,
+    speaking_mask,
+)
 from tasks.curation.normalize import normalize_clip
 from tasks.curation.pose import clip_pose, pose_stats, pose_verdict
 from tasks.curation.quality import luminance, sharpness
@@ -63,6 +72,31 @@ def analysis_frames(src: Path, info, width: int, fps: int, duration: float | Non
     downscale, and ~2x cheaper than bicubic), ``fps``, the first ``duration`` s, in the worker's reused
     buffer (valid until its next clip)."""
     return read_frames(src, width=min(width, info.width), fps=fps, duration=duration, reuse=True, scale_flags="area")
+
+
+def crop_side(track: FaceTrack) -> float:
+    """Median side (pixels) of the region :func:`face_crops` cuts around the track, before its resize to 224."""
+    b = track.boxes[track.found] if track.found.any() else track.boxes
+    size = np.maximum(b[:, 3] - b[:, 1], b[:, 2] - b[:, 0]) / 2
+    return float(np.median(size) * (2 + 2 * CROP_SCALE)) if len(size) else 0.0
+
+
+def detector_scale(src: Path, info, frames: np.ndarray, track: FaceTrack, fps: int, duration: float | None
+                   ) -> tuple[np.ndarray, FaceTrack]:  # fmt: skip
+    """The frames and track for the active speaker detector: as they are when the face crop is at least
+    ``ASD_MIN_CROP`` (112 px; the detectors resize it to 224, so it is never upsampled more than 2x), else the
+    clip read again at the width that makes it so (at most the source's), the track scaled to it: a small face
+    in a wide shot is not blown up from the analysis frames. (Measured on the shared clips analysed at 480 px:
+    scores from crops of the native frames correlate 0.93-1.0 with those and decide every frame the same;
+    full_body_3's 94 px crop is the one below 112.)"""
+    side = crop_side(track)
+    h, w = frames.shape[1:3]
+    if not side or side >= ASD_MIN_CROP or w >= info.width:
+        return frames, track
+    width = min(info.width, int(np.ceil(w * ASD_MIN_CROP / side / 2)) * 2)
+    sharper = analysis_frames(src, info, width, fps, duration)[: len(frames)]
+    kx, ky = sharper.shape[2] / w, sharper.shape[1] / h
+    return sharper, FaceTrack(boxes=track.boxes * np.array([kx, ky, kx, ky]), found=track.found)
 
 
 def head_box(boxes: np.ndarray, found: np.ndarray, width: int, height: int, scale: float
@@ -142,7 +176,8 @@ def curate_clip(clip: SourceClip, s: ClipSettings, root: str) -> dict:
     if reasons:  # a filter said no: the detector is not run
         return _row(clip, "rejected", "; ".join(reasons), **values)
 
-    # 3. active speaker mask (1 speaking, 0 listening, -1 unknown)
+    # 3. active speaker mask (1 speaking, 0 listening, -1 unknown), on a face crop at the detector's own scale
+    frames, track = detector_scale(src, info, frames, track, s.fps, limit)
     result = speaking_mask(_detector(s.asd, s.asd_weights), frames, audio, list(s.asd_durations), s.sample_rate,
                            s.asd_calibration, s.asd_threshold, s.asd_min_gap, s.asd_min_share, track=track)  # fmt: skip
     known = result.mask != UNKNOWN

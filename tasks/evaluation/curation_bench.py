@@ -28,7 +28,7 @@ from tasks.common.media import probe, read_audio
 from tasks.config import Config, ConfigError, resolve_path
 from tasks.curation import asd
 from tasks.curation.asd import UNKNOWN, load_detector, speaking_mask
-from tasks.curation.clip import analysis_frames
+from tasks.curation.clip import analysis_frames, detector_scale
 from tasks.curation.pose import clip_pose, pose_stats
 
 DEFAULT_CLIPS_DIR = "../shared/fixtures/speakervid"
@@ -145,7 +145,7 @@ def _rate(video_s: float, wall_s: float, cpu_s: float, child_cpu_s: float, cores
 def _curate_parts(
     path: Path, seconds: float, cfg: Config, detector, meter: _Meter, steps: dict
 ) -> dict[str, Any]:
-    """Decode, ASD and pose of one clip, exactly as ``curate_clip`` calls them, each timed into ``meter``."""
+    """Decode, pose and ASD of one clip, exactly as ``curate_clip`` calls them, each timed into ``meter``."""
     c = cfg.curate
     fps, sr = cfg.video.fps, cfg.audio.sample_rate
     before = dict(meter.wall)
@@ -156,13 +156,15 @@ def _curate_parts(
         audio = read_audio(path, sr, duration=seconds)
     n = min(len(frames), len(audio) * fps // sr)
     frames, audio = frames[:n], audio[: n * sr // fps]
-    # 2. active speaker mask
-    with meter.part("asd"), _timed_steps(asd, ASD_STEPS, steps):
-        result = speaking_mask(detector, frames, audio, list(c.asd_durations), sr, c.asd_calibration,
-                               c.asd_threshold, c.asd_min_gap, c.asd_min_share, detect_stride=c.face_stride)  # fmt: skip
-    # 3. head pose
+    # 2. head pose (before ASD, as in the stage: ASD may re-read a small face's clip into the frame buffer)
     with meter.part("pose"):
         stats = pose_stats(clip_pose(frames, c.pose_stride), c.max_yaw_deg, c.max_pitch_deg, c.max_roll_deg)
+    # 3. active speaker mask: the face track, the detector's scale, the mask
+    with meter.part("asd"), _timed_steps(asd, ASD_STEPS, steps):
+        track = asd.detect_faces(frames, stride=c.face_stride)
+        frames, track = detector_scale(path, info, frames, track, fps, seconds)
+        result = speaking_mask(detector, frames, audio, list(c.asd_durations), sr, c.asd_calibration,
+                               c.asd_threshold, c.asd_min_gap, c.asd_min_share, track=track)  # fmt: skip
     return {
         "clip": path.name, "path": str(path), "source": f"{info.width}x{info.height}@{info.fps:g}",
         "video_seconds": n / fps, "frames": n,

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 
 from model.asd.light_asd import LightASD, load_light_asd
 from tasks.curation.asd import (
+    SPEAKING,
     UNKNOWN,
     asd_scores,
     clip_threshold,
@@ -187,3 +190,61 @@ def _ious(a, b):
     from tasks.curation.asd import box_iou
 
     return box_iou(a, b)
+
+
+REAL_TRUTH = Path(__file__).parent / "data" / "asd_real_truth.json"
+
+
+def _stage_mask(name: str, calibration: str):
+    """The curate stage's mask of a shared SpeakerVid clip: its analysis frames, face track, detector scale."""
+    from tasks.common.media import probe, read_audio
+    from tasks.curation.clip import analysis_frames, detector_scale
+
+    clip = shared_path("fixtures", "speakervid", f"{name}.mp4")
+    info = probe(clip)
+    frames = analysis_frames(clip, info, 480, 25, None).copy()
+    audio = read_audio(clip, 16000)
+    n = min(len(frames), len(audio) // 640)
+    frames, audio = frames[:n], audio[: n * 640]
+    track = detect_faces(frames, stride=5)
+    frames, track = detector_scale(clip, info, frames, track, 25, None)
+    model = load_light_asd(shared_path("models", "light-asd", "finetuning_TalkSet.model"))
+    return speaking_mask(model, frames, audio, [2.0, 6.0], calibration=calibration, track=track).mask
+
+
+@pytest.fixture(scope="module")
+def real_masks():
+    import json
+
+    truth = json.loads(REAL_TRUTH.read_text())["clips"]
+    return truth, {(n, c): _stage_mask(n, c) for n in truth for c in ("per_clip", "fixed")}
+
+
+def test_mask_against_the_hand_checked_seconds_of_real_clips(real_masks):
+    truth, masks = real_masks
+    scores = {}
+    for cal in ("per_clip", "fixed"):
+        preds, gts = [], []
+        for name, t in truth.items():
+            mask = masks[name, cal]
+            for s, label in enumerate(t["seconds"]):
+                frames = mask[s * 25 : (s + 1) * 25]
+                if label is None or not len(frames) or (frames < 0).all():
+                    continue
+                preds.append(int((frames[frames >= 0] == SPEAKING).mean() >= 0.5))
+                gts.append(label)
+        scores[cal] = frame_f1(np.array(preds, dtype=np.int8), np.array(gts))
+    print("hand-checked seconds of real clips:", scores)
+    # the silent tail of half_body_2 is called not speaking, the talking seconds speaking, in both modes
+    for cal in ("per_clip", "fixed"):
+        assert scores[cal]["f1"] >= 0.95 and scores[cal]["frames"] >= 20, (cal, scores)
+        tail = masks["half_body_2", cal][7 * 25 :]
+        assert (tail[tail >= 0] == SPEAKING).mean() < 0.1
+
+
+def test_auto_calibration_is_per_clip_on_renders_and_the_detectors_own_on_real_video():
+    from tasks.curation.clip import calibration_for
+
+    assert calibration_for("auto", "synthetic") == "per_clip"
+    assert calibration_for("auto", "local") == calibration_for("auto", "speakervid") == "fixed"
+    assert calibration_for("per_clip", "local") == "per_clip" and calibration_for("fixed", "synthetic") == "fixed"

@@ -74,6 +74,14 @@ def analysis_frames(src: Path, info, width: int, fps: int, duration: float | Non
     return read_frames(src, width=min(width, info.width), fps=fps, duration=duration, reuse=True, scale_flags="area")
 
 
+def calibration_for(setting: str, source: str) -> str:
+    """``curate.asd_calibration`` for a clip of ``source``: ``auto`` is per_clip on the synthetic corpus (renders
+    shift the detector's zero point) and the detector's own threshold on real video."""
+    if setting != "auto":
+        return setting
+    return "per_clip" if source == "synthetic" else "fixed"
+
+
 def crop_side(track: FaceTrack) -> float:
     """Median side (pixels) of the region :func:`face_crops` cuts around the track, before its resize to 224."""
     b = track.boxes[track.found] if track.found.any() else track.boxes
@@ -179,7 +187,8 @@ def curate_clip(clip: SourceClip, s: ClipSettings, root: str) -> dict:
     # 3. active speaker mask (1 speaking, 0 listening, -1 unknown), on a face crop at the detector's own scale
     frames, track = detector_scale(src, info, frames, track, s.fps, limit)
     result = speaking_mask(_detector(s.asd, s.asd_weights), frames, audio, list(s.asd_durations), s.sample_rate,
-                           s.asd_calibration, s.asd_threshold, s.asd_min_gap, s.asd_min_share, track=track)  # fmt: skip
+                           calibration_for(s.asd_calibration, clip.source), s.asd_threshold, s.asd_min_gap,
+                           s.asd_min_share, track=track)  # fmt: skip
     known = result.mask != UNKNOWN
     values.update(
         asd_threshold=result.threshold,

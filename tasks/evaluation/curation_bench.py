@@ -28,7 +28,7 @@ from tasks.common.media import probe, read_audio
 from tasks.config import Config, ConfigError, resolve_path
 from tasks.curation import asd
 from tasks.curation.asd import UNKNOWN, load_detector, speaking_mask
-from tasks.curation.clip import analysis_frames, detector_scale
+from tasks.curation.clip import analysis_frames, calibration_for, detector_scale
 from tasks.curation.pose import clip_pose, pose_stats
 
 DEFAULT_CLIPS_DIR = "../shared/fixtures/speakervid"
@@ -163,7 +163,8 @@ def _curate_parts(
     with meter.part("asd"), _timed_steps(asd, ASD_STEPS, steps):
         track = asd.detect_faces(frames, stride=c.face_stride)
         frames, track = detector_scale(path, info, frames, track, fps, seconds)
-        result = speaking_mask(detector, frames, audio, list(c.asd_durations), sr, c.asd_calibration,
+        result = speaking_mask(detector, frames, audio, list(c.asd_durations), sr,
+                               calibration_for(c.asd_calibration, "local"),
                                c.asd_threshold, c.asd_min_gap, c.asd_min_share, track=track)  # fmt: skip
     return {
         "clip": path.name, "path": str(path), "source": f"{info.width}x{info.height}@{info.fps:g}",

@@ -204,6 +204,10 @@ def start(root: Path, ports: Ports, *, deploy: bool = True, timeout_s: float = 1
             _wait("the Prefect server", lambda: httpx.get(f"{ports.prefect_api}/health", timeout=5).json() is True,
                   rec, timeout_s)  # fmt: skip
             echo(f"prefect-server: {ports.prefect_ui} (pid {rec['pid']}, log {rec['log']})")
+            if _claim_prefect_pid_file(env, rec["pid"]):
+                rec["prefect_pid_file"] = str(_prefect_pid_file(env))  # released by `stop`
+                _record_path(root, "prefect-server").write_text(json.dumps(rec, indent=2))
+                echo("  Prefect's own `prefect server stop` stops it too (its pid is in $PREFECT_HOME/server.pid)")
         if "mlflow-server" not in running:
             artifacts = root / "mlruns"
             artifacts.mkdir(exist_ok=True)
@@ -234,6 +238,8 @@ def start(root: Path, ports: Ports, *, deploy: bool = True, timeout_s: float = 1
 
             def worker_online() -> bool:
                 workers = httpx.post(f"{ports.prefect_api}/work_pools/{POOL}/workers/filter", json={}, timeout=10)
+                if workers.status_code != 200:  # the pool does not exist yet (deploy=False): the worker makes it
+                    return False
                 return any(w.get("status") == "ONLINE" for w in workers.json())
 
             _wait("the Prefect worker", worker_online, rec, timeout_s)
@@ -245,6 +251,39 @@ def start(root: Path, ports: Ports, *, deploy: bool = True, timeout_s: float = 1
             "root": str(root)}  # fmt: skip
     (_state(root) / "endpoints.json").write_text(json.dumps(info, indent=2))
     return info
+
+
+def _prefect_pid_file(env: dict[str, str]) -> Path:
+    """Where Prefect's `prefect server start --background` / `prefect server stop` keep the server's pid."""
+    from prefect.cli._server_utils import SERVER_PID_FILE_NAME
+
+    return Path(env["PREFECT_HOME"]) / SERVER_PID_FILE_NAME
+
+
+def _claim_prefect_pid_file(env: dict[str, str], pid: int) -> bool:
+    """Write our server's pid where Prefect's own commands look for a background server, so that `prefect
+    server stop` stops it and `prefect server start --background` does not start a second one. (We do not
+    start it with `--background` because Prefect then sends the server's output to a pipe nobody reads: no log
+    to look at when it fails.) A pid file of another server that still runs is left alone."""
+    path = _prefect_pid_file(env)
+    with contextlib.suppress(ValueError, OSError):
+        other = int(path.read_text().strip())
+        os.kill(other, 0)
+        if other != pid:
+            return False
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(str(pid))
+    return True
+
+
+def _release_prefect_pid_file(record: dict) -> None:
+    """Remove the pid file `start` wrote for this server, if it still names it."""
+    if not record.get("prefect_pid_file"):
+        return
+    path = Path(record["prefect_pid_file"])
+    with contextlib.suppress(ValueError, OSError):
+        if int(path.read_text().strip()) == record["pid"]:
+            path.unlink()
 
 
 def _signal_group(pid: int, sig: int) -> None:
@@ -279,8 +318,10 @@ def stop(root: Path, only: list[str] | None = None, timeout_s: float = 30, echo=
                 os.killpg(rec["pid"], signal.SIGKILL)
             echo(f"{name}: stopped (pid {rec['pid']})")
             stopped.append(name)
-        else:  # its pid may belong to another program by now: leave it alone
+        else:  # its pid may belong to another program by now (or `prefect server stop` stopped it): leave it alone
             echo(f"{name}: was not running (pid {rec['pid']} gone)")
+        if name == "prefect-server":
+            _release_prefect_pid_file(rec)
         _record_path(root, name).unlink(missing_ok=True)
     if not records(root):
         (_state(root) / "endpoints.json").unlink(missing_ok=True)

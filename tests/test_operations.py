@@ -8,6 +8,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from pathlib import Path
 
 import pytest
 
@@ -183,3 +184,43 @@ def test_each_project_logs_to_its_own_store_and_the_served_uri_wins(tmp_path, mo
         assert mlflow.get_tracking_uri() == f"sqlite:///{root / 'mlflow.db'}"
     monkeypatch.setenv("STREAMAVATAR_TRACKING_URI", f"sqlite:///{tmp_path / 'served.db'}")
     assert tracking.tracking_uri(cfg, a) == f"sqlite:///{tmp_path / 'served.db'}"
+
+
+def test_prefects_own_server_commands_see_the_served_server(tmp_path):
+    """`prefect server start --background` refuses a second server and `prefect server stop` stops the one
+    `serve` started (its pid is where Prefect keeps a background server's); `stop` then stops the rest."""
+    import socket
+
+    from flows import serve
+
+    def free() -> int:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            return s.getsockname()[1]
+
+    (tmp_path / "prefect.yaml").write_text("deployments: []\n")
+    ports = serve.Ports(prefect=free(), mlflow=free())
+    env = serve.service_env(tmp_path, ports)
+    pid_file = Path(env["PREFECT_HOME"]) / "server.pid"
+    try:
+        serve.start(tmp_path, ports, deploy=False, echo=lambda *_: None)
+        rec = serve.records(tmp_path)["prefect-server"]
+        assert pid_file.read_text().strip() == str(rec["pid"])
+        prefect = [str(serve._bin("prefect")), "server"]
+        second = subprocess.run([*prefect, "start", "--background", "--port", str(free())], env=env,
+                                capture_output=True, text=True, timeout=120)  # fmt: skip
+        assert second.returncode != 0 and "already running in the background" in second.stdout + second.stderr
+        stopped = subprocess.run([*prefect, "stop"], env=env, capture_output=True, text=True, timeout=120)
+        assert stopped.returncode == 0 and "Server stopped" in stopped.stdout, stopped.stdout + stopped.stderr
+        deadline = time.monotonic() + 60
+        while serve._alive(rec) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert not serve._alive(rec) and not pid_file.exists()
+        status = serve.status(tmp_path, echo=lambda *_: None)
+        assert status == {"prefect-server": False, "mlflow-server": True, "prefect-worker": True}
+    finally:
+        messages: list[str] = []
+        serve.stop(tmp_path, echo=messages.append)
+    assert any("prefect-server: was not running" in m for m in messages), messages
+    assert {"mlflow-server: stopped", "prefect-worker: stopped"} <= {m.split(" (")[0] for m in messages}
+    assert not list((tmp_path / ".serve").glob("*.json"))

@@ -194,6 +194,7 @@ class CurateConfig(_Section):
     # give its pretrain_TalkSet.model as asd_weights)
     asd: Literal["light-asd", "talknet"] = "light-asd"
     asd_weights: str = "../shared/models/light-asd/finetuning_TalkSet.model"  # local path, relative to the repo
+    asd_device: str = Field("cpu", pattern=r"^(cpu|auto|cuda(:\d+)?)$")  # the detector's device; auto: a GPU if any
     # scoring windows (s); each one is a pass of the detector over the clip (the stage's largest cost). Frame F1
     # of the mask against the demo corpus's ground truth (28 clips): [2, 6] 0.892, [1, 2, 6] 0.924, [1, 2, 4, 6]
     # 0.903 (the clip is encoded once, so each window length costs only the GRUs); on real monologues (shared talking/speakervid clips) a 6 s window is

@@ -248,3 +248,21 @@ def test_auto_calibration_is_per_clip_on_renders_and_the_detectors_own_on_real_v
     assert calibration_for("auto", "synthetic") == "per_clip"
     assert calibration_for("auto", "local") == calibration_for("auto", "speakervid") == "fixed"
     assert calibration_for("per_clip", "local") == "per_clip" and calibration_for("fixed", "synthetic") == "fixed"
+
+
+def test_batched_windows_equal_one_window_at_a_time_and_the_device_setting():
+    from tasks.curation.asd import asd_device, load_detector
+
+    torch.manual_seed(0)
+    model = LightASD().eval()
+    faces = (torch.rand(1, 57, 112, 112) * 255).to(torch.uint8)
+    mfcc = torch.randn(1, 4 * 57, 13)
+    scores = asd_scores(model, mfcc[0].numpy(), faces[0].numpy(), [0.8, 2.0])  # windows of 20 and 50 frames
+    with torch.no_grad():
+        emb = model.frame_embeddings(mfcc, faces)
+        runs = [torch.cat([model.classify(emb[:, s : s + w])[0] for s in range(0, 57, w)]) for w in (20, 50)]
+    assert np.allclose(scores, torch.stack(runs).mean(0).numpy(), atol=1e-5)
+    assert asd_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="curate.asd_device"):
+            load_detector("light-asd", shared_path("models", "light-asd", "finetuning_TalkSet.model"), "cuda")

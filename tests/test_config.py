@@ -135,3 +135,11 @@ def test_curate_takes_several_sources_and_the_single_source_keys_still_work(tmp_
         load_config(sets=["curate.sources=[youtube]"], root=tmp_path)
     with pytest.raises(ConfigError, match="curate.balance_min_keep"):
         load_config(sets=["curate.balance_min_keep=1.5"], root=tmp_path)
+
+
+def test_asd_device_is_checked(tmp_path):
+    from tasks.config import ConfigError, load_config
+
+    assert load_config(sets=["curate.asd_device=cuda:1"], root=tmp_path).curate.asd_device == "cuda:1"
+    with pytest.raises(ConfigError, match="asd_device"):
+        load_config(sets=["curate.asd_device=gpu"], root=tmp_path)

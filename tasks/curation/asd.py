@@ -153,25 +153,34 @@ def asd_scores(model: torch.nn.Module, mfcc: np.ndarray, faces: np.ndarray, dura
     convolutions a few frames deep, so each frame's embedding needs only its neighbours, not the window -- and
     runs only its recurrent back end per window: one visual pass whatever the number of window lengths, and
     no window edge padded with zeros inside the clip. Others (TalkNet, whose encoders normalise over the
-    window) run whole per window."""
+    window) run whole per window. The windows of one length are one batch; everything runs on the detector's
+    device (``curate.asd_device``)."""
     n = min(len(faces), (len(mfcc) - len(mfcc) % 4) // 4)
     if n == 0:
         return np.zeros(0)
+    device = next(model.parameters()).device
     mfcc, faces = mfcc[: 4 * n], faces[:n]
-    a_all, v_all = torch.from_numpy(mfcc).float()[None], torch.from_numpy(faces)[None]
+    a_all = torch.from_numpy(np.ascontiguousarray(mfcc)).float()[None].to(device)
+    v_all = torch.from_numpy(np.ascontiguousarray(faces))[None].to(device)
     local = hasattr(model, "frame_embeddings") and hasattr(model, "classify")
-    shared = model.frame_embeddings(a_all, v_all, chunk=ENCODE_CHUNK) if local else None
+    shared = model.frame_embeddings(a_all, v_all, chunk=ENCODE_CHUNK if device.type == "cpu" else 0) if local else None
     runs = []
     for dur in durations:
         step = max(1, int(round(dur * 25)))
-        scores = []
-        for s in range(0, n, step):
-            e = min(n, s + step)
-            if shared is not None:
-                scores.append(model.classify(shared[:, s:e])[0].numpy())
-            else:
-                scores.append(model(a_all[:, 4 * s : 4 * e], v_all[:, s:e].float())[0].numpy())
-        runs.append(np.concatenate(scores)[:n])
+        full = n // step * step  # whole windows: one batch [n // step, step, ...]; then the shorter last one
+        parts = []
+        if shared is not None:
+            if full:
+                parts.append(model.classify(shared[0, :full].reshape(n // step, step, -1)).reshape(-1))
+            if full < n:
+                parts.append(model.classify(shared[:, full:])[0])
+        else:
+            if full:
+                a = a_all[0, : 4 * full].reshape(n // step, 4 * step, -1)
+                parts.append(model(a, v_all[0, :full].reshape(n // step, step, *faces.shape[1:]).float()).reshape(-1))
+            if full < n:
+                parts.append(model(a_all[:, 4 * full :], v_all[:, full:].float())[0])
+        runs.append(torch.cat(parts).float().cpu().numpy()[:n])
     return np.mean(runs, axis=0)
 
 
@@ -272,13 +281,25 @@ def frame_f1(pred: np.ndarray, truth: np.ndarray) -> dict[str, float]:
     return {"precision": prec, "recall": rec, "f1": f1, "frames": int(keep.sum()), "unknown": int((~keep).sum())}
 
 
-def load_detector(kind: str, weights: str | Path) -> torch.nn.Module:
+def asd_device(setting: str) -> torch.device:
+    """``curate.asd_device``: cpu, cuda, cuda:N, or auto (the first GPU when there is one)."""
+    if setting == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(setting)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"curate.asd_device is {setting!r} but torch sees no GPU (use cpu or auto)")
+    return device
+
+
+def load_detector(kind: str, weights: str | Path, device: str = "cpu") -> torch.nn.Module:
+    """The active speaker detector ``kind`` with its ``weights``, in eval mode on ``device`` (see asd_device)."""
+    where = asd_device(device)
     if kind == "light-asd":
         from model.asd.light_asd import load_light_asd
 
-        return load_light_asd(weights)
+        return load_light_asd(weights, where)
     if kind == "talknet":
         from model.asd.talknet import load_talknet
 
-        return load_talknet(weights)
+        return load_talknet(weights, where)
     raise ValueError(f"unknown active speaker detector {kind!r}; available: light-asd, talknet")

@@ -38,7 +38,7 @@ from tasks.curation.sources import SourceClip, identity_of, local_clips, synthet
 
 log = logging.getLogger(__name__)
 
-CURATE_VERSION = 2  # bump when per-clip processing changes, so old rows are recomputed
+CURATE_VERSION = 3  # bump when per-clip processing changes, so old rows are recomputed
 MANIFEST_COLUMNS = [
     "clip_id", "group", "source", "identity", "source_path", "video_path", "mask_path", "duration_s", "num_frames",
     "fps", "source_fps", "source_width", "source_height", "speaking_ratio", "listen_ratio", "unknown_ratio",
@@ -63,6 +63,7 @@ def clip_settings(cfg: Config, root: Path) -> ClipSettings:
         min_face_fraction=c.min_face_fraction, pose_stride=c.pose_stride, luminance_range=tuple(c.luminance_range),
         min_face_sharpness=c.min_face_sharpness, torch_threads=max(1, (os.cpu_count() or 1) // c.workers),
         max_duration_s=c.max_duration_s, crop=c.crop, head_scale=c.head_scale, face_stride=c.face_stride,
+        asd_device=c.asd_device,
     )  # fmt: skip
 
 
@@ -95,7 +96,7 @@ def fingerprint(clip: SourceClip, settings: ClipSettings, root: Path) -> str:
     src = Path(clip.video_path)
     src = src if src.is_absolute() else root / src
     stat = src.stat() if src.exists() else None
-    shaped = {k: v for k, v in asdict(settings).items() if k not in ("out_dir", "torch_threads")}
+    shaped = {k: v for k, v in asdict(settings).items() if k not in ("out_dir", "torch_threads", "asd_device")}
     blob = json.dumps([CURATE_VERSION, str(src.resolve()), stat and stat.st_size, stat and stat.st_mtime_ns,
                        clip.bbox, clip.error, clip.rejected, shaped], sort_keys=True, default=str)  # fmt: skip
     return hashlib.sha1(blob.encode()).hexdigest()[:16]

@@ -65,6 +65,7 @@ class ClipSettings:
     crop: str = "person"  # head | person
     head_scale: float = 1.7
     face_stride: int = 5  # face detection every n-th frame, linked into one track
+    asd_device: str = "cpu"
 
 
 def analysis_frames(src: Path, info, width: int, fps: int, duration: float | None) -> np.ndarray:
@@ -123,8 +124,8 @@ def head_box(boxes: np.ndarray, found: np.ndarray, width: int, height: int, scal
 
 
 @lru_cache(maxsize=2)
-def _detector(kind: str, weights: str):
-    return load_detector(kind, weights)
+def _detector(kind: str, weights: str, device: str = "cpu"):
+    return load_detector(kind, weights, device)
 
 
 def _row(clip: SourceClip, status: str, reason: str = "", **values) -> dict:
@@ -186,7 +187,8 @@ def curate_clip(clip: SourceClip, s: ClipSettings, root: str) -> dict:
 
     # 3. active speaker mask (1 speaking, 0 listening, -1 unknown), on a face crop at the detector's own scale
     frames, track = detector_scale(src, info, frames, track, s.fps, limit)
-    result = speaking_mask(_detector(s.asd, s.asd_weights), frames, audio, list(s.asd_durations), s.sample_rate,
+    detector = _detector(s.asd, s.asd_weights, s.asd_device)
+    result = speaking_mask(detector, frames, audio, list(s.asd_durations), s.sample_rate,
                            calibration_for(s.asd_calibration, clip.source), s.asd_threshold, s.asd_min_gap,
                            s.asd_min_share, track=track)  # fmt: skip
     known = result.mask != UNKNOWN

@@ -226,7 +226,7 @@ def _worker_run(cfg: Config, clips: list[Path], seconds: float, weights: Path, p
     """One worker's timings: load the detector, warm up, (wait at ``start``, a barrier), curate every clip."""
     c = cfg.curate
     t0 = time.perf_counter()
-    detector = load_detector(c.asd, weights)
+    detector = load_detector(c.asd, weights, c.asd_device)
     load_s = time.perf_counter() - t0
     # one-off costs of a worker (imports, mediapipe and torch first calls, oneDNN kernels per ASD window
     # length, the frame buffer grown to the largest clip) stay out of the timings: a stage worker pays them

@@ -72,6 +72,11 @@ class CausalLayout:
         first_window = max(self.sink_frames, start - self.window_frames)
         return sink + list(range(first_window, start)) + list(range(start, end))
 
+    def evicted(self, start: int) -> list[int]:
+        """Frames the chunk starting at ``start`` no longer sees: non-sink frames older than the window (what
+        the Long-Short Visual Memory summarises, model/memory.py)."""
+        return list(range(self.sink_frames, max(self.sink_frames, start - self.window_frames)))
+
     def shift(self, end: int) -> int:
         """How far every non-sink frame's RoPE index moves down for the chunk that ends (exclusive) at ``end``."""
         if not self.rapr:
@@ -115,6 +120,7 @@ class KVCache:
         self.sink_k, self.sink_v = list(empty), list(empty)
         self.win_k, self.win_v = list(empty), list(empty)
         self.reference: torch.Tensor | None = None  # latent frame 0, for AudioDiT's reference embedding
+        self.memory: list = [None] * num_layers  # per layer: the evicted frames' MemoryState (model/memory.py)
 
     @property
     def frames(self) -> list[int]:
@@ -130,16 +136,23 @@ class KVCache:
             return None, None
         return torch.cat(parts_k, dim=1), torch.cat(parts_v, dim=1)
 
-    def write(self, layer: int, frames: list[int], k: torch.Tensor, v: torch.Tensor) -> None:
-        """Add one chunk's keys/values ([B, len(frames), tokens, heads, dim]) to ``layer``."""
+    def write(self, layer: int, frames: list[int], k: torch.Tensor, v: torch.Tensor
+              ) -> tuple[torch.Tensor, torch.Tensor] | None:  # fmt: skip
+        """Add one chunk's keys/values ([B, len(frames), tokens, heads, dim]) to ``layer``; returns the keys and
+        values of the frames this pushes out of the window (oldest first), or None."""
         n_sink = sum(1 for f in frames if self.layout.is_sink(f))
         if n_sink:
             self.sink_k[layer] = _append(self.sink_k[layer], k[:, :n_sink])
             self.sink_v[layer] = _append(self.sink_v[layer], v[:, :n_sink])
-        if n_sink < len(frames):
-            keep = self.layout.window_frames
-            self.win_k[layer] = _append(self.win_k[layer], k[:, n_sink:])[:, -keep:] if keep else None
-            self.win_v[layer] = _append(self.win_v[layer], v[:, n_sink:])[:, -keep:] if keep else None
+        if n_sink == len(frames):
+            return None
+        keep = self.layout.window_frames
+        all_k = _append(self.win_k[layer], k[:, n_sink:])
+        all_v = _append(self.win_v[layer], v[:, n_sink:])
+        self.win_k[layer] = all_k[:, -keep:] if keep else None
+        self.win_v[layer] = all_v[:, -keep:] if keep else None
+        out = all_k.shape[1] - keep
+        return (all_k[:, :out], all_v[:, :out]) if out > 0 else None
 
     def advance(self, frames: list[int]) -> None:
         """Record that ``frames`` were written to every layer (call once per chunk, after all layers)."""
@@ -154,7 +167,8 @@ class KVCache:
     def nbytes(self) -> int:
         tensors = [t for group in (self.sink_k, self.sink_v, self.win_k, self.win_v) for t in group]
         tensors.append(self.reference)
-        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+        held = sum(t.numel() * t.element_size() for t in tensors if t is not None)
+        return held + sum(m.nbytes() for m in self.memory if m is not None)
 
 
 def _append(old: torch.Tensor | None, new: torch.Tensor) -> torch.Tensor:

@@ -30,6 +30,7 @@ from diffusers.models.transformers.transformer_wan import WanAttention, WanTimeT
 from torch import nn
 
 from model.attention import CausalLayout, KVCache, attend
+from model.memory import LongMemory
 from model.rope import RotaryEmbedding3D, apply_rotary
 
 
@@ -62,6 +63,9 @@ class DiTSpec:
     # a learned null key (value zero) in both audio attentions: each video token's query decides how much audio
     # it takes, so one attention can drive the mouth without moving the rest of the frame
     audio_null_key: bool = False
+    # Long-Short Visual Memory (model/memory.py): this many learned memory tokens per layer summarise the frames
+    # the rolling window evicted; every chunk reads them through a zero-initialised gate. 0: none (the paper)
+    memory_slots: int = 0
 
     @property
     def dim(self) -> int:
@@ -171,6 +175,7 @@ class _Segment:
     sin_q: torch.Tensor
     cos_k: torch.Tensor
     sin_k: torch.Tensor
+    evicted: list[int] | None = None  # block-causal: frames of the input the long memory summarises
 
 
 class AudioDiTBlock(nn.Module):
@@ -190,6 +195,7 @@ class AudioDiTBlock(nn.Module):
         self.scale_shift_table = nn.Parameter(torch.randn(1, 6, dim) / dim**0.5)
         self.audio_attn = AudioAttention(dim, heads, spec.eps, spec.audio_null_key) if spec.audio_dim else None
         self.interact_attn = AudioAttention(dim, heads, spec.eps, spec.audio_null_key) if spec.audio_dim else None
+        self.long_memory = LongMemory(spec.memory_slots, heads, spec.attention_head_dim) if spec.memory_slots else None
 
     def text_kv(self, text: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         attn = self.attn2
@@ -214,6 +220,7 @@ class AudioDiTBlock(nn.Module):
         k_frames = k.unflatten(1, (frames, -1))  # [B, F, tokens, heads, dim], keys before RoPE
         v_frames = v.unflatten(1, (frames, -1))
         past_k, past_v = cache.keys(layer) if cache is not None else (None, None)
+        memory = self.long_memory
         outs = []
         for seg in segments:
             if seg.key_frames is None:
@@ -224,9 +231,21 @@ class AudioDiTBlock(nn.Module):
                 kk, vv = torch.cat([past_k, kk], dim=1), torch.cat([past_v, vv], dim=1)
             qq = apply_rotary(q[:, seg.query], seg.cos_q, seg.sin_q)
             kk = apply_rotary(kk.flatten(1, 2), seg.cos_k, seg.sin_k)
-            outs.append(attend(qq, kk, vv.flatten(1, 2)).type_as(q))
+            out = attend(qq, kk, vv.flatten(1, 2)).type_as(q)
+            if memory is not None:  # the long memory of evicted frames, when there is one yet
+                mem = None
+                if seg.evicted:
+                    mem = memory.pool(k_frames[:, seg.evicted].flatten(1, 2), v_frames[:, seg.evicted].flatten(1, 2))
+                elif cache is not None and cache.memory[layer] is not None:
+                    mem = cache.memory[layer].read()
+                if mem is not None:
+                    out = out + memory.read(qq, *mem).type_as(q)
+            outs.append(out)
         if write is not None and cache is not None:
-            cache.write(layer, write, k_frames, v_frames)
+            evicted = cache.write(layer, write, k_frames, v_frames)
+            if memory is not None and evicted is not None:
+                ek, ev = evicted
+                cache.memory[layer] = memory.absorb(cache.memory[layer], ek.flatten(1, 2), ev.flatten(1, 2))
         out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
         return attn.to_out[0](out)
 
@@ -368,7 +387,8 @@ class AudioDiT(nn.Module):
                 keys = layout.visible(start, end)
                 cos_q, sin_q = rope(layout.time_index(list(range(start, end)), end))
                 cos_k, sin_k = rope(layout.time_index(keys, end))
-                segments.append(_Segment(slice(start * tpf, end * tpf), keys, cos_q, sin_q, cos_k, sin_k))
+                evicted = layout.evicted(start) if self.spec.memory_slots else None
+                segments.append(_Segment(slice(start * tpf, end * tpf), keys, cos_q, sin_q, cos_k, sin_k, evicted))
             return segments
         if attention == "streaming":
             if cache is None:
@@ -474,13 +494,13 @@ class AudioDiT(nn.Module):
 
 def load_wan_transformer(
     path: str | Path, audio_dim: int, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
-    audio_slots: int = 0, audio_null_key: bool = False,
+    audio_slots: int = 0, audio_null_key: bool = False, memory_slots: int = 0,
 ) -> AudioDiT:
     """Build an AudioDiT from a local diffusers Wan transformer directory (e.g. Wan2.2-TI2V-5B-Diffusers).
 
     ``path`` is the model root (with ``transformer/``) or the transformer folder itself. Every Wan weight
-    must be present; the audio modules (absent from Wan checkpoints) keep their zero-output init, with
-    ``audio_slots`` / ``audio_null_key`` as in :class:`DiTSpec`.
+    must be present; the audio modules and the long memory (absent from Wan checkpoints) keep their
+    zero-output init, with ``audio_slots`` / ``audio_null_key`` / ``memory_slots`` as in :class:`DiTSpec`.
     """
     from safetensors.torch import load_file
 
@@ -490,7 +510,8 @@ def load_wan_transformer(
     if not cfg_file.is_file():
         raise FileNotFoundError(f"no diffusers transformer config at {cfg_file} (model.pretrained_path={path})")
     spec = DiTSpec.from_wan_config(json.loads(cfg_file.read_text()), audio_dim=audio_dim)
-    spec = replace(spec, audio_slots=audio_slots if audio_dim else 0, audio_null_key=audio_null_key)
+    spec = replace(spec, audio_slots=audio_slots if audio_dim else 0, audio_null_key=audio_null_key,
+                   memory_slots=memory_slots)  # fmt: skip
     shards = sorted(folder.glob("*.safetensors"))
     if not shards:
         raise FileNotFoundError(f"no *.safetensors weights in {folder}")
@@ -501,7 +522,8 @@ def load_wan_transformer(
         state.update(load_file(str(shard), device=str(device)))
     # what diffusers keeps in float32 is loaded at the file's precision, never through the compute dtype
     state = {k: v.to(torch.float32 if _keeps_fp32(k) and dtype != torch.float32 else dtype) for k, v in state.items()}
-    expected = set(model.state_dict()) - model.audio_parameter_names()
+    added = model.audio_parameter_names() | {n for n in model.state_dict() if ".long_memory." in n}
+    expected = set(model.state_dict()) - added
     missing, unexpected = sorted(expected - set(state)), sorted(set(state) - set(model.state_dict()))
     if missing or unexpected:
         raise ValueError(f"{folder}: not a Wan transformer we can load: missing {missing[:5]}, unexpected {unexpected[:5]}")
@@ -513,6 +535,10 @@ def load_wan_transformer(
             for block in model.blocks:
                 block.audio_attn = AudioAttention(spec.dim, spec.num_attention_heads, spec.eps, spec.audio_null_key)
                 block.interact_attn = AudioAttention(spec.dim, spec.num_attention_heads, spec.eps, spec.audio_null_key)
+    if spec.memory_slots:
+        with torch.device(device):
+            for block in model.blocks:
+                block.long_memory = LongMemory(spec.memory_slots, spec.num_attention_heads, spec.attention_head_dim)
     return cast_keeping_fp32(model, dtype)
 
 

@@ -271,6 +271,9 @@ class ModelConfig(_Section):
     audio_slots: bool = False
     # a learned null key in both audio attentions: each video token chooses how much audio it takes
     audio_null_key: bool = False
+    # Long-Short Visual Memory (InteractiveAvatar; model/memory.py): learned memory tokens per layer summarising
+    # the frames the rolling window evicted, read by every later chunk through a zero-initialised gate. 0: off
+    memory_slots: int = Field(0, ge=0)
 
     @model_validator(mode="after")
     def _patch(self) -> ModelConfig:

@@ -242,3 +242,21 @@ def test_wan_loader_builds_the_audio_slots_and_null_keys(tmp_path):
     with torch.no_grad():
         expected = wan(x["latents"], _per_token(x["timestep"], 16), x["text"]).sample
         assert (model(**x) - expected).abs().max().item() <= 1e-5
+
+
+def test_wan_loader_builds_the_long_memory_closed(tmp_path):
+    from model.attention import CausalLayout
+
+    wan = _wan(4)
+    wan.save_pretrained(tmp_path / "Wan-tiny" / "transformer")
+    plain = load_wan_transformer(tmp_path / "Wan-tiny", AUDIO_DIM)
+    model = load_wan_transformer(tmp_path / "Wan-tiny", AUDIO_DIM, memory_slots=3)
+    assert model.spec.memory_slots == 3 and model.blocks[0].long_memory.queries.shape == (3, 2, 16)
+    assert all(p.device.type == "cpu" for p in model.parameters())
+    assert all(float(b.long_memory.gate.abs().sum()) == 0 for b in model.blocks)
+    x = _inputs()
+    layout = CausalLayout(chunk_frames=1, sink_frames=1, window_frames=1, rapr=True, max_distance=4)
+    assert layout.evicted(6) == [1, 2, 3, 4]  # 7 frames: the late ones read a memory of evicted frames
+    with torch.no_grad():
+        assert torch.equal(model(**x, attention="block_causal", layout=layout),
+                           plain(**x, attention="block_causal", layout=layout))  # fmt: skip

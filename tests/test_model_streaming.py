@@ -284,3 +284,81 @@ def test_audio_slots_and_null_keys_stream_exactly_and_load_into_a_base_dit():
     with torch.no_grad():
         assert torch.equal(model(**x), base(**x))
     assert model.audio_embedder.slot.abs().sum() > 0  # the slots keep their (random) init
+
+
+def _memory_model(seed: int = 6, slots: int = 4) -> AudioDiT:
+    torch.manual_seed(seed)
+    model = AudioDiT(DiTSpec(audio_dim=AUDIO_DIM, memory_slots=slots)).eval()
+    for block in model.blocks:  # a trained-looking memory: the gate open
+        torch.nn.init.normal_(block.long_memory.gate, std=1.0)
+    return model
+
+
+@pytest.mark.parametrize("sink", [0, 1])
+def test_long_memory_streams_exactly_and_stays_bounded(sink):
+    """The Long-Short Visual Memory: chunk by chunk, the evicted frames are pooled as running statistics; the
+    block-causal forward pools the same frames at once: the same outputs. Its state does not grow."""
+    model = _memory_model()
+    layout = CausalLayout(chunk_frames=3, sink_frames=sink, window_frames=3, rapr=True, max_distance=6)
+    x = _sequence(1 + 3 * 7, seed=7)
+    with torch.no_grad():
+        masked = model(**x, attention="block_causal", layout=layout)
+    cache = KVCache(layout, len(model.blocks))
+    assert (masked - _stream(model, x, layout, cache)).abs().max().item() <= 1e-5
+    assert all(m is not None for m in cache.memory)  # frames were evicted and summarised
+    # teeth: without the memory (same weights otherwise) the late chunks differ; the early ones (nothing
+    # evicted yet) do not
+    plain = AudioDiT(DiTSpec(audio_dim=AUDIO_DIM)).eval()
+    plain.load_state_dict({k: v for k, v in model.state_dict().items() if ".long_memory." not in k})
+    with torch.no_grad():
+        without = plain(**x, attention="block_causal", layout=layout)
+    first_evicting = 7  # chunk [7, 10) is the first to which a frame of [1, 4) is evicted (sink 0 loses frame 0 at 4)
+    assert torch.equal(masked[:, :, :4], without[:, :, :4])
+    assert (masked[:, :, first_evicting:] - without[:, :, first_evicting:]).abs().max() > 1e-3
+    # bounded: the state after a long stream is the size it was after the first eviction
+    long = _sequence(1 + 3 * 20, seed=8)
+    sizes = []
+    cache = KVCache(layout, len(model.blocks))
+    with torch.no_grad():
+        for start, end in layout.chunks(long["latents"].shape[2]):
+            model(**_chunk(long, start, end), attention="streaming", layout=layout, cache=cache, frame_start=start,
+                  write_cache=True)  # fmt: skip
+            sizes.append(cache.nbytes())
+    assert len(set(sizes[4:])) == 1, sizes
+
+
+def test_long_memory_remembers_what_left_the_window():
+    """Change a frame that is long evicted: the model with memory answers differently, the one without cannot."""
+    model = _memory_model(9)
+    layout = CausalLayout(chunk_frames=3, sink_frames=1, window_frames=3, rapr=True, max_distance=6)
+    x = _sequence(1 + 3 * 5, seed=10)
+    y = {k: v.clone() for k, v in x.items()}
+    y["latents"][:, :, 1:4] += 3.0  # the first generated chunk: out of the window by the last chunk
+    plain = AudioDiT(DiTSpec(audio_dim=AUDIO_DIM)).eval()
+    plain.load_state_dict({k: v for k, v in model.state_dict().items() if ".long_memory." not in k})
+    with torch.no_grad():
+        last = slice(13, 16)
+        for m, changes in ((model, True), (plain, False)):
+            a = m(**x, attention="block_causal", layout=layout)[:, :, last]
+            b = m(**y, attention="block_causal", layout=layout)[:, :, last]
+            assert ((a - b).abs().max() > 1e-3) == changes
+
+
+def test_long_memory_starts_closed_and_loads_a_dit_saved_without_it():
+    from tasks.common.models import load_dit_weights
+
+    base = _model()
+    layout = CausalLayout(chunk_frames=3, sink_frames=1, window_frames=3, rapr=True, max_distance=6)
+    x = _sequence(1 + 3 * 5, seed=11)
+    torch.manual_seed(12)
+    with_memory = AudioDiT(DiTSpec(audio_dim=AUDIO_DIM, memory_slots=4)).eval()
+    load_dit_weights(with_memory, {"model": base.state_dict(), "spec": base.spec.to_json()}, "test")
+    with torch.no_grad():  # gate at zero: exactly the base DiT, streamed or masked
+        assert torch.equal(with_memory(**x, attention="block_causal", layout=layout),
+                           base(**x, attention="block_causal", layout=layout))  # fmt: skip
+        assert torch.equal(_stream(with_memory, x, layout), _stream(base, x, layout))
+    # trainable: the gate gets a gradient from a loss on a chunk that reads the memory
+    with_memory.train()
+    out = with_memory(**x, attention="block_causal", layout=layout)
+    out[:, :, 13:].square().mean().backward()
+    assert all(b.long_memory.gate.grad.abs().sum() > 0 for b in with_memory.blocks)

@@ -58,7 +58,7 @@ def dit_spec(cfg: Config, audio_dim: int) -> DiTSpec:
         ffn_dim=m.ffn_dim, num_layers=m.num_layers, eps=m.eps, audio_dim=audio_dim,
         reference_embedding=m.reference_embedding,
         audio_slots=audio_tokens_per_latent(cfg) if m.audio_slots and audio_dim else 0,
-        audio_null_key=m.audio_null_key,
+        audio_null_key=m.audio_null_key, memory_slots=m.memory_slots,
     )  # fmt: skip
 
 
@@ -74,7 +74,8 @@ def build_dit(cfg: Config, audio_dim: int, pretrained: bool = True, dtype: torch
     device, dtype = device_of(cfg), dtype or dtype_of(cfg)
     if pretrained and cfg.model.pretrained_path:
         model = load_wan_transformer(cfg.model.pretrained_path, audio_dim, dtype=dtype, device=device,
-                                     audio_slots=spec.audio_slots, audio_null_key=spec.audio_null_key)
+                                     audio_slots=spec.audio_slots, audio_null_key=spec.audio_null_key,
+                                     memory_slots=spec.memory_slots)  # fmt: skip
         wrong = {k: (getattr(model.spec, k), v) for k, v in spec.to_json().items() if getattr(model.spec, k) != v}
         if wrong:
             detail = ", ".join(f"{k}: checkpoint {a} vs config {b}" for k, (a, b) in wrong.items())
@@ -95,6 +96,7 @@ _ADDABLE = {
     "reference_embedding": (False, lambda k: k.startswith("reference_embedding.")),
     "audio_slots": (0, lambda k: k == "audio_embedder.slot"),
     "audio_null_key": (False, lambda k: k.endswith("_attn.null_k")),
+    "memory_slots": (0, lambda k: ".long_memory." in k),
 }
 
 

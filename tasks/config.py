@@ -72,6 +72,11 @@ class CorpusConfig(_Section):
     overlap_s: tuple[float, float] = (0.2, 0.6)
     big_turn_prob: float = Field(0.5, ge=0.0, le=1.0)  # chance per side of one head turn past 45 degrees
     big_turn_yaw_deg: tuple[float, float] = (50.0, 62.0)
+    # the memory test (issue [10]): this share of the clips gain a coloured mark on one cheek, appearing at a
+    # time drawn in mark_after_s and staying to the end (content the reference never showed); ground truth in
+    # gt/*.json ("mark", "mark_visible"). 0: none (the demo)
+    mark_prob: float = Field(0.0, ge=0.0, le=1.0)
+    mark_after_s: tuple[float, float] = (1.0, 2.0)
     # extra real face photos (paths) added to the images that ship inside installed packages; a missing or
     # unreadable one stops the stage before any work
     extra_faces: list[str] = Field(default_factory=list)
@@ -84,7 +89,7 @@ class CorpusConfig(_Section):
 
     @model_validator(mode="after")
     def _ranges(self) -> CorpusConfig:
-        for key in ("speech_rate_wpm", "pause_s", "overlap_s", "big_turn_yaw_deg"):
+        for key in ("speech_rate_wpm", "pause_s", "overlap_s", "big_turn_yaw_deg", "mark_after_s"):
             lo, hi = getattr(self, key)
             if lo > hi:
                 raise ValueError(f"corpus.{key}: low {lo} is above high {hi}; give [low, high]")

@@ -231,3 +231,33 @@ def test_missing_photo_stops_before_any_work(tmp_path):
     with pytest.raises(FaceError, match="corpus.extra_faces: .*nothere.jpg does not exist"):
         generate(tmp_path / "q", "corpus.extra_faces=[nothere.jpg]")
     assert not list((tmp_path / "q").rglob("*.mp4"))
+
+
+def _mark_pixels(frame: np.ndarray, color) -> int:
+    return int((np.abs(frame.astype(int) - np.array(color)).max(axis=2) < 70).sum())
+
+
+def test_memory_test_mark_appears_and_stays_and_leaves_the_rest_unchanged(corpus, tmp_path):
+    root, cfg, _, table = corpus
+    marked_cfg, result = generate(tmp_path, "corpus.num_conversations=1", "corpus.mark_prob=1",
+                                  "corpus.mark_after_s=[2.0,2.0]")  # fmt: skip
+    assert result.metrics["clips_ok"] == 2
+    out = tmp_path / marked_cfg.corpus.out_dir
+    for gt_path in sorted((out / "gt").glob("*.json")):
+        gt = json.loads(gt_path.read_text())
+        mark = gt["mark"]
+        assert mark["frame"] == 50 and mark["landmark"] in (50, 280) and gt["mark_visible"] == [0] * 50 + [1] * 100
+        frames = read_frames(out / "videos" / f"{gt['clip_id']}.mp4")
+        counts = np.array([_mark_pixels(f, mark["color"]) for f in frames])
+        assert counts[:50].max() == 0  # nothing of that colour before it appears
+        yaw = np.abs(np.array(gt["yaw"]))
+        seen = counts[50:][yaw[50:] < 30]  # from the front the disc shows in every frame
+        assert len(seen) > 20 and seen.min() > 30, (seen.min(), len(seen))
+        # the same conversation without marks: the same motion up to the mark (its own random stream); the
+        # H.264 encoder looks ahead, so the decoded pixels agree to its noise, not bit for bit
+        plain = read_frames(root / cfg.corpus.out_dir / "videos" / f"{gt['clip_id']}.mp4")
+        before = np.abs(plain[:45].astype(int) - frames[:45].astype(int)).mean()
+        after = np.abs(plain[60:].astype(int) - frames[60:].astype(int)).max(axis=(1, 2, 3))
+        assert before < 0.5 and after.min() > 100, (before, after.min())
+    gt = json.loads(next((root / cfg.corpus.out_dir / "gt").glob("*.json")).read_text())
+    assert gt["mark"] is None and not any(gt["mark_visible"])

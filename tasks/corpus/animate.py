@@ -124,6 +124,19 @@ def _sq_dist(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return (a[:, 0:1] - b[None, :, 0]) ** 2 + (a[:, 1:2] - b[None, :, 1]) ** 2
 
 
+@dataclass(frozen=True)
+class Mark:
+    """A coloured disc on the skin (the memory test's persistent content)."""
+
+    landmark: int  # FaceMesh index it sits on (a cheek)
+    color: tuple[int, int, int]  # RGB
+    radius_rel: float  # radius / face width
+
+
+MARK_CHEEKS = (50, 280)  # FaceMesh: left and right cheek
+MARK_COLORS = ((0, 230, 255), (255, 0, 220), (40, 255, 40))  # saturated: nothing in a face is near them
+
+
 class Animator:
     """Renders frames of one identity from per-frame pose, mouth, blink and gesture values."""
 
@@ -192,13 +205,14 @@ class Animator:
         return angles_from_rotation(rotation_from_angles(yaw, 0.0, 0.0)
                                     @ rotation_from_angles(0.0, pitch, roll) @ self.base_frame)
 
-    def render(self, yaw: float, pitch: float, roll: float, mouth: float, blink: float, gesture: np.ndarray
-               ) -> tuple[np.ndarray, tuple[float, float, float]]:
+    def render(self, yaw: float, pitch: float, roll: float, mouth: float, blink: float, gesture: np.ndarray,
+               mark: Mark | None = None) -> tuple[np.ndarray, tuple[float, float, float]]:  # fmt: skip
         """(frame RGB uint8, ground-truth head pose (yaw, pitch, roll) in degrees).
 
         Pitch, roll, mouth, eyelids and the arm move landmarks and drive a thin-plate-spline warp; yaw then
         turns the head as a cylinder about its vertical axis: a fold-free warp whose silhouette stays put
-        (landmark-driven warps fold once the far cheek is hidden, past ~30 degrees).
+        (landmark-driven warps fold once the far cheek is hidden, past ~30 degrees). ``mark``: a coloured disc
+        drawn on the skin at a landmark, so it moves and turns with the head.
         """
         moved = self.landmarks(pitch, roll, mouth, blink)
         halo = self._rotate(self.halo, pitch, roll)
@@ -212,6 +226,10 @@ class Animator:
             cv2.fillPoly(overlay, [poly], (52, 18, 24), lineType=cv2.LINE_AA)
             alpha = min(1.0, (mouth - 0.05) * 4.0)
             frame = cv2.addWeighted(overlay, alpha, frame, 1 - alpha, 0)
+        if mark is not None:
+            centre = tuple(int(round(v)) for v in moved[mark.landmark, :2])
+            cv2.circle(frame, centre, max(1, int(round(mark.radius_rel * self.face_w))), mark.color, -1,
+                       lineType=cv2.LINE_AA)  # fmt: skip
         if abs(yaw) > 1e-3:
             cx = float(moved[FACE_OVAL, 0].mean())
             frame = cv2.remap(frame, *self._yaw_map(yaw, cx, moved), interpolation=cv2.INTER_LINEAR,

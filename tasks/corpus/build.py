@@ -212,11 +212,13 @@ def _render(job: _Job, cfg: CorpusConfig) -> list[dict]:
                                  tuple(cfg.big_turn_yaw_deg))
             anim = Animator(ident, arm_side=int(rng.integers(0, 2)))
             poses = np.zeros((n, 3))
+            mark, mark_from = draw_mark(cfg, job.index, s, n)
 
-            def frames(anim=anim, tracks=tracks, poses=poses):
+            def frames(anim=anim, tracks=tracks, poses=poses, mark=mark, mark_from=mark_from):
                 for i in range(n):
                     frame, poses[i] = anim.render(tracks.yaw[i], tracks.pitch[i], tracks.roll[i], tracks.mouth[i],
-                                                  tracks.blink[i], tracks.gesture[i])
+                                                  tracks.blink[i], tracks.gesture[i],
+                                                  mark if mark is not None and i >= mark_from else None)  # fmt: skip
                     yield frame
 
             video = out / "videos" / f"{names[s]}.mp4"
@@ -245,10 +247,27 @@ def _render(job: _Job, cfg: CorpusConfig) -> list[dict]:
                 "mouth_open": np.round(tracks.mouth, 4).tolist(), "blink": np.round(tracks.blink, 3).tolist(),
                 "gesture": np.round(tracks.gesture, 4).tolist(),
                 "envelope_self": np.round(envs[s], 5).tolist(), "envelope_partner": np.round(envs[1 - s], 5).tolist(),
+                "mark": None if mark is None else {"frame": mark_from, "landmark": mark.landmark,
+                                                   "color": list(mark.color), "radius_rel": mark.radius_rel},
+                "mark_visible": [int(mark is not None and i >= mark_from) for i in range(n)],
             }
             _write_json_atomic(out / "gt" / f"{names[s]}.json", gt)  # last: marks the side finished
             rows.append(row)
     return rows
+
+
+def draw_mark(cfg: CorpusConfig, index: int, side: int, n: int):
+    """(Mark or None, the frame it appears at) for one side of conversation ``index``, from a random stream of
+    its own: ``corpus.mark_prob`` 0 leaves every other draw, so every video, as it was."""
+    from tasks.corpus.animate import MARK_CHEEKS, MARK_COLORS, Mark
+
+    rng = np.random.default_rng([cfg.seed, index, side, 7919])
+    if not cfg.mark_prob or rng.random() >= cfg.mark_prob:
+        return None, n
+    start = min(n - 1, int(round(rng.uniform(*cfg.mark_after_s) * cfg.fps)))
+    mark = Mark(landmark=int(rng.choice(MARK_CHEEKS)), color=MARK_COLORS[int(rng.integers(len(MARK_COLORS)))],
+                radius_rel=0.07)  # fmt: skip
+    return mark, start
 
 
 def _merged_anno(name: str, conv, s: int, n: int, cfg: CorpusConfig, ident) -> dict:

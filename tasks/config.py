@@ -77,6 +77,11 @@ class CorpusConfig(_Section):
     # gt/*.json ("mark", "mark_visible"). 0: none (the demo)
     mark_prob: float = Field(0.0, ge=0.0, le=1.0)
     mark_after_s: tuple[float, float] = (1.0, 2.0)
+    # requested actions (issue [10]) rendered with per-frame labels (gt/*.json "action", "actions"): names from
+    # nod, shake, turn_left, turn_right, smile; [] (the demo): none
+    actions: list[str] = Field(default_factory=list)
+    action_rate_per_min: float = Field(8.0, gt=0)  # mean number of actions per minute of a clip
+    action_s: tuple[float, float] = (1.0, 1.6)  # how long one lasts
     # extra real face photos (paths) added to the images that ship inside installed packages; a missing or
     # unreadable one stops the stage before any work
     extra_faces: list[str] = Field(default_factory=list)
@@ -89,12 +94,16 @@ class CorpusConfig(_Section):
 
     @model_validator(mode="after")
     def _ranges(self) -> CorpusConfig:
-        for key in ("speech_rate_wpm", "pause_s", "overlap_s", "big_turn_yaw_deg", "mark_after_s"):
+        for key in ("speech_rate_wpm", "pause_s", "overlap_s", "big_turn_yaw_deg", "mark_after_s", "action_s"):
             lo, hi = getattr(self, key)
             if lo > hi:
                 raise ValueError(f"corpus.{key}: low {lo} is above high {hi}; give [low, high]")
         if len(set(self.voices)) < 2:
             raise ValueError("corpus.voices: give at least two different voices")
+        known = ("nod", "shake", "turn_left", "turn_right", "smile")
+        unknown = [a for a in self.actions if a not in known]
+        if unknown:
+            raise ValueError(f"corpus.actions: unknown {unknown}; the vocabulary is {', '.join(known)}")
         return self
 
 

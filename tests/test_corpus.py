@@ -261,3 +261,44 @@ def test_memory_test_mark_appears_and_stays_and_leaves_the_rest_unchanged(corpus
         assert before < 0.5 and after.min() > 100, (before, after.min())
     gt = json.loads(next((root / cfg.corpus.out_dir / "gt").glob("*.json")).read_text())
     assert gt["mark"] is None and not any(gt["mark_visible"])
+
+
+def test_requested_actions_are_rendered_and_labelled(tmp_path):
+    from tasks.common.facemesh import FaceMesh
+    from tasks.curation.pose import clip_pose
+
+    cfg, result = generate(tmp_path, "corpus.duration_s=8", "corpus.big_turn_prob=0", "corpus.action_rate_per_min=50",
+                           "corpus.actions=[nod,shake,turn_left,turn_right,smile]")  # fmt: skip
+    assert result.metrics["clips_ok"] == 4
+    out = tmp_path / cfg.corpus.out_dir
+    mesh = FaceMesh()
+    effects: dict[str, list[bool]] = {}
+    for gt_path in sorted((out / "gt").glob("*.json")):
+        gt = json.loads(gt_path.read_text())
+        labels = np.array(gt["action"])
+        names = gt["action_names"]
+        assert names[0] == "idle" and len(labels) == gt["num_frames"]
+        for a in gt["actions"]:  # the labels are the schedule
+            assert (labels[a["start_frame"] : a["end_frame"]] == names.index(a["name"])).all()
+        assert (labels > 0).sum() == sum(a["end_frame"] - a["start_frame"] for a in gt["actions"])
+        frames = read_frames(out / "videos" / f"{gt['clip_id']}.mp4")
+        pose = clip_pose(frames, stride=1)  # FaceMesh on the rendered frames, as curation measures
+        width = []
+        for f in frames:
+            lm = mesh(f)
+            width.append(np.nan if lm is None else np.linalg.norm(lm[61, :2] - lm[291, :2]) / np.ptp(lm[:, 0]))
+        width = np.array(width)
+        idle = labels == 0
+        for a in gt["actions"]:
+            s = slice(a["start_frame"], a["end_frame"])
+            yaw, pitch = pose[s, 0], pose[s, 1]
+            ok = {"turn_right": np.nanmean(yaw) > np.nanmean(pose[idle, 0]) + 5,
+                  "turn_left": np.nanmean(yaw) < np.nanmean(pose[idle, 0]) - 5,
+                  "shake": np.nanstd(yaw) > 2 * np.nanstd(pose[idle, 0]),
+                  "nod": np.nanstd(pitch) > 1.5 * np.nanstd(pose[idle, 1]),
+                  "smile": np.nanmean(width[s]) > 1.05 * np.nanmean(width[idle])}[a["name"]]  # fmt: skip
+            effects.setdefault(a["name"], []).append(bool(ok))
+    assert len(effects) >= 4, effects  # the vocabulary shows up in 32 s of video
+    assert all(all(v) for v in effects.values()), effects  # and each action is measurable where it is
+    with pytest.raises(Exception, match="wave"):
+        load_config(sets=["corpus.actions=[wave]"], root=tmp_path)

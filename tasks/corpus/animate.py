@@ -42,6 +42,7 @@ class Tracks:
     roll: np.ndarray
     gesture: np.ndarray  # arm displacement as a fraction of the frame width
     energy: np.ndarray  # smoothed own-speech energy 0..1
+    smile: np.ndarray | None = None  # 0..1: lip corners out and up (the "smile" action)
 
 
 def _smooth(x: np.ndarray, frames: float) -> np.ndarray:
@@ -108,6 +109,67 @@ def make_tracks(
     return Tracks(mouth=mouth, blink=blink, yaw=yaw, pitch=pitch, roll=roll, gesture=gesture, energy=energy)
 
 
+# ------------------------------------------------------------------------------------------------- actions
+ACTIONS = ("idle", "nod", "shake", "turn_left", "turn_right", "smile")  # per-frame label = index here
+NOD_DEG, SHAKE_DEG, TURN_DEG = 9.0, 14.0, 28.0
+
+
+@dataclass(frozen=True)
+class Action:
+    name: str
+    start: int  # first frame
+    end: int  # one past the last frame
+
+
+def schedule_actions(n: int, fps: int, rng: np.random.Generator, names: list[str], rate_per_min: float,
+                     duration_s: tuple[float, float]) -> list[Action]:  # fmt: skip
+    """Requested actions over ``n`` frames: gaps drawn with mean 60 / rate_per_min s (at least 0.5 s), each
+    action ``duration_s`` long, its name drawn from ``names``; none overlap or run past the end."""
+    out: list[Action] = []
+    if not names or rate_per_min <= 0:
+        return out
+    i = int(max(0.5, rng.exponential(60.0 / rate_per_min)) * fps)
+    while True:
+        length = int(round(rng.uniform(*duration_s) * fps))
+        if i + length > n:
+            return out
+        out.append(Action(str(rng.choice(names)), i, i + length))
+        i += length + int(max(0.5, rng.exponential(60.0 / rate_per_min)) * fps)
+
+
+def apply_actions(tracks: Tracks, actions: list[Action], fps: int) -> tuple[Tracks, np.ndarray]:
+    """The tracks with each action's motion added (a nod: two down-nods per second in pitch; a shake: yaw
+    back and forth; a turn: yaw to one side and back; a smile: lip corners out and up), each faded in and out
+    over its span, and the per-frame action label (index into ``ACTIONS``, 0 idle)."""
+    n = tracks.yaw.size
+    yaw, pitch = tracks.yaw.copy(), tracks.pitch.copy()
+    smile = np.zeros(n) if tracks.smile is None else tracks.smile.copy()
+    labels = np.zeros(n, dtype=np.int64)
+    for a in actions:
+        length = a.end - a.start
+        tau = np.arange(length) / fps
+        fade = min(length // 2, int(0.2 * fps))
+        env = np.ones(length)
+        if fade:
+            ramp = 0.5 - 0.5 * np.cos(np.linspace(0, np.pi, fade))
+            env[:fade], env[-fade:] = ramp, ramp[::-1]
+        span = slice(a.start, a.end)
+        if a.name == "nod":
+            pitch[span] += NOD_DEG * np.sin(2 * np.pi * tau) ** 2 * env
+        elif a.name == "shake":
+            yaw[span] += SHAKE_DEG * np.sin(2 * np.pi * 2.5 * tau) * env
+        elif a.name in ("turn_left", "turn_right"):
+            yaw[span] += (-TURN_DEG if a.name == "turn_left" else TURN_DEG) * env
+        elif a.name == "smile":
+            smile[span] = np.maximum(smile[span], env)
+        else:
+            raise ValueError(f"unknown action {a.name!r}; the vocabulary is {', '.join(ACTIONS[1:])}")
+        labels[span] = ACTIONS.index(a.name)
+    from dataclasses import replace
+
+    return replace(tracks, yaw=yaw, pitch=pitch, smile=smile), labels
+
+
 # --------------------------------------------------------------------------------------------- the renderer
 _CONTROL = sorted(set(FACE_OVAL + LIPS_OUTER_UPPER + LIPS_OUTER_LOWER + LIPS_INNER_UPPER + LIPS_INNER_LOWER
                       + [i for pair in EYELID_PAIRS for i in pair] + EYE_CORNERS + BROWS + NOSE))
@@ -165,6 +227,13 @@ class Animator:
         self.raise_w = np.zeros(len(lm))
         self.raise_w[LIPS_INNER_UPPER[2:-2]] = 0.15
         self.drop_px = 0.08 * self.face_h
+        # smile: the lip corners (61, 291) pulled out and up, their neighbourhood with them
+        mouth_c = lm[[61, 291], :2].mean(axis=0)
+        self.smile_shift = np.zeros((len(lm), 2))
+        for corner in (61, 291):
+            near = np.exp(-np.sum((lm[:, :2] - lm[corner, :2]) ** 2, axis=1) / (2 * (0.07 * self.face_w) ** 2))
+            out = np.sign(lm[corner, 0] - mouth_c[0])
+            self.smile_shift += near[:, None] * np.array([out * 0.05 * self.face_w, -0.035 * self.face_h])
         # fixed anchors: the frame border and a row across the shoulders, away from the arm region
         b = np.linspace(0, 1, 7)
         border = np.concatenate([
@@ -187,10 +256,12 @@ class Animator:
         self.grid_shape = (len(gy), len(gx))
         self.grid_step = grid_step
 
-    def landmarks(self, pitch: float, roll: float, mouth: float, blink: float) -> np.ndarray:
-        """The moved 3D landmarks before the yaw turn (pitch, roll, mouth and eyelids applied)."""
+    def landmarks(self, pitch: float, roll: float, mouth: float, blink: float, smile: float = 0.0) -> np.ndarray:
+        """The moved 3D landmarks before the yaw turn (pitch, roll, mouth, smile and eyelids applied)."""
         lm = self.base.copy()
         lm[:, 1] += mouth * self.drop_px * self.drop_w - mouth * self.drop_px * self.raise_w
+        if smile:
+            lm[:, :2] += smile * self.smile_shift
         for up, low in EYELID_PAIRS:
             lm[up, :2] += 0.75 * blink * (self.base[low, :2] - self.base[up, :2])
         return self._rotate(lm, pitch, roll)
@@ -206,7 +277,7 @@ class Animator:
                                     @ rotation_from_angles(0.0, pitch, roll) @ self.base_frame)
 
     def render(self, yaw: float, pitch: float, roll: float, mouth: float, blink: float, gesture: np.ndarray,
-               mark: Mark | None = None) -> tuple[np.ndarray, tuple[float, float, float]]:  # fmt: skip
+               mark: Mark | None = None, smile: float = 0.0) -> tuple[np.ndarray, tuple[float, float, float]]:  # fmt: skip
         """(frame RGB uint8, ground-truth head pose (yaw, pitch, roll) in degrees).
 
         Pitch, roll, mouth, eyelids and the arm move landmarks and drive a thin-plate-spline warp; yaw then
@@ -214,7 +285,7 @@ class Animator:
         (landmark-driven warps fold once the far cheek is hidden, past ~30 degrees). ``mark``: a coloured disc
         drawn on the skin at a landmark, so it moves and turns with the head.
         """
-        moved = self.landmarks(pitch, roll, mouth, blink)
+        moved = self.landmarks(pitch, roll, mouth, blink, smile)
         halo = self._rotate(self.halo, pitch, roll)
         src = np.concatenate([self.base[_CONTROL, :2], self.halo[:, :2], self.anchors, self.arm_pts])
         dst = np.concatenate([moved[_CONTROL, :2], halo[:, :2], self.anchors, self.arm_pts + gesture * self.w])

@@ -188,7 +188,7 @@ def _render_conversation(job: _Job) -> list[dict]:
 
 
 def _render(job: _Job, cfg: CorpusConfig) -> list[dict]:
-    from tasks.corpus.animate import Animator, make_tracks
+    from tasks.corpus.animate import ACTIONS, Animator, apply_actions, make_tracks
     from tasks.corpus.faces import Variant, make_identity
     from tasks.corpus.script import frame_envelope, plan_conversation, speaking_mask
 
@@ -213,12 +213,15 @@ def _render(job: _Job, cfg: CorpusConfig) -> list[dict]:
             anim = Animator(ident, arm_side=int(rng.integers(0, 2)))
             poses = np.zeros((n, 3))
             mark, mark_from = draw_mark(cfg, job.index, s, n)
+            actions = draw_actions(cfg, job.index, s, n)
+            tracks, labels = apply_actions(tracks, actions, cfg.fps)
 
             def frames(anim=anim, tracks=tracks, poses=poses, mark=mark, mark_from=mark_from):
                 for i in range(n):
                     frame, poses[i] = anim.render(tracks.yaw[i], tracks.pitch[i], tracks.roll[i], tracks.mouth[i],
                                                   tracks.blink[i], tracks.gesture[i],
-                                                  mark if mark is not None and i >= mark_from else None)  # fmt: skip
+                                                  mark if mark is not None and i >= mark_from else None,
+                                                  float(tracks.smile[i]))  # fmt: skip
                     yield frame
 
             video = out / "videos" / f"{names[s]}.mp4"
@@ -250,10 +253,20 @@ def _render(job: _Job, cfg: CorpusConfig) -> list[dict]:
                 "mark": None if mark is None else {"frame": mark_from, "landmark": mark.landmark,
                                                    "color": list(mark.color), "radius_rel": mark.radius_rel},
                 "mark_visible": [int(mark is not None and i >= mark_from) for i in range(n)],
+                "action_names": list(ACTIONS), "action": labels.tolist(),
+                "actions": [{"name": a.name, "start_frame": a.start, "end_frame": a.end} for a in actions],
             }
             _write_json_atomic(out / "gt" / f"{names[s]}.json", gt)  # last: marks the side finished
             rows.append(row)
     return rows
+
+
+def draw_actions(cfg: CorpusConfig, index: int, side: int, n: int) -> list:
+    """The requested actions of one side (``corpus.actions``), from a random stream of their own."""
+    from tasks.corpus.animate import schedule_actions
+
+    rng = np.random.default_rng([cfg.seed, index, side, 104729])
+    return schedule_actions(n, cfg.fps, rng, list(cfg.actions), cfg.action_rate_per_min, tuple(cfg.action_s))
 
 
 def draw_mark(cfg: CorpusConfig, index: int, side: int, n: int):

@@ -57,6 +57,13 @@ class StreamingGenerator:
         self.stream: AudioStream | None = None
         self.context: PreparedContext | None = None
         self.next_frame = 0
+        # Cache-Switching (model/interaction.py): each action's prompt embedding -> its cross-attention K/V,
+        # computed once at start(); set_action() swaps them at the next chunk boundary
+        self.action_text: dict[str, torch.Tensor] = {}
+        self.contexts: dict[str, PreparedContext] = {}
+        self.action = "idle"
+        self._pending: tuple[str, bool] | None = None
+        self._recent: list[tuple[torch.Tensor, ...]] = []  # the last chunks' (latents, talk, listen): recache
 
     @torch.no_grad()
     def start(self, reference_image: torch.Tensor) -> None:
@@ -67,6 +74,10 @@ class StreamingGenerator:
         b = img.shape[0]
         self.cache = KVCache(self.layout, len(self.dit.blocks))
         self.context = self.dit.prepare_text(self._text.to(self.device, self.dtype).expand(b, -1, -1))
+        self.contexts = {"idle": self.context}
+        for name, emb in self.action_text.items():
+            self.contexts[name] = self.dit.prepare_text(emb.to(self.device, self.dtype).expand(b, -1, -1))
+        self.action, self._pending, self._recent = "idle", None, []
         self.stream = AudioStream(self.audio, self.settings.audio_history_frames, self.settings.vad, batch=b)
         self.noise = torch.Generator(device=self.device).manual_seed(self.settings.seed)
         silent = torch.zeros(b, 1, self.audio.tokens_per_latent, self.audio.token_dim, device=self.device, dtype=self.dtype)
@@ -77,11 +88,44 @@ class StreamingGenerator:
         self.decoder.decode(self.ref_latent)  # primes the causal cache; the reference frame itself is not output
         self.next_frame = 1
 
+    def set_action(self, name: str, recache: bool = False) -> None:
+        """Condition the chunks from the next one on ``name``'s prompt (``action_text``; "idle": the base
+        prompt). Cache-Switching: only the cross-attention K/V change; the visual KV cache stays as it is.
+        ``recache``: also recompute the window's K/V under the new prompt from its clean latents (LongLive's
+        KV re-cache), at the cost of one forward over the window."""
+        if name not in self.contexts and name not in self.action_text and name != "idle":
+            raise ValueError(f"no prompt for action {name!r}: known {sorted(['idle', *self.action_text])}")
+        self._pending = (name, recache)
+
+    @torch.no_grad()
+    def _switch(self) -> None:
+        name, recache = self._pending
+        self._pending = None
+        self.action, self.context = name, self.contexts[name]
+        if not recache or not self._recent or not self.layout.window_frames:
+            return
+        cache, b = self.cache, self.ref_latent.shape[0]
+        frames = list(cache.window_frames)
+        latents = torch.cat([r[0] for r in self._recent], dim=2)[:, :, -len(frames) :]
+        talk = torch.cat([r[1] for r in self._recent], dim=1)[:, -len(frames) :]
+        listen = torch.cat([r[2] for r in self._recent], dim=1)[:, -len(frames) :]
+        for layer in range(cache.num_layers):
+            cache.win_k[layer] = cache.win_v[layer] = None
+        cache.window_frames = []
+        for start in range(0, len(frames), self.layout.chunk_frames):  # clean (t = 0), with their own audio
+            part = slice(start, start + self.layout.chunk_frames)
+            n = len(frames[part])
+            self.dit(latents[:, :, part].to(self.dtype), torch.zeros(b, n, device=self.device), self.context,
+                     talk[:, part], listen[:, part], attention="streaming", layout=self.layout, cache=cache,
+                     frame_start=frames[start], write_cache=True)  # fmt: skip
+
     @torch.no_grad()
     def denoise(self, avatar_audio: torch.Tensor, interlocutor_audio: torch.Tensor) -> torch.Tensor:
         """The DiT half of a step: audio for 4C video frames -> the chunk's clean latents [B, z, C, h, w]."""
         if self.cache is None:
             raise RuntimeError("call start(reference_image) before step()")
+        if self._pending is not None:
+            self._switch()
         b = self.ref_latent.shape[0]
         avatar = _batch(avatar_audio, b).to(self.device)
         other = _batch(interlocutor_audio, b).to(self.device)
@@ -108,6 +152,7 @@ class StreamingGenerator:
                      attention="streaming", layout=self.layout, cache=self.cache, frame_start=start,
                      write_cache=True)  # fmt: skip
         self.next_frame += c
+        self._recent = (self._recent + [(x0, talk, listen)])[-(self.layout.window_frames // c + 1) :]
         return x0
 
     @torch.no_grad()

@@ -100,7 +100,9 @@ class CorpusConfig(_Section):
                 raise ValueError(f"corpus.{key}: low {lo} is above high {hi}; give [low, high]")
         if len(set(self.voices)) < 2:
             raise ValueError("corpus.voices: give at least two different voices")
-        known = ("nod", "shake", "turn_left", "turn_right", "smile")
+        from model.interaction import ACTIONS
+
+        known = ACTIONS[1:]
         unknown = [a for a in self.actions if a not in known]
         if unknown:
             raise ValueError(f"corpus.actions: unknown {unknown}; the vocabulary is {', '.join(known)}")

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
+from model.interaction import ACTIONS  # per-frame label = index there
 from tasks.common.facemesh import (
     BROWS,
     EYE_CORNERS,
@@ -110,7 +111,6 @@ def make_tracks(
 
 
 # ------------------------------------------------------------------------------------------------- actions
-ACTIONS = ("idle", "nod", "shake", "turn_left", "turn_right", "smile")  # per-frame label = index here
 NOD_DEG, SHAKE_DEG, TURN_DEG = 9.0, 14.0, 28.0
 
 

@@ -1,0 +1,136 @@
+"""The Reasoning-Reaction Module: the reasoner, State-Cycling and Cache-Switching in the streaming generator."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from model.interaction import ACTIONS, LocalLLMReasoner, RuleReasoner, StateCycler
+from tasks.common.models import build_generator
+from tasks.config import load_config
+
+
+def test_rule_reasoner_maps_messages_to_actions():
+    r = RuleReasoner()
+    cases = {
+        "Yes, exactly what I meant.": "nod",
+        "No, I don't think so.": "shake",
+        "Could you turn to the left for a second?": "turn_left",
+        "Look a bit to the right please": "turn_right",
+        "Haha, that was a funny one": "smile",
+        "The weather report said rain.": "idle",
+        "That's right": "nod",
+    }
+    for message, action in cases.items():
+        assert r.decide(message).action == action, message
+    assert r.decide("What do you think?").speak and not r.decide("Nice weather today.").speak
+    assert set(a for a in cases.values()) <= set(ACTIONS)
+
+
+def test_state_cycling_finishes_each_action_and_returns_to_the_audio_state():
+    c = StateCycler()
+    assert c.step(False, True) == ("listening", "idle")
+    c.request("nod", 2)
+    c.request("smile", 3)  # the latest request wins while nothing runs yet
+    assert c.step(False, True) == ("reacting", "smile")
+    c.request("shake", 1)  # arrives mid-action: waits until the smile has finished
+    assert [c.step(True, False) for _ in range(2)] == [("reacting", "smile")] * 2
+    assert c.step(True, False) == ("reacting", "shake")
+    assert c.step(True, False) == ("speaking", "idle")  # back to what the audio says
+    assert c.step(False, False) == ("idle", "idle")
+    assert len(c.history) == 7
+    with pytest.raises(ValueError, match="wave"):
+        c.request("wave", 1)
+    with pytest.raises(ValueError, match="at least one chunk"):
+        c.request("nod", 0)
+
+
+def test_local_llm_reasoner_plumbing_with_a_tiny_random_model(tmp_path):
+    """A tiny random GPT-2 and a word-level tokenizer saved to a folder: the reasoner loads them from the local
+    path, generates, and falls back on the rules when the answer holds no action word (a random model's does
+    not); an answer with one is taken."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+
+    words = ["[UNK]", "[EOS]", *ACTIONS, "an", "avatar", "reacts", "to", "what", "it", "hears", "with", "one",
+             "of", "message", "reaction", "yes", "no", "look", "left", ",", ".", ":", "\n"]  # fmt: skip
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", eos_token="[EOS]", pad_token="[EOS]")
+    fast.save_pretrained(tmp_path / "lm")
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config(vocab_size=len(words), n_positions=64, n_embd=16, n_layer=1, n_head=2)).save_pretrained(
+        tmp_path / "lm")
+    reasoner = LocalLLMReasoner(tmp_path / "lm", max_new_tokens=3)
+    intent = reasoner.decide("yes")
+    assert intent.action in ACTIONS and intent.reason
+    # force the model's answer: a logits bias towards "shake" makes it say so, and it is taken over the rules
+    with torch.no_grad():
+        reasoner.model.lm_head.weight.zero_()
+        reasoner.model.lm_head.weight[words.index("shake")] = 0
+        reasoner.model.transformer.ln_f.bias.zero_()
+        reasoner.model.lm_head.weight[words.index("shake"), 0] = 100.0
+        reasoner.model.transformer.ln_f.weight.zero_()
+        reasoner.model.transformer.ln_f.bias[0] = 1.0
+    assert reasoner.decide("yes").action == "shake"
+    with torch.no_grad():  # now it only ever says "an": no action word, so the rules decide ("yes" -> nod)
+        reasoner.model.lm_head.weight[words.index("shake"), 0] = 0.0
+        reasoner.model.lm_head.weight[words.index("an"), 0] = 100.0
+    decided = reasoner.decide("yes")
+    assert decided.action == "nod" and "rule nod" in decided.reason
+    with pytest.raises(FileNotFoundError, match="local language model"):
+        LocalLLMReasoner(tmp_path / "missing")
+
+
+def _generator(root):
+    gen = build_generator(load_config([], ["vae.pretrained_path=null"], root=root))
+    gen.action_text = {"nod": torch.randn(1, 8, 32, generator=torch.Generator().manual_seed(5))}
+    return gen
+
+
+def _audio(gen, i):
+    g = torch.Generator().manual_seed(i)
+    voice = torch.randn(gen.samples_per_chunk, generator=g) * 0.1
+    return voice, torch.zeros_like(voice)
+
+
+@torch.no_grad()
+def test_cache_switching_changes_the_conditioning_at_the_next_chunk_only(repo_root):
+    ref = torch.rand(3, 64, 64, generator=torch.Generator().manual_seed(0)) * 2 - 1
+
+    def run(switch_at: int | None, recache: bool = False):
+        gen = _generator(repo_root)
+        gen.start(ref)
+        outs = []
+        for i in range(5):
+            if i == switch_at:
+                gen.set_action("nod", recache=recache)
+            outs.append(gen.denoise(*_audio(gen, i)))
+        return torch.cat(outs, dim=2), gen
+
+    base, _ = run(None)
+    switched, gen = run(3)
+    assert gen.action == "nod" and gen.context is gen.contexts["nod"]
+    c = gen.layout.chunk_frames
+    assert torch.equal(base[:, :, : 3 * c], switched[:, :, : 3 * c])  # chunks before the switch: unchanged
+    assert (base[:, :, 3 * c :] - switched[:, :, 3 * c :]).abs().max() > 1e-4  # from the next chunk on: the new prompt
+    recached, _ = run(3, recache=True)  # the window re-encoded under the new prompt: another result again
+    assert (recached[:, :, 3 * c :] - switched[:, :, 3 * c :]).abs().max() > 1e-5
+    with pytest.raises(ValueError, match="no prompt for action"):
+        gen.set_action("wave")
+
+    # what each does to the visual KV cache at the switch: Cache-Switching nothing, re-caching the window
+    for recache in (False, True):
+        gen = _generator(repo_root)
+        gen.start(ref)
+        for i in range(3):
+            gen.denoise(*_audio(gen, i))
+        before = [(k.clone(), v.clone()) for k, v in zip(gen.cache.win_k, gen.cache.win_v, strict=True)]
+        sink = [k.clone() for k in gen.cache.sink_k]
+        frames = list(gen.cache.frames)
+        gen.set_action("nod", recache=recache)
+        gen._switch()  # what the next denoise() does first
+        assert gen.cache.frames == frames and all(torch.equal(a, b) for a, b in zip(sink, gen.cache.sink_k, strict=True))
+        same = [torch.equal(k0, k1) and torch.equal(v0, v1)
+                for (k0, v0), k1, v1 in zip(before, gen.cache.win_k, gen.cache.win_v, strict=True)]  # fmt: skip
+        assert all(same) if not recache else not any(same)

@@ -99,9 +99,14 @@ def _conv_bn(x: torch.Tensor, weight: torch.Tensor, bn: nn.modules.batchnorm._Ba
     if bn.training:
         return F.relu_(F.batch_norm(F.conv2d(x, weight, **conv), bn.running_mean, bn.running_var, bn.weight,
                                     bn.bias, True, bn.momentum, bn.eps))  # fmt: skip
-    scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
-    bias = bn.bias - bn.running_mean * scale
+    scale, bias = _folded(bn)
     return F.relu_(F.conv2d(x, weight * scale.view(-1, *([1] * (weight.dim() - 1))), bias, **conv))
+
+
+def _folded(bn: nn.modules.batchnorm._BatchNorm) -> tuple[torch.Tensor, torch.Tensor]:
+    """An eval-mode batch norm as y * scale + bias."""
+    scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+    return scale, bn.bias - bn.running_mean * scale
 
 
 def _pointwise_bn(x: torch.Tensor, weight: torch.Tensor, bn: nn.modules.batchnorm._BatchNorm) -> torch.Tensor:
@@ -113,8 +118,8 @@ def _pointwise_bn(x: torch.Tensor, weight: torch.Tensor, bn: nn.modules.batchnor
         y = F.batch_norm(y.reshape(-1, shape[-1]), bn.running_mean, bn.running_var, bn.weight, bn.bias, True,
                          bn.momentum, bn.eps).reshape(shape)  # fmt: skip
         return F.relu_(y)
-    scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
-    return F.relu_(y.mul_(scale).add_(bn.bias - bn.running_mean * scale))
+    scale, bias = _folded(bn)
+    return F.relu_(y.mul_(scale).add_(bias))
 
 
 class VisualEncoder(nn.Module):

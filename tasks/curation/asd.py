@@ -115,13 +115,24 @@ def link_tracks(frame_ids: list[int], detections: list[np.ndarray], min_iou: flo
     return tracks[int(np.argmax(area))]
 
 
+def _half_size(boxes: np.ndarray) -> np.ndarray:
+    """Half the longer side of each box [N, 4]: the scale the face crop is cut at."""
+    return np.maximum(boxes[:, 3] - boxes[:, 1], boxes[:, 2] - boxes[:, 0]) / 2
+
+
+def crop_side(track: FaceTrack) -> float:
+    """Median side (pixels) of the region :func:`face_crops` cuts around the track, before its resize to 224."""
+    b = track.boxes[track.found] if track.found.any() else track.boxes
+    return float(np.median(_half_size(b)) * (2 + 2 * CROP_SCALE)) if len(b) else 0.0
+
+
 def face_crops(frames: np.ndarray, track: FaceTrack) -> np.ndarray:
     """[T, 112, 112] uint8 grey crops around the smoothed track (the detectors' preprocessing)."""
     import cv2
     from scipy.signal import medfilt
 
     b = track.boxes
-    size = medfilt(np.maximum(b[:, 3] - b[:, 1], b[:, 2] - b[:, 0]) / 2, SMOOTH_KERNEL)
+    size = medfilt(_half_size(b), SMOOTH_KERNEL)
     cy = medfilt((b[:, 1] + b[:, 3]) / 2, SMOOTH_KERNEL)
     cx = medfilt((b[:, 0] + b[:, 2]) / 2, SMOOTH_KERNEL)
     out = np.zeros((len(frames), 112, 112), dtype=np.uint8)

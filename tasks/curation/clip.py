@@ -22,9 +22,9 @@ import numpy as np
 from tasks.common.media import MediaError, probe, read_audio, read_frames
 from tasks.curation.asd import (
     ASD_MIN_CROP,
-    CROP_SCALE,
     UNKNOWN,
     FaceTrack,
+    crop_side,
     detect_faces,
     face_crops,
     load_detector,
@@ -81,13 +81,6 @@ def calibration_for(setting: str, source: str) -> str:
     if setting != "auto":
         return setting
     return "per_clip" if source == "synthetic" else "fixed"
-
-
-def crop_side(track: FaceTrack) -> float:
-    """Median side (pixels) of the region :func:`face_crops` cuts around the track, before its resize to 224."""
-    b = track.boxes[track.found] if track.found.any() else track.boxes
-    size = np.maximum(b[:, 3] - b[:, 1], b[:, 2] - b[:, 0]) / 2
-    return float(np.median(size) * (2 + 2 * CROP_SCALE)) if len(size) else 0.0
 
 
 def detector_scale(src: Path, info, frames: np.ndarray, track: FaceTrack, fps: int, duration: float | None

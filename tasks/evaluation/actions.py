@@ -1,0 +1,204 @@
+"""Action following (issue [10]): which of the vocabulary's actions a video performs, and when.
+
+A detector on what mediapipe FaceMesh sees in the frames, nothing learned: per frame the head's yaw and pitch
+(tasks/common/pose.py) and the mouth's width over the eyes' distance (both horizontal, so a turn changes them
+alike). Over sliding windows of ``window_s`` (each frame's signal taken relative to the video's own median,
+so a person's resting pose and mouth are the zero):
+
+* turn_left / turn_right -- the window's mean yaw beyond ``turn_deg`` (negative: left);
+* shake -- the yaw's oscillation: its spread around a ``detrend_s`` moving mean beyond ``shake_deg``, swinging
+  across that mean ``min_crossings`` times or more (a turn's ramps swing once or twice);
+* nod -- the same for the pitch beyond ``nod_deg``;
+* smile -- the mouth's width above the median by ``smile_rel``.
+
+A window takes the first label that holds in that order (a turn's ramps also move the yaw fast, so the turn
+is tested first). Consecutive windows with one label are one event. Scoring against a request schedule:
+a requested action counts as followed when an event of its name starts within ``within_s`` of the
+request (or is under way then); events that overlap no request (with ``within_s`` of slack after it) are
+false actions, reported per minute of the video's idle time. The thresholds are calibrated on the demo
+corpus's rendered actions (``bench --actions``): README, "Action following".
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from tasks.common.facemesh import FaceMesh
+from tasks.common.pose import LEFT_EYE_OUTER, RIGHT_EYE_OUTER, head_pose
+from tasks.evaluation.metrics import upscale_for_landmarks
+
+MOUTH_LEFT, MOUTH_RIGHT = 61, 291
+DETECTED = ("nod", "shake", "turn_left", "turn_right", "smile")
+FEATURES = ("yaw", "yaw_osc", "yaw_cross", "pitch_osc", "pitch_cross", "smile")
+
+
+@dataclass(frozen=True)
+class DetectorSettings:
+    window_s: float = 1.0
+    detrend_s: float = 0.5
+    turn_deg: float = 5.0  # FaceMesh reads the corpus's 28-degree turns as ~12 at 64x64
+    shake_deg: float = 2.2
+    nod_deg: float = 2.4  # the corpus's listeners nod on their own: below this they are not "a nod"
+    smile_rel: float = 0.05
+    min_crossings: int = 4  # an oscillation (shake, nod) swings back and forth at least this often a window
+    min_face: float = 0.6  # share of a window's frames with a face for it to be judged at all
+
+
+@dataclass
+class Signals:
+    yaw: np.ndarray  # degrees, NaN without a face
+    pitch: np.ndarray
+    width: np.ndarray  # mouth width / eye distance
+
+    def __len__(self) -> int:
+        return len(self.yaw)
+
+
+def action_signals(frames: np.ndarray, min_side: int = 192) -> Signals:
+    """FaceMesh per frame (small frames enlarged to ``min_side`` first, as evaluate's landmarks)."""
+    n = len(frames)
+    yaw, pitch, width = (np.full(n, np.nan) for _ in range(3))
+    mesh = FaceMesh()
+    try:
+        for i, frame in enumerate(frames):
+            lm = mesh(upscale_for_landmarks(np.asarray(frame), min_side))
+            if lm is None:
+                continue
+            yaw[i], pitch[i], _ = head_pose(lm)
+            eyes = np.linalg.norm(lm[LEFT_EYE_OUTER, :2] - lm[RIGHT_EYE_OUTER, :2])
+            width[i] = np.linalg.norm(lm[MOUTH_LEFT, :2] - lm[MOUTH_RIGHT, :2]) / max(eyes, 1e-6)
+    finally:
+        mesh.close()
+    return Signals(yaw, pitch, width)
+
+
+def _moving_mean(x: np.ndarray, k: int) -> np.ndarray:
+    """Centred moving mean of length ``k`` over the present values (NaN where none)."""
+    ok = ~np.isnan(x)
+    kernel = np.ones(k)
+    num = np.convolve(np.where(ok, x, 0.0), kernel, mode="same")
+    den = np.convolve(ok.astype(float), kernel, mode="same")
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(den > 0, num / den, np.nan)
+
+
+@dataclass(frozen=True)
+class Event:
+    name: str
+    start: int  # first frame of the first window
+    end: int  # one past the last frame of the last window
+
+
+def _crossings(hp: np.ndarray, level: float) -> int:
+    """Sign changes of a high-passed signal, counting only excursions beyond +-``level`` (jitter is ignored):
+    an oscillation crosses often, a turn's ramp up and down once or twice."""
+    signs = np.sign(hp[np.abs(hp) > level])
+    return int((signs[1:] != signs[:-1]).sum())
+
+
+def window_features(s: Signals, fps: float, settings: DetectorSettings = DetectorSettings()) -> dict[str, np.ndarray]:
+    """Per window start (length ``window_s``): mean yaw, yaw and pitch oscillation, mouth width; NaN where
+    the window has too few faces."""
+    n, w = len(s), max(2, int(round(settings.window_s * fps)))
+    k = max(3, int(round(settings.detrend_s * fps)) | 1)
+    found = ~np.isnan(s.yaw)
+    if not found.any():
+        return {key: np.full(max(n - w + 1, 0), np.nan) for key in FEATURES}
+    yaw = s.yaw - np.nanmedian(s.yaw)
+    pitch = s.pitch - np.nanmedian(s.pitch)
+    width = s.width / np.nanmedian(s.width) - 1.0
+    yaw_hp, pitch_hp = yaw - _moving_mean(yaw, k), pitch - _moving_mean(pitch, k)
+    out = {key: np.full(max(n - w + 1, 0), np.nan) for key in FEATURES}
+    for i in range(n - w + 1):
+        sl = slice(i, i + w)
+        if found[sl].mean() < settings.min_face:
+            continue
+        out["yaw"][i] = np.nanmean(yaw[sl])
+        out["yaw_osc"][i] = np.nanstd(yaw_hp[sl])
+        out["pitch_osc"][i] = np.nanstd(pitch_hp[sl])
+        out["yaw_cross"][i] = _crossings(yaw_hp[sl], settings.shake_deg / 2)
+        out["pitch_cross"][i] = _crossings(pitch_hp[sl], settings.nod_deg / 2)
+        out["smile"][i] = np.nanmean(width[sl])
+    return out
+
+
+def window_labels(features: dict[str, np.ndarray], settings: DetectorSettings = DetectorSettings()) -> list[str]:
+    """The label of each window: the first of turn, shake, nod, smile that holds, else idle ("" unjudged)."""
+    labels = []
+    for yaw, yo, yc, po, pc, sm in zip(*(features[k] for k in FEATURES)):
+        if np.isnan(yaw):
+            labels.append("")
+        elif abs(yaw) > settings.turn_deg:
+            labels.append("turn_right" if yaw > 0 else "turn_left")
+        elif yo > settings.shake_deg and yc >= settings.min_crossings:
+            labels.append("shake")
+        elif po > settings.nod_deg and pc >= settings.min_crossings:
+            labels.append("nod")
+        elif sm > settings.smile_rel:
+            labels.append("smile")
+        else:
+            labels.append("idle")
+    return labels
+
+
+def detect_actions(s: Signals, fps: float, settings: DetectorSettings = DetectorSettings()) -> list[Event]:
+    """The actions performed: runs of windows with one label (idle and unjudged windows are no event)."""
+    labels = window_labels(window_features(s, fps, settings), settings)
+    w = max(2, int(round(settings.window_s * fps)))
+    events: list[Event] = []
+    i = 0
+    while i < len(labels):
+        j = i
+        while j + 1 < len(labels) and labels[j + 1] == labels[i]:
+            j += 1
+        if labels[i] not in ("", "idle"):
+            events.append(Event(labels[i], i, j + w))
+        i = j + 1
+    return events
+
+
+@dataclass
+class Following:
+    requested: int
+    followed: int
+    per_action: dict[str, tuple[int, int]]  # name -> (followed, requested)
+    latency_s: list[float]  # per followed request: first matching event's start - request (>= 0: later)
+    false_events: int
+    idle_minutes: float
+
+    @property
+    def rate(self) -> float | None:
+        return self.followed / self.requested if self.requested else None
+
+    @property
+    def false_per_min(self) -> float | None:
+        return self.false_events / self.idle_minutes if self.idle_minutes > 0 else None
+
+    def as_dict(self) -> dict:
+        return {**asdict(self), "rate": self.rate, "false_per_min": self.false_per_min,
+                "median_latency_s": float(np.median(self.latency_s)) if self.latency_s else None}  # fmt: skip
+
+
+def score_following(events: list[Event], requests: list[tuple[str, int, int]], n_frames: int, fps: float,
+                    within_s: float = 1.0) -> Following:  # fmt: skip
+    """``requests``: (name, start frame, end frame) of each requested action. Followed: an event of the same
+    name that is under way at the request or starts within ``within_s`` after it. False: an event that
+    overlaps no request's span stretched by ``within_s`` after its end."""
+    slack = int(round(within_s * fps))
+    per: dict[str, list[int]] = {}
+    latency, followed = [], 0
+    for name, start, _end in requests:
+        hits = [e for e in events if e.name == name and e.start <= start + slack and e.end > start]
+        per.setdefault(name, [0, 0])[1] += 1
+        if hits:
+            followed += 1
+            per[name][0] += 1
+            latency.append(max(0, min(e.start for e in hits) - start) / fps)
+    busy = np.zeros(n_frames, dtype=bool)
+    for _name, start, end in requests:
+        busy[max(0, start) : min(n_frames, end + slack)] = True
+    false = sum(1 for e in events if not busy[e.start : e.end].any())
+    idle_min = float((~busy).sum()) / fps / 60.0
+    return Following(len(requests), followed, {k: (v[0], v[1]) for k, v in per.items()}, latency, false, idle_min)

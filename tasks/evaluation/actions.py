@@ -127,7 +127,7 @@ def window_features(s: Signals, fps: float, settings: DetectorSettings = Detecto
 def window_labels(features: dict[str, np.ndarray], settings: DetectorSettings = DetectorSettings()) -> list[str]:
     """The label of each window: the first of turn, shake, nod, smile that holds, else idle ("" unjudged)."""
     labels = []
-    for yaw, yo, yc, po, pc, sm in zip(*(features[k] for k in FEATURES)):
+    for yaw, yo, yc, po, pc, sm in zip(*(features[k] for k in FEATURES), strict=True):
         if np.isnan(yaw):
             labels.append("")
         elif abs(yaw) > settings.turn_deg:

@@ -130,8 +130,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="student checkpoint (default: data/checkpoints/refine/final.pt, else distill/final.pt); "
                         "'random' for the seeded untrained student")
     p.add_argument("--seconds", type=float, default=None, help="use only the first S seconds of the audio")
+    p.add_argument("--actions", default=None, metavar="T:ACTION,...",
+                   help="requested actions, e.g. '2.0:nod,5.5:smile' (nod, shake, turn_left, turn_right, smile; "
+                        "idle ends one): each starts at the next chunk boundary and runs --action-seconds; needs a "
+                        "student trained with action prompts (configs/interactive.yaml)")
+    p.add_argument("--action-seconds", type=float, default=None,
+                   help="how long each requested action runs (default: the middle of corpus.action_s)")
     p.add_argument("--measure", action="store_true",
-                   help="then measure the video as `evaluate` does: face found (FaceMesh) and mouth-voice correlation")
+                   help="then measure the video as `evaluate` does: face found (FaceMesh) and mouth-voice "
+                        "correlation; with --actions also the action detector's following rate")
     p = sub.add_parser("live", help="the real-time session server (what `make live` runs): WebSocket /ws sessions "
                                     "of the trained student (the registry's champion by default), /health, /metrics")
     _config_args(p)
@@ -401,7 +408,8 @@ def _generate(args, cfg, root: Path) -> int:
     try:
         summary = generate(cfg, root, Path(args.reference), Path(args.audio), Path(args.out),
                            listen_to=Path(args.listen_to) if args.listen_to else None, checkpoint=args.checkpoint,
-                           seconds=args.seconds, crop=args.crop)  # fmt: skip
+                           seconds=args.seconds, crop=args.crop, actions=args.actions,
+                           action_s=args.action_seconds)  # fmt: skip
     except MediaError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -415,6 +423,14 @@ def _generate(args, cfg, root: Path) -> int:
         if m["lip_corr"] is not None and m["lip_corr_null"] is not None:
             corr += f" (chance level, the voice reversed: {m['lip_corr_null']:.2f})"
         print(f"  measured:   face found in {face} of frames; mouth opening vs voice envelope r = {corr}")
+        if summary["requests"]:
+            from tasks.inference.generate import measure_actions
+
+            f = measure_actions(args.out, summary["requests"], cfg.video.fps)
+            per = ", ".join(f"{k} {a}/{b}" for k, (a, b) in sorted(f["per_action"].items()))
+            false = "n/a" if f["false_per_min"] is None else f"{f['false_per_min']:.1f}"
+            print(f"  actions:    {f['followed']} of {f['requested']} requested actions detected within 1 s ({per}); "
+                  f"false actions per idle minute {false}")
     return 0
 
 

@@ -25,6 +25,14 @@ ACTION_PROMPTS = {
 STATES = ("idle", "listening", "reacting", "speaking")
 
 
+def action_prompt(base: str, action: str) -> str:
+    """The prompt of ``action``: the base prompt, extended by the action's words (idle: the base itself)."""
+    if action not in ACTION_PROMPTS:
+        raise ValueError(f"unknown action {action!r}; the vocabulary is {', '.join(ACTIONS)}")
+    words = ACTION_PROMPTS[action]
+    return f"{base}, {words}" if words else base
+
+
 @dataclass(frozen=True)
 class Intent:
     action: str  # one of ACTIONS

@@ -89,6 +89,58 @@ def seeded_prompt(text_len: int, text_dim: int) -> torch.Tensor:
     return torch.randn(1, text_len, text_dim, generator=torch.Generator().manual_seed(DEMO_SEED))
 
 
+def seeded_extension(base: torch.Tensor, prompt: str) -> torch.Tensor:
+    """The demo's stand-in for a prompt that extends the base one (an action's, model/interaction.py): the
+    base embedding's first half kept (the words they share, as umT5's first tokens would be), the rest a
+    tensor seeded by the prompt's text (stable across runs and machines)."""
+    seed = int.from_bytes(hashlib.sha256(prompt.encode()).digest()[:4], "little")
+    out = base.clone()
+    keep = base.shape[1] // 2
+    out[:, keep:] = torch.randn(base.shape[0], base.shape[1] - keep, base.shape[2],
+                                generator=torch.Generator().manual_seed(seed))  # fmt: skip
+    return out
+
+
+def action_embeddings(
+    base_prompt: str,
+    text_len: int,
+    text_dim: int,
+    encoder_path: str | Path | None = None,
+    cache_dir: str | Path | None = None,
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+) -> dict[str, torch.Tensor]:
+    """Each action's prompt embedding [1, text_len, text_dim] (model/interaction.py ``action_prompt``); idle is
+    the base prompt's. With umT5 the prompts not in the cache are encoded with ONE load of the encoder (and
+    cached); the demo extends the seeded base (``seeded_extension``)."""
+    from model.interaction import ACTIONS, action_prompt
+
+    prompts = {name: action_prompt(base_prompt, name) for name in ACTIONS}
+    if encoder_path is None:
+        base = seeded_prompt(text_len, text_dim)
+        return {n: base if p == base_prompt else seeded_extension(base, p) for n, p in prompts.items()}
+    encoded: dict[str, torch.Tensor] = {}
+    missing = []
+    for prompt in dict.fromkeys(prompts.values()):
+        cached = Path(cache_dir) / f"text_{cache_key(encoder_path, prompt, text_len, dtype)}.pt" if cache_dir else None
+        if cached is not None and cached.is_file():
+            encoded[prompt] = prompt_embedding(prompt, text_len, text_dim, encoder_path, cache_dir, dtype=dtype)
+        else:
+            missing.append((prompt, cached))
+    if missing:
+        log.info("encoding %d prompt(s) with the text encoder at %s", len(missing), encoder_path)
+        tokenizer, encoder = load_text_encoder(encoder_path, dtype=dtype, device=device)
+        for prompt, cached in missing:
+            emb = encode_prompt(tokenizer, encoder, prompt, text_len)
+            _check_dim(emb, text_dim, str(encoder_path))
+            if cached is not None:
+                _save_atomic(emb, cached)
+            encoded[prompt] = emb
+        del encoder
+    return {n: encoded[p] for n, p in prompts.items()}
+
+
 def cache_key(encoder_path: str | Path, prompt: str, text_len: int, dtype: torch.dtype) -> str:
     """Hash of what determines the embedding; the resolved path so relative and absolute spellings agree."""
     resolved = str(Path(encoder_path).expanduser().resolve())

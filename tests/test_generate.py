@@ -252,3 +252,45 @@ def test_a_checkpoint_that_holds_more_than_weights_is_refused(tmp_path):
     torch.save({"model": build_dit(cfg, audio.token_dim, pretrained=False).state_dict(), "step": 3}, good)
     dit, info = load_student(cfg, tmp_path, str(good), audio, torch.device("cpu"))
     assert info["trained"] and not dit.training
+
+
+def test_actions_switch_the_prompt_at_chunk_boundaries_and_run_their_length(root, tmp_path, monkeypatch, capsys):
+    """--actions: each request starts at the next chunk boundary (State-Cycling), runs --action-seconds in whole
+    chunks and the DiT sees that action's prompt (Cache-Switching) in exactly those chunks."""
+    from model.text import action_embeddings
+    from tasks.inference.generate import parse_actions
+
+    voice = lavfi(tmp_path / "me.wav", "sine=frequency=220:duration=3.0", "-ar", "16000")
+    cfg = config(root)
+    seen: list[str] = []
+    real = StreamingGenerator.denoise
+
+    def spy(self, avatar, other):
+        out = real(self, avatar, other)  # the switch happens inside, before the chunk is denoised
+        name = next(n for n, c in self.contexts.items() if c is self.context)
+        seen.append(name)
+        return out
+
+    monkeypatch.setattr(StreamingGenerator, "denoise", spy)
+    out = tmp_path / "acted.mp4"
+    s = generate(cfg, root, FIXTURES / "boy.jpg", voice, out, checkpoint="random", progress=False,
+                 actions="0.5:nod, 1.5:turn_left", action_s=0.96)  # fmt: skip
+    chunk_s = s["chunk_video_frames"] / cfg.video.fps  # 0.48 s
+    assert s["action_chunks"] == 2 and chunk_s == pytest.approx(0.48)
+    # nod requested at 0.5 s -> chunk 2 (0.96 s); turn_left at 1.5 s -> chunk 4 (1.92 s), after the nod's 2
+    assert seen == ["idle", "idle", "nod", "nod", "turn_left", "turn_left", "idle"][: s["chunks"]]
+    assert [r["action"] for r in s["action_log"]] == seen
+    assert [r["state"] for r in s["action_log"]][2:6] == ["reacting"] * 4
+    assert s["requests"] == [("nod", 24, 48), ("turn_left", 48, 72)]
+    # the prompts are the action embeddings: distinct, sharing the base prompt's first half
+    emb = action_embeddings(cfg.model.prompt, cfg.model.text_len, cfg.model.text_dim)
+    half = cfg.model.text_len // 2
+    assert torch.equal(emb["nod"][:, :half], emb["idle"][:, :half]) and not torch.equal(emb["nod"], emb["idle"])
+    assert not torch.equal(emb["nod"], emb["turn_left"])
+    assert parse_actions("5:smile,1.0:nod") == [(1.0, "nod"), (5.0, "smile")]
+    for bad, why in (("2.0:wave", "unknown action 'wave'"), ("nod", "SECONDS:ACTION"), ("-1:nod", "SECONDS >= 0")):
+        with pytest.raises(ConfigError, match=why):
+            parse_actions(bad)
+    assert run_cli(root, "--reference", str(FIXTURES / "boy.jpg"), "--audio", str(voice), "--out",
+                   str(tmp_path / "bad.mp4"), "--actions", "1:wave") == 2  # fmt: skip
+    assert "unknown action 'wave'" in capsys.readouterr().err

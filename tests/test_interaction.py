@@ -134,3 +134,39 @@ def test_cache_switching_changes_the_conditioning_at_the_next_chunk_only(repo_ro
         same = [torch.equal(k0, k1) and torch.equal(v0, v1)
                 for (k0, v0), k1, v1 in zip(before, gen.cache.win_k, gen.cache.win_v, strict=True)]  # fmt: skip
         assert all(same) if not recache else not any(same)
+
+
+def test_action_labels_flow_from_the_annotation_to_the_training_windows(tmp_path):
+    """The corpus's merged_anno ``actions`` (seconds) -> the source clip -> a window's label: the action covering
+    most (>= 40 %) of the window's generated frames, else idle; malformed annotations are errors naming the file."""
+    import json
+
+    import pandas as pd
+
+    from tasks.curation.sources import record_actions, synthetic_clips
+    from tasks.training.data import window_action
+
+    corpus = tmp_path / "raw" / "synthetic"
+    (corpus / "merged_anno").mkdir(parents=True)
+    ids = ["syabc_256x320_full_video_001_A_00", "syabc_256x320_full_video_001_B_01"]
+    pd.DataFrame({"clip_id": ids, "status": ["ok", "ok"], "video_path": ["a.mp4", "b.mp4"], "gt_path": ["", ""],
+                  "photo": ["boy.jpg", "girl.jpg"]}).to_parquet(corpus / "corpus.parquet")  # fmt: skip
+    (corpus / "merged_anno" / f"{ids[0]}.json").write_text(json.dumps(
+        {"actions": [{"name": "nod", "start_s": 1.0, "end_s": 2.2}, {"name": "smile", "start_s": 4.0, "end_s": 4.3}]}))
+    (corpus / "merged_anno" / f"{ids[1]}.json").write_text(json.dumps({"bbox": [0, 0, 1, 1]}))  # no actions
+    a, b = synthetic_clips(corpus)
+    assert json.loads(a.actions) == [["nod", 1.0, 2.2], ["smile", 4.0, 4.3]] and b.actions == ""
+    # a 25-frame window (reference + 24 generated frames at 25 fps) starting at frame s
+    assert window_action(a.actions, 24, 25, 25) == "nod"  # frames 25..48 = 1.00..1.92 s: all nod
+    assert window_action(a.actions, 0, 25, 25) == "idle"  # frames 1..24: the nod starts at frame 25
+    assert window_action(a.actions, 12, 25, 25) == "nod"  # 12 of 24 frames
+    assert window_action(a.actions, 40, 25, 25) == "nod"  # frames 41..54 of 41..64 (1.64 s up to 2.2 s): 14 of 24
+    assert window_action(a.actions, 48, 25, 25) == "idle"  # frames 49..54 of 49..72: 6 of 24
+    assert window_action(a.actions, 96, 25, 25) == "idle"  # the smile covers 7 of 24 frames: < 40 %
+    assert window_action(b.actions, 24, 25, 25) == window_action(None, 24, 25, 25) == "idle"
+    for bad, why in (({"name": "wave", "start_s": 0, "end_s": 1}, "one of idle"),
+                     ({"name": "nod", "start_s": 2, "end_s": 1}, "start_s < end_s"),
+                     ({"name": "nod"}, "needs name, start_s and end_s")):  # fmt: skip
+        with pytest.raises(ValueError, match=why) as err:
+            record_actions({"actions": [bad]}, "x/merged_anno/c.json")
+        assert "x/merged_anno/c.json: actions[0]" in str(err.value)

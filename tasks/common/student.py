@@ -11,7 +11,7 @@ import torch
 from model.audio import AudioConditioner
 from model.dit import AudioDiT
 from model.streaming import StreamingGenerator
-from model.text import prompt_embedding
+from model.text import action_embeddings, prompt_embedding
 from tasks.common.models import build_audio, build_dit, build_vae, device_of, dtype_of, stream_settings
 from tasks.config import Config, ConfigError, data_path, resolve_path
 
@@ -66,8 +66,10 @@ def load_student(cfg: Config, root: Path, checkpoint: str | Path | None, audio: 
     return dit.eval(), {"path": str(shown), "label": str(shown), "trained": True, "step": blob.get("step")}
 
 
-def build_stream(cfg: Config, root: Path, checkpoint: str | Path | None) -> tuple[StreamingGenerator, dict]:
-    """The product's StreamingGenerator around the chosen student, and what that student is."""
+def build_stream(cfg: Config, root: Path, checkpoint: str | Path | None, actions: bool = False
+                 ) -> tuple[StreamingGenerator, dict]:  # fmt: skip
+    """The product's StreamingGenerator around the chosen student, and what that student is; ``actions``: with
+    every action's prompt embedding (Cache-Switching, ``set_action``)."""
     device = device_of(cfg)
     audio = build_audio(cfg).to(device)
     dit, info = load_student(cfg, root, checkpoint, audio, device)
@@ -76,4 +78,9 @@ def build_stream(cfg: Config, root: Path, checkpoint: str | Path | None) -> tupl
         vae.vae.to(dtype_of(cfg))  # the network only: the latent statistics stay float32
     text = prompt_embedding(cfg.model.prompt, cfg.model.text_len, cfg.model.text_dim, cfg.model.text_encoder_path,
                             cache_dir=data_path(cfg, root, "cache"), dtype=dtype_of(cfg))  # fmt: skip
-    return StreamingGenerator(dit, vae, audio, text.float(), stream_settings(cfg)), info
+    gen = StreamingGenerator(dit, vae, audio, text.float(), stream_settings(cfg))
+    if actions:
+        made = action_embeddings(cfg.model.prompt, cfg.model.text_len, cfg.model.text_dim, cfg.model.text_encoder_path,
+                                 cache_dir=data_path(cfg, root, "cache"), dtype=dtype_of(cfg))  # fmt: skip
+        gen.action_text = {k: v.float() for k, v in made.items() if k != "idle"}
+    return gen, info

@@ -227,7 +227,11 @@ def _render(job: _Job, cfg: CorpusConfig) -> list[dict]:
             video = out / "videos" / f"{names[s]}.mp4"
             write_video(video, frames(), cfg.fps, audio_path=wav, audio_rate=cfg.sample_rate, crf=cfg.crf)
             anno = out / "merged_anno" / f"{names[s]}.json"
-            anno.write_text(json.dumps(_merged_anno(names[s], conv, s, n, cfg, ident), indent=1))
+            record = _merged_anno(names[s], conv, s, n, cfg, ident)
+            if cfg.actions:  # the clip's action annotation (seconds), as a captioner would label a real clip
+                record["actions"] = [{"name": a.name, "start_s": round(a.start / cfg.fps, 4),
+                                      "end_s": round(a.end / cfg.fps, 4)} for a in actions]  # fmt: skip
+            anno.write_text(json.dumps(record, indent=1))
             row = {
                 "clip_id": names[s], "conversation": job.index, "side": side, "partner_clip_id": names[1 - s],
                 "video_path": _rel(video, root), "anno_path": _rel(anno, root),

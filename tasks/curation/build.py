@@ -44,7 +44,7 @@ MANIFEST_COLUMNS = [
     "fps", "source_fps", "source_width", "source_height", "speaking_ratio", "listen_ratio", "unknown_ratio",
     "asd_threshold", "category", "selected", "split", "pose_frames", "pose_face_frames", "pose_mean_abs_yaw",
     "pose_mean_abs_pitch", "pose_mean_abs_roll", "pose_max_abs_yaw", "pose_max_abs_pitch", "pose_max_abs_roll",
-    "pose_beyond_fraction", "luminance", "face_sharpness", "crop_box", "status", "reason", "fingerprint",
+    "pose_beyond_fraction", "luminance", "face_sharpness", "crop_box", "actions", "status", "reason", "fingerprint",
 ]  # fmt: skip
 
 
@@ -153,7 +153,7 @@ def run_curate(cfg: Config, root: Path, progress: bool = True, mapper: Mapper = 
     # where a clip comes from, its conversation and its person are the listing's, not the processing's: a
     # resumed row takes today's (e.g. after curate.local_groups changed)
     listed = [{**rows[clip.clip_id], "group": clip.group, "source": clip.source,
-               "identity": clip.identity or clip.clip_id} for clip in clips]  # fmt: skip
+               "identity": clip.identity or clip.clip_id, "actions": clip.actions} for clip in clips]  # fmt: skip
     table, split_info = finish_table(listed, cfg)
     for row in table[table["status"] == "failed"].itertuples():
         failures[row.clip_id] = row.reason

@@ -41,6 +41,27 @@ class SourceClip:
     rejected: str | None = None  # the source declined it (a quality filter of its record): why; not fetched
     source: str = ""  # synthetic | local | speakervid
     identity: str | None = None  # the person shown (None: unknown, the clip is taken as its own person)
+    actions: str = ""  # the record's action annotation as JSON [[name, start_s, end_s], ...] ("": none)
+
+
+def record_actions(record: dict, where: str) -> str:
+    """A merged_anno record's optional ``actions`` (a list of {name, start_s, end_s}; the demo corpus writes
+    it, SpeakerVid has none) as the manifest's JSON; an entry with an unknown name or bad times is an error
+    naming the file."""
+    from model.interaction import ACTIONS
+
+    items = record.get("actions") or []
+    out = []
+    for i, a in enumerate(items if isinstance(items, list) else [items]):
+        try:
+            name, start, end = str(a["name"]), float(a["start_s"]), float(a["end_s"])
+        except (TypeError, KeyError, ValueError) as exc:
+            raise ValueError(f"{where}: actions[{i}] needs name, start_s and end_s ({exc!r})") from None
+        if name not in ACTIONS or not 0 <= start < end:
+            raise ValueError(f"{where}: actions[{i}] = {a!r}: the name must be one of {', '.join(ACTIONS)} "
+                             f"and 0 <= start_s < end_s")  # fmt: skip
+        out.append([name, start, end])
+    return json.dumps(out) if out else ""
 
 
 def synthetic_clips(corpus_dir: Path) -> list[SourceClip]:
@@ -52,9 +73,12 @@ def synthetic_clips(corpus_dir: Path) -> list[SourceClip]:
     for row in table[table["status"] == "ok"].itertuples():
         m = CLIP_RE.match(row.clip_id)
         photo = getattr(row, "photo", None)  # the person: the photo the corpus animated
+        anno = corpus_dir / "merged_anno" / f"{row.clip_id}.json"  # the corpus's layout
+        actions = record_actions(json.loads(anno.read_text()), str(anno)) if anno.is_file() else ""
         clips.append(SourceClip(safe_id(row.clip_id), row.video_path, m["ytid"] if m else row.clip_id,
                                 None, row.gt_path, source="synthetic",
-                                identity=str(photo) if isinstance(photo, str) and photo else None))  # fmt: skip
+                                identity=str(photo) if isinstance(photo, str) and photo else None,
+                                actions=actions))  # fmt: skip
     return clips
 
 
@@ -79,10 +103,12 @@ def local_clips(entries: list[Path] | Path, groups: dict[str, str] | None = None
             continue
         for video in videos:
             folder, stem = video.parent, video.stem
-            bbox = None
+            bbox, actions = None, ""
             for anno in (folder / f"{stem}.json", folder / "merged_anno" / f"{stem}.json"):
                 if anno.is_file():
-                    record = MergedAnno.model_validate(json.loads(anno.read_text()))
+                    raw = json.loads(anno.read_text())
+                    record = MergedAnno.model_validate(raw)
+                    actions = record_actions(raw, str(anno))
                     bbox, note = record_box(video, record)
                     if note:
                         notes.append(f"{video}: {note}")
@@ -90,7 +116,8 @@ def local_clips(entries: list[Path] | Path, groups: dict[str, str] | None = None
             clip_id = safe_id(stem)
             m = CLIP_RE.match(stem)
             group = groups.get(clip_id) or (m["ytid"] if m else clip_id)
-            clips.append(SourceClip(clip_id, str(video), group, bbox, source="local", identity=identity_of(clip_id)))
+            clips.append(SourceClip(clip_id, str(video), group, bbox, source="local", identity=identity_of(clip_id),
+                                    actions=actions))  # fmt: skip
     return clips, notes
 
 

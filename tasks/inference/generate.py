@@ -96,6 +96,90 @@ def stream_frames(gen: StreamingGenerator, avatar: torch.Tensor, other: torch.Te
         yield from video
 
 
+def parse_actions(spec: str | None) -> list[tuple[float, str]]:
+    """``--actions "2.0:nod,5.5:smile"`` -> [(2.0, "nod"), (5.5, "smile")], sorted by time; a malformed entry,
+    an unknown action or a negative time is a ConfigError naming the entry."""
+    from model.interaction import ACTIONS
+
+    out = []
+    for raw in (spec or "").split(","):
+        entry = raw.strip()
+        if not entry:
+            continue
+        at, sep, name = entry.partition(":")
+        try:
+            t = float(at)
+        except ValueError:
+            t = float("nan")
+        if not sep or not t >= 0:
+            raise ConfigError(f"--actions: {entry!r} is not SECONDS:ACTION (e.g. 2.0:nod) with SECONDS >= 0")
+        if name.strip() not in ACTIONS:
+            raise ConfigError(f"--actions: {entry!r}: unknown action {name.strip()!r}; the vocabulary is "
+                              f"{', '.join(ACTIONS)}")  # fmt: skip
+        out.append((t, name.strip()))
+    return sorted(out)
+
+
+def action_plan(requests: list[tuple[float, str]], chunks: int, chunk_frames: int, fps: float
+                ) -> list[tuple[int, str]]:  # fmt: skip
+    """(chunk, action) requests: a request at ``t`` seconds is taken at the first chunk boundary at or after
+    it (Cache-Switching swaps the prompt there); requests past the last chunk are dropped."""
+    out = []
+    for t, name in requests:
+        chunk = math.ceil(round(t * fps / chunk_frames, 6))
+        if chunk < chunks:
+            out.append((chunk, name))
+    return out
+
+
+def stream_with_actions(gen: StreamingGenerator, avatar: torch.Tensor, other: torch.Tensor, frames: int,
+                        plan: list[tuple[int, str]], action_chunks: int, log_rows: list[dict],
+                        bar: tqdm | None = None) -> Iterator[np.ndarray]:  # fmt: skip
+    """``stream_frames`` with State-Cycling (model/interaction.py ``StateCycler``): before each chunk the
+    requests due are handed to the cycler, whose action for the chunk is switched in (``set_action``) when it
+    changes; each chunk's state and action are appended to ``log_rows``."""
+    from model.interaction import StateCycler
+
+    cycler = StateCycler()
+    due = {}
+    for chunk, name in plan:
+        due.setdefault(chunk, []).append(name)
+    step = gen.samples_per_chunk
+    left, i = frames, 0
+    speaking = partner = False
+    while left > 0 and i * step < avatar.numel():
+        for name in due.get(i, []):
+            cycler.request(name, action_chunks)
+        state, action = cycler.step(speaking, partner)
+        if action != gen.action:
+            gen.set_action(action)
+        piece = slice(i * step, (i + 1) * step)
+        video = _to_uint8(gen.step(avatar[piece], other[piece])[0])[:left]
+        speaking = bool(gen.last_mask.float().mean() > 0.5)
+        partner = bool(gen.last_partner_mask.float().mean() > 0.5)
+        log_rows.append({"chunk": i, "first_frame": 1 + i * gen.chunk_video_frames, "state": state, "action": action})
+        left -= len(video)
+        i += 1
+        if bar is not None:
+            bar.update(1)
+        yield from video
+
+
+def performed_requests(rows: list[dict], chunk_frames: int) -> list[tuple[str, int, int]]:
+    """The actions the generator was conditioned on, as (name, first frame, end frame) runs of chunks: what
+    the action detector scores the video against (frame 0 of the video is the first generated frame)."""
+    out: list[tuple[str, int, int]] = []
+    for r in rows:
+        start = r["chunk"] * chunk_frames
+        if r["action"] == "idle":
+            continue
+        if out and out[-1][0] == r["action"] and out[-1][2] == start:
+            out[-1] = (r["action"], out[-1][1], start + chunk_frames)
+        else:
+            out.append((r["action"], start, start + chunk_frames))
+    return out
+
+
 def _partial(path: Path) -> Path:
     return path.with_name(path.stem + ".partial" + path.suffix)  # where write_video encodes to
 
@@ -104,12 +188,16 @@ def _partial(path: Path) -> Path:
 def generate(
     cfg: Config, root: Path, reference: Path, audio: Path, out: Path, listen_to: Path | None = None,
     checkpoint: str | None = None, seconds: float | None = None, progress: bool = True, crop: str = "head",
+    actions: str | None = None, action_s: float | None = None,
 ) -> dict[str, Any]:  # fmt: skip
     """Write ``out`` (an mp4): the avatar of ``reference`` talking on ``audio`` and listening to
     ``listen_to``, at the profile's size and frame rate, with the mix of both voices as its sound.
 
     ``checkpoint``: a student checkpoint path, None for the last trained one (refine, else distill) or
     "random" (the seeded untrained student). ``seconds``: use only the first this many seconds of audio.
+    ``actions``: requested actions "SECONDS:ACTION,..." (``parse_actions``), each run for ``action_s`` seconds
+    (default: the middle of corpus.action_s) in whole chunks, switched in at chunk boundaries; the summary's
+    ``action_log`` says each chunk's state and action and ``requests`` what was performed.
     Returns a summary: frames, seconds, chunks, the checkpoint, timings and the real-time factor (time spent
     generating and encoding / seconds of audio, model loading excluded; ``rtf_with_load`` includes it).
     Raises ConfigError (bad arguments, no checkpoint) or MediaError (an input that cannot be read).
@@ -132,14 +220,21 @@ def generate(
     ref = read_reference(reference, width, height, crop, cfg.curate.head_scale)
     voice = read_voice(audio, sr, seconds)
     heard = read_voice(listen_to, sr, seconds) if listen_to is not None else None
+    requests = parse_actions(actions)
+    if action_s is not None and not action_s > 0:
+        raise ConfigError(f"--action-seconds must be positive, got {action_s}")
     avatar, other = conversation(voice, heard, None if seconds is None else round(seconds * sr))
     samples = avatar.size
     audio_s = samples / sr
     frames = math.ceil(samples / spf)
 
-    gen, student = build_stream(cfg, root, checkpoint)
+    gen, student = build_stream(cfg, root, checkpoint, actions=bool(requests))
     step = gen.samples_per_chunk
     chunks = math.ceil(samples / step)
+    length_s = action_s if action_s is not None else sum(cfg.corpus.action_s) / 2
+    action_chunks = max(1, round(length_s * fps / gen.chunk_video_frames))
+    plan = action_plan(requests, chunks, gen.chunk_video_frames, fps)
+    action_log: list[dict] = []
     padded = chunks * step  # the last chunk is completed with silence; its extra frames are dropped
     talk, listen = torch.from_numpy(_fit(avatar, padded)), torch.from_numpy(_fit(other, padded))
     load_s = time.perf_counter() - t_all
@@ -155,7 +250,9 @@ def generate(
         write_wav(track, _fit(mix(avatar, other), frames * spf), sr)
         gen.start(ref)
         try:
-            write_video(out, stream_frames(gen, talk, listen, frames, bar), fps, audio_path=track, audio_rate=sr)
+            video = (stream_with_actions(gen, talk, listen, frames, plan, action_chunks, action_log, bar) if requests
+                     else stream_frames(gen, talk, listen, frames, bar))  # fmt: skip
+            write_video(out, video, fps, audio_path=track, audio_rate=sr)
         except BaseException:
             _partial(out).unlink(missing_ok=True)  # an interrupted run leaves nothing behind
             raise
@@ -169,7 +266,18 @@ def generate(
         "listen_to": None if listen_to is None else str(listen_to), "device": str(gen.device),
         "torch_threads": torch.get_num_threads(), "load_s": load_s, "stream_s": stream_s, "wall_s": wall_s,
         "rtf": stream_s / audio_s, "rtf_with_load": wall_s / audio_s,
+        "actions": [{"at_s": t, "action": a} for t, a in requests], "action_chunks": action_chunks,
+        "action_log": action_log, "requests": performed_requests(action_log, gen.chunk_video_frames),
     }  # fmt: skip
+
+
+def measure_actions(video: str | Path, requests: list[tuple[str, int, int]], fps: float) -> dict[str, Any]:
+    """Action following of a generated video (tasks/evaluation/actions.py): the share of the performed
+    requests the detector finds within 1 s, per action, the latency and false actions per idle minute."""
+    from tasks.evaluation.actions import action_signals, detect_actions, score_following
+
+    frames = read_frames(video)
+    return score_following(detect_actions(action_signals(frames), fps), requests, len(frames), fps).as_dict()
 
 
 def measure(cfg: Config, video: str | Path, voice: str | Path, seconds: float | None = None) -> dict[str, Any]:
@@ -194,6 +302,7 @@ def format_summary(s: dict[str, Any]) -> str:
     step = f" (step {s['checkpoint_step']})" if s.get("checkpoint_step") else ""
     where = s["device"] if s["device"] != "cpu" else f"cpu, {s['torch_threads']} threads"
     rt = "faster than real time" if s["rtf"] < 1 else "slower than real time"
+    acted = ", ".join(f"{a} at frame {st}-{en}" for a, st, en in s.get("requests", [])) or "none"
     return "\n".join([
         f"generated {s['out']}",
         f"  video:      {s['frames']} frames = {s['seconds']:.2f} s at {s['size']} @ {s['fps']} fps "
@@ -205,4 +314,6 @@ def format_summary(s: dict[str, Any]) -> str:
         f"  speed:      real-time factor {s['rtf']:.3f} on this machine ({where}; {rt}): {s['stream_s']:.2f} s "
         f"generating + encoding for {s['audio_seconds']:.2f} s of audio; {s['wall_s']:.2f} s wall including "
         f"{s['load_s']:.2f} s of loading (RTF {s['rtf_with_load']:.3f})",
+        *([f"  actions:    {acted} ({s['action_chunks']} chunks each, switched at chunk boundaries)"]
+          if s.get("actions") else []),
     ])  # fmt: skip

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import logging
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,7 +25,7 @@ from model.sampling import (
     teacher_sigmas,
 )
 from model.streaming import StreamingGenerator
-from model.text import prompt_embedding
+from model.text import action_embeddings, prompt_embedding
 from model.vae import VideoVAE
 from tasks.common.media import write_video, write_wav
 from tasks.common.models import build_audio, build_dit, build_vae, device_of, dtype_of, stream_settings
@@ -48,6 +49,7 @@ class Run:
     audio: AudioConditioner
     progress: bool
     compute: torch.dtype = torch.float32  # project.dtype: what the steps compute in (autocast)
+    _action_text: dict[str, torch.Tensor] | None = None  # each action's prompt embedding, made when first needed
 
     def autocast(self):
         """The steps' mixed precision: bf16/fp16 compute on float32 master weights (a no-op for float32).
@@ -68,6 +70,38 @@ class Run:
     def context(self, dit: AudioDiT, b: int) -> PreparedContext:
         """The prompt's cross-attention K/V for ``dit`` (recomputed per step when ``dit`` trains)."""
         return dit.prepare_text(self.text_batch(b))
+
+    def texts(self, actions: Sequence[str]) -> torch.Tensor:
+        """[len(actions), text_len, text_dim]: each window's prompt (its action's; ``idle``: the base prompt,
+        the same tensor as ``text_batch``)."""
+        if not actions:
+            raise ValueError("texts() of no windows")
+        if all(a == "idle" for a in actions):
+            return self.text_batch(len(actions))
+        table = self.action_text
+        unknown = sorted({a for a in actions if a != "idle" and a not in table})
+        if unknown:
+            raise ValueError(f"no prompt for action(s) {unknown}; known: idle, {', '.join(sorted(table))}")
+        rows = [self.text if a == "idle" else table[a] for a in actions]
+        return torch.cat(rows).to(self.device, self.dtype)
+
+    @property
+    def action_text(self) -> dict[str, torch.Tensor]:
+        """Each action's prompt embedding (model/text.py ``action_embeddings``; idle: ``text``), made on first
+        use, so a run without action labels never encodes them."""
+        if self._action_text is None:
+            m = self.cfg.model
+            made = action_embeddings(m.prompt, m.text_len, m.text_dim, m.text_encoder_path,
+                                     cache_dir=data_path(self.cfg, self.root, "cache"), dtype=self.compute)  # fmt: skip
+            self._action_text = {k: v.float() for k, v in made.items() if k != "idle"}
+        return self._action_text
+
+    def window_texts(self, windows: WindowSet, idx: Sequence[int] | torch.Tensor | None = None) -> torch.Tensor:
+        """The prompts of ``windows`` (rows ``idx`` of it): by their ``action`` label."""
+        labels = list(windows.index["action"]) if "action" in windows.index else ["idle"] * len(windows)
+        if idx is not None:
+            labels = [labels[int(i)] for i in (idx.tolist() if torch.is_tensor(idx) else idx)]
+        return self.texts(labels)
 
 
 def start_run(cfg: Config, root: Path, progress: bool = True) -> Run:
@@ -218,7 +252,7 @@ def teacher_sample(run: Run, teacher: AudioDiT, vae: VideoVAE, val: WindowSet, o
     g = torch.Generator().manual_seed(cfg.project.seed)
     x = torch.randn(lat.shape, generator=g).to(run.device)
     x[:, :, :1] = lat[:, :, :1]
-    x0 = sample_teacher(cfg, teacher.eval(), run.context(teacher, 1), x, w.talk.to(run.device),
+    x0 = sample_teacher(cfg, teacher.eval(), teacher.prepare_text(run.window_texts(w)), x, w.talk.to(run.device),
                         w.listen.to(run.device))  # fmt: skip
     return latent_sample(run, vae, x0, w.wave[0], out)
 
@@ -333,6 +367,25 @@ def heldout_fm_losses(model: AudioDiT | None, latents: torch.Tensor, text: torch
     return out
 
 
+def action_prompt_gain(run: Run, model: AudioDiT, windows: WindowSet) -> dict[str, float]:
+    """Does the model use the action prompt? On the windows labelled with an action (not idle): the
+    flow-matching loss with the base (idle) prompt over the loss with their own action's prompt, minus 1 --
+    0 for a model that ignores the prompt, > 0 when the action's words predict the motion. Empty without
+    labelled windows."""
+    labels = list(windows.index["action"]) if "action" in windows.index else []
+    acted = [i for i, a in enumerate(labels) if a != "idle"]
+    if not acted:
+        return {}
+    w = windows.take(acted)
+    device = next(model.parameters()).device
+    lat = w.latents.to(device)
+    zero = torch.zeros(1, lat.shape[1], 1, 1, 1)
+    own = heldout_fm_losses(model, lat, run.window_texts(w), w.talk.to(device), w.listen.to(device), zero, zero)
+    idle = heldout_fm_losses(model, lat, run.text_batch(len(w)), w.talk.to(device), w.listen.to(device), zero, zero)
+    return {"action_windows": float(len(w)), "action_fm_loss": own["fm_loss"],
+            "action_fm_loss_idle_prompt": idle["fm_loss"], "action_prompt_gain": idle["fm_loss"] / own["fm_loss"] - 1.0}
+
+
 def mouth_audio_gain(model: AudioDiT, windows: WindowSet, text: torch.Tensor, box: tuple[float, float, float, float],
                      min_talk: float = 0.3) -> dict[str, float]:  # fmt: skip
     """Does the model use the audio where it matters? The flow-matching loss in the mouth box (``box``, fractions
@@ -346,6 +399,8 @@ def mouth_audio_gain(model: AudioDiT, windows: WindowSet, text: torch.Tensor, bo
     if len(talking) < 2:
         return {}
     w = windows.take(talking)
+    if text.shape[0] == len(windows) > 1:  # one prompt per window: those of the talking ones
+        text = text[talking]
     device = next(model.parameters()).device
     lat = w.latents.to(device)
     mouth = region_weight(*lat.shape[-2:], box, 1.0, outside=0.0).to(device)

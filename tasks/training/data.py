@@ -149,6 +149,21 @@ def encode_clip(cfg: Config, root: Path, row: pd.Series, vae: VideoVAE, audio: A
     return packed
 
 
+def window_action(actions: str | None, start: int, length: int, fps: float, min_share: float = 0.4) -> str:
+    """The action a window is conditioned on: of the clip's annotated actions (the manifest's JSON, seconds),
+    the one covering most of the window's generated frames (all but the reference), if it covers at least
+    ``min_share`` of them; else "idle"."""
+    if not isinstance(actions, str) or not actions:
+        return "idle"
+    frames = np.arange(start + 1, start + length) / fps  # the generated frames' times
+    best, cover = "idle", 0.0
+    for name, a, b in json.loads(actions):
+        share = float(((frames >= a) & (frames < b)).mean())
+        if share > cover:
+            best, cover = name, share
+    return best if cover >= min_share else "idle"
+
+
 def build_windows(cfg: Config, root: Path, vae: VideoVAE, audio: AudioConditioner, progress: bool = True
                   ) -> tuple[pd.DataFrame, dict[str, str]]:  # fmt: skip
     """Encode every training and validation clip not yet encoded; returns (window index, failures)."""
@@ -185,10 +200,12 @@ def build_windows(cfg: Config, root: Path, vae: VideoVAE, audio: AudioConditione
             tmp = path.with_suffix(".pt.tmp")
             torch.save(packed, tmp)
             os.replace(tmp, path)
+        length = window_video_frames(cfg)
         for w, s in enumerate(packed["starts"]):
             rows.append({"clip_id": r.clip_id, "window": w, "start_frame": int(s), "split": split,
-                         "path": str(path.relative_to(root))})  # fmt: skip
-    index = pd.DataFrame(rows, columns=["clip_id", "window", "start_frame", "split", "path"])
+                         "path": str(path.relative_to(root)),
+                         "action": window_action(getattr(r, "actions", ""), int(s), length, cfg.video.fps)})  # fmt: skip
+    index = pd.DataFrame(rows, columns=["clip_id", "window", "start_frame", "split", "path", "action"])
     tmp = out_dir / (INDEX + ".tmp")
     index.to_parquet(tmp, index=False)
     os.replace(tmp, out_dir / INDEX)
@@ -202,7 +219,10 @@ def windows_digest(cfg: Config, root: Path) -> str:
     if not index_path.is_file():
         return "none"
     index = pd.read_parquet(index_path)
-    rows = sorted(zip(index.clip_id, index.window, index.start_frame, index.split, strict=True))
+    actions = index["action"] if "action" in index else ["idle"] * len(index)
+    rows = sorted(zip(index.clip_id, index.window, index.start_frame, index.split, actions, strict=True))
+    if set(actions) <= {"idle"}:  # no action labels: the digest of before labels existed
+        rows = [r[:4] for r in rows]
     return hashlib.sha256(json.dumps([fingerprint(cfg), [list(map(str, r)) for r in rows]]).encode()).hexdigest()[:16]
 
 
@@ -213,6 +233,8 @@ def load_windows(cfg: Config, root: Path, split: str, limit: int | None = None) 
         raise ConfigError(f"{index_path.relative_to(root)}: no training windows; run `streamavatar teacher` first")
     index = pd.read_parquet(index_path)
     index = index[index.split == split].reset_index(drop=True)
+    if "action" not in index:  # an index written before action labels
+        index["action"] = "idle"
     if limit is not None:
         index = index.iloc[:limit]
     if index.empty:

@@ -188,7 +188,7 @@ def ode_init(run: Run, student, fingerprint: str):
 
         def micro(sl: slice) -> tuple[torch.Tensor, dict]:
             i = idx[sl]
-            return ode_init_loss(student, x[sl].to(device), frame_sigma[sl].to(device), run.text_batch(len(i)),
+            return ode_init_loss(student, x[sl].to(device), frame_sigma[sl].to(device), run.window_texts(windows, i),
                                  windows.talk[i].to(device), windows.listen[i].to(device), layout,
                                  target[sl].to(device)), {}  # fmt: skip
 
@@ -222,7 +222,7 @@ def ode_regression(run: Run, student) -> float:
         x = torch.cat([windows.latents[:, :, :1], states[:, k]], dim=2).to(dev)
         t = torch.full((b, x.shape[2]), sigma * NUM_TRAIN_TIMESTEPS, device=dev)
         t[:, 0] = 0
-        v = student(x.to(run.dtype), t, run.text_batch(b), windows.talk.to(dev, run.dtype),
+        v = student(x.to(run.dtype), t, run.window_texts(windows), windows.talk.to(dev, run.dtype),
                     windows.listen.to(dev, run.dtype), attention="block_causal", layout=layout).float()  # fmt: skip
         errs.append(float(((predict_x0(x, v, sigma)[:, :, 1:].cpu() - x0) ** 2).mean()))
     student.train(was)
@@ -238,7 +238,7 @@ def ode_match(run: Run, student) -> dict[str, float]:
     index, states, x0, _ = load_pairs(cfg, run.root, "val")
     windows = windows_for(cfg, run.root, index, "val")
     dev = run.device
-    out = student_samples(student, run.text_batch(len(index)), windows.latents[:, :, :1].to(dev),
+    out = student_samples(student, run.window_texts(windows), windows.latents[:, :, :1].to(dev),
                           windows.talk.to(dev), windows.listen.to(dev), build_layout(cfg),
                           student_sigmas(cfg.student.steps, cfg.student.timestep_shift), states[:, 0].to(dev),
                           cfg.project.seed, cfg.student.context)[:, :, 1:].cpu()  # fmt: skip
@@ -361,8 +361,7 @@ def sid(run: Run, student, teacher, fingerprint: str):
         eps_f = torch.randn((gb, *lat_shape), generator=g)
         idx, noise, sigma_g, eps_g, sigma_f, eps_f = (dist.slice(v) for v in (idx, noise, sigma_g, eps_g, sigma_f, eps_f))
         renoise = renoise[:, dist.rank * per : (dist.rank + 1) * per] if dist.world > 1 else renoise
-        b = idx.shape[0]
-        draw = SidDraw(run.text_batch(b), data.latents[idx, :, :1].to(device), data.talk[idx].to(device),
+        draw = SidDraw(run.window_texts(data, idx), data.latents[idx, :, :1].to(device), data.talk[idx].to(device),
                        data.listen[idx].to(device), noise.to(device), renoise.to(device), exits, sigma_g.to(device),
                        eps_g.to(device), sigma_f.to(device), eps_f.to(device))  # fmt: skip
         return sid_update(student, teacher, fake, opt_g, opt_f, draw, layout, sigmas, d, dist, cfg.train.grad_clip,

@@ -138,7 +138,7 @@ def run_ode_pairs(cfg: Config, root: Path, progress: bool = True) -> StageResult
                 if k in keep_at:
                     kept[k] = state[0, :, 1:].cpu()
 
-            fn = teacher_velocity(teacher, run.context(teacher, 1), w.talk.to(run.device), w.listen.to(run.device),
+            fn = teacher_velocity(teacher, teacher.prepare_text(run.window_texts(w)), w.talk.to(run.device), w.listen.to(run.device),
                                   c.cfg_scale)  # fmt: skip
             with torch.no_grad(), run.autocast():
                 if c.eta:

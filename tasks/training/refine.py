@@ -169,7 +169,7 @@ def held_out(run: Run, student, val: WindowSet) -> dict[str, float]:
     real = val.latents
     g = torch.Generator().manual_seed(cfg.project.seed)
     noise = torch.randn((real.shape[0], real.shape[1], real.shape[2] - 1, *real.shape[3:]), generator=g)
-    out = student_samples(student, run.text_batch(len(val)), real[:, :, :1].to(dev), val.talk.to(dev),
+    out = student_samples(student, run.window_texts(val), real[:, :, :1].to(dev), val.talk.to(dev),
                           val.listen.to(dev), build_layout(cfg), student_sigmas(cfg.student.steps,
                           cfg.student.timestep_shift), noise.to(dev), cfg.project.seed + 1,
                           cfg.student.context)[:, :, 1:].cpu()  # fmt: skip
@@ -232,8 +232,7 @@ def run_refine(cfg: Config, root: Path, progress: bool = True) -> StageResult:
         idx, noise, sigma, eps_real, eps_fake = (dist.slice(v) for v in (idx, noise, sigma, eps_real, eps_fake))
         if dist.world > 1:
             renoise = renoise[:, dist.rank * per : (dist.rank + 1) * per]
-        b = idx.shape[0]
-        draw = RefineDraw(run.text_batch(b), data.latents[idx].to(device), data.talk[idx].to(device),
+        draw = RefineDraw(run.window_texts(data, idx), data.latents[idx].to(device), data.talk[idx].to(device),
                           data.listen[idx].to(device), noise.to(device), renoise.to(device), exits, sigma.to(device),
                           eps_real.to(device), eps_fake.to(device), step_generator(cfg.project.seed, STAGE, s, "r1"),
                           step_generator(cfg.project.seed, STAGE, s, "r2"))  # fmt: skip

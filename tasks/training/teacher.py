@@ -23,6 +23,7 @@ from tasks.common.models import build_dit, build_vae, load_dit_weights
 from tasks.common.stage import StageResult
 from tasks.config import Config, ConfigError, data_path, resolve_path
 from tasks.training.common import (
+    action_prompt_gain,
     frame_mask,
     heldout_fm_losses,
     model_sections,
@@ -75,7 +76,7 @@ def run_teacher(cfg: Config, root: Path, progress: bool = True) -> StageResult:
     val_dev = val.latents.to(device)
     mean = data.latents.mean(dim=(0, 2, 3, 4), keepdim=True)[:1]
     var = data.latents.var(dim=(0, 2, 3, 4), keepdim=True)[:1]
-    text_val = run.text.to(device)
+    text_val = run.window_texts(val)  # each window's prompt: its action's (idle: the base prompt)
     before = heldout_fm_losses(model, val_dev, text_val, val.talk.to(device), val.listen.to(device), mean, var)
     gaussian = heldout_fm_losses(None, val_dev, text_val, val.talk, val.listen, mean, var)
     state = ckpt.latest()
@@ -102,7 +103,7 @@ def run_teacher(cfg: Config, root: Path, progress: bool = True) -> StageResult:
             x0 = data.latents[idx[sl]].to(device)
             keep = keep_audio[sl].view(-1, 1, 1, 1).to(device)
             talk, listen = data.talk[idx[sl]].to(device) * keep, data.listen[idx[sl]].to(device) * keep
-            return teacher_loss(model, x0, sigma[sl].to(device), noise[sl].to(device), run.text_batch(x0.shape[0]),
+            return teacher_loss(model, x0, sigma[sl].to(device), noise[sl].to(device), run.window_texts(data, idx[sl]),
                                 talk, listen, spatial), {}  # fmt: skip
 
         opt.zero_grad(set_to_none=True)
@@ -131,8 +132,10 @@ def run_teacher(cfg: Config, root: Path, progress: bool = True) -> StageResult:
                   "val_fm_loss_gaussian": gaussian["fm_loss"], "val_fm_loss_no_audio": no_audio["fm_loss"],
                   "init_from_base_dit": float(init is not None)})  # fmt: skip
         m.update({f"val_{k}": v for k, v in after.items() if k != "fm_loss"})
-        m.update({f"val_{k}": v for k, v in mouth_audio_gain(model, load_windows(cfg, root, "val"), text_val,
+        every_val = load_windows(cfg, root, "val")
+        m.update({f"val_{k}": v for k, v in mouth_audio_gain(model, every_val, run.window_texts(every_val),
                                                               t.mouth_box).items()})  # fmt: skip
+        m.update({f"val_{k}": v for k, v in action_prompt_gain(run, model, every_val).items()})
         report.mkdir(parents=True, exist_ok=True)
         (report / "metrics.json").write_text(json.dumps(m, indent=2))
         artifacts = [report / "metrics.json", history_csv(ckpt.dir / "metrics.jsonl", report / "loss.csv")]

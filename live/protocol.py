@@ -7,11 +7,15 @@ A session, in order (see README "Live avatar" for the full schema):
 2. server -> text ``{"type": "ready", "session": id, "fps", "width", "height", "sample_rate",
    "chunk_frames", "samples_per_chunk"}``, or ``{"type": "error", "code", "message"}`` and the socket closes.
 3. client -> binary AVATAR (the avatar's own voice) and USER (the user's microphone) messages of PCM, in any
-   sizes, at the audio rate; text ``{"type": "end"}`` when done.
+   sizes, at the audio rate; text ``{"type": "end"}`` when done. At any time text ``{"type": "intent", "text":
+   "..."}`` (what the user said: the reasoner picks the avatar's action and the server answers ``{"type":
+   "intent", "action", "speak", "reason"}``) or ``{"type": "action", "name": "nod"}`` (an action directly);
+   the action starts at the next chunk boundary (State-Cycling, Cache-Switching).
 4. server -> binary CHUNK messages as chunks are generated; ``{"type": "done", ...}`` after "end".
 
 Binary messages start with one kind byte. A CHUNK is: kind, a 4-byte big-endian header length, the header
-(UTF-8 JSON: chunk, first_frame, frames, talking (0/1 per frame), latency_ms, audio_samples, frame_bytes),
+(UTF-8 JSON: chunk, first_frame, frames, talking (0/1 per frame), state, action, latency_ms, audio_samples,
+frame_bytes),
 ``frames`` JPEG pictures back to back (``frame_bytes`` gives their sizes), then the avatar's own voice for
 those frames as s16le mono at ``sample_rate``. The server never echoes the user's microphone.
 """
@@ -102,17 +106,28 @@ class LinearResampler:
         return out
 
 
-def control(text: str, expected: str, where: str) -> dict:
-    """A text message parsed as the JSON object ``{"type": expected, ...}``; ProtocolError (bad_json, or
+def control(text: str, expected: str | tuple[str, ...], where: str) -> dict:
+    """A text message parsed as the JSON object ``{"type": one of expected, ...}``; ProtocolError (bad_json, or
     expected_start / unknown_message) naming ``where`` otherwise."""
+    allowed = (expected,) if isinstance(expected, str) else expected
     try:
         body = json.loads(text)
     except json.JSONDecodeError as exc:
         raise ProtocolError("bad_json", f"{where} is not JSON ({exc})") from None
-    if not isinstance(body, dict) or body.get("type") != expected:
-        code = "expected_start" if expected == "start" else "unknown_message"
-        raise ProtocolError(code, f'{where} must be {{"type": "{expected}", ...}}')
+    if not isinstance(body, dict) or body.get("type") not in allowed:
+        code = "expected_start" if allowed == ("start",) else "unknown_message"
+        kinds = " or ".join(f'{{"type": "{t}", ...}}' for t in allowed)
+        raise ProtocolError(code, f"{where} must be {kinds}")
     return body
+
+
+def intent_text(body: dict) -> str:
+    """The user's message of an ``intent`` control message (a non-empty string of at most 2000 characters)."""
+    text = body.get("text")
+    if not isinstance(text, str) or not text.strip() or len(text) > 2000:
+        raise ProtocolError("bad_intent", '{"type": "intent", "text": "..."} needs a non-empty text of at most '
+                                          "2000 characters")  # fmt: skip
+    return text
 
 
 def pack(kind: int, payload: bytes = b"") -> bytes:

@@ -33,7 +33,17 @@ from starlette.responses import HTMLResponse, JSONResponse, PlainTextResponse, R
 from starlette.routing import Route, WebSocketRoute
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
-from live.protocol import AVATAR, REFERENCE, USER, AudioFormat, ProtocolError, control, pack_chunk, unpack
+from live.protocol import (
+    AVATAR,
+    REFERENCE,
+    USER,
+    AudioFormat,
+    ProtocolError,
+    control,
+    intent_text,
+    pack_chunk,
+    unpack,
+)
 from live.session import LiveMetrics, LiveSession, Outbox, OutChunk, release_logger, session_logger
 from model.streaming import StreamingGenerator
 from tasks.common.media import MediaError
@@ -54,7 +64,9 @@ class Model:
 
     def generator(self) -> StreamingGenerator:
         t = self.template
-        return StreamingGenerator(t.dit, t.vae, t.audio, t._text, t.settings)
+        gen = StreamingGenerator(t.dit, t.vae, t.audio, t._text, t.settings)
+        gen.action_text = dict(t.action_text)
+        return gen
 
 
 def resolve_checkpoint(cfg: Config, root: Path) -> tuple[str | None, str]:
@@ -105,7 +117,7 @@ def load_model(cfg: Config, root: Path) -> Model:
     from tasks.common.student import build_stream
 
     checkpoint, label = resolve_checkpoint(cfg, root)
-    gen, _ = build_stream(cfg, root, checkpoint)
+    gen, _ = build_stream(cfg, root, checkpoint, actions=True)  # every action's prompt: intents switch to them
     return Model(gen, label)
 
 
@@ -302,7 +314,8 @@ class LiveServer:
         session = await asyncio.to_thread(
             LiveSession, sid, gen, ref, fmt, sample_rate=self.cfg.audio.sample_rate, fps=v.fps,
             lead_chunks=live.lead_chunks, jpeg_quality=live.jpeg_quality,
-            threshold_db=gen.settings.vad_threshold_db, emit=outbox.put_threadsafe, metrics=self.metrics, log=slog)
+            threshold_db=gen.settings.vad_threshold_db, emit=outbox.put_threadsafe, metrics=self.metrics, log=slog,
+            action_chunks=max(1, round(sum(self.cfg.corpus.action_s) / 2 * v.fps / gen.chunk_video_frames)))
         report_holder.append(session)
         self.active[sid] = session
         self.metrics.add("sessions_started")
@@ -334,9 +347,19 @@ class LiveServer:
                     break
                 msg = recv.result()
                 if msg.get("text") is not None:
-                    control(msg["text"], "end", "a text message after start")
-                    session.finish()
-                    ended = True
+                    body = control(msg["text"], ("end", "intent", "action"), "a text message after start")
+                    if body["type"] == "end":
+                        session.finish()
+                        ended = True
+                    elif body["type"] == "intent":
+                        decision = session.intent(intent_text(body))
+                        await ws.send_text(json.dumps({"type": "intent", "action": decision.action,
+                                                       "speak": decision.speak, "reason": decision.reason}))  # fmt: skip
+                    else:
+                        try:
+                            session.act(str(body.get("name")))
+                        except ValueError as exc:
+                            raise ProtocolError("bad_action", str(exc)) from None
                 elif msg.get("bytes") is not None:
                     kind, payload = unpack(msg["bytes"])
                     if kind not in (AVATAR, USER):
@@ -359,7 +382,8 @@ class LiveServer:
                 break
             latency = time.perf_counter() - chunk.ready_at
             header = {"chunk": chunk.index, "first_frame": chunk.first_frame, "frames": len(chunk.jpegs),
-                      "talking": chunk.talking, "latency_ms": round(latency * 1000, 1),
+                      "talking": chunk.talking, "state": chunk.state, "action": chunk.action,
+                      "latency_ms": round(latency * 1000, 1),
                       "audio_samples": len(chunk.avatar_pcm) // 2}  # fmt: skip
             await ws.send_bytes(pack_chunk(header, chunk.jpegs, chunk.avatar_pcm))
             self.metrics.chunk(len(chunk.jpegs), latency)

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from live.protocol import AVATAR, USER, AudioFormat, LinearResampler
+from model.interaction import ACTIONS, Intent, RuleReasoner, StateCycler
 from model.streaming import StreamingGenerator
 
 _STOP = object()
@@ -122,6 +123,8 @@ class OutChunk:
     avatar_pcm: bytes  # s16le mono at the model's rate, the frames' span of the avatar's voice
     ready_at: float  # perf_counter when the chunk's last audio sample arrived
     rgb: np.ndarray | None = None  # the frames [T, H, W, 3] uint8 (what the WebRTC track plays)
+    state: str = "idle"  # State-Cycling's state of this chunk: idle, listening, reacting, speaking
+    action: str = "idle"  # the action the chunk was conditioned on
 
 
 @dataclass
@@ -138,7 +141,8 @@ class LiveSession:
 
     def __init__(self, sid: str, gen: StreamingGenerator, reference: torch.Tensor, fmt: AudioFormat, *,
                  sample_rate: int, fps: int, lead_chunks: int, jpeg_quality: int,
-                 threshold_db: float, emit, metrics: LiveMetrics, log: logging.Logger) -> None:  # fmt: skip
+                 threshold_db: float, emit, metrics: LiveMetrics, log: logging.Logger, reasoner=None,
+                 action_chunks: int = 3) -> None:  # fmt: skip
         self.sid, self.gen, self.fmt, self.metrics, self.log = sid, gen, fmt, metrics, log
         self.sample_rate, self.fps = sample_rate, fps
         self.spc = gen.samples_per_chunk
@@ -154,6 +158,12 @@ class LiveSession:
         self._inbox: queue.Queue = queue.Queue()  # bounded by the transport, which waits on pending()
         self._next_chunk = 0
         self._error: BaseException | None = None
+        # the Reasoning-Reaction Module (model/interaction.py): intents from the event loop, applied per chunk
+        self.reasoner = reasoner or RuleReasoner()
+        self.action_chunks = action_chunks
+        self._cycler = StateCycler()
+        self._requests: queue.Queue = queue.Queue()
+        self._speaking = self._partner = False
         gen.start(reference)
         self._thread = threading.Thread(target=self._work, name=f"live-{sid}", daemon=True)
         self._thread.start()
@@ -166,6 +176,23 @@ class LiveSession:
             self._buf[kind].append(x)
             self._have[kind] += x.size
         self._cut(final=False)
+
+    def intent(self, text: str) -> Intent:
+        """What the user said -> the reasoner's action (and whether to answer); the action is requested for the
+        next chunk (nothing for idle). Returns the decision, which the transport reports to the client."""
+        decision = self.reasoner.decide(text)
+        self.log.info("intent %r -> %s (%s)", text[:200], decision.action, decision.reason)
+        if decision.action != "idle":
+            self.act(decision.action)
+        return decision
+
+    def act(self, name: str) -> None:
+        """Request ``name`` (one of model.interaction.ACTIONS) from the next chunk on, for ``action_chunks``."""
+        if name not in ACTIONS:
+            raise ValueError(f"unknown action {name!r}; the vocabulary is {', '.join(ACTIONS)}")
+        if name != "idle" and name not in self.gen.action_text:
+            raise ValueError(f"the model has no prompt for action {name!r}")
+        self._requests.put_nowait(name)
 
     def finish(self) -> None:
         """The client said "end": the rest of both voices becomes a last chunk padded with silence."""
@@ -216,14 +243,22 @@ class LiveSession:
                     break
                 avatar, user, ready_at = item
                 self.report.chunks_in += 1
+                while not self._requests.empty():  # State-Cycling: requests due before this chunk
+                    self._cycler.request(self._requests.get_nowait(), self.action_chunks)
+                state, action = self._cycler.step(self._speaking, self._partner)
+                if action != self.gen.action:
+                    self.gen.set_action(action)  # Cache-Switching at this chunk boundary
                 video = self.gen.step(torch.from_numpy(avatar), torch.from_numpy(user))[0]  # [3, T, H, W]
+                self._speaking = bool(self.gen.last_mask.float().mean() > 0.5)
+                self._partner = bool(self.gen.last_partner_mask.float().mean() > 0.5)
                 frames = ((video.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 3, 0).cpu().numpy()
                 talking = self.gen.last_mask[0]  # the live mask the generator conditioned this chunk on
                 enc = [cv2.imencode(".jpg", f[:, :, ::-1], [cv2.IMWRITE_JPEG_QUALITY, self.jpeg_quality])[1].tobytes()
                        for f in frames]  # fmt: skip
                 pcm = (np.clip(avatar, -1, 1) * 32767).round().astype("<i2").tobytes()
                 out = OutChunk(self._next_chunk, self._next_chunk * self.frames_per_chunk, enc,
-                               [int(v) for v in talking.tolist()], pcm, ready_at, frames)  # fmt: skip
+                               [int(v) for v in talking.tolist()], pcm, ready_at, frames, state,
+                               self.gen.action)  # fmt: skip
                 self._next_chunk += 1
                 self.emit(out)
         except BaseException as exc:  # reported to the transport, which ends this session only

@@ -448,6 +448,9 @@ class TrainConfig(_Section):
     sharded_checkpoints: bool = False
     sample_video: bool = True  # each stage logs a sample mp4 (with its audio) of a validation window
     val_windows: int = Field(2, ge=1)  # validation windows used for evaluations and the sample
+    # the share of each batch drawn from windows labelled with an action ([10]; evenly over the actions); 0:
+    # every window equally likely (the demo: no labels)
+    action_share: float = Field(0.0, ge=0, lt=1)
 
 
 class TeacherConfig(_Section):

@@ -170,3 +170,33 @@ def test_action_labels_flow_from_the_annotation_to_the_training_windows(tmp_path
         with pytest.raises(ValueError, match=why) as err:
             record_actions({"actions": [bad]}, "x/merged_anno/c.json")
         assert "x/merged_anno/c.json: actions[0]" in str(err.value)
+
+
+def test_action_share_spreads_the_draws_over_the_actions():
+    from tasks.training.engine import action_weights, global_batch
+
+    labels = ["idle"] * 6 + ["nod"] * 2 + ["shake"]
+    w = action_weights(labels, 0.5)
+    share = {a: float(sum(x for x, b in zip(w, labels, strict=True) if b == a)) for a in set(labels)}
+    assert share == pytest.approx({"idle": 0.5, "nod": 0.25, "shake": 0.25})
+    draws = global_batch(torch.Generator().manual_seed(0), len(labels), 20000, w)
+    assert (draws >= 6).float().mean() == pytest.approx(0.5, abs=0.02)  # the action windows
+    assert (draws == 8).float().mean() == pytest.approx(0.25, abs=0.02)  # the one shake window
+    assert action_weights(labels, 0.0) is None and action_weights(["idle"] * 3, 0.5) is None
+    assert action_weights(["nod", "smile"], 0.3).tolist() == [0.5, 0.5]  # no idle window: the actions share all
+
+
+def test_each_window_is_conditioned_on_its_actions_prompt(tmp_path):
+    from model.text import action_embeddings
+    from tasks.training.common import start_run
+
+    cfg = load_config(sets=["tracking.enabled=false"], root=tmp_path)
+    run = start_run(cfg, tmp_path, progress=False)
+    emb = action_embeddings(cfg.model.prompt, cfg.model.text_len, cfg.model.text_dim)
+    texts = run.texts(["idle", "nod", "idle", "smile"])
+    assert texts.shape == (4, cfg.model.text_len, cfg.model.text_dim)
+    for row, name in zip(texts, ["idle", "nod", "idle", "smile"], strict=True):
+        assert torch.equal(row, emb[name][0])
+    assert torch.equal(run.texts(["idle", "idle"]), run.text_batch(2))  # unlabelled data: exactly as before
+    with pytest.raises(ValueError, match="wave"):
+        run.texts(["wave"])

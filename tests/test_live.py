@@ -159,6 +159,43 @@ def test_a_two_voice_session_talks_then_listens_and_records_the_right_duration(s
     assert "done: 21 chunks, 252 frames, 0 dropped" in session_log.read_text(), session_log.read_text()
 
 
+def test_intents_pick_actions_that_start_at_the_next_chunk_and_run_their_length(server):
+    """{"type": "intent"}: the rule reasoner's action comes back at once, the next generated chunk is conditioned
+    on it (the chunk header's action and state) for the configured chunks, then idle again; {"type": "action"}
+    requests one directly; a bad one is a clear error."""
+    image = portrait()
+    spc = None
+    headers: list[dict] = []
+    with connect(server.ws, max_size=None) as ws:
+        ready = start(ws, image)
+        spc = ready["samples_per_chunk"]
+        silence = np.zeros(spc, "<i2").tobytes()
+
+        def chunk() -> dict:
+            ws.send(pack(AVATAR, silence))
+            ws.send(pack(USER, silence))
+            while True:
+                msg = ws.recv(timeout=60)
+                if isinstance(msg, bytes):
+                    return unpack_chunk(msg)[0]
+
+        headers.append(chunk())
+        ws.send(json.dumps({"type": "intent", "text": "Could you look to the left?"}))
+        answer = json.loads(ws.recv(timeout=30))
+        assert answer == {"type": "intent", "action": "turn_left", "speak": True, "reason": "rule turn_left"}
+        headers += [chunk() for _ in range(4)]
+        ws.send(json.dumps({"type": "action", "name": "smile"}))
+        headers += [chunk() for _ in range(4)]
+        ws.send(json.dumps({"type": "action", "name": "wave"}))
+        err = error_of(ws)
+    # corpus.action_s (1.0, 1.6) s -> 1.3 s = 3 chunks of 12 frames at 25 fps
+    assert [h["action"] for h in headers] == ["idle", "turn_left", "turn_left", "turn_left", "idle",
+                                              "smile", "smile", "smile", "idle"]  # fmt: skip
+    assert [h["state"] for h in headers][1:4] == ["reacting"] * 3 and headers[4]["state"] == "idle"
+    assert err["type"] == "error" and err["code"] == "bad_action" and "wave" in err["message"], err
+    assert wait_idle(server)["sessions"] == 0
+
+
 def test_audio_at_another_rate_and_stereo_is_resampled(server):
     """44.1 kHz stereo float PCM for 2 s of speech: the frames cover 2 s at 25 fps, and the voice detector hears
     the speech through the resampling."""

@@ -58,6 +58,7 @@ from tasks.training.engine import (
     Dist,
     Metrics,
     accumulate,
+    action_weights,
     apply_gradients,
     atomic_save,
     file_digest,
@@ -347,10 +348,11 @@ def sid(run: Run, student, teacher, fingerprint: str):
     per = rank_batch(gb, dist, "distill.batch_size")
     lat_shape = data.latents.shape[1:]
     lo, hi = d.sigma_range
+    draw_weights = action_weights(data.index["action"], cfg.train.action_share)
 
     def step(s: int) -> dict[str, float]:
         g = step_generator(cfg.project.seed, "sid", s)
-        idx = global_batch(g, len(data), gb)
+        idx = global_batch(g, len(data), gb, draw_weights)
         gen_shape = (gb, lat_shape[0], n_frames - 1, *lat_shape[2:])
         noise = torch.randn(gen_shape, generator=g)
         renoise = torch.randn((max(len(sigmas) - 1, 1), *gen_shape), generator=g)

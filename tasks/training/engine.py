@@ -240,9 +240,25 @@ def step_generator(seed: int, stage: str, step: int, stream: str = "") -> torch.
     return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
 
 
-def global_batch(gen: torch.Generator, num_items: int, size: int) -> torch.Tensor:
-    """Indices of one global batch, drawn with replacement."""
-    return torch.randint(num_items, (size,), generator=gen)
+def global_batch(gen: torch.Generator, num_items: int, size: int, weights: torch.Tensor | None = None
+                 ) -> torch.Tensor:  # fmt: skip
+    """Indices of one global batch, drawn with replacement (uniformly, or by ``weights`` [num_items])."""
+    if weights is None:
+        return torch.randint(num_items, (size,), generator=gen)
+    return torch.multinomial(weights, size, replacement=True, generator=gen)
+
+
+def action_weights(labels, share: float) -> torch.Tensor | None:
+    """Draw weights that give the windows labelled with an action (not idle) ``share`` of the draws, spread
+    evenly over the actions and within each; None (uniform) for share 0 or when no window has an action."""
+    labels = list(labels)
+    acted = sorted({a for a in labels if a != "idle"})
+    if share <= 0 or not acted:
+        return None
+    count = {a: labels.count(a) for a in set(labels)}
+    idle_share = 1.0 - share if "idle" in count else 0.0
+    w = [idle_share / count["idle"] if a == "idle" else (1.0 - idle_share) / len(acted) / count[a] for a in labels]
+    return torch.tensor(w, dtype=torch.float64)
 
 
 def seed_everything(seed: int) -> None:

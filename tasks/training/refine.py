@@ -48,6 +48,7 @@ from tasks.training.engine import (
     Dist,
     Metrics,
     accumulate,
+    action_weights,
     apply_gradients,
     file_digest,
     global_batch,
@@ -218,10 +219,11 @@ def run_refine(cfg: Config, root: Path, progress: bool = True) -> StageResult:
     per = rank_batch(gb, dist, "refine.batch_size")
     lat_shape = data.latents.shape[1:]
     lo, hi = r.disc_sigma_range
+    draw_weights = action_weights(data.index["action"], cfg.train.action_share)
 
     def step(s: int) -> dict[str, float]:
         g = step_generator(cfg.project.seed, STAGE, s)
-        idx = global_batch(g, len(data), gb)
+        idx = global_batch(g, len(data), gb, draw_weights)
         gen_shape = (gb, lat_shape[0], n_frames - 1, *lat_shape[2:])
         noise = torch.randn(gen_shape, generator=g)
         renoise = torch.randn((max(len(sigmas) - 1, 1), *gen_shape), generator=g)

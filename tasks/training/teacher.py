@@ -38,6 +38,7 @@ from tasks.training.data import build_windows, load_windows, windows_digest
 from tasks.training.engine import (
     Metrics,
     accumulate,
+    action_weights,
     apply_gradients,
     file_digest,
     global_batch,
@@ -91,9 +92,11 @@ def run_teacher(cfg: Config, root: Path, progress: bool = True) -> StageResult:
     if t.mouth_weight != 1.0:
         spatial = region_weight(*data.latents.shape[-2:], t.mouth_box, t.mouth_weight).to(device)
 
+    draw_weights = action_weights(data.index["action"], cfg.train.action_share)
+
     def step(s: int) -> dict[str, float]:
         g = step_generator(cfg.project.seed, STAGE, s)
-        idx = global_batch(g, len(data), gb)
+        idx = global_batch(g, len(data), gb, draw_weights)
         sigma = shift_sigma(torch.rand(gb, generator=g), t.timestep_shift)
         noise = torch.randn((gb, *data.latents.shape[1:]), generator=g)
         keep_audio = (torch.rand(gb, generator=g) >= t.audio_dropout).float()

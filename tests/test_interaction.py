@@ -137,8 +137,8 @@ def test_cache_switching_changes_the_conditioning_at_the_next_chunk_only(repo_ro
 
 
 def test_action_labels_flow_from_the_annotation_to_the_training_windows(tmp_path):
-    """The corpus's merged_anno ``actions`` (seconds) -> the source clip -> a window's label: the action covering
-    most (>= 40 %) of the window's generated frames, else idle; malformed annotations are errors naming the file."""
+    """The corpus's merged_anno ``actions`` (seconds) -> the source clip -> a window's label: the action that begins
+    near the window's start, else idle; malformed annotations are errors naming the file."""
     import json
 
     import pandas as pd
@@ -156,13 +156,15 @@ def test_action_labels_flow_from_the_annotation_to_the_training_windows(tmp_path
     (corpus / "merged_anno" / f"{ids[1]}.json").write_text(json.dumps({"bbox": [0, 0, 1, 1]}))  # no actions
     a, b = synthetic_clips(corpus)
     assert json.loads(a.actions) == [["nod", 1.0, 2.2], ["smile", 4.0, 4.3]] and b.actions == ""
-    # a 25-frame window (reference + 24 generated frames at 25 fps) starting at frame s
-    assert window_action(a.actions, 24, 25, 25) == "nod"  # frames 25..48 = 1.00..1.92 s: all nod
-    assert window_action(a.actions, 0, 25, 25) == "idle"  # frames 1..24: the nod starts at frame 25
-    assert window_action(a.actions, 12, 25, 25) == "nod"  # 12 of 24 frames
-    assert window_action(a.actions, 40, 25, 25) == "nod"  # frames 41..54 of 41..64 (1.64 s up to 2.2 s): 14 of 24
-    assert window_action(a.actions, 48, 25, 25) == "idle"  # frames 49..54 of 49..72: 6 of 24
-    assert window_action(a.actions, 96, 25, 25) == "idle"  # the smile covers 7 of 24 frames: < 40 %
+    # a 25-frame window (reference + 24 generated frames at 25 fps) starting at frame s: labelled with the action
+    # that begins from 0.25 s before its reference frame to 0.5 s after it (the nod begins at frame 25, 1.0 s)
+    assert window_action(a.actions, 24, 25, 25) == "nod"  # the nod begins right after the reference
+    assert window_action(a.actions, 13, 25, 25) == "nod"  # it begins 0.48 s after the reference
+    assert window_action(a.actions, 11, 25, 25) == "idle"  # 0.56 s after: too late in the window
+    assert window_action(a.actions, 30, 25, 25) == "nod"  # 0.24 s before the reference: under way
+    assert window_action(a.actions, 0, 25, 25) == "idle"  # 1.0 s in: the window shows little of it
+    assert window_action(a.actions, 36, 25, 25) == "idle"  # only the rest and end of the nod
+    assert window_action(a.actions, 96, 25, 25) == "smile"  # the smile begins at frame 100
     assert window_action(b.actions, 24, 25, 25) == window_action(None, 24, 25, 25) == "idle"
     for bad, why in (({"name": "wave", "start_s": 0, "end_s": 1}, "one of idle"),
                      ({"name": "nod", "start_s": 2, "end_s": 1}, "start_s < end_s"),

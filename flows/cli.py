@@ -62,6 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="identity drift of the trained students over a long stream (the paper's Table 1 in "
                            "miniature): rolling cache vs + reference sink vs + sink + RAPR (distilled student) "
                            "vs + GAN (refined student, sink + RAPR); same seed and inputs")
+    mode.add_argument("--actions", action="store_true",
+                      help="action following of the student ([10]): videos with a request schedule and without, "
+                           "scored by the action detector (configs/interactive.yaml trains a student for it)")
     mode.add_argument("--vad", action="store_true",
                       help="the live talk/listen mask (energy gate, Silero VAD, the both-streams leak rule) against the "
                            "corpus's ground truth: clean, noisy and leaking streams; F1 per detector and its cost")
@@ -74,9 +77,10 @@ def build_parser() -> argparse.ArgumentParser:
                            "paced sessions: p50/p95/p99 audio-in to frame-out, dropped frames, MiB per session")
     p.add_argument("--sessions", default="1,2,4", help="--live: concurrent sessions per setting (default 1,2,4)")
     p.add_argument("--reference", default=None, metavar="IMAGE",
-                   help="--live: the portrait (default ../shared/fixtures/avatars/fashion_blogger.jpg)")
+                   help="--live, --actions: the portrait (default ../shared/fixtures/avatars/fashion_blogger.jpg; "
+                        "--actions: it and kitchen_grandmother.jpg)")
     p.add_argument("--voice", default=None, metavar="AUDIO",
-                   help="--live: the avatar's voice (default ../shared/fixtures/avatars/fashion_blogger.wav)")
+                   help="--live, --actions: the avatar's voice (default ../shared/fixtures/avatars/fashion_blogger.wav)")
     p.add_argument("--json", action="store_true", help="print the report as JSON instead of a table")
     p.add_argument("--steps", type=int, default=5, help="--train-step: steps to time (the first is warm-up)")
     p.add_argument("--peak-tflops", type=float, default=989.0, help="--train-step: the GPU's dense peak (H100: 989)")
@@ -103,6 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gan-checkpoint", default=None, metavar="PATH",
                    help="--drift: the student of '+ GAN' (default: data/checkpoints/refine/final.pt; skipped "
                         "when missing); 'random' for the seeded untrained student")
+    p.add_argument("--every", type=float, default=2.5, help="--actions: seconds between requests (default 2.5)")
     p.add_argument("--window-s", type=float, default=10.0,
                    help="--drift: seconds per measurement window (default 10)")
     p.add_argument("--out", default=None,
@@ -366,6 +371,17 @@ def _bench(args, cfg, root: Path) -> int:
                                 Path(args.reference or shared / "fashion_blogger.jpg"),
                                 Path(args.voice or shared / "fashion_blogger.wav"), args.sets)  # fmt: skip
         default_out = f"{cfg.project.data_dir}/reports/live_bench.json"
+    elif args.actions:
+        from tasks.evaluation.action_bench import format_report, run_action_bench
+
+        pairs = None
+        if args.reference or args.voice:
+            if not (args.reference and args.voice):
+                raise ConfigError("--actions: give --reference and --voice together")
+            pairs = [(Path(args.reference), Path(args.voice))]
+        report = run_action_bench(cfg, root, args.checkpoint, pairs, seconds=args.seconds, every_s=args.every,
+                                  progress=not args.json)  # fmt: skip
+        default_out = f"{cfg.project.data_dir}/reports/action_bench.json"
     elif args.drift:
         from tasks.evaluation.drift_bench import format_report, run_drift_bench
 

@@ -13,6 +13,7 @@ from tasks.common.media import read_frames
 from tasks.config import load_config
 from tasks.corpus.build import run_corpus
 from tasks.evaluation.actions import Event, Signals, action_signals, detect_actions, score_following
+from tests.conftest import REPO
 
 SETS = ["corpus.num_conversations=3", "corpus.duration_s=8", "corpus.big_turn_prob=0", "corpus.workers=2",
         "corpus.seed=7", "tracking.enabled=false", "corpus.extra_faces_dirs=[]", "corpus.action_rate_per_min=30",
@@ -91,3 +92,26 @@ def test_scoring_counts_latency_misses_and_false_actions():
     ev = detect_actions(Signals(yaw, np.zeros(n), np.ones(n)), fps)
     assert [e.name for e in ev] == ["turn_right"] and 175 <= ev[0].start <= 205 and 225 <= ev[0].end <= 255
 
+
+
+def test_action_bench_streams_with_and_without_requests(tmp_path):
+    """bench --actions on the seeded untrained student: the schedule, both videos per portrait, the prompt
+    switched within one chunk of each request, and the report's figures in range."""
+    from tasks.evaluation.action_bench import format_report, run_action_bench, schedule
+
+    assert schedule(10, 2.5) == "1:nod,3.5:shake,6:turn_left,8.5:turn_right"
+
+    avatars = REPO.parent / "shared" / "fixtures" / "avatars"
+    if not (avatars / "fashion_blogger.jpg").is_file():
+        pytest.skip("no avatar fixtures")
+    cfg = load_config(sets=["tracking.enabled=false", "vae.pretrained_path=null"], root=tmp_path)
+    r = run_action_bench(cfg, tmp_path, "random", [(avatars / "fashion_blogger.jpg", avatars / "fashion_blogger.wav")],
+                         seconds=5.0, every_s=1.5, progress=False)  # fmt: skip
+    assert r["schedule"] == "1:nod,2.5:shake" and r["requested"] == 2
+    v = r["videos"][0]
+    assert [a for a, _s, _e in v["requests"]] == ["nod", "shake"]
+    assert (tmp_path / "data" / "reports" / "action_bench").is_dir()
+    assert 0 <= r["switch_latency_chunks_max"] < 1  # the next chunk boundary, never later
+    for key in ("followed", "followed_without_requests"):
+        assert 0 <= r[key] <= 1
+    assert "followed (detected within 1 s)" in format_report(r)

@@ -202,3 +202,15 @@ def test_each_window_is_conditioned_on_its_actions_prompt(tmp_path):
     assert torch.equal(run.texts(["idle", "idle"]), run.text_batch(2))  # unlabelled data: exactly as before
     with pytest.raises(ValueError, match="wave"):
         run.texts(["wave"])
+
+
+def test_ode_pairs_take_their_share_of_action_windows():
+    from tasks.training.ode_pairs import pair_windows
+
+    assert pair_windows(["idle"] * 10, 4, 0.0) == [0, 3, 6, 9] == pair_windows(["idle"] * 10, 4, 0.5)  # no labels
+    labels = ["idle"] * 20 + ["nod", "smile", "nod"]
+    assert pair_windows(labels, 8, 0.0) == [0, 3, 6, 9, 13, 16, 19, 22]  # spread: one action window by chance
+    chosen = pair_windows(labels, 8, 0.5)
+    assert len(chosen) == 8 and {20, 21, 22} <= set(chosen)  # all three (fewer than half of 8)
+    many = labels * 4
+    assert sum(many[i] != "idle" for i in pair_windows(many, 8, 0.5)) == 4  # half of the pairs

@@ -74,6 +74,24 @@ def pairs_digest(cfg: Config, root: Path) -> str | None:
     return "/".join(file_digest(p) for p in parts) if all(p.is_file() for p in parts) else None
 
 
+def pair_windows(labels: list[str], n: int, action_share: float) -> list[int]:
+    """Which of the training windows (their action ``labels``) get one of the ``n`` pairs: evenly spread over
+    them; with ``action_share`` > 0, that share of the pairs (at most all of them) from the action-labelled
+    windows, each set spread evenly on its own."""
+
+    def spread(items: list[int], k: int) -> list[int]:
+        if k <= 0 or not items:
+            return []
+        return [items[i] for i in np.unique(np.linspace(0, len(items) - 1, min(k, len(items))).round().astype(int))]
+
+    acted = [i for i, a in enumerate(labels) if a != "idle"]
+    if action_share <= 0 or not acted:
+        return spread(list(range(len(labels))), n)
+    chosen = spread(acted, round(n * action_share))
+    rest = [i for i, a in enumerate(labels) if a == "idle"]
+    return sorted(chosen + spread(rest, n - len(chosen)))
+
+
 def windows_for(cfg: Config, root: Path, index: pd.DataFrame, split: str) -> WindowSet:
     """The data windows the pairs in ``index`` were made from, in the same order."""
     windows = load_windows(cfg, root, split)
@@ -115,7 +133,7 @@ def run_ode_pairs(cfg: Config, root: Path, progress: bool = True) -> StageResult
     todo: list[tuple[str, WindowSet]] = []
     train = load_windows(cfg, root, "train")
     if c.max_pairs and c.max_pairs < len(train):  # evenly spread over the windows, so every source has pairs
-        train = train.take(np.linspace(0, len(train) - 1, c.max_pairs).round().astype(int).tolist())
+        train = train.take(pair_windows(list(train.index["action"]), c.max_pairs, cfg.train.action_share))
     todo.append(("train", train))
     todo.append(("val", load_windows(cfg, root, "val", limit=cfg.train.val_windows)))
     pending = [(split, ws, i) for split, ws in todo for i in range(len(ws))

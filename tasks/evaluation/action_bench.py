@@ -1,0 +1,118 @@
+"""`streamavatar bench --actions`: does the streaming student perform the actions it is asked for?
+
+For each reference portrait and voice (default: the shared avatar fixtures, people never trained on), the
+student streams ``seconds`` of video twice with the same seed: once with a request schedule that cycles
+through the vocabulary's actions every ``every_s`` seconds (``generate --actions``: State-Cycling and
+Cache-Switching) and once without any request. The action detector (tasks/evaluation/actions.py) scores both
+videos against the same schedule: the second is the chance level of "following" (the detector finding the
+requested motion although nothing asked for it). Reported: followed share with and without the requests, per
+action, false actions per idle minute, the detector's latency and the switch latency in chunks (the chunk
+whose prompt changed after each request, from the generator's own log).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from model.interaction import ACTIONS
+from tasks.config import Config, ConfigError, resolve_path
+from tasks.inference.generate import generate, measure_actions
+
+DEFAULT_PAIRS = ("fashion_blogger", "kitchen_grandmother")
+
+
+def schedule(seconds: float, every_s: float, start_s: float = 1.0) -> str:
+    """``--actions`` for the run: each non-idle action in turn, every ``every_s`` s from ``start_s`` on, none
+    later than 1.5 s before the end (so each has time to show)."""
+    names = [a for a in ACTIONS if a != "idle"]
+    out, t, i = [], start_s, 0
+    while t <= seconds - 1.5:
+        out.append(f"{t:g}:{names[i % len(names)]}")
+        t += every_s
+        i += 1
+    return ",".join(out)
+
+
+def run_action_bench(cfg: Config, root: Path, checkpoint: str | None = None, pairs: list[tuple[Path, Path]] | None = None,
+                     seconds: float = 20.0, every_s: float = 2.5, progress: bool = True) -> dict[str, Any]:  # fmt: skip
+    if seconds < 4 or every_s < 1.5:
+        raise ConfigError("--seconds must be at least 4 and --every at least 1.5")
+    if pairs is None:
+        shared = resolve_path("../shared/fixtures/avatars", root)
+        pairs = [(shared / f"{n}.jpg", shared / f"{n}.wav") for n in DEFAULT_PAIRS]
+        pairs = [p for p in pairs if p[0].is_file() and p[1].is_file()]
+        if not pairs:
+            raise ConfigError(f"no avatar fixtures (jpg + wav) in {shared}: pass --reference and --voice")
+    plan = schedule(seconds, every_s)
+    out_dir = root / cfg.project.data_dir / "reports" / "action_bench"
+    fps = cfg.video.fps
+    videos, totals = [], {"acted": [0, 0, 0, 0.0], "plain": [0, 0, 0, 0.0]}
+    per_action: dict[str, list[int]] = {}
+    switch_chunks: list[int] = []
+    latency: list[float] = []
+    for image, voice in pairs:
+        acted = generate(cfg, root, image, voice, out_dir / f"{image.stem}_actions.mp4", checkpoint=checkpoint,
+                         seconds=seconds, progress=progress, actions=plan)  # fmt: skip
+        plain = generate(cfg, root, image, voice, out_dir / f"{image.stem}_idle.mp4", checkpoint=checkpoint,
+                         seconds=seconds, progress=progress)  # fmt: skip
+        requests = acted["requests"]
+        f_acted = measure_actions(acted["out"], requests, fps)
+        f_plain = measure_actions(plain["out"], requests, fps)
+        for key, f in (("acted", f_acted), ("plain", f_plain)):
+            t = totals[key]
+            t[0], t[1], t[2], t[3] = t[0] + f["requested"], t[1] + f["followed"], t[2] + f["false_events"], \
+                t[3] + f["idle_minutes"]  # fmt: skip
+        for name, (a, b) in f_acted["per_action"].items():
+            p = per_action.setdefault(name, [0, 0, 0])
+            p[0], p[1] = p[0] + a, p[1] + b
+        for name, (a, _b) in f_plain["per_action"].items():
+            per_action.setdefault(name, [0, 0, 0])[2] += a
+        latency += f_acted["latency_s"]
+        chunk_s = acted["chunk_video_frames"] / fps
+        switched = [r["chunk"] for r in acted["action_log"] if r["action"] != "idle"]
+        for item in acted["actions"]:  # the first chunk conditioned on the action after its request
+            due = [c for c in switched if c * chunk_s >= item["at_s"] - 1e-6]
+            if due:
+                switch_chunks.append((min(due) * chunk_s - item["at_s"]) / chunk_s)
+        videos.append({"reference": str(image), "voice": str(voice), "with_actions": acted["out"],
+                       "without": plain["out"], "requests": requests, "following": f_acted,
+                       "following_without_requests": f_plain, "rtf": acted["rtf"],
+                       "checkpoint": acted["checkpoint"]})  # fmt: skip
+
+    def share(t: list) -> float | None:
+        return t[1] / t[0] if t[0] else None
+
+    return {
+        "checkpoint": videos[0]["checkpoint"], "seconds": seconds, "every_s": every_s,
+        "schedule": plan, "videos": videos,
+        "followed": share(totals["acted"]), "followed_without_requests": share(totals["plain"]),
+        "requested": totals["acted"][0],
+        "false_per_idle_min": totals["acted"][2] / totals["acted"][3] if totals["acted"][3] else None,
+        "false_per_idle_min_without_requests": totals["plain"][2] / totals["plain"][3] if totals["plain"][3] else None,
+        "per_action": {k: {"followed": v[0], "requested": v[1], "found_without_request": v[2]}
+                       for k, v in sorted(per_action.items())},
+        "median_latency_s": sorted(latency)[len(latency) // 2] if latency else None,
+        "switch_latency_chunks_max": max(switch_chunks) if switch_chunks else None,  # < 1: the next boundary
+    }  # fmt: skip
+
+
+def format_report(r: dict[str, Any]) -> str:
+    def pct(x: float | None) -> str:
+        return "n/a" if x is None else f"{100 * x:.0f}%"
+
+    def num(x: float | None) -> str:
+        return "n/a" if x is None else f"{x:.1f}"
+
+    lines = [f"action following: {len(r['videos'])} videos of {r['seconds']:g} s, a request every {r['every_s']:g} s "
+             f"({r['requested']} in all)",
+             f"  followed (detected within 1 s): {pct(r['followed'])} with the requests, "
+             f"{pct(r['followed_without_requests'])} of the same schedule without them (chance)",
+             f"  false actions per idle minute: {num(r['false_per_idle_min'])} "
+             f"(without requests {num(r['false_per_idle_min_without_requests'])})",
+             f"  detector latency (median): {num(r['median_latency_s'])} s; the prompt switched at most "
+             f"{num(r['switch_latency_chunks_max'])} chunk(s) after a request (student {r['checkpoint']})",
+             "  action       followed  found without a request"]  # fmt: skip
+    for name, v in r["per_action"].items():
+        lines.append(f"  {name:<12} {v['followed']}/{v['requested']:<7} {v['found_without_request']}/{v['requested']}")
+    return "\n".join(lines)

@@ -48,6 +48,7 @@ def run_action_bench(cfg: Config, root: Path, checkpoint: str | None = None, pai
     out_dir = root / cfg.project.data_dir / "reports" / "action_bench"
     fps = cfg.video.fps
     videos, totals = [], {"acted": [0, 0, 0, 0.0], "plain": [0, 0, 0, 0.0]}
+    free = [0, 0.0]  # false events and minutes of the videos streamed without requests
     per_action: dict[str, list[int]] = {}
     switch_chunks: list[int] = []
     latency: list[float] = []
@@ -59,6 +60,8 @@ def run_action_bench(cfg: Config, root: Path, checkpoint: str | None = None, pai
         requests = acted["requests"]
         f_acted = measure_actions(acted["out"], requests, fps)
         f_plain = measure_actions(plain["out"], requests, fps)
+        f_free = measure_actions(plain["out"], [], fps)  # nothing requested: every event is a false one
+        free[0], free[1] = free[0] + f_free["false_events"], free[1] + f_free["idle_minutes"]
         for key, f in (("acted", f_acted), ("plain", f_plain)):
             t = totals[key]
             t[0], t[1], t[2], t[3] = t[0] + f["requested"], t[1] + f["followed"], t[2] + f["false_events"], \
@@ -78,7 +81,7 @@ def run_action_bench(cfg: Config, root: Path, checkpoint: str | None = None, pai
         videos.append({"reference": str(image), "voice": str(voice), "with_actions": acted["out"],
                        "without": plain["out"], "requests": requests, "following": f_acted,
                        "following_without_requests": f_plain, "rtf": acted["rtf"],
-                       "checkpoint": acted["checkpoint"]})  # fmt: skip
+                       "checkpoint": acted["checkpoint"], "seconds": acted["seconds"]})  # fmt: skip
 
     def share(t: list) -> float | None:
         return t[1] / t[0] if t[0] else None
@@ -89,7 +92,8 @@ def run_action_bench(cfg: Config, root: Path, checkpoint: str | None = None, pai
         "followed": share(totals["acted"]), "followed_without_requests": share(totals["plain"]),
         "requested": totals["acted"][0],
         "false_per_idle_min": totals["acted"][2] / totals["acted"][3] if totals["acted"][3] else None,
-        "false_per_idle_min_without_requests": totals["plain"][2] / totals["plain"][3] if totals["plain"][3] else None,
+        "false_per_min_without_requests": free[0] / free[1] if free[1] else None,
+        "seconds_streamed": sum(v["seconds"] for v in videos),
         "per_action": {k: {"followed": v[0], "requested": v[1], "found_without_request": v[2]}
                        for k, v in sorted(per_action.items())},
         "median_latency_s": sorted(latency)[len(latency) // 2] if latency else None,
@@ -104,12 +108,12 @@ def format_report(r: dict[str, Any]) -> str:
     def num(x: float | None) -> str:
         return "n/a" if x is None else f"{x:.1f}"
 
-    lines = [f"action following: {len(r['videos'])} videos of {r['seconds']:g} s, a request every {r['every_s']:g} s "
-             f"({r['requested']} in all)",
+    lines = [f"action following: {len(r['videos'])} videos, {r['seconds_streamed']:.1f} s in all (at most "
+             f"{r['seconds']:g} s each), a request every {r['every_s']:g} s ({r['requested']} in all)",
              f"  followed (detected within 1 s): {pct(r['followed'])} with the requests, "
              f"{pct(r['followed_without_requests'])} of the same schedule without them (chance)",
-             f"  false actions per idle minute: {num(r['false_per_idle_min'])} "
-             f"(without requests {num(r['false_per_idle_min_without_requests'])})",
+             f"  false actions per idle minute: {num(r['false_per_idle_min'])} between the requests, "
+             f"{num(r['false_per_min_without_requests'])} in the videos streamed without any",
              f"  detector latency (median): {num(r['median_latency_s'])} s; the prompt switched at most "
              f"{num(r['switch_latency_chunks_max'])} chunk(s) after a request (student {r['checkpoint']})",
              "  action       followed  found without a request"]  # fmt: skip

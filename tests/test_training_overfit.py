@@ -342,7 +342,9 @@ def test_micro_batches_give_the_gradients_of_the_whole_batch(teacher, stage):
         err = (deltas[micro] - whole).abs().max() / whole.abs().max()
         assert err < 1e-4, (micro, float(err))  # float32 round-off (measured <= 1.5e-5)
         for k, v in logs[0].items():
-            assert logs[micro][k] == pytest.approx(v, rel=1e-5, abs=1e-9), (micro, k)
+            # SiD's loss is a small difference of larger terms (~7e-4 here): float32 round-off reaches 1.2e-5 of
+            # it on some CPUs (AMD EPYC), hence an absolute floor; a wrong micro-batch mean is off by 2x
+            assert logs[micro][k] == pytest.approx(v, rel=1e-5, abs=1e-7), (micro, k)
 
 
 def _saved_bytes(fn) -> int:

@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # The paper-shape GPU check (issue [8]): on ONE CUDA GPU, random weights at the paper's shapes (Wan2.2-TI2V-5B
-# backbone + our audio attentions, Wan2.2's VAE layout, 928x704, bf16), in under 8 minutes:
+# backbone + our audio attentions, Wan2.2's VAE layout, 928x704, bf16), in about 6 minutes on an H200:
 #   1. the real-time benchmark (streaming student: 3 steps, sink + window KV cache): DiT RTF and first-frame delay
 #      per chunk, VAE decode RTF, sequential and pipelined end-to-end RTF, peak memory -- eager, then torch.compile
 #   2. one teacher training step (forward + backward, activation checkpointing, bf16 autocast over fp32 weights):
 #      step time, TFLOP/s, MFU, peak memory against `streamavatar plan`
 #   3. the capacity planner for the GPUs present
-# Everything lands in $OUT (default data/reports/gpu_check) as JSON beside the paper's Table 5 numbers
-# (benchmark.json carries them under "paper_table5"). Usage:  bash scripts/gpu_check.sh  [OUT_DIR]
+# Each step is time-boxed and independent (a failed one is named at the end, exit 1). Everything lands in $OUT
+# (default data/reports/gpu_check) as JSON beside the paper's Table 5 numbers (under "paper_table5").
+# Usage:  bash scripts/gpu_check.sh  [OUT_DIR]     (GPU_CHECK_STEP_TIMEOUT: seconds per step, default 240)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-${OUT:-data/reports/gpu_check}}
@@ -32,17 +33,37 @@ else
   COMPILED=(--set benchmark.compile_backend=inductor --set benchmark.chunks=$CHUNKS)
 fi
 t0=$(date +%s)
-echo "== 1. real-time benchmark, eager (one GPU: the VAE on the same device)"
-"$SA" bench "${PAPER[@]}" --set benchmark.checkpoint=random --set benchmark.vae_device= \
+# each step runs on its own, time-boxed (GPU_CHECK_STEP_TIMEOUT seconds, default 240): a failed or slow step
+# (a compile that takes too long, an out-of-memory training step) never costs the figures of the others
+LIMIT=${GPU_CHECK_STEP_TIMEOUT:-240}
+FAILED=()
+step() {  # step NAME COMMAND...: runs it under `timeout`, logs to $OUT/NAME.log, remembers a failure
+  local name=$1; shift
+  local s=$(date +%s) rc=0
+  echo "== $name ($(date -u +%H:%M:%S), at most ${LIMIT} s)"
+  timeout --kill-after=15 "$LIMIT" "$@" > >(tee "$OUT/$name.log") 2>&1 || rc=$?
+  if [ "$rc" != 0 ]; then
+    FAILED+=("$name (exit $rc$( [ "$rc" != 124 ] || echo ", over ${LIMIT} s"))")
+  fi
+  echo "   $name: exit $rc after $(( $(date +%s) - s )) s"
+}
+# 1. the real-time benchmark, eager (one GPU: the VAE on the same device)
+step benchmark_eager "$SA" bench "${PAPER[@]}" --set benchmark.checkpoint=random --set benchmark.vae_device= \
   --set benchmark.chunks=$CHUNKS --out "$OUT/benchmark_eager.json"
-echo "== 1b. the same with torch.compile"
-"$SA" bench "${PAPER[@]}" --set benchmark.checkpoint=random --set benchmark.vae_device= \
+# 2. one training step
+step train_step "$SA" bench --train-step "${PAPER[@]}" --set train.activation_checkpointing=true \
+  --set train.micro_batch_size=1 --steps 4 --json --out "$OUT/train_step.json"
+# 3. the benchmark with torch.compile (last: its compile time is the least predictable)
+step benchmark_compiled "$SA" bench "${PAPER[@]}" --set benchmark.checkpoint=random --set benchmark.vae_device= \
   --set benchmark.compile=true "${COMPILED[@]}" --out "$OUT/benchmark_compiled.json"
-echo "== 2. one training step"
-"$SA" bench --train-step "${PAPER[@]}" --set train.activation_checkpointing=true --set train.micro_batch_size=1 \
-  --steps 4 --json --out "$OUT/train_step.json"
-echo "== 3. the capacity plan for ${GPUS} GPU(s)"
+# 4. the capacity plan for the GPUs present
 N=$(( GPUS > 0 ? GPUS : 1 ))
-"$SA" plan "${PAPER[@]}" --gpus "$N" --gpu-memory-gib "$("$PY" -c "import torch; print(torch.cuda.get_device_properties(0).total_memory / 2**30 if torch.cuda.is_available() else 80)" 2>/dev/null || echo 80)" \
-  --json > "$OUT/plan.json" || echo "plan: the profile's batch sizes do not split over $N GPUs (see plan.json)" >&2
+MEM=$("$PY" -c "import torch; print(torch.cuda.get_device_properties(0).total_memory / 2**30 if torch.cuda.is_available() else 80)" 2>/dev/null || echo 80)
+echo "== plan for $N GPU(s) of $MEM GiB"
+"$SA" plan "${PAPER[@]}" --gpus "$N" --gpu-memory-gib "$MEM" --json > "$OUT/plan.json" \
+  || echo "plan: the profile's batch sizes do not split over $N GPUs (see plan.json)" >&2
 echo "gpu_check: done in $(( $(date +%s) - t0 )) s -> $OUT"
+if [ ${#FAILED[@]} -gt 0 ]; then
+  printf 'gpu_check: failed: %s\n' "${FAILED[@]}" >&2
+  exit 1
+fi

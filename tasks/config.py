@@ -583,7 +583,7 @@ class BenchmarkConfig(_Section):
     vae_device: str = ""  # e.g. "cuda:1" (the paper's second GPU); "" = project.device
     dit_threads: int = Field(0, ge=0)  # CPU intra-op threads of the DiT in the pipelined mode (0: torch's choice)
     vae_threads: int = Field(0, ge=0)  # same for the VAE worker process (pipeline: process)
-    compile: bool = False  # torch.compile the student's forward (the GPU check measures with and without)
+    compile: bool = False  # torch.compile each DiT block's tensor-only parts (AudioDiT.compile_blocks; the GPU check: with and without)
     # torch.compile's backend: inductor (generated kernels: what the GPU check measures); aot_eager captures the
     # same graphs without generating code (the CPU run of scripts/gpu_check.sh checks the path in seconds)
     compile_backend: Literal["inductor", "aot_eager", "eager"] = "inductor"

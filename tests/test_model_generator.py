@@ -116,3 +116,30 @@ def test_bf16_generator_runs_with_fp32_parts(repo_root):
     gen.start(_reference())
     frames = gen.step(*_chunk_audio(gen, 1))
     assert frames.shape == (1, 3, 12, 64, 64) and torch.isfinite(frames).all()
+
+
+def test_compiled_blocks_stream_the_same_frames_without_recompiling(repo_root):
+    """AudioDiT.compile_blocks (regional torch.compile, what `bench --set benchmark.compile=true` uses): the
+    stream's latents equal the eager ones, and once the first chunk has run no cache state (window filling,
+    eviction, write passes) compiles another graph: a whole-forward compile recompiled at every new cache state."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    def run(compiled: bool, chunks: int = 8) -> tuple[list[torch.Tensor], list[int]]:
+        gen = _generator(repo_root, "student.sink_frames=4", "student.window_frames=3")
+        if compiled:
+            gen.dit.compile_blocks("aot_eager")
+        gen.start(_reference())
+        latents, graphs = [], []
+        for i in range(chunks):
+            latents.append(gen.denoise(*_chunk_audio(gen, i, speaking=i % 4 < 2)))
+            graphs.append(counters["stats"]["unique_graphs"])
+        return latents, graphs
+
+    torch._dynamo.reset()
+    counters.clear()
+    eager, _ = run(False)
+    compiled, graphs = run(True)
+    assert max((a - b).abs().max().item() for a, b in zip(eager, compiled, strict=True)) < 1e-5
+    # head + tail for the reference frame (F=1) and for chunks (F=3): 4 graphs, none after the first chunk
+    assert graphs[0] <= 4 and graphs[-1] == graphs[0], graphs

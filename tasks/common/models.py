@@ -83,7 +83,12 @@ def build_dit(cfg: Config, audio_dim: int, pretrained: bool = True, dtype: torch
         model.checkpoint_blocks = cfg.train.activation_checkpointing
         return model
     torch.manual_seed(cfg.project.seed)
-    model = cast_keeping_fp32(AudioDiT(spec).to(device), dtype)
+    if device.type == "cpu":
+        model = AudioDiT(spec)
+    else:  # initialised where it runs: a 5B model's random init on the CPU then a copy takes a minute
+        with torch.device(device):
+            model = AudioDiT(spec)
+    model = cast_keeping_fp32(model.to(device), dtype)
     model.checkpoint_blocks = cfg.train.activation_checkpointing
     return model
 

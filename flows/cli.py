@@ -357,6 +357,8 @@ def _bench(args, cfg, root: Path) -> int:
 
         report = run_train_step_bench(cfg, steps=args.steps, peak_tflops=args.peak_tflops)
         default_out = f"{cfg.project.data_dir}/reports/train_step_bench.json"
+        if int(os.environ.get("RANK", "0")) != 0:  # under torchrun: the first process reports
+            return 0
     elif args.live:
         from live.bench import format_report, run_live_bench
 

@@ -3,8 +3,8 @@
 # backbone + our audio attentions, Wan2.2's VAE layout, 928x704, bf16), in about 6 minutes on an H200:
 #   1. the real-time benchmark (streaming student: 3 steps, sink + window KV cache): DiT RTF and first-frame delay
 #      per chunk, VAE decode RTF, sequential and pipelined end-to-end RTF, peak memory -- eager, then torch.compile
-#   2. one teacher training step (forward + backward, activation checkpointing, bf16 autocast over fp32 weights):
-#      step time, TFLOP/s, MFU, peak memory against `streamavatar plan`
+#   2. one teacher training step (forward + backward, activation checkpointing, bf16 autocast over fp32 weights;
+#      on several GPUs one process each, FSDP2): step time, TFLOP/s, MFU, peak memory against `streamavatar plan`
 #   3. the capacity planner for the GPUs present
 # Each step is time-boxed and independent (a failed one is named at the end, exit 1). Everything lands in $OUT
 # (default data/reports/gpu_check) as JSON beside the paper's Table 5 numbers (under "paper_table5").
@@ -47,14 +47,21 @@ step() {  # step NAME COMMAND...: runs it under `timeout`, logs to $OUT/NAME.log
   fi
   echo "   $name: exit $rc after $(( $(date +%s) - s )) s"
 }
-# 1. the real-time benchmark, eager (one GPU: the VAE on the same device)
-step benchmark_eager "$SA" bench "${PAPER[@]}" --set benchmark.checkpoint=random --set benchmark.vae_device= \
+# 1. the real-time benchmark, eager (one GPU: the VAE on the same device; several: on the second, as the paper)
+VAE_DEV=""
+if [ "${GPUS}" -gt 1 ]; then VAE_DEV="cuda:1"; fi
+step benchmark_eager "$SA" bench "${PAPER[@]}" --set benchmark.checkpoint=random --set benchmark.vae_device=$VAE_DEV \
   --set benchmark.chunks=$CHUNKS --out "$OUT/benchmark_eager.json"
-# 2. one training step
-step train_step "$SA" bench --train-step "${PAPER[@]}" --set train.activation_checkpointing=true \
-  --set train.micro_batch_size=1 --steps 4 --json --out "$OUT/train_step.json"
+# 2. one training step (several GPUs: one process each under torchrun, the model sharded with FSDP2)
+TRAIN=("$SA")
+if [ "${GPUS}" -gt 1 ]; then
+  TRAIN=("$PY" -m torch.distributed.run --standalone --nproc_per_node "$GPUS" -m flows.cli)
+fi
+step train_step "${TRAIN[@]}" bench --train-step "${PAPER[@]}" --set train.parallel=fsdp \
+  --set train.activation_checkpointing=true --set train.micro_batch_size=1 --steps 4 --json \
+  --out "$OUT/train_step.json"
 # 3. the benchmark with torch.compile (last: its compile time is the least predictable)
-step benchmark_compiled "$SA" bench "${PAPER[@]}" --set benchmark.checkpoint=random --set benchmark.vae_device= \
+step benchmark_compiled "$SA" bench "${PAPER[@]}" --set benchmark.checkpoint=random --set benchmark.vae_device=$VAE_DEV \
   --set benchmark.compile=true "${COMPILED[@]}" --out "$OUT/benchmark_compiled.json"
 # 4. the capacity plan for the GPUs present
 N=$(( GPUS > 0 ? GPUS : 1 ))

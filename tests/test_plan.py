@@ -120,3 +120,31 @@ def test_gpu_check_script_runs_its_commands_on_cpu(tmp_path):
     refused = subprocess.run(["bash", "scripts/gpu_check.sh", str(tmp_path)], cwd=REPO, env=env,
                              capture_output=True, text=True, timeout=300)  # fmt: skip
     assert refused.returncode == 1 and "no CUDA GPU visible" in refused.stderr
+
+
+@pytest.mark.slow
+def test_train_step_bench_under_torchrun_with_fsdp2(tmp_path):
+    """`bench --train-step` under torchrun with 2 gloo processes and train.parallel=fsdp: the model is really
+    sharded (FSDP2's DTensor parameters), the first process writes one report, and the planner's per-process
+    memory counts the sharded weights (half of the replicated run's) plus the gathered blocks."""
+    import os
+
+    def run(parallel: str, out) -> dict:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               "-m", "flows.cli", "bench", "--train-step", *[x for kv in SMALL for x in ("--set", kv)],
+               "--set", f"train.parallel={parallel}", "--set", "project.device=cpu", "--steps", "2",
+               "--json", "--out", str(out)]  # fmt: skip
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+        assert done.stdout.count('"processes": 2') == 1  # one report, from the first process
+        return json.loads(out.read_text())
+
+    fsdp, ddp = run("fsdp", tmp_path / "fsdp.json"), run("ddp", tmp_path / "ddp.json")
+    assert fsdp["profile"]["parallel"] == "fsdp" and ddp["profile"]["parallel"] == "ddp"
+    assert fsdp["profile"]["processes"] == ddp["profile"]["processes"] == 2
+    assert 0 < fsdp["mfu"] < 1 and len(fsdp["step_s"]["all"]) == 2
+    s = shapes(load_config([], SMALL))
+    act = activation_bytes(s, s.tokens, "float32", False)
+    assert ddp["memory"]["planner_gib"] * 2**30 == pytest.approx(8 * s.dit_params + act)
+    assert fsdp["memory"]["planner_gib"] * 2**30 == pytest.approx(4 * s.dit_params + 8 * s.block_params + act)

@@ -61,6 +61,14 @@ def _sync(*devices: torch.device) -> None:
             torch.cuda.synchronize(d)
 
 
+def _sync_own_stream(device: torch.device) -> None:
+    """Wait for the work THIS thread queued on ``device`` (its current stream), not for another thread's
+    stream: in the one-GPU pipelined mode a device-wide synchronize made the DiT wait for the VAE's kernels
+    (measured on an H200: no overlap at all, 0.99x)."""
+    if device.type == "cuda":
+        torch.cuda.current_stream(device).synchronize()
+
+
 def _stats(values: list[float]) -> dict[str, float]:
     return {"p50_ms": 1e3 * _pct(values, 50), "p95_ms": 1e3 * _pct(values, 95), "p99_ms": 1e3 * _pct(values, 99),
             "mean_ms": 1e3 * statistics.fmean(values), "max_ms": 1e3 * max(values)}  # fmt: skip
@@ -80,6 +88,9 @@ class _ThreadDecoder:
 
     def __init__(self, gen: StreamingGenerator, device: torch.device, keep: bool = False) -> None:
         self.device, self.keep, self.kept = device, keep, []
+        # on a GPU the decoder runs on its own CUDA stream, so that on the DiT's GPU the two can overlap (on one
+        # stream the GPU runs their kernels one after the other)
+        self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         if device == gen.device:
             self.vae = gen.vae
         else:  # the paper's second GPU: a copy of the decoder lives there
@@ -102,9 +113,9 @@ class _ThreadDecoder:
                 return
             k, latents = job
             try:
-                with torch.no_grad():
+                with torch.no_grad(), torch.cuda.stream(self.stream):  # stream None: the current one (CPU)
                     video = self.decoder.decode(latents.to(self.device, non_blocking=True))
-                _sync(self.device)
+                    _sync_own_stream(self.device)  # before `latents` is released: its memory is safe to reuse
                 self.frames += video.shape[2]
                 if self.keep:
                     self.kept.append(video.float().cpu())
@@ -262,7 +273,7 @@ def run_pipelined(gen: StreamingGenerator, cfg: Config, ref, avatar, other, chun
                 arrivals.append(arrival)
             starts.append(time.perf_counter())
             latents = gen.denoise(avatar[_piece(gen, k)], other[_piece(gen, k)])
-            _sync(dev)
+            _sync_own_stream(dev)  # the DiT's own work only (the VAE may be running on its stream meanwhile)
             dit_done.append(time.perf_counter())
             worker.submit(k, latents)
         finished = worker.finish()

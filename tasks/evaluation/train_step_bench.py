@@ -8,6 +8,11 @@ forward and backward (the optimizer step is left out: its time is memory-bound a
 would double the memory of a one-GPU check). Reports the median step time, the FLOPs the planner counts for it,
 the achieved TFLOP/s and MFU against ``--peak-tflops``, and the peak memory against the planner's prediction
 (parameters + gradients + activations; CUDA only -- on CPU the process RSS).
+
+Under torchrun, one process per GPU with its own micro batch: ``train.parallel=fsdp`` shards the model with
+FSDP2 as the stages do (per block, bf16 all-gathers, float32 master weights and gradient reductions), ``ddp``
+replicates it and all-reduces the gradients once; the step time is the slowest process's, the FLOPs, MFU and
+memory are per process (per GPU), and the first process writes the report.
 """
 
 from __future__ import annotations
@@ -18,10 +23,12 @@ import time
 from typing import Any
 
 import torch
+import torch.distributed as tdist
 
 from tasks.common.models import build_dit, device_of
 from tasks.config import Config, ConfigError
 from tasks.planning import activation_bytes, audio_dim, forward_flops, shapes
+from tasks.training.engine import init_dist, shard_model, sharded
 from tasks.training.teacher import teacher_loss
 
 GIB = 1024**3
@@ -35,16 +42,20 @@ def _sync(device: torch.device) -> None:
 def run_train_step_bench(cfg: Config, steps: int = 5, peak_tflops: float = 989.0) -> dict[str, Any]:
     if steps < 2:
         raise ConfigError("--steps: at least 2 (the first step is warm-up)")
-    device = device_of(cfg)
+    dist = init_dist(device_of(cfg))  # under torchrun: one process per GPU (NCCL; gloo on CPU)
+    device = dist.device
     s = shapes(cfg)
     dtype = "bfloat16" if cfg.project.dtype in ("bfloat16", "float16") else "float32"
     micro = cfg.train.micro_batch_size or 1
+    fsdp = sharded(cfg.train.parallel, dist)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     model = build_dit(cfg, audio_dim(cfg), pretrained=False, dtype=torch.float32).to(device).train()
+    if fsdp:  # FSDP2 as the stages shard it: per block, bf16 all-gathers, float32 master weights and reductions
+        shard_model(model, dist, "fsdp", torch.bfloat16 if dtype == "bfloat16" else torch.float32)
     z, f = cfg.vae.z_dim, s.latent_frames
     h, w = cfg.video.height // cfg.vae.spatial_compression, cfg.video.width // cfg.vae.spatial_compression
-    g = torch.Generator().manual_seed(0)
+    g = torch.Generator().manual_seed(dist.rank)  # each process its own micro batch
     x0 = torch.randn(micro, z, f, h, w, generator=g).to(device)
     noise = torch.randn(micro, z, f, h, w, generator=g).to(device)
     audio = torch.randn(micro, f, s.audio_tokens, audio_dim(cfg), generator=g).to(device)
@@ -61,12 +72,22 @@ def run_train_step_bench(cfg: Config, steps: int = 5, peak_tflops: float = 989.0
         with amp():
             loss = teacher_loss(model, x0, sigma, noise, text, audio, audio)
         loss.backward()
+        if not fsdp:
+            dist.average_gradients(model.parameters())  # the replicated path's one all-reduce (none alone)
         _sync(device)
         times.append(time.perf_counter() - t0)
+    if dist.world > 1:  # the slowest process bounds the step
+        slowest = torch.tensor(times, dtype=torch.float64, device=device)
+        tdist.all_reduce(slowest, op=tdist.ReduceOp.MAX)
+        times = slowest.tolist()
     step = statistics.median(times[1:])
     ck = cfg.train.activation_checkpointing
-    flops = micro * (4 if ck else 3) * forward_flops(s, s.tokens, s.tokens)
-    predicted = 8 * s.dit_params + micro * activation_bytes(s, s.tokens, dtype, ck)  # fp32 weights + gradients
+    flops = micro * (4 if ck else 3) * forward_flops(s, s.tokens, s.tokens)  # per process (GPU)
+    # fp32 weights + gradients (sharded over the processes under FSDP2, plus the gathered block in use and the
+    # prefetched one, as the planner counts them) + this process's activations
+    shard = dist.world if fsdp else 1
+    gathered = 2 * s.block_params * 4 if fsdp else 0
+    predicted = 8 * s.dit_params / shard + gathered + micro * activation_bytes(s, s.tokens, dtype, ck)
     if device.type == "cuda":
         peak, kind = torch.cuda.max_memory_allocated(device), "cuda max_memory_allocated"
     else:
@@ -76,7 +97,8 @@ def run_train_step_bench(cfg: Config, steps: int = 5, peak_tflops: float = 989.0
     tflops = flops / step / 1e12
     return {"profile": {"video": f"{cfg.video.width}x{cfg.video.height}", "dtype": cfg.project.dtype,
                         "device": str(device), "params_b": s.dit_params / 1e9, "tokens_per_sample": s.tokens,
-                        "micro_batch_size": micro, "activation_checkpointing": ck},
+                        "micro_batch_size": micro, "activation_checkpointing": ck,
+                        "processes": dist.world, "parallel": "fsdp" if model.sharded else ("ddp" if dist.world > 1 else "one")},
             "step_s": {"median": step, "all": times}, "tflops_per_step": flops / 1e12, "achieved_tflops": tflops,
             "peak_tflops": peak_tflops, "mfu": tflops / peak_tflops,
             "memory": {"peak_gib": peak / GIB, "kind": kind, "planner_gib": predicted / GIB}}  # fmt: skip
@@ -87,7 +109,8 @@ def format_report(r: dict) -> str:
     return "\n".join([
         f"train step (teacher loss, forward + backward) at {p['video']}, {p['dtype']} on {p['device']}: "
         f"{p['params_b']:.3f} B parameters, {p['tokens_per_sample']} tokens x micro batch {p['micro_batch_size']}, "
-        f"activation checkpointing {'on' if p['activation_checkpointing'] else 'off'}",
+        f"activation checkpointing {'on' if p['activation_checkpointing'] else 'off'}, "
+        f"{p.get('processes', 1)} process(es) ({p.get('parallel', 'one')}; figures per process)",
         f"  median step {r['step_s']['median']:.3f} s; {r['tflops_per_step']:.2f} TFLOP per step -> "
         f"{r['achieved_tflops']:.2f} TFLOP/s, MFU {100 * r['mfu']:.1f} % of {r['peak_tflops']:g}",
         f"  peak memory {m['peak_gib']:.2f} GiB ({m['kind']}); the planner predicts {m['planner_gib']:.2f} GiB",

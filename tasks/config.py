@@ -740,12 +740,32 @@ class Config(_Section):
                 walk(getattr(self, name))
         return self
 
+    @model_validator(mode="after")
+    def _memory_trains(self) -> Config:
+        """The Long-Short Visual Memory learns only from training windows long enough that frames leave the
+        rolling window (measured: with 2-chunk windows its gate stays exactly 0 through distill)."""
+        need = memory_min_chunks(self)
+        if self.model.memory_slots and self.train.window_chunks < need:
+            raise ValueError(
+                f"model.memory_slots {self.model.memory_slots} needs train.window_chunks >= {need} "
+                f"(student.window_frames {self.student.window_frames} // student.chunk_frames "
+                f"{self.student.chunk_frames} + 2: the last chunk of a training window must see frames evicted "
+                f"from the window), got {self.train.window_chunks}: with shorter windows the memory never holds "
+                "anything in training and stays at its zero-gate start"
+            )
+        return self
+
     def section(self, dotted: str) -> Any:
         """The value at a dotted key, e.g. ``corpus`` or ``corpus.seed``."""
         node: Any = self
         for part in dotted.split("."):
             node = getattr(node, part)
         return node
+
+
+def memory_min_chunks(cfg: Config) -> int:
+    """Training window length (chunks) from which the last chunk's queries see evicted frames."""
+    return cfg.student.window_frames // cfg.student.chunk_frames + 2
 
 
 # --------------------------------------------------------------------------------------------------- loading

@@ -495,3 +495,36 @@ def test_two_gloo_processes_with_micro_batches_match_one_process(project, tmp_pa
     # the step checkpoint holds the whole optimiser state (gathered from the shards under FSDP2)
     step = torch.load(root / "data/ck_two/teacher/step_0000003.pt", weights_only=False)
     assert step["optimizer"]["state"], "no optimiser state saved"
+
+
+def test_long_memory_trains_in_distill_when_training_windows_evict_frames(tmp_path):
+    """[10] LSVM (model.memory_slots) trained in the distill stage: with 3-chunk windows (sink 1, window 3 frames,
+    chunks of 3: the last chunk sees 3 evicted frames) ODE init moves the memory's zero-start gates and its
+    pooling queries, and SiD's rollouts move them further; windows too short to evict are refused at load time
+    (measured: with 2-chunk windows the gates stay exactly 0)."""
+    from tasks.config import ConfigError, load_config
+    from tasks.training.distill import run_distill
+    from tasks.training.ode_pairs import run_ode_pairs
+    from tasks.training.teacher import run_teacher
+
+    root = make_project(tmp_path / "p")
+    cfg = tiny_config(root)
+    cfg.model.memory_slots, cfg.train.window_chunks = 4, 3
+    run_teacher(cfg, root, progress=False)
+    run_ode_pairs(cfg, root, progress=False)
+    run_distill(cfg, root, progress=False)
+
+    def memory(name: str) -> dict[str, torch.Tensor]:
+        blob = torch.load(root / "data/checkpoints" / name, weights_only=True)
+        return {k: v.float() for k, v in blob.get("model", blob).items() if ".long_memory." in k}
+
+    start, ode, final = memory("teacher/final.pt"), memory("distill/ode_init.pt"), memory("distill/final.pt")
+    gates = [k for k in start if k.endswith(".gate")]
+    queries = [k for k in start if k.endswith(".queries")]
+    assert len(gates) == len(queries) == cfg.model.num_layers
+    assert all(start[k].abs().sum() == 0 for k in gates)  # the teacher never uses it: the zero start
+    assert all(ode[k].abs().min() > 0 for k in gates)  # ODE init (block-causal forward over evicted frames)
+    assert all(not torch.equal(ode[k], start[k]) for k in queries)
+    assert any(not torch.equal(final[k], ode[k]) for k in gates)  # SiD (streaming rollouts through the cache)
+    with pytest.raises(ConfigError, match=r"train.window_chunks >= 3"):
+        load_config([], ["model.memory_slots=4", "train.window_chunks=2"], root=REPO)

@@ -17,7 +17,7 @@ import torch
 from model.attention import CausalLayout, KVCache
 from model.audio import AudioConditioner, AudioStream
 from model.dit import AudioDiT, PreparedContext
-from model.sampling import NUM_TRAIN_TIMESTEPS, few_step_sample, student_sigmas
+from model.sampling import NUM_TRAIN_TIMESTEPS, add_noise, few_step_sample, student_sigmas
 from model.vae import StreamingDecoder, VideoVAE
 
 
@@ -124,16 +124,8 @@ class StreamingGenerator:
         """The DiT half of a step: audio for 4C video frames -> the chunk's clean latents [B, z, C, h, w]."""
         if self.cache is None:
             raise RuntimeError("call start(reference_image) before step()")
-        if self._pending is not None:
-            self._switch()
+        talk, listen = self._next_audio(avatar_audio, interlocutor_audio)
         b = self.ref_latent.shape[0]
-        avatar = _batch(avatar_audio, b).to(self.device)
-        other = _batch(interlocutor_audio, b).to(self.device)
-        if avatar.shape[-1] != self.samples_per_chunk:
-            raise ValueError(f"a step takes {self.samples_per_chunk} samples per stream, got {avatar.shape[-1]}")
-        talk, listen, self.last_mask = self.stream.push(avatar, other, self.settings.vad_threshold_db)
-        self.last_partner_mask = self.stream.partner_mask  # [B, 4C]: who spoke in this chunk (1: speech)
-        talk, listen = talk.to(self.dtype), listen.to(self.dtype)
         c = self.layout.chunk_frames
         _, z, _, h, w = self.ref_latent.shape
         start = self.next_frame
@@ -151,6 +143,50 @@ class StreamingGenerator:
             self.dit(x0.to(self.dtype), torch.zeros(b, c, device=self.device), self.context, talk, listen,
                      attention="streaming", layout=self.layout, cache=self.cache, frame_start=start,
                      write_cache=True)  # fmt: skip
+        self.next_frame += c
+        self._recent = (self._recent + [(x0, talk, listen)])[-(self.layout.window_frames // c + 1) :]
+        return x0
+
+    def _next_audio(self, avatar_audio: torch.Tensor, interlocutor_audio: torch.Tensor
+                    ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+        """A pending action switch, then the chunk's audio into the stream: (talking, listening) tokens."""
+        if self.cache is None:
+            raise RuntimeError("call start(reference_image) before step()")
+        if self._pending is not None:
+            self._switch()
+        b = self.ref_latent.shape[0]
+        avatar = _batch(avatar_audio, b).to(self.device)
+        other = _batch(interlocutor_audio, b).to(self.device)
+        if avatar.shape[-1] != self.samples_per_chunk:
+            raise ValueError(f"a step takes {self.samples_per_chunk} samples per stream, got {avatar.shape[-1]}")
+        talk, listen, self.last_mask = self.stream.push(avatar, other, self.settings.vad_threshold_db)
+        self.last_partner_mask = self.stream.partner_mask  # [B, 4C]: who spoke in this chunk (1: speech)
+        return talk.to(self.dtype), listen.to(self.dtype)
+
+    @torch.no_grad()
+    def observe(self, latents: torch.Tensor, avatar_audio: torch.Tensor, interlocutor_audio: torch.Tensor
+                ) -> torch.Tensor:  # fmt: skip
+        """Context injection: a chunk of GIVEN clean latents [B, z, C, h, w] (a real video's, encoded) enters the
+        stream as if it had generated it: its audio the audio history, its K/V the cache -- written the way
+        ``denoise`` writes its own (``context`` "noisy": the latents re-noised to the last step's level, at that
+        timestep; "clean": at t = 0) -- and the next chunk follows it. Returns the latents; decode them to keep
+        the VAE's causal cache in step. (The memory test of issue [10] shows the stream a real clip up to a
+        change, then lets it generate on.)"""
+        talk, listen = self._next_audio(avatar_audio, interlocutor_audio)
+        b = self.ref_latent.shape[0]
+        c = self.layout.chunk_frames
+        if latents.ndim != 5 or latents.shape[2] != c or latents.shape[1] != self.ref_latent.shape[1]:
+            raise ValueError(f"observe takes one chunk of latents [B, {self.ref_latent.shape[1]}, {c}, h, w], "
+                             f"got {tuple(latents.shape)}")  # fmt: skip
+        x0 = latents.to(self.device, torch.float32).expand(b, -1, -1, -1, -1)
+        if self.settings.context == "noisy":
+            sigma = self.sigmas[-1]
+            noise = torch.randn(x0.shape, generator=self.noise, device=self.device, dtype=torch.float32)
+            x, t = add_noise(x0, noise, sigma), torch.full((b, c), sigma * NUM_TRAIN_TIMESTEPS, device=self.device)
+        else:
+            x, t = x0, torch.zeros(b, c, device=self.device)
+        self.dit(x.to(self.dtype), t, self.context, talk, listen, attention="streaming", layout=self.layout,
+                 cache=self.cache, frame_start=self.next_frame, write_cache=True)  # fmt: skip
         self.next_frame += c
         self._recent = (self._recent + [(x0, talk, listen)])[-(self.layout.window_frames // c + 1) :]
         return x0

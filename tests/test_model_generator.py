@@ -143,3 +143,35 @@ def test_compiled_blocks_stream_the_same_frames_without_recompiling(repo_root):
     assert max((a - b).abs().max().item() for a, b in zip(eager, compiled, strict=True)) < 1e-5
     # head + tail for the reference frame (F=1) and for chunks (F=3): 4 graphs, none after the first chunk
     assert graphs[0] <= 4 and graphs[-1] == graphs[0], graphs
+
+
+def test_observe_writes_what_the_stream_would_have_written(repo_root):
+    """Context injection (`observe`, the memory test's way to show the stream a real clip): given the latents a
+    clean-context stream generated, observing them leaves every cached K/V, the frame counter and the audio
+    history exactly as generating them did; with noisy context it writes K/V at the last step's noise level;
+    a wrong shape is a clear error."""
+    sets = ("student.sink_frames=1", "student.window_frames=3", "student.context=clean")
+    made, seen = _generator(repo_root, *sets), _generator(repo_root, *sets)
+    made.start(_reference())
+    seen.start(_reference())
+    for i in range(3):  # past the window: evictions included
+        audio = _chunk_audio(made, i, speaking=i != 1)
+        x0 = made.denoise(*audio)
+        assert torch.equal(seen.observe(x0, *audio), x0)
+    assert seen.next_frame == made.next_frame == 1 + 3 * 3
+    assert seen.cache.frames == made.cache.frames
+    for layer in range(len(made.dit.blocks)):
+        for a, b in zip(made.cache.keys(layer), seen.cache.keys(layer), strict=True):
+            assert torch.equal(a, b)
+    assert torch.equal(made.stream._avatar, seen.stream._avatar)
+    # and the next generated chunk is the same
+    audio = _chunk_audio(made, 9)
+    seen.noise.set_state(made.noise.get_state())
+    assert torch.equal(made.denoise(*audio), seen.denoise(*audio))
+
+    noisy = _generator(repo_root, "student.sink_frames=1", "student.window_frames=3")
+    noisy.start(_reference())
+    noisy.observe(x0, *_chunk_audio(noisy, 0))
+    assert noisy.next_frame == 4 and noisy.cache.frames == [0, 1, 2, 3]
+    with pytest.raises(ValueError, match="observe takes one chunk"):
+        noisy.observe(x0[:, :, :2], *_chunk_audio(noisy, 1))

@@ -283,7 +283,7 @@ def draw_mark(cfg: CorpusConfig, index: int, side: int, n: int):
         return None, n
     start = min(n - 1, int(round(rng.uniform(*cfg.mark_after_s) * cfg.fps)))
     mark = Mark(landmark=int(rng.choice(MARK_CHEEKS)), color=MARK_COLORS[int(rng.integers(len(MARK_COLORS)))],
-                radius_rel=0.07)  # fmt: skip
+                radius_rel=cfg.mark_radius_rel)  # fmt: skip
     return mark, start
 
 

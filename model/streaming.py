@@ -122,8 +122,6 @@ class StreamingGenerator:
     @torch.no_grad()
     def denoise(self, avatar_audio: torch.Tensor, interlocutor_audio: torch.Tensor) -> torch.Tensor:
         """The DiT half of a step: audio for 4C video frames -> the chunk's clean latents [B, z, C, h, w]."""
-        if self.cache is None:
-            raise RuntimeError("call start(reference_image) before step()")
         talk, listen = self._next_audio(avatar_audio, interlocutor_audio)
         b = self.ref_latent.shape[0]
         c = self.layout.chunk_frames

@@ -34,8 +34,10 @@ def build_parser() -> argparse.ArgumentParser:
     _config_args(p)
     p.add_argument("--export", default=None, metavar="DIR",
                    help="also copy demo_vae.pt / demo_dit.pt there with a provenance .json beside each, e.g. weights")
-    p.add_argument("--what", default="all", choices=["all", "vae", "dit"],
-                   help="train both (default), only the VAE, or only the base DiT (on the VAE already pretrained)")
+    p.add_argument("--what", default="all", choices=["all", "vae", "dit", "pack"],
+                   help="train both (default), only the VAE, or only the base DiT (on the VAE already pretrained); "
+                   "pack: write the DiT's clips (face crops, voices, speaking masks) to one file for "
+                   "pretrain.dit_pack on another machine")
     p = sub.add_parser("plan", help="capacity planner: memory per GPU, FLOPs and step time of each training stage "
                        "for a profile on N GPUs, and which micro batch / activation checkpointing settings fit")
     _config_args(p)

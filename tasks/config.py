@@ -376,6 +376,12 @@ class PretrainConfig(_Section):
     dit_audio_dropout: float = Field(0.1, ge=0, le=1)
     dit_mouth_weight: float = Field(1.0, gt=0)  # loss weight of teacher.mouth_box's latent pixels
     dit_lip_windows: int = Field(12, ge=0)  # held-out windows sampled to measure lip sync (0: not measured)
+    # a pack written by `pretrain --what pack` (the clips' face crops, voices and speaking masks in one file): the
+    # DiT trains on it instead of reading pretrain.dirs, so a machine without the clips, ffmpeg or mediapipe (a
+    # rented GPU) can run `pretrain --what dit`; null: read the clips
+    dit_pack: str | None = None
+    dit_max_seconds: float = Field(0.0, ge=0)  # > 0: the steps (at most dit_iterations) that fit this training time
+    dit_encode_batch: int = Field(32, ge=1)  # windows the autoencoder encodes at once (memory vs speed)
 
 
 class AudioConfig(_Section):

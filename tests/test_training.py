@@ -528,3 +528,28 @@ def test_long_memory_trains_in_distill_when_training_windows_evict_frames(tmp_pa
     assert any(not torch.equal(final[k], ode[k]) for k in gates)  # SiD (streaming rollouts through the cache)
     with pytest.raises(ConfigError, match=r"train.window_chunks >= 3"):
         load_config([], ["model.memory_slots=4", "train.window_chunks=2"], root=REPO)
+
+
+def test_step_metrics_need_no_mlflow_where_no_run_is_active(tmp_path):
+    """A training loop on a machine without MLflow (a bare GPU box, tracking.enabled=false) logs its steps to the
+    JSON-lines file; MLflow is used only where a run is active, i.e. already imported. With a run active, the
+    same call reaches MLflow."""
+    code = (
+        "import sys, json; sys.modules['mlflow'] = None\n"  # importing mlflow now raises ImportError
+        "from pathlib import Path\n"
+        "from tasks.training.engine import Metrics\n"
+        f"m = Metrics(Path({str(tmp_path / 'm.jsonl')!r}), 'stage', 1, True, fresh=True)\n"
+        "m.log(0, {'loss': 1.5}); m.log(1, {'loss': 1.25})\n"
+    )
+    subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True, env=tool_env(tmp_path))
+    rows = [json.loads(x) for x in (tmp_path / "m.jsonl").read_text().splitlines()]
+    assert rows == [{"step": 0, "loss": 1.5}, {"step": 1, "loss": 1.25}]
+    import mlflow
+
+    from tasks.training.engine import Metrics
+
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'ml.db'}")
+    with mlflow.start_run() as run:
+        Metrics(None, "stage", 1, True).log(3, {"loss": 0.5})
+    got = mlflow.tracking.MlflowClient().get_metric_history(run.info.run_id, "stage/loss")
+    assert [(h.step, h.value) for h in got] == [(3, 0.5)]

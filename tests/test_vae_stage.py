@@ -264,3 +264,61 @@ def test_pretrain_holdout_takes_names_and_patterns():
     assert held_out_names(names, ["head_4", "sy0*"]) == {"head_4", "sy04ab_256x320_full_video_001_A_00",
                                                          "sy04ab_256x320_full_video_001_B_01"}  # fmt: skip
     assert held_out_names(names, []) == set()
+
+
+def test_pretrain_pack_carries_the_dits_clips_to_a_machine_without_them(tiny_root, pretrained):
+    """`pretrain --what pack` -> one file with the crops (H.264, decoded as the reader will), 16-bit voices and
+    speaking masks; `pretrain --what dit` on it trains where the clips, ffmpeg and the VAD are not (a GPU
+    machine) on exactly the pixels packed, and hears what the clips' files say to within 16-bit quantisation."""
+    from tasks.training.pretrain import clip_speaking, clip_voices, read_pack, write_pack
+    from tasks.training.vae import fixture_clips
+
+    cfg = tiny_cfg(tiny_root, "pretrain.dit_audio=true", "pretrain.dit_lip_windows=0")
+    train, held, _ = fixture_clips(cfg, tiny_root, progress=False)
+    pack = tiny_root / "pack" / "dit_pack.npz"
+    meta, dtrain, dheld = write_pack(cfg, tiny_root, train, held, pack, progress=False)
+    ptrain, pheld, voices, back = read_pack(cfg, pack)
+    assert sorted(ptrain) == sorted(train) and sorted(pheld) == sorted(held) == ["PC-AVS__00086"]
+    assert back["data_digest"] == meta["data_digest"]
+    for name, c in {**train, **held}.items():
+        got = {**ptrain, **pheld}[name]
+        assert np.array_equal(got, {**dtrain, **dheld}[name])  # the packed pixels, exactly
+        err = np.mean((got.astype(float) - c.astype(float)) ** 2)
+        assert 10 * np.log10(255**2 / err) > 35.0  # and close to the crops (crf 14: ~40 dB)
+    files = clip_voices(cfg, tiny_root, {**train, **held})
+    for name, (wave, speaking) in files.items():
+        pw, pmask = voices[name]
+        assert pw.shape == wave.shape and np.abs(pw - wave).max() <= 1 / 32768 + 1e-7
+        assert np.array_equal(pmask, clip_speaking(cfg, wave, len({**train, **held}[name]), speaking))
+        assert 0.3 < pmask.mean() <= 1.0  # talking clips: the live mask hears speech
+    # the machine without the clips: pretrain.dirs names a folder that is not there; nothing is read from it
+    away = tiny_cfg(tiny_root, "pretrain.dit_audio=true", "pretrain.dit_lip_windows=0", f"pretrain.dit_pack={pack}",
+                    f"pretrain.out_dir={tiny_root / 'from_pack'}", f"pretrain.dirs=[{tiny_root / 'gone'}]",
+                    "pretrain.dit_init_from=weights/demo_dit.pt", "pretrain.dit_iterations=30")  # fmt: skip
+    (tiny_root / "from_pack").mkdir(exist_ok=True)
+    shutil.copy(tiny_root / "pretrain" / "demo_vae.pt", tiny_root / "from_pack" / "demo_vae.pt")
+    res = run_pretrain(away, tiny_root, progress=False, what="dit", export="weights_pack")
+    m = res.metrics
+    assert m["dit_fm_loss"] < m["dit_before_fm_loss"], m  # it learns on the packed windows
+    assert m["dit_fm_loss_no_audio"] != pytest.approx(m["dit_fm_loss"], rel=1e-6)  # and hears their voices
+    prov = json.loads((tiny_root / "weights_pack" / "demo_dit.json").read_text())
+    assert prov["pack"]["data_digest"] == meta["data_digest"] == prov["data_digest"]
+    # errors name the field: no pack, a pack for another size, a pack given to the VAE half
+    with pytest.raises(ConfigError, match="pretrain.dit_pack.*does not exist"):
+        run_pretrain(tiny_cfg(tiny_root, f"pretrain.dit_pack={tiny_root / 'none.npz'}"), tiny_root, progress=False,
+                     what="dit")  # fmt: skip
+    with pytest.raises(ConfigError, match="pretrain.dit_pack.*packed for video"):
+        read_pack(tiny_cfg(tiny_root, "video.width=48", "video.height=48"), pack)
+    with pytest.raises(ConfigError, match="--what dit` only"):
+        run_pretrain(away, tiny_root, progress=False, what="vae")
+
+
+def test_pretrain_dit_fits_its_steps_to_a_time_budget(tiny_root, pretrained):
+    """pretrain.dit_max_seconds: 30 timed steps, then the steps that fit (never more than dit_iterations)."""
+    (tiny_root / "budget").mkdir(exist_ok=True)
+    shutil.copy(tiny_root / "pretrain" / "demo_vae.pt", tiny_root / "budget" / "demo_vae.pt")
+    cfg = tiny_cfg(tiny_root, f"pretrain.out_dir={tiny_root / 'budget'}", "pretrain.dit_iterations=100000",
+                   "pretrain.dit_max_seconds=4")  # fmt: skip
+    m = run_pretrain(cfg, tiny_root, progress=False, what="dit").metrics
+    assert 30 < m["dit_steps"] < 100000
+    assert m["dit_train_seconds"] < 4 * 3  # the budget, give or take the probe's estimate

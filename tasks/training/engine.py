@@ -482,9 +482,8 @@ class Metrics:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             with open(self.path, "a") as f:
                 f.write(json.dumps(row) + "\n")
-        if step % self.every == 0:
-            import mlflow
-
+        mlflow = sys.modules.get("mlflow")  # a run is active only where mlflow is already imported (not on a bare GPU box)
+        if step % self.every == 0 and mlflow is not None:
             if mlflow.active_run() is not None:
                 mlflow.log_metrics({f"{self.prefix}/{k}": float(v) for k, v in values.items()}, step=step)
 

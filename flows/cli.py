@@ -64,6 +64,10 @@ def build_parser() -> argparse.ArgumentParser:
                       help="identity drift of the trained students over a long stream (the paper's Table 1 in "
                            "miniature): rolling cache vs + reference sink vs + sink + RAPR (distilled student) "
                            "vs + GAN (refined student, sink + RAPR); same seed and inputs")
+    mode.add_argument("--memory", action="store_true",
+                      help="the memory test ([10]): a marked corpus clip shown until its mark is on screen, then "
+                           "--frames generated; the share of frames that keep the mark after it left the window, "
+                           "no sink vs sink + window vs LSVM (--memory-checkpoint)")
     mode.add_argument("--actions", action="store_true",
                       help="action following of the student ([10]): videos with a request schedule and without, "
                            "scored by the action detector (configs/interactive.yaml trains a student for it)")
@@ -101,7 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=None,
                    help="--curation: worker processes side by side (default: curate.workers, as the stage runs)")
     p.add_argument("--frames", type=int, default=1500,
-                   help="--drift: video frames to stream per setting (default 1500 = 60 s at 25 fps)")
+                   help="--drift, --memory: video frames to stream per setting (default 1500 = 60 s at 25 fps)")
     p.add_argument("--checkpoint", default=None, metavar="PATH",
                    help="--drift: the student of the three cache settings (default: "
                         "data/checkpoints/distill/final.pt; the settings are skipped when it is missing); "
@@ -109,9 +113,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gan-checkpoint", default=None, metavar="PATH",
                    help="--drift: the student of '+ GAN' (default: data/checkpoints/refine/final.pt; skipped "
                         "when missing); 'random' for the seeded untrained student")
+    p.add_argument("--memory-checkpoint", default=None, metavar="PATH",
+                   help="--memory: a student trained with model.memory_slots > 0 (the LSVM row; skipped without)")
+    p.add_argument("--memory-clips", type=int, default=2, help="--memory: marked clips to stream (default 2)")
     p.add_argument("--every", type=float, default=2.5, help="--actions: seconds between requests (default 2.5)")
     p.add_argument("--window-s", type=float, default=10.0,
-                   help="--drift: seconds per measurement window (default 10)")
+                   help="--drift, --memory: seconds per measurement window (default 10)")
     p.add_argument("--out", default=None,
                    help="where to write the JSON report (default benchmark.report = data/reports/benchmark.json; "
                         "data/reports/model_bench.json with --model-only, or "
@@ -386,6 +393,14 @@ def _bench(args, cfg, root: Path) -> int:
         report = run_action_bench(cfg, root, args.checkpoint, pairs, seconds=args.seconds, every_s=args.every,
                                   progress=not args.json)  # fmt: skip
         default_out = f"{cfg.project.data_dir}/reports/action_bench.json"
+    elif args.memory:
+        from tasks.evaluation.memory_bench import format_report, run_memory_bench
+
+        default_out = f"{cfg.project.data_dir}/reports/memory_bench.json"
+        report = run_memory_bench(cfg, root, seconds=args.frames / cfg.video.fps, window_s=args.window_s,
+                                  clips=args.memory_clips, checkpoint=args.checkpoint,
+                                  memory_checkpoint=args.memory_checkpoint, progress=not args.json,
+                                  plot_path=(root / (args.out or default_out)).with_suffix(".png"))  # fmt: skip
     elif args.drift:
         from tasks.evaluation.drift_bench import format_report, run_drift_bench
 

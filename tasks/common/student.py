@@ -59,7 +59,7 @@ def load_student(cfg: Config, root: Path, checkpoint: str | Path | None, audio: 
         raise ConfigError(f"{path}: not a training checkpoint (expected a dict with a 'model' state dict)")
     try:
         dit = dit_from_state(cfg, audio, blob["model"], device)
-    except RuntimeError as exc:
+    except (RuntimeError, ConfigError) as exc:
         raise ConfigError(f"{path} does not fit the configured model.* / vae.* / audio.* (trained with "
                           f"another profile?): {str(exc).splitlines()[0]}") from None  # fmt: skip
     shown = path.relative_to(root) if path.is_relative_to(root) else path

@@ -29,7 +29,7 @@ from model.text import action_embeddings, prompt_embedding
 from model.vae import VideoVAE
 from tasks.common.media import write_video, write_wav
 from tasks.common.models import build_audio, build_dit, build_vae, device_of, dtype_of, stream_settings
-from tasks.config import Config, data_path
+from tasks.config import Config, ConfigError, data_path
 from tasks.training.data import WindowSet
 from tasks.training.engine import Checkpoints, Dist, config_digest, init_dist, rank_from_env
 
@@ -133,7 +133,12 @@ def model_sections() -> list[str]:
 def dit_from_state(cfg: Config, audio: AudioConditioner, state: dict, device: torch.device,
                    dtype: torch.dtype | None = None) -> AudioDiT:  # fmt: skip
     dit = build_dit(cfg, audio.token_dim, pretrained=False, dtype=dtype).to(device)
-    dit.load_state_dict(state)
+    try:
+        dit.load_state_dict(state)
+    except RuntimeError as exc:  # e.g. a teacher trained with model.memory_slots loaded into a model without
+        raise ConfigError(f"a checkpoint does not fit the configured model.* (trained with other model settings, "
+                          f"e.g. model.memory_slots?): {str(exc).splitlines()[0]} "
+                          f"{' '.join(str(exc).splitlines()[1:2]).strip()[:300]}") from None  # fmt: skip
     return dit
 
 

@@ -548,8 +548,13 @@ def test_step_metrics_need_no_mlflow_where_no_run_is_active(tmp_path):
 
     from tasks.training.engine import Metrics
 
+    before = mlflow.get_tracking_uri()
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'ml.db'}")
-    with mlflow.start_run() as run:
-        Metrics(None, "stage", 1, True).log(3, {"loss": 0.5})
-    got = mlflow.tracking.MlflowClient().get_metric_history(run.info.run_id, "stage/loss")
+    try:  # its own store and experiment, whatever another test left active
+        exp = mlflow.create_experiment("step-metrics", artifact_location=str(tmp_path / "artifacts"))
+        with mlflow.start_run(experiment_id=exp) as run:
+            Metrics(None, "stage", 1, True).log(3, {"loss": 0.5})
+        got = mlflow.tracking.MlflowClient().get_metric_history(run.info.run_id, "stage/loss")
+    finally:
+        mlflow.set_tracking_uri(before)
     assert [(h.step, h.value) for h in got] == [(3, 0.5)]

@@ -37,6 +37,7 @@ from tasks.common.media import MediaError, read_audio, read_frames
 from tasks.common.student import build_stream, load_student
 from tasks.config import Config, ConfigError, resolve_path
 from tasks.evaluation.memory import mark_shown
+from tasks.training.vae import _to_video
 
 log = logging.getLogger(__name__)
 
@@ -104,11 +105,6 @@ def marked_clips(cfg: Config, root: Path, limit: int) -> tuple[list[MarkedClip],
     return out, skipped
 
 
-def _video(frames: np.ndarray) -> torch.Tensor:
-    """[T, H, W, 3] uint8 -> [3, T, H, W] in [-1, 1]."""
-    return torch.from_numpy(np.ascontiguousarray(frames)).permute(3, 0, 1, 2).float() / 127.5 - 1.0
-
-
 def to_uint8(video: torch.Tensor) -> np.ndarray:
     """[3, T, H, W] in [-1, 1] -> [T, H, W, 3] uint8."""
     return ((video.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 3, 0).cpu().numpy()
@@ -128,8 +124,8 @@ def memory_stream(gen: StreamingGenerator, clip: MarkedClip, seconds: float, fps
         raise ConfigError(f"bench --memory: {clip.name}: the mark appears at frame {clip.first_shown}, too late to "
                           f"be seen for a whole chunk of {cvf} frames in its {len(clip.frames)}")  # fmt: skip
     talk, other = clip.wave * np.repeat(clip.speaking, spf), clip.wave * np.repeat(1 - clip.speaking, spf)
-    gen.start(_video(clip.frames[:1])[:, 0])
-    latents = gen.vae.encode(_video(clip.frames[: 1 + observed * cvf])[None].to(gen.device))
+    gen.start(_to_video(clip.frames[:1])[:, 0])
+    latents = gen.vae.encode(_to_video(clip.frames[: 1 + observed * cvf])[None].to(gen.device))
     for j in range(observed):
         piece = slice((1 + j * cvf) * spf, (1 + (j + 1) * cvf) * spf)
         x0 = gen.observe(latents[:, :, 1 + j * c : 1 + (j + 1) * c], torch.from_numpy(talk[piece]),

@@ -45,14 +45,14 @@ def test_report_table_has_every_system_and_metric(evaluated, project):
     from tasks.evaluation.evaluate import DEFINITIONS, SCALARS
 
     cfg, result, report = evaluated
-    order = ["ground_truth", "teacher", "student_untrained", "student_ode_init", "student_sid", "student"]
+    order = ["ground_truth", "autoencoder", "teacher", "student_untrained", "student_ode_init", "student_sid", "student"]
     assert list(report["systems"]) == order  # the chain table: each training step's student, then the product's
     assert [r["system"] for r in report["table"]] == order
     # this project has a teacher but no distill stage: the chain says which checkpoints are missing
     for name in ("student_ode_init", "student_sid"):
         assert report["systems"][name]["status"].startswith("skipped: no checkpoint at")
     ok = [r for r in report["table"] if r["status"] == "ok"]
-    assert [r["system"] for r in ok] == ["ground_truth", "teacher", "student_untrained", "student"]
+    assert [r["system"] for r in ok] == ["ground_truth", "autoencoder", "teacher", "student_untrained", "student"]
     for row in ok:
         for key in (*SCALARS, "fid", "fvd"):
             assert key in row, key
@@ -94,6 +94,15 @@ def test_per_window_values_are_the_metric_functions(evaluated, project):
     # the untrained student of the chain streams the teacher's weights, not the random student evaluated here
     before = report["systems"]["student_untrained"]["items"][0]
     assert before["flicker"] != pytest.approx(st["flicker"]) and before["flicker"] != pytest.approx(gt["flicker"])
+    # the autoencoder row is the window's own latents decoded: close to the ground truth, not equal to it
+    from tasks.common.models import build_vae
+    from tasks.evaluation.evaluate import autoencoder_frames
+
+    ae_frames = autoencoder_frames(build_vae(cfg, root=project), item)
+    assert ae_frames.shape == item.frames.shape
+    ae_row = report["systems"]["autoencoder"]["items"][0]
+    assert ae_row["flicker"] == pytest.approx(metrics.flicker(ae_frames)["flicker"])
+    assert ae_row["flicker"] != pytest.approx(gt["flicker"])
     agg = report["systems"]["student"]["aggregate"]
     assert agg["flicker"] == pytest.approx(np.mean([it["flicker"] for it in report["systems"]["student"]["items"]]))
 

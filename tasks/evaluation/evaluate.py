@@ -42,6 +42,8 @@ from tasks.evaluation import fidelity, lipsync, metrics
 log = logging.getLogger(__name__)
 
 SYSTEMS = ("ground_truth", "teacher", "student")
+# the ground truth's latents decoded by the autoencoder: what any system that generates latents can reach at best
+AUTOENCODER = "autoencoder"
 # evaluate.chain: the student after each training step, streamed exactly like `student` (the table's chain
 # untrained student -> ODE init -> SiD -> GAN); each from its checkpoint under train.checkpoint_dir
 CHAIN = {
@@ -193,6 +195,13 @@ def teacher_frames(cfg: Config, teacher, vae, text: torch.Tensor, item: EvalItem
     return _to_uint8(video[:, 1:])[: len(item.frames)]
 
 
+@torch.no_grad()
+def autoencoder_frames(vae, item: EvalItem) -> np.ndarray:
+    """The window's own latents (the ground truth encoded) decoded: the autoencoder's round trip."""
+    video = vae.decode(item.latents.to(vae.mean.device))[0]  # [3, 1 + T, H, W], frame 0 the reference
+    return _to_uint8(video[:, 1:])[: len(item.frames)]
+
+
 # ------------------------------------------------------------------------------------------------ metrics
 def item_metrics(cfg: Config, frames: np.ndarray, item: EvalItem) -> dict[str, Any]:
     """Every per-window metric of one system's frames (None where it cannot be computed, with a note)."""
@@ -309,6 +318,8 @@ def evaluate_systems(cfg: Config, root: Path, systems: tuple[str, ...] = SYSTEMS
     status.update({name: g for name, g in chain.items() if isinstance(g, str)})
     for item in tqdm(items, desc="evaluate", unit="window", disable=not progress):
         made = {"ground_truth": item.frames}
+        if AUTOENCODER in systems:
+            made[AUTOENCODER] = autoencoder_frames(gen.vae, item)
         if "student" in systems:
             made["student"] = student_frames(cfg, gen, item)
         if teacher is not None:
@@ -330,6 +341,9 @@ def evaluate_systems(cfg: Config, root: Path, systems: tuple[str, ...] = SYSTEMS
         "chain": {name: f"{CHAIN[name][1]} ({cfg.train.checkpoint_dir}/{CHAIN[name][0]})" for name in chain},
         "definitions": DEFINITIONS, "systems": {},
     }  # fmt: skip
+    if AUTOENCODER in systems:
+        report["autoencoder"] = ("the ground truth's own latents decoded by the autoencoder (vae.*): the best any "
+                                 "system that generates latents can score")  # fmt: skip
     e = cfg.evaluate
     for name in systems:
         if status[name] != "ok":
@@ -410,7 +424,7 @@ def run_evaluate(cfg: Config, root: Path, progress: bool = True) -> StageResult:
     e = cfg.evaluate
     out_dir = resolve_path(e.out_dir, root)
     out_dir.mkdir(parents=True, exist_ok=True)
-    systems = SYSTEMS[:2] + (tuple(CHAIN) if e.chain else ()) + SYSTEMS[2:]
+    systems = SYSTEMS[:1] + (AUTOENCODER,) + SYSTEMS[1:2] + (tuple(CHAIN) if e.chain else ()) + SYSTEMS[2:]
     systems = systems if e.teacher else tuple(s for s in systems if s != "teacher")
     report = evaluate_systems(cfg, root, systems=systems, progress=progress, video_dir=out_dir / "videos")
     (out_dir / "eval_set.json").write_text(json.dumps(report["eval_set"], indent=2))

@@ -6,7 +6,10 @@
 # measures held-out flow matching there; lip sync needs FaceMesh, so measure it back on the CPU machine with
 # `streamavatar pretrain --what dit --set pretrain.dit_pack=PACK --set pretrain.dit_init_from=OUT/demo_dit.pt
 #  --set pretrain.dit_iterations=1 ...` (README "Pretraining on a GPU").
-# Usage:  bash scripts/gpu_pretrain.sh PACK OUT_DIR [--set key=value ...]
+# WHAT=all first trains a new autoencoder on the pack's crops (from scratch, pretrain.vae_max_seconds), then the DiT
+# from scratch on its latents (the committed base DiT learned the committed autoencoder's latents); the default,
+# WHAT=dit, continues the committed base DiT on the committed autoencoder.
+# Usage:  [WHAT=dit|all] [DEVICE=cuda] bash scripts/gpu_pretrain.sh PACK OUT_DIR [--set key=value ...]
 #   (STREAMAVATAR: the command that runs the CLI, default .venv/bin/streamavatar)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -19,10 +22,23 @@ OUT=$2
 shift 2
 SA=${STREAMAVATAR:-.venv/bin/streamavatar}
 mkdir -p "$OUT"
-# `pretrain --what dit` encodes with the autoencoder in its out_dir: the committed one the demo fine-tunes
-[ -f "$OUT/demo_vae.pt" ] || cp weights/demo_vae.pt "$OUT/demo_vae.pt"
-# shellcheck disable=SC2086  # STREAMAVATAR may be a command with arguments (python3 -m flows.cli)
-$SA pretrain --what dit --set project.device=cuda --set pretrain.dit_pack="$PACK" --set pretrain.out_dir="$OUT" \
-  --set pretrain.dit_audio=true --set pretrain.dit_lip_windows=0 --set pretrain.dit_init_from=weights/demo_dit.pt \
-  --set pretrain.dit_window_stride=4 --set pretrain.dit_iterations=100000 --set pretrain.dit_max_seconds=300 \
-  --set pretrain.dit_batch_size=128 --set train.checkpoint_every=2000 --set tracking.enabled=false "$@"
+WHAT=${WHAT:-dit}
+COMMON=(--set project.device="${DEVICE:-cuda}" --set pretrain.dit_pack="$PACK" --set pretrain.out_dir="$OUT"
+  --set pretrain.dit_audio=true --set pretrain.dit_lip_windows=0 --set pretrain.dit_window_stride=4
+  --set pretrain.dit_iterations=100000 --set pretrain.dit_max_seconds=300 --set pretrain.dit_batch_size=128
+  --set train.checkpoint_every=2000 --set tracking.enabled=false)
+case "$WHAT" in
+  dit)
+    # `pretrain --what dit` encodes with the autoencoder in its out_dir: the committed one the demo fine-tunes
+    [ -f "$OUT/demo_vae.pt" ] || cp weights/demo_vae.pt "$OUT/demo_vae.pt"
+    # shellcheck disable=SC2086  # STREAMAVATAR may be a command with arguments (python3 -m flows.cli)
+    $SA pretrain --what dit "${COMMON[@]}" --set pretrain.dit_init_from=weights/demo_dit.pt "$@" ;;
+  all)
+    # shellcheck disable=SC2086
+    $SA pretrain --what all "${COMMON[@]}" --set pretrain.vae_init_from=null --set pretrain.dit_init_from=null \
+      --set pretrain.iterations=1000000 --set pretrain.vae_max_seconds=180 --set pretrain.lr=1e-3 \
+      --set vae_train.batch_size=64 "$@" ;;
+  *)
+    echo "WHAT must be dit or all, got $WHAT" >&2
+    exit 2 ;;
+esac

@@ -377,10 +377,11 @@ class PretrainConfig(_Section):
     dit_mouth_weight: float = Field(1.0, gt=0)  # loss weight of teacher.mouth_box's latent pixels
     dit_lip_windows: int = Field(12, ge=0)  # held-out windows sampled to measure lip sync (0: not measured)
     # a pack written by `pretrain --what pack` (the clips' face crops, voices and speaking masks in one file): the
-    # DiT trains on it instead of reading pretrain.dirs, so a machine without the clips, ffmpeg or mediapipe (a
-    # rented GPU) can run `pretrain --what dit`; null: read the clips
+    # autoencoder and the DiT train on it instead of reading pretrain.dirs, so a machine without the clips, ffmpeg
+    # or mediapipe (a rented GPU) can run `pretrain --what vae|dit|all`; null: read the clips
     dit_pack: str | None = None
     dit_max_seconds: float = Field(0.0, ge=0)  # > 0: the steps (at most dit_iterations) that fit this training time
+    vae_max_seconds: float = Field(0.0, ge=0)  # > 0: the autoencoder's steps (at most iterations) that fit this time
     dit_encode_batch: int = Field(32, ge=1)  # windows the autoencoder encodes at once (memory vs speed)
 
 

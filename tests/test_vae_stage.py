@@ -303,18 +303,25 @@ def test_pretrain_pack_carries_the_dits_clips_to_a_machine_without_them(tiny_roo
     assert m["dit_fm_loss_no_audio"] != pytest.approx(m["dit_fm_loss"], rel=1e-6)  # and hears their voices
     prov = json.loads((tiny_root / "weights_pack" / "demo_dit.json").read_text())
     assert prov["pack"]["data_digest"] == meta["data_digest"] == prov["data_digest"]
-    # errors name the field: no pack, a pack for another size, a pack given to the VAE half
+    # errors name the field: no pack, a pack for another size
     with pytest.raises(ConfigError, match="pretrain.dit_pack.*does not exist"):
         run_pretrain(tiny_cfg(tiny_root, f"pretrain.dit_pack={tiny_root / 'none.npz'}"), tiny_root, progress=False,
                      what="dit")  # fmt: skip
     with pytest.raises(ConfigError, match="pretrain.dit_pack.*packed for video"):
         read_pack(tiny_cfg(tiny_root, "video.width=48", "video.height=48"), pack)
-    with pytest.raises(ConfigError, match="--what dit` only"):
-        run_pretrain(away, tiny_root, progress=False, what="vae")
+    # the autoencoder half learns on the pack too (a GPU machine pretrains both), on the packed crops
+    vae_away = tiny_cfg(tiny_root, f"pretrain.dit_pack={pack}", f"pretrain.out_dir={tiny_root / 'vae_from_pack'}",
+                        f"pretrain.dirs=[{tiny_root / 'gone'}]")  # fmt: skip
+    vm = run_pretrain(vae_away, tiny_root, progress=False, what="vae").metrics
+    assert vm["psnr"] > vm["psnr_before"] + 2.5 and vm["train_clips"] == len(train), vm
+    assert (tiny_root / "vae_from_pack" / "demo_vae.pt").is_file()
+    with pytest.raises(ConfigError, match="pretrain.dit_pack.*does not read a pack"):
+        run_pretrain(away, tiny_root, progress=False, what="pack")
 
 
 def test_pretrain_dit_fits_its_steps_to_a_time_budget(tiny_root, pretrained):
-    """pretrain.dit_max_seconds: 30 timed steps, then the steps that fit (never more than dit_iterations)."""
+    """pretrain.dit_max_seconds / vae_max_seconds: 30 timed steps, then the steps that fit (never more than
+    dit_iterations / iterations)."""
     (tiny_root / "budget").mkdir(exist_ok=True)
     shutil.copy(tiny_root / "pretrain" / "demo_vae.pt", tiny_root / "budget" / "demo_vae.pt")
     cfg = tiny_cfg(tiny_root, f"pretrain.out_dir={tiny_root / 'budget'}", "pretrain.dit_iterations=100000",
@@ -322,3 +329,9 @@ def test_pretrain_dit_fits_its_steps_to_a_time_budget(tiny_root, pretrained):
     m = run_pretrain(cfg, tiny_root, progress=False, what="dit").metrics
     assert 30 < m["dit_steps"] < 100000
     assert m["dit_train_seconds"] < 4 * 3  # the budget, give or take the probe's estimate
+    # the autoencoder's half the same way (pretrain.vae_max_seconds), and it still learns in its budget
+    cfg = tiny_cfg(tiny_root, f"pretrain.out_dir={tiny_root / 'budget_vae'}", "pretrain.iterations=100000",
+                   "pretrain.vae_max_seconds=4")  # fmt: skip
+    m = run_pretrain(cfg, tiny_root, progress=False, what="vae").metrics
+    assert 30 < m["steps"] < 100000 and m["train_seconds"] < 4 * 3, m
+    assert m["psnr"] > m["psnr_before"] + 2.5, m

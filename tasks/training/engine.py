@@ -544,3 +544,36 @@ def run_loop(
     if total > start:
         last = {**last, "seconds_per_step": (time.perf_counter() - t0) / (total - start)}
     return last
+
+
+def run_loop_for(
+    name: str,
+    start: int,
+    schedule: dict[str, int],
+    max_seconds: float,
+    step_fn: Callable[[int], dict[str, float]],
+    save_fn: Callable[[int], None],
+    metrics: Metrics,
+    checkpoint_every: int,
+    progress: bool,
+) -> dict[str, float]:
+    """:func:`run_loop` to ``schedule["total"]`` steps, or, with ``max_seconds`` > 0, to as many of them as fit that
+    training time: 30 steps are run and the last 20 timed, then ``schedule["total"]`` is lowered to the steps that
+    fit (the step function reads it there, so its learning-rate schedule spans the steps that will run)."""
+    total = schedule["total"]
+    if max_seconds and start < total:
+        t0, probe, marks = time.perf_counter(), min(total, start + 30), {}
+
+        def timed(s: int) -> dict[str, float]:
+            marks.setdefault(s, time.perf_counter())
+            return step_fn(s)
+
+        run_loop(name, start, probe, timed, save_fn, metrics, checkpoint_every, progress)
+        if probe < total:
+            first = min(start + 10, probe - 1)
+            per = (time.perf_counter() - marks[first]) / (probe - first)
+            schedule["total"] = min(total, probe + max(0, int((max_seconds - (time.perf_counter() - t0)) / per)))
+            log.info("%s: %.1f ms a step: %d steps fit %s s", name, 1e3 * per, schedule["total"], max_seconds)
+        start = probe
+    return run_loop(name, start, schedule["total"], step_fn, save_fn, metrics, checkpoint_every, progress)
+

@@ -61,7 +61,7 @@ from tasks.training.engine import (
     config_digest,
     optimizer_step,
     resume,
-    run_loop,
+    run_loop_for,
     step_generator,
     warmup_cosine,
 )
@@ -424,7 +424,7 @@ def pretrain_dit(cfg: Config, root: Path, vae: VideoVAE, train: dict, held: dict
         sigma = shift_sigma(torch.rand(p.dit_batch_size, generator=g), cfg.teacher.timestep_shift).to(device)
         gn = g if device.type == "cpu" else torch.Generator(device).manual_seed(int(torch.randint(2**62, (1,), generator=g)))
         noise = torch.randn((p.dit_batch_size, *data.shape[1:]), generator=gn, device=device)  # drawn where it is used
-        warmup_cosine(opt, p.dit_lr, s, total, warmup=50, floor=0.1)
+        warmup_cosine(opt, p.dit_lr, s, schedule["total"], warmup=50, floor=0.1)
         at = idx.to(device)
         x0 = train_data[at]
         if train_sounds is None:
@@ -440,20 +440,11 @@ def pretrain_dit(cfg: Config, root: Path, vae: VideoVAE, train: dict, held: dict
         ckpt.save(s, {"model": model.state_dict(), "optimizer": opt.state_dict()})
 
     metrics = Metrics(ckpt.dir / "metrics.jsonl", "pretrain_dit", cfg.train.log_every, True, fresh=start == 0)
+    schedule = {"total": p.dit_iterations}  # lowered to the steps that fit pretrain.dit_max_seconds
     t0 = time.perf_counter()
-    total = p.dit_iterations
-    if p.dit_max_seconds and start < total:  # time 30 steps (the last 20 of them), then fit the schedule to the budget
-        probe = min(total, start + 30)
-        marks = {}
-        run_loop("pretrain dit", start, probe, lambda s: (marks.setdefault(s, time.perf_counter()), step(s))[1], save,
-                 metrics, cfg.train.checkpoint_every, progress)  # fmt: skip
-        if probe < total:
-            per = (time.perf_counter() - marks[min(start + 10, probe - 1)]) / (probe - min(start + 10, probe - 1))
-            total = min(total, probe + max(0, int((p.dit_max_seconds - (time.perf_counter() - t0)) / per)))
-            log.info("pretrain: %.1f ms a step: %d steps fit pretrain.dit_max_seconds (%s s)", 1e3 * per, total,
-                     p.dit_max_seconds)  # fmt: skip
-        start = probe
-    run_loop("pretrain dit", start, total, step, save, metrics, cfg.train.checkpoint_every, progress)
+    run_loop_for("pretrain dit", start, schedule, p.dit_max_seconds, step, save, metrics, cfg.train.checkpoint_every,
+                 progress)  # fmt: skip
+    train_seconds = time.perf_counter() - t0
     model.cpu()
     after = heldout_losses(model, val, text, tokens, mean, var, held_set)
     m = {"dit_" + k: v for k, v in after.items()}
@@ -467,7 +458,7 @@ def pretrain_dit(cfg: Config, root: Path, vae: VideoVAE, train: dict, held: dict
         m.update({"dit_gt_" + k: v for k, v in lip_sync(cfg, None, vae, held_set, text, p.dit_lip_windows).items()})
         m["dit_talking_share"] = float(sounds["mask"].float().mean())
     m.update({"dit_train_windows": float(len(data)), "dit_heldout_windows": float(len(val)),
-              "dit_steps": float(total), "dit_train_seconds": time.perf_counter() - t0,
+              "dit_steps": float(schedule["total"]), "dit_train_seconds": train_seconds,
               "dit_params_m": sum(q.numel() for q in model.parameters()) / 1e6,
               "dit_continued": float(init_digest is not None)})  # fmt: skip
     sheet = sample_sheet(model, vae, val, text, tokens, out_dir / "dit_samples.png")
@@ -484,15 +475,15 @@ def _export(src: Path, dst: Path, provenance: dict) -> list[Path]:
 
 def run_pretrain(cfg: Config, root: Path, progress: bool = True, export: str | None = None,
                  what: str = "all") -> StageResult:  # fmt: skip
-    """``what``: "vae", "dit" (with the VAE already in ``pretrain.out_dir``; on ``pretrain.dit_pack`` when set),
-    "all", or "pack" (``pretrain.out_dir``/dit_pack.npz: the DiT's clips for another machine)."""
+    """``what``: "vae", "dit" (with the VAE already in ``pretrain.out_dir``), "all" (each on ``pretrain.dit_pack``
+    when set), or "pack" (``pretrain.out_dir``/dit_pack.npz: the clips for another machine)."""
     if cfg.vae.kind != "causal-ae":
         raise ConfigError(f"pretrain trains the demo's causal autoencoder; vae.kind is {cfg.vae.kind}")
     if what not in ("all", "vae", "dit", "pack"):
         raise ConfigError(f"pretrain: what must be all, vae, dit or pack, got {what!r}")
     p = cfg.pretrain
-    if p.dit_pack and what != "dit":
-        raise ConfigError(f"pretrain.dit_pack is read by `pretrain --what dit` only (this run: --what {what})")
+    if p.dit_pack and what == "pack":
+        raise ConfigError("pretrain.dit_pack: `pretrain --what pack` packs pretrain.dirs; it does not read a pack")
     if p.threads:
         torch.set_num_threads(p.threads)
     out_dir = resolve_path(p.out_dir, root)

@@ -39,7 +39,7 @@ from tqdm import tqdm
 
 from model.causal_ae import CausalVideoAE
 from tasks.common.media import MediaError, read_frames
-from tasks.common.models import build_causal_ae, causal_ae_spec
+from tasks.common.models import build_causal_ae, causal_ae_spec, device_of
 from tasks.common.stage import StageResult
 from tasks.config import Config, ConfigError, data_path, resolve_path
 from tasks.training.data import choose_clips
@@ -51,7 +51,7 @@ from tasks.training.engine import (
     history_csv,
     optimizer_step,
     resume,
-    run_loop,
+    run_loop_for,
     step_generator,
     warmup_cosine,
 )
@@ -243,15 +243,21 @@ def evaluate_bicubic(windows: list[torch.Tensor], factor: int) -> dict[str, floa
 
 
 @torch.no_grad()
-def latent_stats(ae: CausalVideoAE, clips: dict[str, np.ndarray], frames: int) -> tuple[list[float], list[float]]:
-    """Per-channel mean and std of the latents of the training clips (windows of ``frames``)."""
-    ae.eval()
+def latent_stats(ae: CausalVideoAE, clips: dict[str, np.ndarray], frames: int, device: torch.device | None = None,
+                 batch: int = 32) -> tuple[list[float], list[float]]:  # fmt: skip
+    """Per-channel mean and std of the latents of the training clips (windows of ``frames``), encoded ``batch``
+    windows at a time on ``device`` (default: where the autoencoder is; it is left where it was)."""
+    home = next(ae.parameters()).device
+    device = device or home
+    ae.eval().to(device)
+    wins = [c[s : s + frames] for c in clips.values() for s in range(0, len(c) - frames + 1, frames)]
     zs = []
-    for c in clips.values():
-        for s in range(0, len(c) - frames + 1, frames):
-            zs.append(ae.encode(_to_video(c[s : s + frames])[None]).transpose(0, 1).flatten(1))
+    for i in range(0, len(wins), batch):
+        x = torch.stack([_to_video(w) for w in wins[i : i + batch]]).to(device)
+        zs.append(ae.encode(x).transpose(0, 1).flatten(1).double().cpu())
+    ae.to(home)
     z = torch.cat(zs, dim=1)
-    return z.mean(1).tolist(), z.std(1).clamp_min(1e-4).tolist()
+    return z.mean(1).float().tolist(), z.std(1).clamp_min(1e-4).float().tolist()
 
 
 def contact_sheet(ae: CausalVideoAE, windows: list[torch.Tensor], factor: int, path: Path, n: int = 6) -> Path:
@@ -272,12 +278,14 @@ def contact_sheet(ae: CausalVideoAE, windows: list[torch.Tensor], factor: int, p
 
 # ------------------------------------------------------------------------------------------------ training
 def train_autoencoder(cfg: Config, stage: str, ckpt_dir: Path, train: dict, held: dict, init: dict | None,
-                      iterations: int, lr: float, progress: bool, decoder_only: bool = False
+                      iterations: int, lr: float, progress: bool, decoder_only: bool = False, max_seconds: float = 0.0
                       ) -> tuple[CausalVideoAE, dict, list[torch.Tensor]]:  # fmt: skip
-    """Trains (or resumes) the causal autoencoder; returns it and its metrics against the baselines.
+    """Trains (or resumes) the causal autoencoder on ``project.device``; returns it (on the CPU) and its metrics
+    against the baselines, measured on the CPU.
 
     ``decoder_only`` freezes the encoder: the latents stay exactly what they were (so a DiT trained on them stays
-    valid) while the decoder keeps learning."""
+    valid) while the decoder keeps learning. ``max_seconds`` > 0: as many of the ``iterations`` as fit that
+    training time (engine.run_loop_for)."""
     t = cfg.vae_train
     if t.threads:
         torch.set_num_threads(t.threads)
@@ -299,6 +307,10 @@ def train_autoencoder(cfg: Config, stage: str, ckpt_dir: Path, train: dict, held
                                  "data": data_digest(train), "init": init.get("digest") if init else None,
                                  "seed": cfg.project.seed, "decoder_only": decoder_only})  # fmt: skip
     ckpt = Checkpoints(ckpt_dir, fingerprint, cfg.train.keep_checkpoints)
+    device = device_of(cfg)  # trains there (a GPU for `pretrain` on a pack); measures on the CPU
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    ae.to(device)
     if decoder_only:
         for name, q in ae.named_parameters():
             q.requires_grad_(not name.startswith("enc_"))
@@ -307,12 +319,12 @@ def train_autoencoder(cfg: Config, stage: str, ckpt_dir: Path, train: dict, held
 
     def step(s: int) -> dict[str, float]:
         g = step_generator(cfg.project.seed, stage, s)
-        x = sample_batch(clips, t.batch_size, t.clip_frames, g)
-        warmup_cosine(opt, lr, s, iterations, t.warmup, floor=0.05)
+        x = sample_batch(clips, t.batch_size, t.clip_frames, g).to(device)
+        warmup_cosine(opt, lr, s, schedule["total"], t.warmup, floor=0.05)
         with torch.set_grad_enabled(not decoder_only):
             z = ae.encode(x)
         std = z.detach().std(dim=(0, 2, 3, 4), keepdim=True)
-        noise = torch.randn(z.shape, generator=g)
+        noise = torch.randn(z.shape, generator=g).to(device)  # drawn on the CPU: the same steps on any device
         y = ae.decode(z + t.latent_noise * std * noise)
         mse = F.mse_loss(y, x)
         loss = mse + t.l1_weight * F.l1_loss(y, x)
@@ -325,14 +337,17 @@ def train_autoencoder(cfg: Config, stage: str, ckpt_dir: Path, train: dict, held
 
     metrics = Metrics(ckpt.dir / "metrics.jsonl", stage, cfg.train.log_every, True, fresh=start == 0)
     t0 = time.perf_counter()
-    last = run_loop(stage, start, iterations, step, save, metrics, cfg.train.checkpoint_every, progress)
+    schedule = {"total": iterations}
+    last = run_loop_for(stage, start, schedule, max_seconds, step, save, metrics, cfg.train.checkpoint_every, progress)
+    train_seconds = time.perf_counter() - t0
+    ae.cpu()
     after = evaluate_ae(ae, windows)
     base = evaluate_bicubic(windows, cfg.vae.spatial_compression)
     m = {"psnr": after["psnr"], "ssim": after["ssim"], "psnr_before": before["psnr"], "ssim_before": before["ssim"],
          "psnr_bicubic": base["psnr"], "ssim_bicubic": base["ssim"], "psnr_gain_over_bicubic": after["psnr"] - base["psnr"],
          "eval_windows": float(len(windows)), "train_clips": float(len(clips)), "heldout_clips": float(len(held)),
-         "train_frames": float(sum(len(c) for c in clips)), "steps": float(iterations),
-         "train_seconds": time.perf_counter() - t0, "params_m": sum(p.numel() for p in ae.parameters()) / 1e6}  # fmt: skip
+         "train_frames": float(sum(len(c) for c in clips)), "steps": float(schedule["total"]),
+         "train_seconds": train_seconds, "params_m": sum(p.numel() for p in ae.parameters()) / 1e6}  # fmt: skip
     m.update({f"last_{k}": v for k, v in last.items()})
     m["decoder_only"] = float(decoder_only)
     for q in ae.parameters():
@@ -341,7 +356,7 @@ def train_autoencoder(cfg: Config, stage: str, ckpt_dir: Path, train: dict, held
 
 
 def save_weights(cfg: Config, ae: CausalVideoAE, train: dict, path: Path, extra: dict) -> dict:
-    mean, std = latent_stats(ae, train, cfg.vae_train.clip_frames)
+    mean, std = latent_stats(ae, train, cfg.vae_train.clip_frames, device_of(cfg))
     state = {"model": ae.state_dict(), "latents_mean": mean, "latents_std": std, "spec": causal_ae_spec(cfg), **extra}
     state["digest"] = hashlib.sha256(json.dumps([extra.get("data_digest"), extra.get("metrics")],
                                                 sort_keys=True).encode()).hexdigest()[:16]  # fmt: skip
@@ -408,7 +423,8 @@ def pretrain_vae(cfg: Config, root: Path, train: dict, held: dict, out_dir: Path
     p = cfg.pretrain
     init = load_init(cfg, p.vae_init_from, "pretrain.vae_init_from", root) if p.vae_init_from else None
     ae, m, windows = train_autoencoder(cfg, "pretrain", out_dir / "checkpoints", train, held, init, p.iterations,
-                                       p.lr, progress, decoder_only=p.vae_decoder_only)  # fmt: skip
+                                       p.lr, progress, decoder_only=p.vae_decoder_only,
+                                       max_seconds=p.vae_max_seconds)  # fmt: skip
     save_weights(cfg, ae, train, out_dir / "demo_vae.pt", {**provenance, "metrics": m})
     sheet = contact_sheet(ae, windows, cfg.vae.spatial_compression, out_dir / "reconstructions.png")
     return ae, m, [sheet]

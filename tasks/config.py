@@ -518,6 +518,10 @@ class OdeInitConfig(_Section):
     iterations: int = Field(200, ge=0)
     batch_size: int = Field(2, ge=1)
     lr: float = Field(1e-4, gt=0)
+    # share of each batch's rows that regress onto the pair's own data window instead of the teacher's output,
+    # every chunk noised at the same kept levels (fresh noise): the only rows whose context shows what the
+    # reference does not (a mark that appears later) and whose target keeps it ([10]); 0: teacher pairs only
+    gt_share: float = Field(0.0, ge=0, le=1)
 
 
 class DistillConfig(_Section):

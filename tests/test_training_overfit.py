@@ -201,6 +201,33 @@ def test_ode_init_student_beats_the_untrained_one_on_held_out_pairs(ode_init_run
     assert mse_after < 0.99 * mse_before, (mse_before, mse_after)  # measured: 0.553 -> 0.537
 
 
+def test_ode_init_batch_takes_teacher_states_or_noised_data_rows():
+    """ode_init.gt_share's rows: their data window noised at the chunk's kept level, regressed onto the data; the
+    other rows exactly the teacher's states and output (what a batch without the option holds)."""
+    from model.sampling import add_noise
+    from tasks.training.distill import ode_init_batch
+
+    g = torch.Generator().manual_seed(3)
+    sig = torch.tensor(SIGMAS)
+    states = torch.randn(B, len(SIGMAS), Z, F, H, H, generator=g)
+    x0 = torch.randn(B, Z, F, H, H, generator=g)
+    chunks = LAYOUT.chunks(1 + F)[1:]
+    level = torch.randint(len(SIGMAS), (B, len(chunks)), generator=g)
+    noise = torch.randn(B, Z, 1 + F, H, H, generator=g)
+    plain = ode_init_batch(DATA, states, x0, sig, chunks, level)
+    x, fs, target = ode_init_batch(DATA, states, x0, sig, chunks, level, torch.tensor([True, False]), noise)
+    for c, (st, en) in enumerate(chunks):
+        for b in range(B):
+            assert torch.equal(plain[0][b, :, st:en], states[b, level[b, c], :, st - 1 : en - 1])
+            assert torch.all(fs[b, st:en] == sig[level[b, c]])
+    assert torch.equal(plain[2][:, :, 1:], x0) and torch.equal(x[:, :, 0], DATA[:, :, 0]) and torch.all(fs[:, 0] == 0)
+    # row 1 is a teacher row, unchanged; row 0 is the data, noised at the same levels
+    assert torch.equal(x[1], plain[0][1]) and torch.equal(target[1], plain[2][1]) and torch.equal(fs, plain[1])
+    assert torch.equal(target[0], DATA[0])
+    assert torch.allclose(x[0], add_noise(DATA[0], noise[0], fs[0].view(1, -1, 1, 1)))
+    assert not torch.allclose(x[0, :, 1:], plain[0][0, :, 1:])
+
+
 # ---------------------------------------------------------------------------------------------------- SiD
 def sid_draw(g: torch.Generator) -> SidDraw:
     idx = torch.randint(2, (B,), generator=g)

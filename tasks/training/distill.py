@@ -3,7 +3,9 @@
 1. ODE init (``ode_init.*``). The student starts as a copy of the teacher, run block-causally (chunks of C
    latent frames, the Reference Sink, the rolling window and RAPR of ``student.*``, in training exactly as in
    streaming). Each step takes ODE pairs, picks for every chunk one of the kept noise levels, feeds the chunk
-   the teacher's state at that level, and regresses the student's x0 prediction onto the teacher's final x0.
+   the teacher's state at that level, and regresses the student's x0 prediction onto the teacher's final x0;
+   ``ode_init.gt_share`` of the rows instead noise the pair's own data window at those levels and regress onto
+   it (the student learns to continue what its context shows, which the teacher's outputs never ask for).
    Reported on held-out (validation) pairs, before and after: how far the student's own few-step samples
    (through the streaming path, from the pair's initial noise) are from the teacher's ODE outputs from the SAME
    noise (MSE), and as distributions (latent Frechet distance, tasks/training/common.py).
@@ -30,7 +32,7 @@ import torch
 
 from model.losses import fake_score_loss, sid_generator_loss, x0_regression_loss
 from model.rollout import student_rollout
-from model.sampling import NUM_TRAIN_TIMESTEPS, predict_x0, student_sigmas
+from model.sampling import NUM_TRAIN_TIMESTEPS, add_noise, predict_x0, student_sigmas
 from tasks.common.models import build_layout
 from tasks.common.stage import StageResult
 from tasks.config import Config, DistillConfig, data_path
@@ -155,6 +157,31 @@ def ode_init_loss(student, x: torch.Tensor, frame_sigma: torch.Tensor, text: tor
     return x0_regression_loss(pred, target, frame_mask(b, n_frames, x.device))
 
 
+def ode_init_batch(data: torch.Tensor, states: torch.Tensor, x0: torch.Tensor, sigmas: torch.Tensor,
+                   chunks: list[tuple[int, int]], level: torch.Tensor, real: torch.Tensor | None = None,
+                   noise: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    """(x, frame_sigma, target) of one ODE-init batch. Row b: the reference (``data`` [B, z, 1 + F, h, w] frame
+    0, clean) and, for every chunk (``chunks``: frame ranges after the reference), the teacher's state
+    (``states`` [B, N, z, F, h, w]) at kept level ``level`` [B, chunks] (``sigmas`` [N]); the target is the
+    teacher's output ``x0`` [B, z, F, h, w] after the reference. Rows where ``real`` [B] is true instead hold
+    their data window noised with ``noise`` at the same levels, and regress onto the data itself."""
+    b, n_frames = data.shape[0], data.shape[2]
+    x = torch.empty_like(data)
+    x[:, :, 0] = data[:, :, 0]
+    frame_sigma = torch.zeros(b, n_frames)
+    rows = torch.arange(b)
+    for c, (st, en) in enumerate(chunks):
+        k = level[:, c]
+        x[:, :, st:en] = states[rows, k][:, :, st - 1 : en - 1]
+        frame_sigma[:, st:en] = sigmas[k][:, None]
+    target = torch.cat([data[:, :, :1], x0], dim=2)
+    if real is not None:
+        pick = real.view(-1, 1, 1, 1, 1)
+        x = torch.where(pick, add_noise(data, noise, frame_sigma[:, None, :, None, None]), x)
+        target = torch.where(pick, data, target)
+    return x, frame_sigma, target
+
+
 def ode_init(run: Run, student, fingerprint: str):
     cfg, dist, device = run.cfg, run.dist, run.device
     o = cfg.ode_init
@@ -178,14 +205,12 @@ def ode_init(run: Run, student, fingerprint: str):
         idx = dist.slice(global_batch(g, len(index), gb))
         level = dist.slice(torch.randint(len(sigmas), (gb, len(chunks)), generator=g))  # one kept level per chunk
         b = idx.shape[0]
-        x = torch.empty((b, *windows.latents.shape[1:]))
-        x[:, :, 0] = windows.latents[idx, :, 0]
-        frame_sigma = torch.zeros(b, n_frames)
-        for c, (st, en) in enumerate(chunks):
-            k = level[:, c]
-            x[:, :, st:en] = states[idx, k][:, :, st - 1 : en - 1]
-            frame_sigma[:, st:en] = sig[k][:, None]
-        target = torch.cat([windows.latents[idx, :, :1], x0[idx]], dim=2)
+        real = noise = None
+        if o.gt_share:  # (drawn only then: without it the steps are the same as before the option existed)
+            real = dist.slice(torch.rand(gb, generator=g) < o.gt_share)
+            noise = dist.slice(torch.randn((gb, *windows.latents.shape[1:]), generator=g))
+        x, frame_sigma, target = ode_init_batch(windows.latents[idx], states[idx], x0[idx], sig, chunks, level,
+                                                real, noise)  # fmt: skip
 
         def micro(sl: slice) -> tuple[torch.Tensor, dict]:
             i = idx[sl]

@@ -612,6 +612,10 @@ class EvaluateConfig(_Section):
     history_dir: str = "data/reports/reevaluate"  # the re-evaluation flow: history.parquet + history.png
     max_clips: int = Field(5, ge=1)  # held-out clips per split (val, unseen) in the fixed evaluation set
     windows_per_clip: int = Field(4, ge=1)
+    # noise seeds per window for the generated systems' face figures (face rate, identity, lip sync): the first
+    # measured in full, the others with FaceMesh alone (evaluate.face_metrics); on the demo's 28 windows one
+    # seed's pooled lip r moved 0.02..0.17 from seed to seed (README)
+    seeds: int = Field(3, ge=1)
     teacher: bool = True  # also sample the teacher (teacher_sampler.*) for the table
     # also stream the student of every training step (before distillation, after ODE init, after SiD) for the
     # chain table untrained student -> ODE init -> SiD -> GAN -> teacher -> ground truth

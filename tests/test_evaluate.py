@@ -107,6 +107,53 @@ def test_per_window_values_are_the_metric_functions(evaluated, project):
     assert agg["flicker"] == pytest.approx(np.mean([it["flicker"] for it in report["systems"]["student"]["items"]]))
 
 
+def test_further_seeds_pool_the_face_figures(evaluated, project):
+    """evaluate.seeds: each generated system's face figures are measured again on every further noise seed
+    (other frames), and its face rate, identity and pooled lip r count every seed's windows; the other figures
+    (flicker, body motion) are the first seed's alone. The ground truth has one seed."""
+    from tasks.evaluation import metrics
+    from tasks.evaluation.benchmark import build_stream, resolve_student
+    from tasks.evaluation.evaluate import (
+        _lip_series,
+        _load_teacher,
+        evaluation_set,
+        student_frames,
+        teacher_frames,
+    )
+
+    cfg, _, report = evaluated
+    assert cfg.evaluate.seeds == 3
+    n = len(report["eval_set"]["items"])
+    for name in ("teacher", "student", "student_untrained"):
+        entry = report["systems"][name]
+        more, first = entry["seed_items"], entry["items"]
+        assert sorted(r["seed"] for r in more) == sorted([cfg.project.seed + 1, cfg.project.seed + 2] * n)
+        agg = entry["aggregate"]
+        assert agg["seeds"] == 3
+        assert agg["identity_dist"] == pytest.approx(np.mean([r["identity_dist"] for r in first + more]))
+        assert agg["face_rate"] == pytest.approx(np.mean([r["face_rate"] for r in first + more]))
+        assert agg["flicker"] == pytest.approx(np.mean([r["flicker"] for r in first]))
+        # another seed, other frames: identity differs window by window
+        assert [r["identity_dist"] for r in more if r["seed"] == 1] != pytest.approx([r["identity_dist"] for r in first])
+    assert report["systems"]["ground_truth"]["seed_items"] == []
+    assert "seeds" not in report["systems"]["ground_truth"]["aggregate"]
+    # the pooled lip r is over every seed's series (the teacher sees faces in this project's real frames)
+    teacher = report["systems"]["teacher"]
+    series = _lip_series(teacher["items"] + teacher["seed_items"])
+    pooled = metrics.pooled_lagged_correlation(series, cfg.evaluate.max_lag_frames)["best_corr"]
+    assert teacher["aggregate"]["lip_corr"] == (pytest.approx(pooled) if pooled is not None else None)
+    # the seeds reach the generators: the student's stream and the teacher's sampler draw other noise
+    items, _ = evaluation_set(cfg, project)
+    gen, _ = build_stream(cfg, project, resolve_student(cfg, project, "random"))
+    a, b = student_frames(cfg, gen, items[0]), student_frames(cfg, gen, items[0], seed=cfg.project.seed + 1)
+    assert not np.array_equal(a, b) and np.array_equal(a, student_frames(cfg, gen, items[0]))
+    assert gen.settings.seed == cfg.project.seed
+    t, _ = _load_teacher(cfg, project, gen.audio, gen.device)
+    ta = teacher_frames(cfg, t, gen.vae, gen._text, items[0])
+    assert not np.array_equal(ta, teacher_frames(cfg, t, gen.vae, gen._text, items[0], seed=cfg.project.seed + 1))
+    assert np.array_equal(ta, teacher_frames(cfg, t, gen.vae, gen._text, items[0], seed=cfg.project.seed))
+
+
 def test_reevaluation_appends_history_and_plots(project):
     from tasks.evaluation.reevaluate import run_reevaluation
 

@@ -315,6 +315,18 @@ def test_still_photo_gives_zero_variance(boy):
     np.testing.assert_allclose(kp.face[0], direct * 512 / 400, atol=1e-3)
 
 
+def test_face_only_keypoints_equal_the_full_run(boy):
+    """parts=("face",) runs FaceMesh alone: the same face landmarks as with every detector, body and hands
+    left undetected; an unknown part is refused."""
+    image, kp = boy
+    face = extract_keypoints(np.repeat(image[None], 2, axis=0), parts=("face",))
+    np.testing.assert_allclose(face.face, kp.face[:2])
+    assert face.detection_rates() == {"body": 0.0, "hands": 0.0, "face": 1.0}
+    assert np.isnan(face.body).all() and np.isnan(face.left_hand).all() and np.isnan(face.right_hand).all()
+    with pytest.raises(ValueError, match="parts must be"):
+        extract_keypoints(image[None], parts=("face", "feet"))
+
+
 def test_upscaled_64px_frames_keep_the_face(boy):
     """At 64 x 64 the boy's face is ~22 px high; the upscale to 256 px keeps it detected, and its landmarks
     land within a few px (normalised frame) of the full-resolution ones."""

@@ -19,6 +19,7 @@ detected"), never a made-up number.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -82,6 +83,8 @@ DEFINITIONS = {
     "fvd": "Frechet distance between I3D features of evaluate.fvd_clip_frames-frame clips of the system and "
            "the ground truth (needs evaluate.i3d_path)",
 }
+# the face-only figures evaluate.seeds measures on every noise seed (face_metrics); the rest on the first seed
+SEEDED = ("face_rate", "lip_corr", "lip_lag", "lip_corr_null", "identity_dist", "identity_last_over_first")
 SCALARS = ("hkv", "lbkv", "lhkv", "lfkv", "lip_corr", "lip_lag", "lip_corr_null", "sync_c", "sync_d", "identity_dist",
            "identity_last_over_first", "flicker", "mean_abs_diff", "face_rate", "body_rate", "hand_rate")  # fmt: skip
 
@@ -169,9 +172,17 @@ def _voices(cfg: Config, item: EvalItem) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @torch.no_grad()
-def student_frames(cfg: Config, gen, item: EvalItem) -> np.ndarray:
+def student_frames(cfg: Config, gen, item: EvalItem, seed: int | None = None) -> np.ndarray:
+    """The window streamed by ``gen`` from its reference frame; ``seed``: the stream's noise seed (default the
+    generator's own, project.seed)."""
     avatar, other = _voices(cfg, item)
-    gen.start(torch.from_numpy(item.reference).permute(2, 0, 1).float() / 127.5 - 1.0)
+    kept = gen.settings.seed
+    if seed is not None:
+        gen.settings.seed = seed
+    try:
+        gen.start(torch.from_numpy(item.reference).permute(2, 0, 1).float() / 127.5 - 1.0)
+    finally:
+        gen.settings.seed = kept  # start() has drawn its generator from it
     step = gen.samples_per_chunk
     chunks = math.ceil(len(item.frames) / gen.chunk_video_frames)
     pad = chunks * step - avatar.numel()
@@ -181,16 +192,17 @@ def student_frames(cfg: Config, gen, item: EvalItem) -> np.ndarray:
 
 
 @torch.no_grad()
-def teacher_frames(cfg: Config, teacher, vae, text: torch.Tensor, item: EvalItem) -> np.ndarray:
+def teacher_frames(cfg: Config, teacher, vae, text: torch.Tensor, item: EvalItem, seed: int | None = None) -> np.ndarray:
     from tasks.training.common import sample_teacher
 
+    seed = cfg.project.seed if seed is None else seed
     device = next(teacher.parameters()).device
     lat = item.latents.to(device)
-    g = torch.Generator().manual_seed(cfg.project.seed)
+    g = torch.Generator().manual_seed(seed)
     x = torch.randn(lat.shape, generator=g).to(device)
     x[:, :, :1] = lat[:, :, :1]
     context = teacher.prepare_text(text.to(device, teacher.dtype))
-    x0 = sample_teacher(cfg, teacher, context, x, item.talk.to(device), item.listen.to(device))
+    x0 = sample_teacher(cfg, teacher, context, x, item.talk.to(device), item.listen.to(device), seed=seed)
     video = vae.decode(x0)[0]  # [3, 1 + T, H, W], frame 0 the reference
     return _to_uint8(video[:, 1:])[: len(item.frames)]
 
@@ -206,35 +218,54 @@ def autoencoder_frames(vae, item: EvalItem) -> np.ndarray:
 def item_metrics(cfg: Config, frames: np.ndarray, item: EvalItem) -> dict[str, Any]:
     """Every per-window metric of one system's frames (None where it cannot be computed, with a note)."""
     e = cfg.evaluate
-    fps, sr = cfg.video.fps, cfg.audio.sample_rate
     listening = item.mask[1 : 1 + len(frames)] == 0
     kp = metrics.extract_keypoints(frames, norm_height=e.keypoint_norm_height, min_side=e.keypoint_min_side)
     rates = kp.detection_rates()
     out: dict[str, Any] = {"hkv": metrics.hkv(kp), **metrics.listening_kv(kp, listening),
                            "face_rate": rates.get("face"), "body_rate": rates.get("body"),
                            "hand_rate": rates.get("hands")}  # fmt: skip
+    out.update(_face_part(cfg, frames, item, kp))
     avatar, _ = _voices(cfg, item)
-    env = metrics.audio_envelope(avatar.numpy(), sr, fps, len(frames))
-    mouth = metrics.mouth_series(kp.face)
-    lag = metrics.lagged_correlation(env, mouth, e.max_lag_frames)
-    out["lip_corr"], out["lip_lag"] = lag["best_corr"], lag["best_lag"]
-    out["lip_corr_null"] = metrics.lagged_correlation_null(env, mouth, e.max_lag_frames)
-    out["mouth"] = [None if not math.isfinite(v) else round(float(v), 5) for v in mouth]  # for the pooled r
-    out["voice_envelope"] = [round(float(v), 6) for v in env]
     sync = _sync(cfg, frames, kp, avatar.numpy())
     out["sync_status"] = sync["status"]
     out["sync_c"], out["sync_d"] = sync.get("sync_c"), sync.get("sync_d")
     out.update(metrics.flicker(frames))
-    ident = metrics.identity_over_time(frames, item.reference, fps, e.identity_window_s, face_landmarks=kp.face,
-                                       norm_height=e.keypoint_norm_height)
-    out["identity_dist"], out["identity_last_over_first"] = ident["mean"], ident["last_over_first"]
-    out["identity_by_window"] = ident["distance"]
     notes = []
     if not rates.get("face"):
         notes.append("no face detected: face keypoints, mouth and lip correlation undefined")
     if not rates.get("hands"):
         notes.append("no hands detected")
     out["notes"] = notes
+    return out
+
+
+def face_metrics(cfg: Config, frames: np.ndarray, item: EvalItem, seed: int) -> dict[str, Any]:
+    """The face-only metrics of one window (face_rate, lip sync, identity), FaceMesh alone (a tenth of
+    item_metrics' cost): what evaluate.seeds measures on each further noise seed."""
+    e = cfg.evaluate
+    kp = metrics.extract_keypoints(frames, norm_height=e.keypoint_norm_height, min_side=e.keypoint_min_side,
+                                   parts=("face",))  # fmt: skip
+    out: dict[str, Any] = {"seed": seed, "face_rate": kp.detection_rates()["face"]}
+    out.update(_face_part(cfg, frames, item, kp))
+    return out
+
+
+def _face_part(cfg: Config, frames: np.ndarray, item: EvalItem, kp: metrics.Keypoints) -> dict[str, Any]:
+    """Lip sync (voice envelope vs mouth opening; the series kept for the pooled r) and identity over time."""
+    e = cfg.evaluate
+    fps, sr = cfg.video.fps, cfg.audio.sample_rate
+    avatar, _ = _voices(cfg, item)
+    env = metrics.audio_envelope(avatar.numpy(), sr, fps, len(frames))
+    mouth = metrics.mouth_series(kp.face)
+    lag = metrics.lagged_correlation(env, mouth, e.max_lag_frames)
+    out: dict[str, Any] = {"lip_corr": lag["best_corr"], "lip_lag": lag["best_lag"],
+                           "lip_corr_null": metrics.lagged_correlation_null(env, mouth, e.max_lag_frames)}  # fmt: skip
+    out["mouth"] = [None if not math.isfinite(v) else round(float(v), 5) for v in mouth]  # for the pooled r
+    out["voice_envelope"] = [round(float(v), 6) for v in env]
+    ident = metrics.identity_over_time(frames, item.reference, fps, e.identity_window_s, face_landmarks=kp.face,
+                                       norm_height=e.keypoint_norm_height)
+    out["identity_dist"], out["identity_last_over_first"] = ident["mean"], ident["last_over_first"]
+    out["identity_by_window"] = ident["distance"]
     return out
 
 
@@ -269,18 +300,36 @@ def _mean(values: list) -> float | None:
     return statistics.fmean(vals) if vals else None
 
 
-def aggregate(items: list[dict[str, Any]], max_lag: int) -> dict[str, Any]:
+def _lip_series(items: list[dict[str, Any]]) -> list[tuple[np.ndarray, np.ndarray]]:
+    return [(np.asarray(it["voice_envelope"], dtype=np.float64),
+             np.asarray([np.nan if v is None else v for v in it["mouth"]], dtype=np.float64))
+            for it in items if it.get("mouth") is not None]  # fmt: skip
+
+
+def aggregate(items: list[dict[str, Any]], max_lag: int, seed_items: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     """The mean of each scalar over the windows; lip_corr / lip_lag / lip_corr_null pooled over the windows
     (metrics.pooled_lagged_correlation: one lag for all, each window standardised) -- the mean of per-window
-    best-lag correlations sits near its chance level on short windows; it is kept as lip_corr_window_mean."""
-    out = {k: _mean([it.get(k) for it in items]) for k in SCALARS}
+    best-lag correlations sits near its chance level on short windows; it is kept as lip_corr_window_mean.
+
+    ``seed_items``: face_metrics rows of the same windows generated from further noise seeds (evaluate.seeds).
+    The face figures (SEEDED: face rate, identity, lip sync) then count every seed's windows, the others (body
+    motion, flicker, SyncNet) the first seed's; ``lip_corr_seed_min`` / ``_max`` give the pooled r of each seed
+    alone, the spread one seed's figure would have."""
+    seed_items = seed_items or []
+    every = items + seed_items
+    out = {k: _mean([it.get(k) for it in (every if k in SEEDED else items)]) for k in SCALARS}
     out["lip_corr_window_mean"], out["lip_corr_null_window_mean"] = out["lip_corr"], out["lip_corr_null"]
-    series = [(np.asarray(it["voice_envelope"], dtype=np.float64),
-               np.asarray([np.nan if v is None else v for v in it["mouth"]], dtype=np.float64))
-              for it in items if it.get("mouth") is not None]  # fmt: skip
+    series = _lip_series(every)
     pooled = metrics.pooled_lagged_correlation(series, max_lag)
     out["lip_corr"], out["lip_lag"] = pooled["best_corr"], pooled["best_lag"]
     out["lip_corr_null"] = metrics.pooled_lagged_correlation(series, max_lag, reverse_audio=True)["best_corr"]
+    if seed_items:
+        per_seed = [items] + [[it for it in seed_items if it["seed"] == s]
+                              for s in sorted({it["seed"] for it in seed_items})]  # fmt: skip
+        rs = [metrics.pooled_lagged_correlation(_lip_series(group), max_lag)["best_corr"] for group in per_seed]
+        rs = [r for r in rs if r is not None]
+        out["seeds"] = len(per_seed)
+        out["lip_corr_seed_min"], out["lip_corr_seed_max"] = (min(rs), max(rs)) if rs else (None, None)
     return out
 
 
@@ -316,17 +365,22 @@ def evaluate_systems(cfg: Config, root: Path, systems: tuple[str, ...] = SYSTEMS
     if teacher is None and "teacher" in systems:
         status["teacher"] = teacher_label
     status.update({name: g for name, g in chain.items() if isinstance(g, str)})
+    seed_items: dict[str, list[dict]] = {s: [] for s in systems}
+    base = cfg.project.seed
     for item in tqdm(items, desc="evaluate", unit="window", disable=not progress):
         made = {"ground_truth": item.frames}
         if AUTOENCODER in systems:
             made[AUTOENCODER] = autoencoder_frames(gen.vae, item)
+        # the generated systems, each a function of the noise seed (None: project.seed)
+        makers: dict[str, Any] = {}
         if "student" in systems:
-            made["student"] = student_frames(cfg, gen, item)
+            makers["student"] = functools.partial(student_frames, cfg, gen, item)
         if teacher is not None:
-            made["teacher"] = teacher_frames(cfg, teacher, gen.vae, gen._text, item)
+            makers["teacher"] = functools.partial(teacher_frames, cfg, teacher, gen.vae, gen._text, item)
         for name, g in chain.items():
             if not isinstance(g, str):
-                made[name] = student_frames(cfg, g, item)
+                makers[name] = functools.partial(student_frames, cfg, g, item)
+        made.update({name: make() for name, make in makers.items()})
         for name, video in made.items():
             if name not in systems:
                 continue
@@ -334,6 +388,11 @@ def evaluate_systems(cfg: Config, root: Path, systems: tuple[str, ...] = SYSTEMS
             row = item_metrics(cfg, video, item)
             row.update(clip_id=item.clip_id, window=item.window, split=item.split)
             per_item[name].append(row)
+        for k in range(1, cfg.evaluate.seeds):  # the face figures again from further noise seeds
+            for name, make in makers.items():
+                row = face_metrics(cfg, make(seed=base + k), item, seed=base + k)
+                row.update(clip_id=item.clip_id, window=item.window, split=item.split)
+                seed_items[name].append(row)
         if video_dir is not None:
             _write_comparison(cfg, video_dir / f"{item.name}.mp4", item, made)
     report: dict[str, Any] = {
@@ -349,9 +408,11 @@ def evaluate_systems(cfg: Config, root: Path, systems: tuple[str, ...] = SYSTEMS
         if status[name] != "ok":
             report["systems"][name] = {"status": status[name]}
             continue
-        entry: dict[str, Any] = {"status": "ok", "aggregate": aggregate(per_item[name], e.max_lag_frames),
-                                 "items": per_item[name]}  # fmt: skip
-        entry["by_split"] = {sp: aggregate([r for r in per_item[name] if r["split"] == sp], e.max_lag_frames)
+        more = seed_items[name]
+        entry: dict[str, Any] = {"status": "ok", "aggregate": aggregate(per_item[name], e.max_lag_frames, more),
+                                 "items": per_item[name], "seed_items": more}  # fmt: skip
+        entry["by_split"] = {sp: aggregate([r for r in per_item[name] if r["split"] == sp], e.max_lag_frames,
+                                           [r for r in more if r["split"] == sp])
                              for sp in sorted({r["split"] for r in per_item[name]})}  # fmt: skip
         if name == "ground_truth":
             entry["fid"] = {"status": "reference set"}

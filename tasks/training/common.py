@@ -207,15 +207,15 @@ def teacher_velocity(teacher: AudioDiT, context: PreparedContext, talk: torch.Te
 
 
 def sample_teacher(cfg: Config, teacher: AudioDiT, context: PreparedContext, x: torch.Tensor, talk: torch.Tensor,
-                   listen: torch.Tensor) -> torch.Tensor:  # fmt: skip
+                   listen: torch.Tensor, seed: int | None = None) -> torch.Tensor:  # fmt: skip
     """The teacher's sample from ``x`` (frame 0 the clean reference, the rest noise) with teacher_sampler.*; the
-    stochastic sampler's fresh noise is seeded by project.seed."""
+    stochastic sampler's fresh noise is seeded by ``seed`` (default project.seed)."""
     s = cfg.teacher_sampler
     fn = teacher_velocity(teacher, context, talk, listen, s.cfg_scale)
     sigmas = teacher_sigmas(s.steps, s.shift)
     if s.eta == 0.0:
         return euler_sample_sigmas(fn, x, sigmas)
-    g = torch.Generator().manual_seed(cfg.project.seed)
+    g = torch.Generator().manual_seed(cfg.project.seed if seed is None else seed)
     return ancestral_sample_sigmas(fn, x, sigmas, s.eta, g, given_frames=1)
 
 

@@ -616,10 +616,16 @@ class EvaluateConfig(_Section):
     # measured in full, the others with FaceMesh alone (evaluate.face_metrics); on the demo's 28 windows one
     # seed's pooled lip r moved 0.02..0.17 from seed to seed (README)
     seeds: int = Field(3, ge=1)
+    # processes measuring the frames (mediapipe) while the main process generates the next window (torch); 0: all
+    # in the main process. The figures are the same either way (tested); on 2 cores 2 cut evaluate from 461 s
+    workers: int = Field(2, ge=0)
     teacher: bool = True  # also sample the teacher (teacher_sampler.*) for the table
     # also stream the student of every training step (before distillation, after ODE init, after SiD) for the
     # chain table untrained student -> ODE init -> SiD -> GAN -> teacher -> ground truth
     chain: bool = True
+    # the chain rows' body and hands too (Pose + Hands: ~9x FaceMesh's cost); false: their face figures, lip sync,
+    # identity, listening face motion (LFKV) and flicker, with HKV / LBKV / LHKV and the body and hand rates n/a
+    chain_body: bool = False
     keypoint_min_side: int = Field(256, ge=64)  # frames are upscaled to this shorter side before mediapipe
     keypoint_norm_height: int = Field(512, ge=64)  # keypoints are measured in a frame scaled to this height
     # audio-envelope vs mouth-opening correlation: lags searched (+-3 frames = +-120 ms at 25 fps, where real lip

@@ -118,7 +118,9 @@ def test_further_seeds_pool_the_face_figures(evaluated, project):
         _load_teacher,
         evaluation_set,
         student_frames,
+        student_frames_batch,
         teacher_frames,
+        teacher_frames_batch,
     )
 
     cfg, _, report = evaluated
@@ -135,6 +137,12 @@ def test_further_seeds_pool_the_face_figures(evaluated, project):
         assert agg["flicker"] == pytest.approx(np.mean([r["flicker"] for r in first]))
         # another seed, other frames: identity differs window by window
         assert [r["identity_dist"] for r in more if r["seed"] == 1] != pytest.approx([r["identity_dist"] for r in first])
+    # the chain rows measure the face alone (evaluate.chain_body false): body and hand figures n/a, said so
+    assert not cfg.evaluate.chain_body
+    chain_row, product_row = report["systems"]["student_untrained"]["items"][0], report["systems"]["student"]["items"][0]
+    assert chain_row["body_rate"] is None and chain_row["hand_rate"] is None and chain_row["lbkv"] is None
+    assert any("keypoints measured: face" in n for n in chain_row["notes"])
+    assert product_row["body_rate"] is not None and product_row["hand_rate"] is not None
     assert report["systems"]["ground_truth"]["seed_items"] == []
     assert "seeds" not in report["systems"]["ground_truth"]["aggregate"]
     # the pooled lip r is over every seed's series (the teacher sees faces in this project's real frames)
@@ -148,10 +156,40 @@ def test_further_seeds_pool_the_face_figures(evaluated, project):
     a, b = student_frames(cfg, gen, items[0]), student_frames(cfg, gen, items[0], seed=cfg.project.seed + 1)
     assert not np.array_equal(a, b) and np.array_equal(a, student_frames(cfg, gen, items[0]))
     assert gen.settings.seed == cfg.project.seed
+    rows = student_frames_batch(cfg, gen, items[0], cfg.project.seed + 1, 2)  # the further seeds: one batch
+    assert len(rows) == 2 and rows[0].shape == a.shape and not np.array_equal(rows[0], rows[1])
+    assert np.array_equal(student_frames_batch(cfg, gen, items[0], cfg.project.seed, 1)[0], a)
     t, _ = _load_teacher(cfg, project, gen.audio, gen.device)
     ta = teacher_frames(cfg, t, gen.vae, gen._text, items[0])
     assert not np.array_equal(ta, teacher_frames(cfg, t, gen.vae, gen._text, items[0], seed=cfg.project.seed + 1))
     assert np.array_equal(ta, teacher_frames(cfg, t, gen.vae, gen._text, items[0], seed=cfg.project.seed))
+    rows = teacher_frames_batch(cfg, t, gen.vae, gen._text, items[0], cfg.project.seed + 1, 2)
+    assert len(rows) == 2 and rows[0].shape == ta.shape and not np.array_equal(rows[0], rows[1])
+
+
+def test_measuring_in_worker_processes_changes_no_figure(evaluated, project):
+    """evaluate.workers: the report's figures (made with the default, 2 spawned measuring processes) are those
+    measured in the main process, row by row and in the same order."""
+    from tasks.evaluation.evaluate import _json_default, evaluate_systems
+
+    cfg, _, report = evaluated
+    assert cfg.evaluate.workers == 2
+    cfg.evaluate.workers = 0
+    here = evaluate_systems(cfg, project, systems=("ground_truth", "student"), progress=False)
+    def same(a, b) -> bool:  # equal structure and strings, numbers within float64 summation order
+        if isinstance(a, dict):
+            return isinstance(b, dict) and a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
+        if isinstance(a, list):
+            return isinstance(b, list) and len(a) == len(b) and all(same(x, y) for x, y in zip(a, b, strict=True))
+        if isinstance(a, float) and isinstance(b, float):
+            return (np.isnan(a) and np.isnan(b)) or a == pytest.approx(b, rel=1e-12, abs=1e-15)
+        return a == b
+
+    for name in ("ground_truth", "student"):
+        for key in ("items", "seed_items", "aggregate"):
+            mine = json.loads(json.dumps(here["systems"][name][key], default=_json_default))
+            assert same(mine, report["systems"][name][key]), (name, key)
+    assert len(report["systems"]["student"]["seed_items"]) == 2 * len(report["eval_set"]["items"])
 
 
 def test_reevaluation_appends_history_and_plots(project):

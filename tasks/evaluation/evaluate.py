@@ -19,11 +19,14 @@ detected"), never a made-up number.
 
 from __future__ import annotations
 
+import concurrent.futures
+import contextlib
 import functools
 import hashlib
 import json
 import logging
 import math
+import multiprocessing
 import statistics
 import time
 from dataclasses import dataclass
@@ -175,36 +178,51 @@ def _voices(cfg: Config, item: EvalItem) -> tuple[torch.Tensor, torch.Tensor]:
 def student_frames(cfg: Config, gen, item: EvalItem, seed: int | None = None) -> np.ndarray:
     """The window streamed by ``gen`` from its reference frame; ``seed``: the stream's noise seed (default the
     generator's own, project.seed)."""
+    return student_frames_batch(cfg, gen, item, gen.settings.seed if seed is None else seed, 1)[0]
+
+
+@torch.no_grad()
+def student_frames_batch(cfg: Config, gen, item: EvalItem, seed: int, n: int) -> list[np.ndarray]:
+    """``n`` streams of the window in one batch, the noise of all drawn from ``seed`` (each row its own draw;
+    row 0 is :func:`student_frames` with that seed only when n is 1)."""
     avatar, other = _voices(cfg, item)
     kept = gen.settings.seed
-    if seed is not None:
-        gen.settings.seed = seed
+    gen.settings.seed = seed
     try:
-        gen.start(torch.from_numpy(item.reference).permute(2, 0, 1).float() / 127.5 - 1.0)
+        ref = torch.from_numpy(item.reference).permute(2, 0, 1).float() / 127.5 - 1.0
+        gen.start(ref[None].expand(n, -1, -1, -1))
     finally:
         gen.settings.seed = kept  # start() has drawn its generator from it
     step = gen.samples_per_chunk
     chunks = math.ceil(len(item.frames) / gen.chunk_video_frames)
     pad = chunks * step - avatar.numel()
     avatar, other = torch.nn.functional.pad(avatar, (0, pad)), torch.nn.functional.pad(other, (0, pad))
-    out = [gen.step(avatar[k * step : (k + 1) * step], other[k * step : (k + 1) * step])[0] for k in range(chunks)]
-    return _to_uint8(torch.cat(out, dim=1))[: len(item.frames)]
+    out = [gen.step(avatar[k * step : (k + 1) * step], other[k * step : (k + 1) * step]) for k in range(chunks)]
+    video = torch.cat(out, dim=2)  # [n, 3, T, H, W]
+    return [_to_uint8(v)[: len(item.frames)] for v in video]
 
 
 @torch.no_grad()
 def teacher_frames(cfg: Config, teacher, vae, text: torch.Tensor, item: EvalItem, seed: int | None = None) -> np.ndarray:
+    return teacher_frames_batch(cfg, teacher, vae, text, item, cfg.project.seed if seed is None else seed, 1)[0]
+
+
+@torch.no_grad()
+def teacher_frames_batch(cfg: Config, teacher, vae, text: torch.Tensor, item: EvalItem, seed: int,
+                         n: int) -> list[np.ndarray]:  # fmt: skip
+    """``n`` samples of the window from the teacher in one batch, initial and re-noising draws from ``seed``."""
     from tasks.training.common import sample_teacher
 
-    seed = cfg.project.seed if seed is None else seed
     device = next(teacher.parameters()).device
-    lat = item.latents.to(device)
+    lat = item.latents.to(device).expand(n, -1, -1, -1, -1)
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(lat.shape, generator=g).to(device)
     x[:, :, :1] = lat[:, :, :1]
-    context = teacher.prepare_text(text.to(device, teacher.dtype))
-    x0 = sample_teacher(cfg, teacher, context, x, item.talk.to(device), item.listen.to(device), seed=seed)
-    video = vae.decode(x0)[0]  # [3, 1 + T, H, W], frame 0 the reference
-    return _to_uint8(video[:, 1:])[: len(item.frames)]
+    context = teacher.prepare_text(text.to(device, teacher.dtype).expand(n, -1, -1))
+    talk, listen = (a.to(device).expand(n, *a.shape[1:]) for a in (item.talk, item.listen))
+    x0 = sample_teacher(cfg, teacher, context, x, talk, listen, seed=seed)
+    video = vae.decode(x0)  # [n, 3, 1 + T, H, W], frame 0 the reference
+    return [_to_uint8(v[:, 1:])[: len(item.frames)] for v in video]
 
 
 @torch.no_grad()
@@ -215,12 +233,15 @@ def autoencoder_frames(vae, item: EvalItem) -> np.ndarray:
 
 
 # ------------------------------------------------------------------------------------------------ metrics
-def item_metrics(cfg: Config, frames: np.ndarray, item: EvalItem) -> dict[str, Any]:
-    """Every per-window metric of one system's frames (None where it cannot be computed, with a note)."""
+def item_metrics(cfg: Config, frames: np.ndarray, item: EvalItem,
+                 parts: tuple[str, ...] = metrics.KEYPOINT_PARTS) -> dict[str, Any]:  # fmt: skip
+    """Every per-window metric of one system's frames (None where it cannot be computed, with a note).
+    ``parts``: the keypoint detectors run; the figures of the others (body and hand rates and motion) are None."""
     e = cfg.evaluate
     listening = item.mask[1 : 1 + len(frames)] == 0
-    kp = metrics.extract_keypoints(frames, norm_height=e.keypoint_norm_height, min_side=e.keypoint_min_side)
-    rates = kp.detection_rates()
+    kp = metrics.extract_keypoints(frames, norm_height=e.keypoint_norm_height, min_side=e.keypoint_min_side,
+                                   parts=parts)  # fmt: skip
+    rates = {k: v for k, v in kp.detection_rates().items() if k in parts}
     out: dict[str, Any] = {"hkv": metrics.hkv(kp), **metrics.listening_kv(kp, listening),
                            "face_rate": rates.get("face"), "body_rate": rates.get("body"),
                            "hand_rate": rates.get("hands")}  # fmt: skip
@@ -233,8 +254,10 @@ def item_metrics(cfg: Config, frames: np.ndarray, item: EvalItem) -> dict[str, A
     notes = []
     if not rates.get("face"):
         notes.append("no face detected: face keypoints, mouth and lip correlation undefined")
-    if not rates.get("hands"):
+    if "hands" in parts and not rates.get("hands"):
         notes.append("no hands detected")
+    if set(parts) != set(metrics.KEYPOINT_PARTS):
+        notes.append(f"keypoints measured: {', '.join(parts)} (evaluate.chain_body false)")
     out["notes"] = notes
     return out
 
@@ -367,34 +390,42 @@ def evaluate_systems(cfg: Config, root: Path, systems: tuple[str, ...] = SYSTEMS
     status.update({name: g for name, g in chain.items() if isinstance(g, str)})
     seed_items: dict[str, list[dict]] = {s: [] for s in systems}
     base = cfg.project.seed
-    for item in tqdm(items, desc="evaluate", unit="window", disable=not progress):
-        made = {"ground_truth": item.frames}
-        if AUTOENCODER in systems:
-            made[AUTOENCODER] = autoencoder_frames(gen.vae, item)
-        # the generated systems, each a function of the noise seed (None: project.seed)
-        makers: dict[str, Any] = {}
-        if "student" in systems:
-            makers["student"] = functools.partial(student_frames, cfg, gen, item)
-        if teacher is not None:
-            makers["teacher"] = functools.partial(teacher_frames, cfg, teacher, gen.vae, gen._text, item)
-        for name, g in chain.items():
-            if not isinstance(g, str):
-                makers[name] = functools.partial(student_frames, cfg, g, item)
-        made.update({name: make() for name, make in makers.items()})
-        for name, video in made.items():
-            if name not in systems:
-                continue
-            frames[name].append(video)
-            row = item_metrics(cfg, video, item)
-            row.update(clip_id=item.clip_id, window=item.window, split=item.split)
-            per_item[name].append(row)
-        for k in range(1, cfg.evaluate.seeds):  # the face figures again from further noise seeds
-            for name, make in makers.items():
-                row = face_metrics(cfg, make(seed=base + k), item, seed=base + k)
-                row.update(clip_id=item.clip_id, window=item.window, split=item.split)
-                seed_items[name].append(row)
-        if video_dir is not None:
-            _write_comparison(cfg, video_dir / f"{item.name}.mp4", item, made)
+    pending: list[tuple[str, bool, dict[str, Any], Any]] = []  # (system, extra seed?, labels, measurement)
+    with _measure_pool(cfg.evaluate.workers) as pool:
+        for item in tqdm(items, desc="evaluate", unit="window", disable=not progress):
+            made = {"ground_truth": item.frames}
+            if AUTOENCODER in systems:
+                made[AUTOENCODER] = autoencoder_frames(gen.vae, item)
+            # the generated systems, each a function of the noise seed (None: project.seed)
+            # the generated systems: (one stream at project.seed, a batch of the further seeds' streams)
+            makers: dict[str, tuple[Any, Any]] = {}
+            if "student" in systems:
+                makers["student"] = (functools.partial(student_frames, cfg, gen, item),
+                                     functools.partial(student_frames_batch, cfg, gen, item))  # fmt: skip
+            if teacher is not None:
+                makers["teacher"] = (functools.partial(teacher_frames, cfg, teacher, gen.vae, gen._text, item),
+                                     functools.partial(teacher_frames_batch, cfg, teacher, gen.vae, gen._text, item))  # fmt: skip
+            for name, g in chain.items():
+                if not isinstance(g, str):
+                    makers[name] = (functools.partial(student_frames, cfg, g, item),
+                                    functools.partial(student_frames_batch, cfg, g, item))  # fmt: skip
+            made.update({name: make() for name, (make, _) in makers.items()})
+            labels = {"clip_id": item.clip_id, "window": item.window, "split": item.split}
+            for name, video in made.items():
+                if name in systems:
+                    frames[name].append(video)
+                    parts = ("face",) if name in chain and not cfg.evaluate.chain_body else metrics.KEYPOINT_PARTS
+                    pending.append((name, False, labels, _submit(pool, item_metrics, cfg, video, item, parts)))
+            if cfg.evaluate.seeds > 1:  # the face figures again from further noise draws, one batch per system
+                for name, (_, make_batch) in makers.items():
+                    for k, video in enumerate(make_batch(base + 1, cfg.evaluate.seeds - 1), start=1):
+                        pending.append((name, True, labels, _submit(pool, face_metrics, cfg, video, item, base + k)))
+            if video_dir is not None:
+                _write_comparison(cfg, video_dir / f"{item.name}.mp4", item, made)
+        for name, extra, labels, job in tqdm(pending, desc="measure", unit="video", disable=not progress):
+            row = job.result()
+            row.update(labels)
+            (seed_items if extra else per_item)[name].append(row)
     report: dict[str, Any] = {
         "eval_set": eval_set, "student": student["label"], "teacher": teacher_label,
         "chain": {name: f"{CHAIN[name][1]} ({cfg.train.checkpoint_dir}/{CHAIN[name][0]})" for name in chain},
@@ -425,6 +456,39 @@ def evaluate_systems(cfg: Config, root: Path, systems: tuple[str, ...] = SYSTEMS
     report["table"] = table(report)
     report["seconds"] = time.perf_counter() - t0
     return report
+
+
+class _Now:
+    """A measurement made in this process, with a future's ``result()``."""
+
+    def __init__(self, value: Any) -> None:
+        self.value = value
+
+    def result(self) -> Any:
+        return self.value
+
+
+@contextlib.contextmanager
+def _measure_pool(workers: int):
+    """evaluate.workers processes that measure (mediapipe, one thread each) while this one generates (torch);
+    None for 0. Spawned, not forked: this process holds torch's threads."""
+    if workers > 0 and multiprocessing.current_process().daemon:
+        log.info("evaluate: measuring in this process (a daemonic process cannot start evaluate.workers)")
+        workers = 0
+    if workers <= 0:
+        yield None
+        return
+    ctx = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=ctx, initializer=_measure_worker) as pool:
+        yield pool
+
+
+def _measure_worker() -> None:
+    torch.set_num_threads(1)  # the measurements are mediapipe's; torch only slices the audio here
+
+
+def _submit(pool, fn, *args) -> Any:
+    return pool.submit(fn, *args) if pool is not None else _Now(fn(*args))
 
 
 def _write_comparison(cfg: Config, path: Path, item: EvalItem, made: dict[str, np.ndarray]) -> None:

@@ -617,7 +617,8 @@ class EvaluateConfig(_Section):
     # seed's pooled lip r moved 0.02..0.17 from seed to seed (README)
     seeds: int = Field(3, ge=1)
     # processes measuring the frames (mediapipe) while the main process generates the next window (torch); 0: all
-    # in the main process. The figures are the same either way (tested); on 2 cores 2 cut evaluate from 461 s
+    # in the main process. The figures are the same either way (tested); with 2 on 2 cores, batched draws and
+    # face-only chain rows, three draws take the 300 s one draw took measured in-process (README)
     workers: int = Field(2, ge=0)
     teacher: bool = True  # also sample the teacher (teacher_sampler.*) for the table
     # also stream the student of every training step (before distillation, after ODE init, after SiD) for the

@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from tasks.config import ConfigError
+from tasks.config import Config, ConfigError
 from tests.training_data import make_project, tiny_config
 
 
@@ -29,6 +29,7 @@ def _cfg(root):
     cfg = tiny_config(root)
     cfg.evaluate.checkpoint = "random"  # the seeded untrained student: the wiring, not the quality
     cfg.teacher_sampler.steps = 4
+    cfg.evaluate.seeds, cfg.evaluate.workers = Config().evaluate.seeds, Config().evaluate.workers  # the demo's
     return cfg
 
 

@@ -19,7 +19,9 @@ TINY_TRAINING = {"curate": {"sources": ["synthetic"]}, "vae_train": {"iterations
                  "ode_init": {"iterations": 2}, "distill": {"iterations": 2},
                  "refine": {"iterations": 2, "qformer_dim": 16}, "train": {"checkpoint_every": 2},
                  "benchmark": {"chunks": 2, "warmup_chunks": 0},
-                 "evaluate": {"max_clips": 1, "chain": False},  # the chain rows: tests/test_evaluate.py
+                 # one window, one draw, measured in-process: the chain rows, further draws and the
+                 # measuring workers are tests/test_evaluate.py's business
+                 "evaluate": {"max_clips": 1, "windows_per_clip": 1, "chain": False, "seeds": 1, "workers": 0},
                  "tracking": {"system_metrics_interval_s": 1.0}}  # fmt: skip
 STAGES = ["corpus", "curate", "vae", "teacher", "ode_pairs", "distill", "refine", "benchmark", "evaluate"]
 

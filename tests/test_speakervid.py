@@ -126,12 +126,21 @@ def test_missing_list_file_names_the_lists_there(standin, tmp_path):
         speakervid_clips(cfg, root, progress=False)
 
 
-def test_unreachable_hub_is_a_clear_error(tmp_path):
+def test_unreachable_or_failing_hub_is_a_clear_error_after_the_configured_retries(standin, tmp_path):
+    """Nothing listening, or a Hub that answers 503 every time: a clear error after ``retries`` + 1 requests
+    of the listing, no more (huggingface_hub's own 5 retries per request are not stacked on top)."""
     from tasks.curation.speakervid import speakervid_clips
 
     cfg = SpeakerVidConfig(endpoint="http://127.0.0.1:9", download_dir=str(tmp_path), retries=1, backoff_s=0.01)
     with pytest.raises(SourceError, match="cannot list the files from dataset dorni/SpeakerVid-5M-Dataset"):
         speakervid_clips(cfg, tmp_path, progress=False)
+    hub, root = standin
+    tree = f"/api/datasets/{REPO_ID}/tree/main"
+    hub.fail_first[tree] = 100
+    cfg = SpeakerVidConfig(endpoint=hub.url, download_dir=str(tmp_path / "dl"), retries=2, backoff_s=0.01)
+    with pytest.raises(SourceError, match=f"cannot list the files from dataset {REPO_ID} on {hub.url}.*503"):
+        speakervid_clips(cfg, root, progress=False)
+    assert hub.hits[tree] == 3
 
 
 def test_list_formats(tmp_path):

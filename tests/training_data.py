@@ -33,6 +33,8 @@ def tiny_config(root: Path) -> Config:
     cfg.distill.iterations = 4
     cfg.refine.iterations = 2
     cfg.refine.qformer_dim = 16
+    cfg.evaluate.seeds = 1  # one draw, measured in-process (tests/test_evaluate.py sets the demo's 3 and 2 workers)
+    cfg.evaluate.workers = 0
     return cfg
 
 

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -83,15 +84,28 @@ def test_odd_audio_and_odd_names_are_normalised(bad_batch):
     assert (root / table.loc[odd[0], "video_path"]).parent == root / cfg.curate.out_dir / "clips"
 
 
-def _curate_command(root, n: int, workers: int) -> tuple[list[str], object]:
+@pytest.fixture(scope="module")
+def cut(tmp_path_factory):
+    """cut(start_s): a 2.5 s cut of a real clip from ``start_s``, encoded once per module (the tests copy it)."""
+    where, made = tmp_path_factory.mktemp("cuts"), {}
+
+    def get(start_s: int) -> Path:
+        if start_s not in made:
+            made[start_s] = where / f"cut_{start_s}.mp4"
+            _ff("-ss", str(start_s), "-i", str(shared_path("fixtures", "speakervid", "head_4.mp4")), "-t", "2.5",
+                "-c:v", "libx264", "-c:a", "aac", str(made[start_s]))  # fmt: skip
+        return made[start_s]
+
+    return get
+
+
+def _curate_command(root, n: int, workers: int, cut) -> tuple[list[str], object]:
     """``n`` 2.5 s cuts of a real clip under root/clips, a project at root, and the `streamavatar curate`
     command line over them (plus its config)."""
     clips = root / "clips"
     clips.mkdir()
-    src = shared_path("fixtures", "speakervid", "head_4.mp4")
     for i in range(n):
-        _ff("-ss", str(i % 5), "-i", str(src), "-t", "2.5", "-c:v", "libx264", "-c:a", "aac",
-            str(clips / f"part_{i}.mp4"))  # fmt: skip
+        shutil.copy(cut(i % 5), clips / f"part_{i}.mp4")
     weights = shared_path("models", "light-asd", "finetuning_TalkSet.model")
     sets = [*FAST, f"curate.asd_weights={weights}", "curate.sources=[local]", f"curate.local_dirs=[{clips}]",
             f"curate.workers={workers}"]  # fmt: skip
@@ -101,9 +115,9 @@ def _curate_command(root, n: int, workers: int) -> tuple[list[str], object]:
     return cmd, _cfg(root, clips, f"curate.workers={workers}")
 
 
-def test_killed_run_resumes_without_redoing_or_duplicating(tmp_path):
+def test_killed_run_resumes_without_redoing_or_duplicating(tmp_path, cut):
     root = tmp_path
-    cmd, cfg = _curate_command(root, 5, workers=1)
+    cmd, cfg = _curate_command(root, 5, workers=1, cut=cut)
     proc = subprocess.Popen(cmd, cwd=REPO, env=tool_env(root), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)  # fmt: skip
     journal = root / cfg.curate.out_dir / "rows"
@@ -124,14 +138,14 @@ def test_killed_run_resumes_without_redoing_or_duplicating(tmp_path):
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
-def test_a_signal_to_the_main_process_stops_curate_and_its_workers(tmp_path, sig):
+def test_a_signal_to_the_main_process_stops_curate_and_its_workers(tmp_path, sig, cut):
     """SIGTERM (a Prefect cancellation, a scheduler) or SIGINT sent to `streamavatar curate` alone: the main
     process exits within seconds, its two pool workers end with it (no orphans curating on), the clips it
     finished stay, and the manifest is not written half-done."""
     import psutil
 
     root = tmp_path
-    cmd, _ = _curate_command(root, 16, workers=2)  # ~45 s of work left when the signal comes: a run that waits is caught
+    cmd, _ = _curate_command(root, 16, workers=2, cut=cut)  # ~45 s of work left when the signal comes: a run that waits is caught
     proc = subprocess.Popen(cmd, cwd=REPO, env=tool_env(root), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             text=True, start_new_session=True)  # fmt: skip
     lines: list[str] = []  # stderr read from the start: a full pipe must never be what holds the run up

@@ -117,7 +117,7 @@ def test_full_pipeline_flow_records_mlflow_and_leaves_dvc_clean(clone):
         assert result["stages"]["corpus"]["dvc"] == "recorded in dvc.lock"
         assert result["stages"]["curate"]["status"] == "ran"
         assert result["stages"]["curate"]["dvc"] == "recorded in dvc.lock"
-        again = full_pipeline(root=str(clone))
+        again = full_pipeline(root=str(clone), stages=["corpus"])  # every stage: tests/test_deployments.py step 4
         assert again["stages"]["corpus"]["status"] == "up-to-date"
         # an override that differs from params.yaml runs, but is not claimed in dvc.lock
         other = full_pipeline(root=str(clone), sets=["corpus.seed=4"], stages=["corpus"])

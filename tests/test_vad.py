@@ -128,3 +128,33 @@ def test_vad_bench_reports_every_detector_and_condition():
     assert rows[("silero+both", "noise_10db")]["f1"] > rows[("energy gate", "noise_10db")]["f1"] + 0.15
     assert rows[("silero+both", "partner_leak_-20db")]["f1"] > rows[("silero", "partner_leak_-20db")]["f1"] + 0.15
     assert "silero+both" in format_report(report) and report["ms_per_audio_second"]["silero"] > 0
+
+
+def test_the_generators_detectors_load_silero_once_and_keep_their_own_state(conversation, monkeypatch):
+    """tasks.common.models.vad_factory (what every StreamingGenerator's start() calls, two detectors per stream
+    and batch row): the model file is loaded once, each detector has its own copy of it, and two detectors fed
+    in turn (one each stream's voice, chunk by chunk) give the masks that freshly loaded detectors give alone."""
+    import model.vad as vad
+    from tasks.common.models import vad_factory
+
+    conv, _ = conversation
+    loads = []
+    real = vad.silero_model
+    monkeypatch.setattr(vad, "silero_model", lambda path=None: loads.append(path) or real(path))
+    cfg = Config()
+    assert cfg.audio.vad == "silero"
+    make = vad_factory(cfg)
+    a, b = make(), make()
+    assert len(loads) == 1 and a.model is not b.model
+    waves = [conv.side_audio[s][: 120 * SPF] for s in (0, 1)]
+    alone = [clip_mask(w, vad.build_vad(cfg.audio), 120) for w in waves]
+    assert len(loads) == 3  # (the reference detectors above each loaded the file)
+    chunk = 12 * SPF
+    turns: list[list[np.ndarray]] = [[], []]
+    for k in range(0, 120 * SPF, chunk):  # a chunk of one stream, then of the other, as a stream's step does
+        for i, d in enumerate((a, b)):
+            turns[i].append(d.push(waves[i][k : k + chunk]))
+    interleaved = [np.concatenate(t) for t in turns]
+    assert alone[0].sum() > 10 and alone[1].sum() > 10 and not np.array_equal(alone[0], alone[1])
+    for got, want in zip(interleaved, alone, strict=True):
+        np.testing.assert_array_equal(got, want)

@@ -145,12 +145,20 @@ class SpeakerVidConfig(_Section):
     # a clip whose download failed with a transient error is tried again by the next curate runs, until it has
     # failed in this many runs; permanent errors (404, private, removed ...) and failed cuts are not retried
     retry_runs: int = Field(3, ge=1)
+    # the clip's time span in the raw video: track = start_new + duration_new, the frames the record describes
+    # (else start_seconds + end_seconds, else start + duration); scene = org_start_seconds + video_total_duration,
+    # the scene segment it was tracked in (what SpeakerVid's own cutting script cuts)
+    span: Literal["track", "scene"] = "track"
     # the records' own quality fields as filters (None / false: off); a clip they reject is not downloaded and
-    # gets a `rejected` row with the reason. sync: a number, or a list of numbers (their mean); conf: a number;
-    # clear: true / 1
+    # gets a `rejected` row with the reason. sync: SyncNet confidence (a number, a list of numbers: their mean,
+    # or the per-person map {person: [[conf, dist, offset], ...]}: the mean confidence of the clip's person);
+    # conf: a number; clear: the clarity score (bit rate over frame size; the SpeakerVid paper drops its lowest
+    # 5 %); dover: DOVER video quality (the paper drops < 0.25, its SFT set keeps > 0.6)
     min_sync: float | None = None
     min_conf: float | None = None
-    require_clear: bool = False
+    min_clear: float | None = None
+    min_dover: float | None = None
+    require_clear: bool = False  # clear must be truthy (a record with clear 0 / false is rejected)
     backoff_s: float = Field(2.0, ge=0)  # first wait; doubles per attempt
     rate_limit_per_min: float = Field(20.0, gt=0)  # downloads started per minute, at most
     timeout_s: float = Field(60.0, gt=0)  # socket timeout per request

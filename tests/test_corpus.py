@@ -86,7 +86,8 @@ def test_merged_anno_parses_as_speakervid_record(corpus):
         assert rec.video_name == row.clip_id and rec.num_frames == 150 and rec.clip_speaker_num == 2
         x1, y1, x2, y2 = rec.bbox
         assert 0 <= x1 < x2 <= 1 and 0 <= y1 < y2 <= 1
-        assert rec.end_seconds - rec.start_seconds == pytest.approx(6.0)
+        start, end, _ = rec.span()
+        assert end - start == pytest.approx(6.0) and rec.span("scene")[:2] == (start, end)
 
 
 def test_ground_truth_sidecar(corpus):

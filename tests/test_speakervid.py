@@ -25,12 +25,20 @@ NOANNO = "noanno00000_512x512_full_video_001_A_00"  # listed, but no merged_anno
 EVIL = "../../evil; rm -rf ~"
 
 
-def _record(name: str, start: float, end: float, bbox: list[float]) -> dict:
+def _record(name: str, start: float, end: float, bbox: list[float], scene: tuple[float, float] = (0.0, 10.0),
+            legacy: bool = False) -> dict:
+    """A merged_anno record with the fields SpeakerVid-5M's own curation code writes: the clip [start, end) as
+    start_new + duration_new inside its scene segment org_start_seconds + video_total_duration (``scene``: start,
+    length; different on purpose, so a cut of the wrong span shows), SyncNet's per-person map as ``sync``.
+    ``legacy``: the clip as start_seconds / end_seconds instead (older or re-packed records)."""
+    times = ({"start_seconds": start, "end_seconds": end} if legacy
+             else {"start_new": start, "duration_new": end - start})  # fmt: skip
+    person = int(name.rsplit("_", 1)[-1]) if name[-2:].isdigit() else 0
     return {"video_name": name, "num_frames": int((end - start) * 25), "is_talking": 1, "clip_speaker_num": 1,
-            "clear": 1, "video_total_duration": 10.0, "start": start, "org_start_seconds": start,
-            "duration": end - start, "duration_new": end - start, "start_seconds": start, "end_seconds": end,
-            "bbox": bbox, "conf": 0.9, "sync": 5.0, "speaker": ["SPEAKER_00"], "raw_video_height": 512,
-            "raw_video_width": 512, "clip_video_height": 320, "clip_video_width": 256}  # fmt: skip
+            "clear": 1, "org_start_seconds": scene[0], "video_total_duration": scene[1], **times,
+            "bbox": bbox, "conf": 0.9, "sync": {str(person): [[5.0, 7.1, 0], [6.0, 6.9, 1]]},
+            "speaker": ["SPEAKER_00"], "raw_video_height": 512, "raw_video_width": 512, "clip_video_height": 320,
+            "clip_video_width": 256}  # fmt: skip
 
 
 @pytest.fixture
@@ -41,8 +49,9 @@ def standin(tmp_path):
     shutil.copy(shared_path("fixtures", "speakervid", "head_4.mp4"), videos / "hEAd4_xxxxx.mp4")
     shutil.copy(shared_path("fixtures", "speakervid", "half_body_1.mp4"), videos / "HALF1-yyyyy.mp4")
     records = {HEAD.format(1): _record(HEAD.format(1), 0.5, 4.5, [0.1, 0.0, 0.9, 1.0]),
-               HEAD.format(2): _record(HEAD.format(2), 5.0, 9.0, [0.0, 0.0, 1.0, 1.0]),
-               HALF: _record(HALF, 1.0, 5.0, [0.2, 0.1, 0.8, 0.9]), GONE: _record(GONE, 0.0, 3.0, [0, 0, 1, 1])}  # fmt: skip
+               HEAD.format(2): _record(HEAD.format(2), 5.0, 9.0, [0.0, 0.0, 1.0, 1.0], scene=(4.0, 5.5)),
+               HALF: _record(HALF, 1.0, 5.0, [0.2, 0.1, 0.8, 0.9], scene=(0.5, 8.0), legacy=True),
+               GONE: _record(GONE, 0.0, 3.0, [0, 0, 1, 1])}  # fmt: skip
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w:gz") as tar:
         for name, rec in records.items():
@@ -151,14 +160,74 @@ def test_list_formats(tmp_path):
     assert read_list(path, "l") == ["a", "b"]
     path.write_text(json.dumps({HALF: {"bbox": [0, 0, 1, 1]}, GONE: {}}))
     assert read_list(path, "l") == [HALF, GONE]
-    path.write_text(json.dumps({"talking": [HALF], "listening": [GONE]}))  # categories: refused, not clip ids
+    # all_data_list.json: {video: [the clips' annotation files]}: the clips, never the keys
+    path.write_text(json.dumps({"hEAd4_xxxxx": [f"{HEAD.format(1)}.json", f"{HEAD.format(2)}.json"],
+                                "HALF1-yyyyy": [f"{HALF}.json"]}))  # fmt: skip
+    assert read_list(path, "l") == [HEAD.format(1), HEAD.format(2), HALF]
+    path.write_text(json.dumps({"talking": [HALF], "listening": [GONE]}))  # categories: their clips, not the keys
+    assert read_list(path, "l") == [HALF, GONE]
+    path.write_text(json.dumps({"talking": 3, "listening": [GONE]}))  # neither shape
     with pytest.raises(SourceError, match=r"keys are not SpeakerVid clip names \(talking, listening\)"):
         read_list(path, "l")
-    path.write_text("a\nb\n")
+    path.write_text(json.dumps([f"{HALF}.json", {"video_name": GONE}]))
+    assert read_list(path, "l") == [HALF, GONE]
+    path.write_text("a\nb.json\n")
     assert read_list(path, "l") == ["a", "b"]
     path.write_text(json.dumps([{"x": 1}]))
     with pytest.raises(SourceError, match="entry 0 has none of video_name"):
         read_list(path, "l")
+
+
+def test_time_fields_of_a_speakervid_record():
+    """The record as SpeakerVid-5M's own curation code writes it (no start / duration / start_seconds /
+    end_seconds) validates; the clip's span is start_new + duration_new (span "track") or org_start_seconds +
+    video_total_duration (span "scene"), older field pairs are the fallback, and a record without any is refused
+    naming the fields."""
+    from tasks.corpus.speakervid import MergedAnno
+    from tasks.curation.speakervid import remote_clip
+
+    authors = {"num_frames": 100, "is_talking": 1, "clip_speaker_num": 2, "clear": 0.62, "video_name": HALF,
+               "video_total_duration": 7.2, "start_new": 12.4, "org_start_seconds": 11.0, "duration_new": 4.0,
+               "bbox": [0.2, 0.1, 0.6, 0.9], "conf": 7.5, "sync": {"0": [[7.5, 6.1, 0], [6.0, 6.8, 1]]},
+               "speaker": ["SPEAKER_00", "SPEAKER_01"], "raw_video_height": 1080, "raw_video_width": 1920,
+               "clip_video_height": 864, "clip_video_width": 768}  # fmt: skip
+    rec = MergedAnno.model_validate(authors)
+    assert rec.span() == (12.4, 16.4, "start_new + duration_new")
+    assert rec.span("scene")[:2] == pytest.approx((11.0, 18.2))
+    assert rec.span("scene")[2] == "org_start_seconds + video_total_duration"
+    clip = remote_clip(HALF, authors)
+    assert (clip.start_s, clip.end_s, clip.width, clip.height) == (12.4, 16.4, 768, 864)
+    assert remote_clip(HALF, authors, "scene").start_s == 11.0
+    fallback = {k: v for k, v in authors.items() if k not in ("start_new", "duration_new")}
+    assert MergedAnno.model_validate({**fallback, "start_seconds": 3.0, "end_seconds": 5.5}).span()[:2] == (3.0, 5.5)
+    assert MergedAnno.model_validate({**fallback, "start": 3.0, "duration": 2.0}).span()[:2] == (3.0, 5.0)
+    with pytest.raises(ValueError, match="none of start_new \\+ duration_new or start_seconds \\+ end_seconds"):
+        MergedAnno.model_validate(fallback).span()
+    with pytest.raises(ValueError, match="give an empty clip"):
+        MergedAnno.model_validate({**authors, "duration_new": 0.0}).span()
+
+
+def test_the_span_setting_picks_the_frames_cut(standin):
+    """Through the stand-in: span "track" cuts [start_new, + duration_new), span "scene" [org_start_seconds,
+    + video_total_duration): their lengths, and the same frames 1 s apart where the scene starts 1 s earlier."""
+    from tasks.common.media import probe, read_frames
+    from tasks.curation.speakervid import speakervid_clips
+
+    hub, root = standin
+    cut = {}
+    for span in ("track", "scene"):
+        sets = ["tracking.enabled=false", *_sv_sets(hub, retries=0, span=span, download_dir=f"data/raw/{span}")]
+        cfg = load_config(sets=sets, root=root)
+        cut[span] = {c.clip_id: c for c in speakervid_clips(cfg.curate.speakervid, root, workers=1, progress=False)}
+    lengths = {span: {n: round(probe(c.video_path).duration_s, 1) for n, c in clips.items() if c.video_path}
+               for span, clips in cut.items()}  # fmt: skip
+    assert lengths["track"] == {HEAD.format(1): 4.0, HEAD.format(2): 4.0, HALF: 4.0}
+    assert lengths["scene"] == {HEAD.format(1): 10.0, HEAD.format(2): 5.5, HALF: 8.0}
+    a = read_frames(cut["track"][HEAD.format(2)].video_path).astype(float)  # from 5.0 s
+    b = read_frames(cut["scene"][HEAD.format(2)].video_path).astype(float)  # from 4.0 s
+    n = 60
+    diff = {lag: abs(a[5 : 5 + n] - b[5 + lag : 5 + lag + n]).mean() for lag in range(15, 36)}
+    assert min(diff, key=diff.get) == 25 and diff[25] < 3.0, diff
 
 
 def test_ids_of_bad_entries_are_safe_and_deterministic():
@@ -235,12 +304,22 @@ def test_quality_filters_reject_before_downloading(standin):
     assert not any(k.startswith("/videos/") for k in hub.hits)  # nothing was downloaded
     row = curate_clip(clips[HALF], None, str(root))
     assert row["status"] == "rejected" and row["reason"] == clips[HALF].rejected
-    # the rules on their own: sync as a number or a list (its mean), clear, fields that cannot be judged
+    # the rules on their own: sync as a number, a list (its mean) or SpeakerVid's per-person map (the mean
+    # confidence of the clip's own person), clear, dover, fields that cannot be judged
     sv = SpeakerVidConfig(min_sync=4.0, require_clear=True)
     assert quality_rejection({"sync": 5.0, "clear": 1}, sv) is None
     assert quality_rejection({"sync": [3.0, 4.0], "clear": 1}, sv) == "sync 3.5 < curate.speakervid.min_sync 4"
+    per_person = {"0": [[5.0, 7.0, 0], [6.0, 7.0, 1]], "1": [[2.0, 9.0, -3]]}
+    assert quality_rejection({"sync": per_person, "clear": 1}, sv, person=0) is None
+    assert quality_rejection({"sync": per_person, "clear": 1}, sv, person=1) == "sync 2 < curate.speakervid.min_sync 4"
+    assert "entry for person 2" in quality_rejection({"sync": per_person, "clear": 1}, sv, person=2)
     assert quality_rejection({"sync": 5.0, "clear": 0}, sv) == "clear is 0 (curate.speakervid.require_clear)"
-    assert "cannot judge" in quality_rejection({"sync": {"a": 1}, "clear": 1}, sv)
+    assert "cannot judge" in quality_rejection({"sync": {"a": 1}, "clear": 1}, sv, person=0)
+    sv = SpeakerVidConfig(min_clear=0.5, min_dover=0.25)
+    assert quality_rejection({"clear": 0.7, "dover": 0.3}, sv) is None
+    assert quality_rejection({"clear": 0.4, "dover": 0.3}, sv) == "clear 0.4 < curate.speakervid.min_clear 0.5"
+    assert quality_rejection({"clear": 0.7, "dover": 0.2}, sv) == "dover 0.2 < curate.speakervid.min_dover 0.25"
+    assert "cannot judge" in quality_rejection({"clear": 0.7}, sv)  # no dover in the record
     assert quality_rejection({"sync": 0.0, "conf": 0.0, "clear": 0}, SpeakerVidConfig()) is None  # filters off
 
 
@@ -250,18 +329,18 @@ def test_local_boxes_apply_only_to_raw_videos(tmp_path):
     from tasks.curation.sources import local_clips
 
     video = shared_path("fixtures", "speakervid", "head_4.mp4")  # 1376 x 1088, 10.1 s
-    cases = {  # name: (raw size, clip size, duration, total duration) -> box applied?
-        "raw": ((1376, 1088), (256, 320), 4.0, 10.1, True),
-        "cut": ((1920, 1080), (1376, 1088), 10.1, 60.0, False),
-        "same_size_cut": ((1376, 1088), (1376, 1088), 10.1, 60.0, False),
-        "same_size_raw": ((1376, 1088), (1376, 1088), 3.0, 10.1, True),
-        "resized": ((640, 480), (256, 320), 4.0, 10.1, False),
+    cases = {  # name: (raw size, clip size, clip length, scene length) -> box applied?
+        "raw": ((1376, 1088), (256, 320), 4.0, 6.0, True),
+        "cut": ((1920, 1080), (1376, 1088), 10.1, 12.0, False),
+        "same_size_cut": ((1376, 1088), (1376, 1088), 10.1, 12.0, False),  # as long as the clip's track
+        "same_size_scene_cut": ((1376, 1088), (1376, 1088), 4.0, 10.1, False),  # as long as its scene segment
+        "same_size_raw": ((1376, 1088), (1376, 1088), 3.0, 6.0, True),
+        "resized": ((640, 480), (256, 320), 4.0, 6.0, False),
     }
     for name, (raw, clip, duration, total, _) in cases.items():
         shutil.copy(video, tmp_path / f"{name}.mp4")
-        rec = {**_record(name, 0.0, duration, [0.2, 0.1, 0.8, 0.9]), "raw_video_width": raw[0],
-               "raw_video_height": raw[1], "clip_video_width": clip[0], "clip_video_height": clip[1],
-               "duration": duration, "duration_new": duration, "video_total_duration": total}  # fmt: skip
+        rec = {**_record(name, 0.0, duration, [0.2, 0.1, 0.8, 0.9], scene=(0.0, total)), "raw_video_width": raw[0],
+               "raw_video_height": raw[1], "clip_video_width": clip[0], "clip_video_height": clip[1]}  # fmt: skip
         (tmp_path / f"{name}.json").write_text(json.dumps(rec))
     clips, notes = local_clips([tmp_path])
     boxes = {c.clip_id: c.bbox for c in clips}

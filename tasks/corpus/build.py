@@ -297,8 +297,8 @@ def _merged_anno(name: str, conv, s: int, n: int, cfg: CorpusConfig, ident) -> d
     dur = n / cfg.fps
     return {
         "video_name": name, "num_frames": n, "is_talking": int(any(t.side == s for t in conv.turns)),
-        "clip_speaker_num": 2, "clear": 1, "video_total_duration": dur, "start": 0.0, "org_start_seconds": 0.0,
-        "duration": dur, "duration_new": dur, "start_seconds": 0.0, "end_seconds": dur,
+        "clip_speaker_num": 2, "clear": 1, "video_total_duration": dur, "org_start_seconds": 0.0,
+        "start_new": 0.0, "duration_new": dur,  # the time fields SpeakerVid's own curation code writes
         "bbox": [round(float(v), 4) for v in bbox], "conf": 1.0, "sync": 0.0,
         "speaker": [f"SPEAKER_{t.side:02d}" for t in conv.turns],
         "raw_video_height": cfg.height, "raw_video_width": cfg.width,

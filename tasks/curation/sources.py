@@ -125,7 +125,9 @@ def record_box(video: Path, record: MergedAnno) -> tuple[tuple[float, float, flo
     """The record's person box for ``video`` when the file is the raw video it was drawn on, else None; and a
     note when the box is left out. The box is normalised to the RAW frame: on a file that is already the cut
     and cropped clip it would crop the person away. Told apart by the frame size (raw_video_width x height vs
-    clip_video_width x height), and by the duration when both sizes are the same."""
+    clip_video_width x height), and, when both sizes are the same, by the duration: a file as long as the
+    clip's track (start_new + duration_new) or its scene segment (org_start_seconds + video_total_duration, what
+    SpeakerVid's own cutting script cuts) is the clip."""
     from tasks.common.media import MediaError, probe
 
     try:
@@ -136,8 +138,14 @@ def record_box(video: Path, record: MergedAnno) -> tuple[tuple[float, float, flo
     raw = size == (record.raw_video_width, record.raw_video_height)
     cut = size == (record.clip_video_width, record.clip_video_height)
     if raw and cut:  # the same size: a file as long as the clip is the clip
-        length = record.duration_new or record.duration
-        cut = abs(info.duration_s - length) <= 0.5 and abs(info.duration_s - record.video_total_duration) > 0.5
+        lengths = []
+        for mode in ("track", "scene"):
+            try:
+                start, end, _ = record.span(mode)
+                lengths.append(end - start)
+            except ValueError:
+                pass
+        cut = any(abs(info.duration_s - length) <= 0.5 for length in lengths)
         raw = not cut
     if raw:
         return tuple(float(v) for v in record.bbox), ""

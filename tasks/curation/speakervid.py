@@ -11,7 +11,7 @@ So, for the first ``max_clips`` names of ``list_file``:
    reaches a path or a command and becomes a failed row with the reason;
 3. the clips are cut in shards of ``shard_size`` (the video2dataset way): per shard, each YouTube video is
    downloaded once with yt-dlp (retries with exponential backoff, a rate limit across all downloads), every
-   clip of it is cut [start_seconds, end_seconds) and cropped to its box with ffmpeg, and the shard's
+   clip of it is cut to its record's time span (``curate.speakervid.span``) and cropped to its box with ffmpeg, and the shard's
    per-sample status (ok / failed + error) is written to ``shards/NNNNN.parquet``. A shard whose status file
    matches its clips is skipped on a re-run; ids are the clip names, so they are the same on every run.
 
@@ -127,32 +127,43 @@ def _is_missing(exc: Exception) -> bool:
                                   "RemoteEntryNotFoundError")  # fmt: skip
 
 
+def _clip_stem(name: str) -> str:
+    """A list entry's clip name: SpeakerVid's lists name the clips' annotation files (``<clip>.json``)."""
+    name = name.strip()
+    return name[: -len(".json")] if name.lower().endswith(".json") else name
+
+
 def read_list(path: Path, label: str) -> list[str]:
-    """Clip names from a list file: a JSON list of names or of records with a name field, a JSON object keyed by
-    clip name (refused when a key is not one), or one name per line."""
+    """Clip names, in file order, from a list file: a JSON object of lists of clip names (``all_data_list.json``:
+    each YouTube video's clips; the keys are not clip names and are not read as such), a JSON object keyed by
+    clip name (records as values), a JSON list of names or of records with a name field, or one name per line.
+    A name may end in ``.json`` (the clip's annotation file). Any other shape is refused, naming it."""
     text = path.read_text(encoding="utf-8", errors="replace")
     try:
         data = json.loads(text)
     except json.JSONDecodeError:
-        return [line.strip() for line in text.splitlines() if line.strip()]
+        return [_clip_stem(line) for line in text.splitlines() if line.strip()]
     if isinstance(data, dict):
-        # keyed by clip name; any other object (e.g. categories -> lists) would turn its keys into clip ids
-        strays = [str(k) for k in data if not CLIP_RE.match(str(k))]
+        values = list(data.values())
+        if values and all(isinstance(v, list) and all(isinstance(n, str) for n in v) for v in values):
+            return [_clip_stem(n) for v in values for n in v]  # {video: [clip, ...]}: the clips
+        strays = [str(k) for k in data if not CLIP_RE.match(_clip_stem(str(k)))]
         if strays:
             raise SourceError(f"{label}: a JSON object whose keys are not SpeakerVid clip names ({', '.join(strays[:3])}"
-                              f"{' ...' if len(strays) > 3 else ''}); expected a list of clip names, a list of records, "
-                              "or an object keyed by clip name")  # fmt: skip
-        return [str(k) for k in data]
+                              f"{' ...' if len(strays) > 3 else ''}) and whose values are not lists of clip names; "
+                              "expected {video: [clip names]}, an object keyed by clip name, a list of clip names or "
+                              "of records")  # fmt: skip
+        return [_clip_stem(str(k)) for k in data]
     if isinstance(data, list):
         names = []
         for i, item in enumerate(data):
             if isinstance(item, str):
-                names.append(item)
+                names.append(_clip_stem(item))
             elif isinstance(item, dict):
                 key = next((k for k in ("video_name", "clip_name", "name", "id") if k in item), None)
                 if key is None:
                     raise SourceError(f"{label}: entry {i} has none of video_name, clip_name, name, id")
-                names.append(str(item[key]))
+                names.append(_clip_stem(str(item[key])))
             else:
                 raise SourceError(f"{label}: entry {i} is a {type(item).__name__}, expected a name or a record")
         return names
@@ -181,34 +192,58 @@ def invalid_id(name: str) -> str:
     return f"invalid-{readable}-{digest}"
 
 
-def quality_rejection(record: dict, cfg: SpeakerVidConfig) -> str | None:
-    """Why the record's quality fields fail curate.speakervid's filters (None: kept, or no filter set)."""
+def _sync_confidence(sync, person: int | None):
+    """The record's SyncNet confidence as one number: a number as it is, a list of numbers by its mean, and
+    SpeakerVid's per-person map ``{person: [[conf, dist, offset], ...]}`` (one triple per speech interval, the
+    person being the clip name's last number) by the mean confidence of the clip's own person. None: the field
+    has another shape (or the map no entry for the person), so it cannot be judged."""
+    def number(v) -> bool:
+        return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+    if number(sync):
+        return float(sync)
+    if isinstance(sync, list) and sync and all(number(v) for v in sync):
+        return sum(sync) / len(sync)
+    if isinstance(sync, dict) and person is not None:
+        rows = sync.get(str(person), sync.get(person))
+        if isinstance(rows, list) and rows and all(isinstance(r, list) and r and number(r[0]) for r in rows):
+            return sum(float(r[0]) for r in rows) / len(rows)
+    return None
+
+
+def quality_rejection(record: dict, cfg: SpeakerVidConfig, person: int | None = None) -> str | None:
+    """Why the record's quality fields fail curate.speakervid's filters (None: kept, or no filter set).
+    ``person``: the clip's person number (its name's last part), which picks its entry of a per-person sync."""
     field = "curate.speakervid"
     if cfg.min_sync is not None:
-        sync = record.get("sync")
-        if isinstance(sync, list) and sync and all(isinstance(v, (int, float)) for v in sync):
-            sync = sum(sync) / len(sync)
-        if not isinstance(sync, (int, float)) or isinstance(sync, bool):
-            return f"sync {sync!r} is not a number or a list of numbers: {field}.min_sync cannot judge it"
+        sync = _sync_confidence(record.get("sync"), person)
+        if sync is None:
+            return (f"sync {record.get('sync')!r} is not a number, a list of numbers or a per-person map with an "
+                    f"entry for person {person}: {field}.min_sync cannot judge it")  # fmt: skip
         if sync < cfg.min_sync:
             return f"sync {sync:.3g} < {field}.min_sync {cfg.min_sync:g}"
-    if cfg.min_conf is not None:
-        conf = record.get("conf")
-        if not isinstance(conf, (int, float)) or isinstance(conf, bool):
-            return f"conf {conf!r} is not a number: {field}.min_conf cannot judge it"
-        if conf < cfg.min_conf:
-            return f"conf {conf:.3g} < {field}.min_conf {cfg.min_conf:g}"
+    for key in ("conf", "clear", "dover"):
+        limit = getattr(cfg, f"min_{key}")
+        if limit is None:
+            continue
+        value = record.get(key)
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            return f"{key} {value!r} is not a number: {field}.min_{key} cannot judge it"
+        if value < limit:
+            return f"{key} {value:.3g} < {field}.min_{key} {limit:g}"
     if cfg.require_clear and not record.get("clear"):
         return f"clear is {record.get('clear')!r} ({field}.require_clear)"
     return None
 
 
-def remote_clip(name: str, record: dict) -> RemoteClip:
+def remote_clip(name: str, record: dict, span: str = "track") -> RemoteClip:
+    """The clip to cut: its YouTube video, its time span (``MergedAnno.span``: ValueError naming the fields when
+    the record has none for ``span``), its person box and the size to crop to."""
     anno = MergedAnno.model_validate(record)
-    end = anno.end_seconds if anno.end_seconds > anno.start_seconds else anno.start_seconds + anno.duration
+    start, end, _ = anno.span(span)
     m = CLIP_RE.match(name)
     assert m is not None
-    return RemoteClip(name, m["ytid"], float(anno.start_seconds), float(end), tuple(float(v) for v in anno.bbox),
+    return RemoteClip(name, m["ytid"], start, end, tuple(float(v) for v in anno.bbox),
                       int(anno.clip_video_width), int(anno.clip_video_height))  # fmt: skip
 
 
@@ -527,8 +562,8 @@ def speakervid_clips(cfg: SpeakerVidConfig, root: Path, workers: int = 2, progre
             out[name] = SourceClip(name, "", m["ytid"], error=f"no merged_anno record for {name} under {cfg.anno_prefix}")
             continue
         try:
-            clip = remote_clip(name, records[name])
-            why = quality_rejection(records[name], cfg)
+            clip = remote_clip(name, records[name], cfg.span)
+            why = quality_rejection(records[name], cfg, int(m["person"]))
             if why:
                 out[name] = SourceClip(name, "", m["ytid"], rejected=why)
             else:
@@ -537,6 +572,9 @@ def speakervid_clips(cfg: SpeakerVidConfig, root: Path, workers: int = 2, progre
             first = exc.errors()[0]
             field = ".".join(str(p) for p in first["loc"])
             out[name] = SourceClip(name, "", m["ytid"], error=f"merged_anno record of {name}: {field}: {first['msg']}")
+        except ValueError as exc:  # no time fields for curate.speakervid.span
+            out[name] = SourceClip(name, "", m["ytid"], error=f"merged_anno record of {name}: {exc} "
+                                   "(curate.speakervid.span)")  # fmt: skip
 
     shards = make_shards(remote, cfg.shard_size)
     limiter = RateLimiter(cfg.rate_limit_per_min)

@@ -125,6 +125,12 @@ class SpeakerVidConfig(_Section):
     (huggingface_hub), the videos from YouTube (yt-dlp), cut and cropped per clip (ffmpeg)."""
 
     repo: str = "dorni/SpeakerVid-5M-Dataset"  # dataset repo id on the Hub
+    # a local copy of that repo (huggingface-cli download <repo> --repo-type dataset --local-dir D): lists and
+    # merged_anno read there, no Hub request
+    repo_dir: str | None = None
+    # raw videos already downloaded ({ytid}.mp4, or {ytid}_{W}x{H}.mp4 as SpeakerVid's cutting script names them):
+    # cut from there, never downloaded nor deleted; a video not there is downloaded
+    raw_video_dir: str | None = None
     revision: str = "main"
     endpoint: str | None = None  # Hub endpoint (a mirror); None: huggingface_hub's default
     list_file: str = "SFT_set.json"  # all_data_list.json | SFT_set.json | testset.json

@@ -230,6 +230,34 @@ def test_the_span_setting_picks_the_frames_cut(standin):
     assert min(diff, key=diff.get) == 25 and diff[25] < 3.0, diff
 
 
+def test_a_local_copy_of_the_repo_and_raw_videos_on_disk_need_no_network(standin):
+    """curate.speakervid.repo_dir (a local copy of the dataset repo) and raw_video_dir (videos already
+    downloaded): no request reaches the Hub, a video on disk is cut from there (the same frames as a download)
+    and kept; a video that is not there is still downloaded (here: the 404)."""
+    from tasks.common.media import read_frames
+    from tasks.curation.speakervid import SourceError, speakervid_clips
+
+    hub, root = standin
+    cfg = load_config(sets=["tracking.enabled=false", *_sv_sets(hub, retries=0)], root=root)
+    online = {c.clip_id: c for c in speakervid_clips(cfg.curate.speakervid, root, workers=1, progress=False)}
+    hub.hits.clear()
+    shutil.copy(root / "videos" / "HALF1-yyyyy.mp4", root / "videos" / "HALF1-yyyyy_512x512.mp4")
+    (root / "videos" / "HALF1-yyyyy.mp4").unlink()  # named as SpeakerVid's own cutting script expects
+    sets = ["tracking.enabled=false", *_sv_sets(hub, retries=0, repo_dir=str(root / "hubrepo"),
+                                                raw_video_dir=str(root / "videos"), download_dir="data/raw/offline")]  # fmt: skip
+    cfg = load_config(sets=sets, root=root)
+    offline = {c.clip_id: c for c in speakervid_clips(cfg.curate.speakervid, root, workers=1, progress=False)}
+    assert dict(hub.hits) == {"/videos/gone0000000.mp4": 1}
+    assert "HTTP Error 404" in offline[GONE].error and "no merged_anno record" in offline[NOANNO].error
+    assert sorted(p.name for p in (root / "videos").iterdir()) == ["HALF1-yyyyy_512x512.mp4", "hEAd4_xxxxx.mp4"]
+    for name in (HEAD.format(1), HEAD.format(2), HALF):
+        a, b = read_frames(offline[name].video_path), read_frames(online[name].video_path)
+        assert a.shape == b.shape and abs(a.astype(float) - b).mean() < 1.0, name
+    bad = load_config(sets=[*sets[:-1], "curate.speakervid.repo_dir=nowhere"], root=root)
+    with pytest.raises(SourceError, match="repo_dir: .*nowhere is not a folder"):
+        speakervid_clips(bad.curate.speakervid, root, workers=1, progress=False)
+
+
 def test_ids_of_bad_entries_are_safe_and_deterministic():
     for name in (EVIL, "../x", "$(reboot)", "a/b\\c", "..", ""):
         cid = invalid_id(name)

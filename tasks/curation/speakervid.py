@@ -67,11 +67,15 @@ class SourceError(RuntimeError):
 
 # --------------------------------------------------------------------------------------------- the Hub side
 class HubFiles:
-    """The dataset repo's files through huggingface_hub, with retries."""
+    """The dataset repo's files through huggingface_hub, with retries; or, with ``local`` (curate.speakervid.
+    repo_dir), the files of a local copy of the repo (``huggingface-cli download ... --local-dir``), no network."""
 
-    def __init__(self, cfg: SpeakerVidConfig, cache_dir: Path) -> None:
+    def __init__(self, cfg: SpeakerVidConfig, cache_dir: Path, local: Path | None = None) -> None:
         self.cfg = cfg
         self.cache_dir = cache_dir
+        self.local = local
+        if local is not None and not local.is_dir():
+            raise SourceError(f"curate.speakervid.repo_dir: {local} is not a folder (a local copy of {cfg.repo})")
 
     def _retry(self, what: str, fn: Callable):
         for attempt in range(self.cfg.retries + 1):
@@ -90,6 +94,9 @@ class HubFiles:
         ``HfApi.list_repo_files`` reads), page by page. One request per page and attempt, so that ``retries``
         and ``backoff_s`` are the only retry policy: huggingface_hub's own listing retries each request 5
         times more (1 + 2 + 4 + 8 + 8 s), which made an unreachable endpoint with ``retries: 1`` cost 46 s."""
+        if self.local is not None:
+            return sorted(p.relative_to(self.local).as_posix() for p in self.local.rglob("*")
+                          if p.is_file() and ".cache" not in p.relative_to(self.local).parts)  # fmt: skip
         from urllib.parse import quote
 
         from huggingface_hub import constants
@@ -113,6 +120,11 @@ class HubFiles:
         return self._retry("cannot list the files", pages)
 
     def fetch(self, filename: str) -> Path:
+        if self.local is not None:
+            path = (self.local / filename).resolve()
+            if not path.is_file() or not path.is_relative_to(self.local.resolve()):
+                raise SourceError(f"{filename} is not in curate.speakervid.repo_dir {self.local}")
+            return path
         from huggingface_hub import hf_hub_download
 
         return Path(self._retry(
@@ -413,16 +425,32 @@ def download_video(url: str, dest_dir: Path, stem: str, cfg: SpeakerVidConfig, l
     raise RuntimeError(f"download failed after {cfg.retries + 1} attempts: {error}")
 
 
+VIDEO_EXTS = (".mp4", ".mkv", ".webm", ".mov")
+
+
+def local_raw_video(raw_dir: Path | None, ytid: str) -> Path | None:
+    """A raw video already on disk for ``ytid`` in ``raw_dir`` (curate.speakervid.raw_video_dir): named
+    ``{ytid}.<ext>`` or, as SpeakerVid's own cutting script expects, ``{ytid}_{W}x{H}.<ext>``."""
+    if raw_dir is None:
+        return None
+    for ext in VIDEO_EXTS:
+        for path in [raw_dir / f"{ytid}{ext}", *sorted(raw_dir.glob(f"{ytid}_*x*{ext}"))]:
+            if path.is_file() and path.stat().st_size > 0:
+                return path
+    return None
+
+
 def run_shard(index: int, clips: list[RemoteClip], cfg: SpeakerVidConfig, base: Path, limiter: RateLimiter,
-              previous: pd.DataFrame | None = None) -> pd.DataFrame:  # fmt: skip
+              previous: pd.DataFrame | None = None, raw_dir: Path | None = None) -> pd.DataFrame:  # fmt: skip
     """Download and cut one shard's clips; every clip gets a status row, whatever happens to the others.
     ``previous``: the shard's status from an earlier run; its settled rows (``_settled``) are kept as they are,
-    its other failed rows are tried again."""
+    its other failed rows are tried again. ``raw_dir``: raw videos already on disk (``local_raw_video``) are
+    cut from there, never downloaded nor deleted."""
     from tasks.common.media import probe
     from tasks.curation.normalize import cut_clip
 
-    raw_dir, clip_dir = base / "videos", base / "clips"
-    raw_dir.mkdir(parents=True, exist_ok=True)
+    download_dir, clip_dir = base / "videos", base / "clips"
+    download_dir.mkdir(parents=True, exist_ok=True)
     before = {} if previous is None else {r["clip_id"]: r for r in previous.to_dict("records")}
     rows = []
     by_video: dict[str, list[RemoteClip]] = {}
@@ -430,7 +458,9 @@ def run_shard(index: int, clips: list[RemoteClip], cfg: SpeakerVidConfig, base: 
         by_video.setdefault(clip.ytid, []).append(clip)
     parts = []  # (ytid, the section downloaded or None for the whole video, its clips)
     for ytid, group in by_video.items():
-        if cfg.download_sections:
+        if local_raw_video(raw_dir, ytid) is not None:
+            parts.append((ytid, None, group))
+        elif cfg.download_sections:
             parts += [(ytid, (s, e), cs) for s, e, cs in sections(group, cfg.section_margin_s, cfg.section_gap_s)]
         else:
             parts.append((ytid, None, group))
@@ -441,9 +471,14 @@ def run_shard(index: int, clips: list[RemoteClip], cfg: SpeakerVidConfig, base: 
         raw, attempts, error = None, 0, ""
         offset = section[0] if section else 0.0
         stem = f"{ytid}_{round(section[0] * 1000)}-{round(section[1] * 1000)}ms" if section else ytid
+        local = local_raw_video(raw_dir, ytid)
         if pending:
             try:
-                raw, attempts = download_video(cfg.video_url.format(ytid=ytid), raw_dir, stem, cfg, limiter, section)
+                if local is not None:
+                    raw = local
+                else:
+                    raw, attempts = download_video(cfg.video_url.format(ytid=ytid), download_dir, stem, cfg, limiter,
+                                                   section)  # fmt: skip
                 info = probe(raw)
             except Exception as exc:  # noqa: BLE001 -- recorded per sample
                 error = str(exc)
@@ -467,7 +502,7 @@ def run_shard(index: int, clips: list[RemoteClip], cfg: SpeakerVidConfig, base: 
             rows.append({"clip_id": clip.name, "name": clip.name, "ytid": ytid, "shard": index, "status": status,
                          "error": err, "path": str(dst) if status == "ok" else "", "attempts": attempts,
                          "runs": max(runs, 1), "permanent": permanent})  # fmt: skip
-        if raw is not None and not cfg.keep_raw_videos:
+        if raw is not None and local is None and not cfg.keep_raw_videos:
             raw.unlink(missing_ok=True)
     table = pd.DataFrame(rows, columns=SHARD_COLUMNS)
     out = base / "shards" / f"{index:05d}.parquet"
@@ -536,7 +571,13 @@ def speakervid_clips(cfg: SpeakerVidConfig, root: Path, workers: int = 2, progre
     carrying their error."""
     base = Path(cfg.download_dir)
     base = (base if base.is_absolute() else root / base).resolve()
-    hub = HubFiles(cfg, base / "hub")
+    def under_root(path: str | None) -> Path | None:
+        return None if path is None else (Path(path) if Path(path).is_absolute() else root / path).resolve()
+
+    raw_dir = under_root(cfg.raw_video_dir)
+    if raw_dir is not None and not raw_dir.is_dir():
+        raise SourceError(f"curate.speakervid.raw_video_dir: {raw_dir} is not a folder")
+    hub = HubFiles(cfg, base / "hub", under_root(cfg.repo_dir))
     files = hub.list()
     if cfg.list_file not in files:
         lists = [f for f in files if f.endswith(".json") and "/" not in f]
@@ -589,7 +630,7 @@ def speakervid_clips(cfg: SpeakerVidConfig, root: Path, workers: int = 2, progre
             todo.append(i)
     with ThreadPoolExecutor(max_workers=max(1, min(workers, len(todo) or 1))) as pool, \
             tqdm(total=len(todo), desc="speakervid: shards", unit="shard", disable=not progress) as bar:  # fmt: skip
-        futures = {i: pool.submit(run_shard, i, shards[i], cfg, base, limiter, previous[i]) for i in todo}
+        futures = {i: pool.submit(run_shard, i, shards[i], cfg, base, limiter, previous[i], raw_dir) for i in todo}
         for i, fut in futures.items():
             tables[i] = fut.result()
             bar.update()

@@ -68,6 +68,10 @@ def build_parser() -> argparse.ArgumentParser:
                       help="the memory test ([10]): a marked corpus clip shown until its mark is on screen, then "
                            "--frames generated; the share of frames that keep the mark after it left the window, "
                            "no sink vs sink + window vs LSVM (--memory-checkpoint)")
+    mode.add_argument("--lsvm-cost", action="store_true",
+                      help="what the Long-Short Visual Memory costs ([10]): the same student with and without "
+                           "--memory-slots memory slots, timed chunk by chunk alternately over --chunks chunks (default "
+                           "1000): per-chunk ratio, flatness, state held")
     mode.add_argument("--actions", action="store_true",
                       help="action following of the student ([10]): videos with a request schedule and without, "
                            "scored by the action detector (configs/interactive.yaml trains a student for it)")
@@ -90,7 +94,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the report as JSON instead of a table")
     p.add_argument("--steps", type=int, default=5, help="--train-step: steps to time (the first is warm-up)")
     p.add_argument("--peak-tflops", type=float, default=989.0, help="--train-step: the GPU's dense peak (H100: 989)")
-    p.add_argument("--chunks", type=int, default=500, help="--model-only: chunks to stream through the DiT (default 500)")
+    p.add_argument("--chunks", type=int, default=None,
+                   help="--model-only: chunks to stream through the DiT (default 500); --lsvm-cost: per stream "
+                        "(default 1000)")
+    p.add_argument("--memory-slots", type=int, default=4, help="--lsvm-cost: memory slots per layer (default 4)")
     p.add_argument("--vae-chunks", type=int, default=60, help="--model-only: chunks to decode with the VAE (default 60)")
     p.add_argument("--teacher-steps", type=int, default=50, help="--model-only: teacher Euler steps for the cost ratio")
     p.add_argument("--clips", nargs="+", metavar="DIR_OR_FILE",
@@ -349,11 +356,21 @@ def _bench(args, cfg, root: Path) -> int:
     elif args.model_only:
         from tasks.evaluation.model_bench import format_report, run_model_bench
 
-        if args.chunks < 1 or args.vae_chunks < 1 or args.teacher_steps < 1:
+        chunks = 500 if args.chunks is None else args.chunks
+        if chunks < 1 or args.vae_chunks < 1 or args.teacher_steps < 1:
             raise ConfigError("--chunks, --vae-chunks and --teacher-steps must be at least 1")
-        report = run_model_bench(cfg, chunks=args.chunks, vae_chunks=args.vae_chunks,
+        report = run_model_bench(cfg, chunks=chunks, vae_chunks=args.vae_chunks,
                                  teacher_steps=args.teacher_steps, progress=not args.json)  # fmt: skip
         default_out = f"{cfg.project.data_dir}/reports/model_bench.json"
+    elif args.lsvm_cost:
+        from tasks.evaluation.model_bench import format_lsvm_report as format_report
+        from tasks.evaluation.model_bench import run_lsvm_cost
+
+        chunks = 1000 if args.chunks is None else args.chunks
+        if chunks < 2 or args.memory_slots < 1:
+            raise ConfigError("--lsvm-cost: --chunks must be at least 2 and --memory-slots at least 1")
+        report = run_lsvm_cost(cfg, chunks=chunks, slots=args.memory_slots, progress=not args.json)
+        default_out = f"{cfg.project.data_dir}/reports/lsvm_cost.json"
     elif args.vad:
         from tasks.evaluation.vad_bench import format_report, run_vad_bench
 

@@ -110,6 +110,23 @@ def test_model_bench_reports_every_field(repo_root, tmp_path, capsys):
         cli_main(["bench", "--model-only", "--drift"])
 
 
+def test_lsvm_cost_compares_the_same_student_with_and_without_memory(repo_root, tmp_path, capsys):
+    """bench --lsvm-cost: both streams have the same weights (the memory at its zero-gate init), so they generate
+    the same latents; only the memory's state and time differ, and both are reported."""
+    out = tmp_path / "lsvm.json"
+    code = cli_main(["bench", "--lsvm-cost", "--chunks", "6", "--memory-slots", "2", "--json", "--out", str(out),
+                     "--set", "vae.pretrained_path=null"])  # fmt: skip
+    assert code == 0
+    r = json.loads(out.read_text())
+    assert json.loads(capsys.readouterr().out) == r
+    assert r["max_abs_latent_diff"] == 0.0 and r["chunks"] == 6 and r["profile"]["memory_slots"] == 2
+    assert r["profile"]["memory_params_m"] > 0
+    assert r["state_bytes"]["plain_after_chunk_6"]["memory"] == 0 and r["state_bytes"]["lsvm_after_chunk_6"]["memory"] > 0
+    assert r["ratio_p25"] <= r["ratio_median"] <= r["ratio_p75"] and r["plain"]["p50_ms"] > 0 and r["lsvm"]["p50_ms"] > 0
+    assert cli_main(["bench", "--lsvm-cost", "--memory-slots", "0", "--set", "vae.pretrained_path=null"]) == 2
+    assert "--memory-slots at least 1" in capsys.readouterr().err
+
+
 def test_bf16_generator_runs_with_fp32_parts(repo_root):
     gen = _generator(repo_root, "project.dtype=bfloat16")
     assert gen.dtype == torch.bfloat16 and gen.dit.scale_shift_table.dtype == torch.float32

@@ -324,3 +324,106 @@ def format_report(r: dict) -> str:
 
 def _fmt(x: float | None) -> str:
     return "n/a" if x is None else f"{x:.3f}"
+
+
+# ---------------------------------------------------------------------------------------- the memory's cost
+LSVM_WINDOW = 100  # chunks per end of the stream compared for flatness
+
+
+@torch.no_grad()
+def run_lsvm_cost(cfg: Config, chunks: int = 1000, slots: int = 4, progress: bool = True) -> dict[str, Any]:
+    """What the Long-Short Visual Memory ([10], ``model.memory_slots``) costs per chunk: two streaming students
+    with the same weights, one with ``slots`` memory slots per layer (its memory modules at their init: the
+    gates at zero, so both streams must generate the same latents, which is checked and reported), stream the
+    same audio for ``chunks`` chunks, timed alternately chunk by chunk (the order swapped every chunk), so a
+    change of machine load hits both. Reported: the median per-chunk ratio LSVM / plain with quartiles, that
+    ratio over the first and the last ``LSVM_WINDOW`` chunks (flat: the memory does not grow), the state held
+    between chunks and the memory's share of it, the process's peak memory. Weights are random unless the
+    profile names pretrained ones: cost does not depend on the values."""
+    if slots < 1:
+        raise ValueError("--memory-slots must be at least 1")
+    device = device_of(cfg)
+    plain_cfg, mem_cfg = cfg.model_copy(deep=True), cfg.model_copy(deep=True)
+    plain_cfg.model = plain_cfg.model.model_copy(update={"memory_slots": 0})
+    need = cfg.student.window_frames // cfg.student.chunk_frames + 2  # what the config asks of a memory (training)
+    mem_cfg.train = mem_cfg.train.model_copy(update={"window_chunks": max(cfg.train.window_chunks, need)})
+    mem_cfg.model = mem_cfg.model.model_copy(update={"memory_slots": slots})
+    plain, mem = build_generator(plain_cfg), build_generator(mem_cfg)
+    missing, unexpected = mem.dit.load_state_dict(plain.dit.state_dict(), strict=False)
+    if unexpected or any("memory" not in k for k in missing):
+        raise RuntimeError(f"the two students differ beyond the memory: missing {missing}, unexpected {unexpected}")
+    g = torch.Generator().manual_seed(0)
+    spc = plain.samples_per_chunk
+    avatar, other = _test_audio(chunks * spc, spc, g)
+    ref = torch.rand(3, cfg.video.height, cfg.video.width, generator=g) * 2 - 1
+    for gen in (plain, mem):  # warm-up, then fresh streams
+        gen.start(ref)
+        for i in range(2):
+            gen.denoise(avatar[i * spc : (i + 1) * spc], other[i * spc : (i + 1) * spc])
+        gen.start(ref)
+    _sync(device)
+    times: dict[str, list[float]] = {"plain": [], "lsvm": []}
+    state: dict[str, dict[str, int]] = {}
+    diff = 0.0
+    for i in tqdm(range(chunks), desc="LSVM vs plain, streaming chunks", unit="chunk", disable=not progress):
+        a, o = avatar[i * spc : (i + 1) * spc], other[i * spc : (i + 1) * spc]
+        out = {}
+        for name in (("plain", "lsvm") if i % 2 == 0 else ("lsvm", "plain")):
+            gen = plain if name == "plain" else mem
+            t0 = time.perf_counter()
+            out[name] = gen.denoise(a, o)
+            _sync(device)
+            times[name].append(time.perf_counter() - t0)
+        diff = max(diff, float((out["plain"].float() - out["lsvm"].float()).abs().max()))
+        if i + 1 in (LSVM_WINDOW // 2, chunks):
+            for name, gen in (("plain", plain), ("lsvm", mem)):
+                memory = sum(m.nbytes() for m in gen.cache.memory if m is not None)
+                state[f"{name}_after_chunk_{i + 1}"] = {**gen.state_nbytes(), "memory": memory}
+    ratios = [b / a for a, b in zip(times["plain"], times["lsvm"], strict=True)]
+    q = statistics.quantiles(ratios, n=4) if len(ratios) >= 2 else [ratios[0]] * 3
+    w = min(LSVM_WINDOW, max(1, chunks // 2))
+    return {
+        "profile": {"video": f"{cfg.video.width}x{cfg.video.height}@{cfg.video.fps}", "backbone": cfg.model.backbone,
+                    "memory_slots": slots, "layers": len(mem.dit.blocks), "steps": plain.settings.steps,
+                    "sink_frames": plain.settings.layout.sink_frames,
+                    "window_frames": plain.settings.layout.window_frames,
+                    "chunk_latent_frames": plain.settings.layout.chunk_frames,
+                    "chunk_seconds": plain.chunk_video_frames / cfg.video.fps,
+                    "dit_params_m": round(sum(p.numel() for p in plain.dit.parameters()) / 1e6, 3),
+                    "memory_params_m": round((sum(p.numel() for p in mem.dit.parameters())
+                                              - sum(p.numel() for p in plain.dit.parameters())) / 1e6, 4),
+                    "weights": "pretrained" if cfg.model.pretrained_path else "random"},  # fmt: skip
+        "hardware": hardware(device),
+        "chunks": chunks,
+        "plain": _summary(times["plain"]),
+        "lsvm": _summary(times["lsvm"]),
+        "ratio_median": statistics.median(ratios), "ratio_p25": q[0], "ratio_p75": q[2],
+        f"ratio_first_{w}": statistics.median(ratios[:w]), f"ratio_last_{w}": statistics.median(ratios[-w:]),
+        "lsvm_last_over_first": statistics.median(times["lsvm"][-w:]) / statistics.median(times["lsvm"][:w]),
+        "max_abs_latent_diff": diff,
+        "state_bytes": state,
+        "peak_memory_bytes": _peak(device),
+        "peak_memory_kind": "cuda max_memory_allocated" if device.type == "cuda" else "process RSS (CPU, both streams)",
+        "method": "the same chunk timed on both streams alternately (order swapped each chunk); ratios per chunk",
+        "target": "LSVM <= 1.15x per chunk, flat over >= 1000 chunks (issue [10])",
+    }
+
+
+def format_lsvm_report(r: dict) -> str:
+    p, w = r["profile"], next(k for k in r if k.startswith("ratio_first_")).rsplit("_", 1)[1]
+    end = [k for k in r["state_bytes"] if k.startswith("lsvm_after_chunk_")]
+    first, last = r["state_bytes"][end[0]], r["state_bytes"][end[-1]]
+    plain_last = r["state_bytes"][end[-1].replace("lsvm", "plain")]
+    return "\n".join([
+        f"LSVM cost  {p['video']}  {p['backbone']} ({p['weights']} weights), {p['memory_slots']} memory slots x "
+        f"{p['layers']} layers (+{p['memory_params_m']} M parameters), {r['chunks']} chunks of {p['chunk_seconds']:.2f} s, "
+        f"on {r['hardware'].get('gpu', r['hardware']['cpu'])}",
+        f"  per chunk p50: plain {r['plain']['p50_ms']:.1f} ms, LSVM {r['lsvm']['p50_ms']:.1f} ms; LSVM / plain "
+        f"{r['ratio_median']:.3f} (quartiles {r['ratio_p25']:.3f}-{r['ratio_p75']:.3f}); first {w} chunks "
+        f"{r[f'ratio_first_{w}']:.3f}, last {w} {r[f'ratio_last_{w}']:.3f}; LSVM last/first {r['lsvm_last_over_first']:.3f}",
+        f"  state between chunks: plain {sum(v for k, v in plain_last.items() if k != 'memory') / 2**20:.3f} MiB, "
+        f"LSVM {sum(v for k, v in last.items() if k != 'memory') / 2**20:.3f} MiB of which memory "
+        f"{last['memory'] / 2**10:.1f} KiB" + (f" ({end[0].rsplit('_', 1)[1]} chunks in: {first['memory'] / 2**10:.1f} KiB)"
+                                                if len(end) > 1 else ""),  # fmt: skip
+        f"  same latents (memory gates at their init): max |diff| {r['max_abs_latent_diff']:.2e};  target: {r['target']}",
+    ])

@@ -5,7 +5,8 @@
 #      per chunk, VAE decode RTF, sequential and pipelined end-to-end RTF, peak memory -- eager, then torch.compile
 #   2. one teacher training step (forward + backward, activation checkpointing, bf16 autocast over fp32 weights;
 #      on several GPUs one process each, FSDP2): step time, TFLOP/s, MFU, peak memory against `streamavatar plan`
-#   3. the capacity planner for the GPUs present
+#   3. the Long-Short Visual Memory's per-chunk cost (bench --lsvm-cost, 100 chunks)
+#   4. the capacity planner for the GPUs present
 # Each step is time-boxed and independent (a failed one is named at the end, exit 1). Everything lands in $OUT
 # (default data/reports/gpu_check) as JSON beside the paper's Table 5 numbers (under "paper_table5").
 # Usage:  bash scripts/gpu_check.sh  [OUT_DIR]     (GPU_CHECK_STEP_TIMEOUT: seconds per step, default 240)
@@ -25,11 +26,13 @@ fi
 if [ -n "${GPU_CHECK_ON_CPU:-}" ]; then  # the code paths, on CPU, at the demo's tiny shapes (what the test runs)
   PAPER=(--set tracking.enabled=false --set project.device=cpu --set vae.pretrained_path=weights/demo_vae.pt)
   CHUNKS=4
+  LSVM_CHUNKS=4
   # the compiled run: dynamo's graph capture without inductor's C++ code generation, 2 chunks, no warm-up:
   # the path, not its speed (inductor on 2 CPU cores takes minutes)
   COMPILED=(--set benchmark.compile_backend=aot_eager --set benchmark.chunks=2 --set benchmark.warmup_chunks=0)
 else
   CHUNKS=40
+  LSVM_CHUNKS=100
   COMPILED=(--set benchmark.compile_backend=inductor --set benchmark.chunks=$CHUNKS)
 fi
 t0=$(date +%s)
@@ -60,10 +63,13 @@ fi
 step train_step "${TRAIN[@]}" bench --train-step "${PAPER[@]}" --set train.parallel=fsdp \
   --set train.activation_checkpointing=true --set train.micro_batch_size=1 --steps 4 --json \
   --out "$OUT/train_step.json"
-# 3. the benchmark with torch.compile (last: its compile time is the least predictable)
+# 3. what the Long-Short Visual Memory ([10]) costs per chunk at these shapes: the same student with and without
+#    4 memory slots per layer, timed alternately chunk by chunk
+step lsvm_cost "$SA" bench --lsvm-cost "${PAPER[@]}" --chunks "$LSVM_CHUNKS" --memory-slots 4 --out "$OUT/lsvm_cost.json"
+# 4. the benchmark with torch.compile (last: its compile time is the least predictable)
 step benchmark_compiled "$SA" bench "${PAPER[@]}" --set benchmark.checkpoint=random --set benchmark.vae_device=$VAE_DEV \
   --set benchmark.compile=true "${COMPILED[@]}" --out "$OUT/benchmark_compiled.json"
-# 4. the capacity plan for the GPUs present
+# 5. the capacity plan for the GPUs present
 N=$(( GPUS > 0 ? GPUS : 1 ))
 MEM=$("$PY" -c "import torch; print(torch.cuda.get_device_properties(0).total_memory / 2**30 if torch.cuda.is_available() else 80)" 2>/dev/null || echo 80)
 echo "== plan for $N GPU(s) of $MEM GiB"

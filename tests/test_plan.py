@@ -99,8 +99,8 @@ def test_plan_command_prints_a_table_and_json():
 @pytest.mark.slow
 def test_gpu_check_script_runs_its_commands_on_cpu(tmp_path):
     """scripts/gpu_check.sh at the demo's shapes on CPU (GPU_CHECK_ON_CPU=1): every command runs and writes its
-    JSON (eager and compiled benchmark, the training step with its MFU, the plan); without the variable and
-    without a GPU it refuses with a clear message."""
+    JSON (eager and compiled benchmark, the training step with its MFU, the LSVM cost, the plan); without the
+    variable and without a GPU it refuses with a clear message."""
     import os
 
     env = {**os.environ, "STREAMAVATAR": str(REPO / ".venv/bin/streamavatar"), "PYTHON": sys.executable,
@@ -115,6 +115,8 @@ def test_gpu_check_script_runs_its_commands_on_cpu(tmp_path):
     step = json.loads((tmp_path / "train_step.json").read_text())
     assert step["profile"]["activation_checkpointing"] and 0 < step["mfu"] < 1
     assert json.loads((tmp_path / "plan.json").read_text())["stages"][0]["stage"] == "teacher"
+    lsvm = json.loads((tmp_path / "lsvm_cost.json").read_text())
+    assert lsvm["chunks"] == 4 and lsvm["max_abs_latent_diff"] == 0.0 and lsvm["ratio_median"] > 0
     env.pop("GPU_CHECK_ON_CPU")
     env["CUDA_VISIBLE_DEVICES"] = ""
     refused = subprocess.run(["bash", "scripts/gpu_check.sh", str(tmp_path)], cwd=REPO, env=env,

@@ -12,7 +12,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-ACTIONS = ("idle", "nod", "shake", "turn_left", "turn_right", "smile")  # per-frame label = index here
+ACTIONS = ("idle", "nod", "shake", "turn_left", "turn_right", "smile", "wave")  # per-frame label = index here
 # what each action adds to the prompt (the text path the paper profile conditions through umT5)
 ACTION_PROMPTS = {
     "idle": "",
@@ -21,6 +21,7 @@ ACTION_PROMPTS = {
     "turn_left": "the person turns their head to the left",
     "turn_right": "the person turns their head to the right",
     "smile": "the person smiles",
+    "wave": "the person waves their hand",
 }
 STATES = ("idle", "listening", "reacting", "speaking")
 
@@ -43,6 +44,7 @@ class Intent:
 _RULES: tuple[tuple[str, str], ...] = (
     (r"\b(look|turn|face|glance)\b[^.?!]*\bleft\b|\bto (the|your) left\b", "turn_left"),
     (r"\b(look|turn|face|glance)\b[^.?!]*\bright\b|\bto (the|your) right\b", "turn_right"),
+    (r"\b(hi|hello|hey|bye|goodbye|good bye|see you|wave)\b", "wave"),
     (r"\b(no|nope|not really|disagree|never|wrong)\b", "shake"),
     (r"\b(ha(ha)+|lol|funny|joke|thanks?|thank you|great|love|happy|glad|wonderful|smile)\b", "smile"),
     (r"\b(yes|yeah|yep|agree|right|exactly|sure|okay|ok|indeed|nod)\b", "nod"),

@@ -288,9 +288,9 @@ def test_actions_switch_the_prompt_at_chunk_boundaries_and_run_their_length(root
     assert torch.equal(emb["nod"][:, :half], emb["idle"][:, :half]) and not torch.equal(emb["nod"], emb["idle"])
     assert not torch.equal(emb["nod"], emb["turn_left"])
     assert parse_actions("5:smile,1.0:nod") == [(1.0, "nod"), (5.0, "smile")]
-    for bad, why in (("2.0:wave", "unknown action 'wave'"), ("nod", "SECONDS:ACTION"), ("-1:nod", "SECONDS >= 0")):
+    for bad, why in (("2.0:dance", "unknown action 'dance'"), ("nod", "SECONDS:ACTION"), ("-1:nod", "SECONDS >= 0")):
         with pytest.raises(ConfigError, match=why):
             parse_actions(bad)
     assert run_cli(root, "--reference", str(FIXTURES / "boy.jpg"), "--audio", str(voice), "--out",
-                   str(tmp_path / "bad.mp4"), "--actions", "1:wave") == 2  # fmt: skip
-    assert "unknown action 'wave'" in capsys.readouterr().err
+                   str(tmp_path / "bad.mp4"), "--actions", "1:dance") == 2  # fmt: skip
+    assert "unknown action 'dance'" in capsys.readouterr().err

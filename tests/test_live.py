@@ -186,13 +186,13 @@ def test_intents_pick_actions_that_start_at_the_next_chunk_and_run_their_length(
         headers += [chunk() for _ in range(4)]
         ws.send(json.dumps({"type": "action", "name": "smile"}))
         headers += [chunk() for _ in range(4)]
-        ws.send(json.dumps({"type": "action", "name": "wave"}))
+        ws.send(json.dumps({"type": "action", "name": "dance"}))
         err = error_of(ws)
     # corpus.action_s (1.0, 1.6) s -> 1.3 s = 3 chunks of 12 frames at 25 fps
     assert [h["action"] for h in headers] == ["idle", "turn_left", "turn_left", "turn_left", "idle",
                                               "smile", "smile", "smile", "idle"]  # fmt: skip
     assert [h["state"] for h in headers][1:4] == ["reacting"] * 3 and headers[4]["state"] == "idle"
-    assert err["type"] == "error" and err["code"] == "bad_action" and "wave" in err["message"], err
+    assert err["type"] == "error" and err["code"] == "bad_action" and "dance" in err["message"], err
     assert wait_idle(server)["sessions"] == 0
 
 

@@ -44,6 +44,8 @@ class Tracks:
     gesture: np.ndarray  # arm displacement as a fraction of the frame width
     energy: np.ndarray  # smoothed own-speech energy 0..1
     smile: np.ndarray | None = None  # 0..1: lip corners out and up (the "smile" action)
+    wave: np.ndarray | None = None  # 0..1: a hand raised beside the face (the "wave" action)
+    wave_angle: np.ndarray | None = None  # degrees the raised hand is tilted about its wrist (it waves)
 
 
 def _smooth(x: np.ndarray, frames: float) -> np.ndarray:
@@ -112,6 +114,7 @@ def make_tracks(
 
 # ------------------------------------------------------------------------------------------------- actions
 NOD_DEG, SHAKE_DEG, TURN_DEG = 9.0, 14.0, 28.0
+WAVE_DEG, WAVE_HZ = 25.0, 2.0  # the hand swings +-25 degrees about its wrist twice a second
 
 
 @dataclass(frozen=True)
@@ -139,11 +142,14 @@ def schedule_actions(n: int, fps: int, rng: np.random.Generator, names: list[str
 
 def apply_actions(tracks: Tracks, actions: list[Action], fps: int) -> tuple[Tracks, np.ndarray]:
     """The tracks with each action's motion added (a nod: two down-nods per second in pitch; a shake: yaw
-    back and forth; a turn: yaw to one side and back; a smile: lip corners out and up), each faded in and out
-    over its span, and the per-frame action label (index into ``ACTIONS``, 0 idle)."""
+    back and forth; a turn: yaw to one side and back; a smile: lip corners out and up; a wave: a hand raised
+    beside the face, swinging about its wrist), each faded in and out over its span, and the per-frame action
+    label (index into ``ACTIONS``, 0 idle)."""
     n = tracks.yaw.size
     yaw, pitch = tracks.yaw.copy(), tracks.pitch.copy()
     smile = np.zeros(n) if tracks.smile is None else tracks.smile.copy()
+    wave = np.zeros(n) if tracks.wave is None else tracks.wave.copy()
+    wave_angle = np.zeros(n) if tracks.wave_angle is None else tracks.wave_angle.copy()
     labels = np.zeros(n, dtype=np.int64)
     for a in actions:
         length = a.end - a.start
@@ -162,12 +168,15 @@ def apply_actions(tracks: Tracks, actions: list[Action], fps: int) -> tuple[Trac
             yaw[span] += (-TURN_DEG if a.name == "turn_left" else TURN_DEG) * env
         elif a.name == "smile":
             smile[span] = np.maximum(smile[span], env)
+        elif a.name == "wave":  # raised over the fade-in, swinging once up, lowered over the fade-out
+            wave[span] = np.maximum(wave[span], env)
+            wave_angle[span] = WAVE_DEG * np.sin(2 * np.pi * WAVE_HZ * tau)
         else:
             raise ValueError(f"unknown action {a.name!r}; the vocabulary is {', '.join(ACTIONS[1:])}")
         labels[span] = ACTIONS.index(a.name)
     from dataclasses import replace
 
-    return replace(tracks, yaw=yaw, pitch=pitch, smile=smile), labels
+    return replace(tracks, yaw=yaw, pitch=pitch, smile=smile, wave=wave, wave_angle=wave_angle), labels
 
 
 # --------------------------------------------------------------------------------------------- the renderer
@@ -243,6 +252,10 @@ class Animator:
         shoulder_y = min(self.h - 2.0, lm[152, 1] + 0.55 * self.face_h)
         shoulders = np.stack([b * (self.w - 1), np.full(7, shoulder_y)], 1)
         self.arm = np.array([(0.2 if arm_side == 0 else 0.8) * self.w, 0.86 * self.h])
+        self.arm_side = arm_side
+        inside = np.zeros((self.h, self.w), np.uint8)  # the skin's colour: the median inside the face oval
+        cv2.fillPoly(inside, [oval[:, :2].round().astype(np.int32)], 1)
+        self.skin = np.median(self.img[inside > 0], axis=0) if inside.any() else np.array([190.0, 150.0, 125.0])
         anchors = np.unique(np.concatenate([border, shoulders]).round(1), axis=0)
         anchors = anchors[np.linalg.norm(anchors - self.arm, axis=1) > 0.22 * self.w]
         self.anchors = anchors
@@ -277,7 +290,8 @@ class Animator:
                                     @ rotation_from_angles(0.0, pitch, roll) @ self.base_frame)
 
     def render(self, yaw: float, pitch: float, roll: float, mouth: float, blink: float, gesture: np.ndarray,
-               mark: Mark | None = None, smile: float = 0.0) -> tuple[np.ndarray, tuple[float, float, float]]:  # fmt: skip
+               mark: Mark | None = None, smile: float = 0.0, wave: float = 0.0, wave_angle: float = 0.0,
+               ) -> tuple[np.ndarray, tuple[float, float, float]]:  # fmt: skip
         """(frame RGB uint8, ground-truth head pose (yaw, pitch, roll) in degrees).
 
         Pitch, roll, mouth, eyelids and the arm move landmarks and drive a thin-plate-spline warp; yaw then
@@ -305,7 +319,37 @@ class Animator:
             cx = float(moved[FACE_OVAL, 0].mean())
             frame = cv2.remap(frame, *self._yaw_map(yaw, cx, moved), interpolation=cv2.INTER_LINEAR,
                               borderMode=cv2.BORDER_REFLECT101)
+        if wave > 0.02:
+            frame = self.draw_hand(frame, wave, wave_angle)
         return frame, self.pose(yaw, pitch, roll)
+
+    def draw_hand(self, frame: np.ndarray, raised: float, angle: float) -> np.ndarray:
+        """A hand with its forearm beside the face on the arm's side, palm out, fingers up, in the face's skin
+        colour: ``raised`` 0..1 brings it up from below the chin to the cheek, ``angle`` (degrees) tilts it
+        about the wrist. Drawn over the head (it does not turn with it)."""
+        fw, fh = self.face_w, self.face_h
+        side = -1.0 if self.arm_side == 0 else 1.0
+        wrist = np.array([self.centre[0] + side * 0.78 * fw, self.centre[1] + 0.3 * fh + (1 - raised) * 1.3 * fh])
+        t = np.deg2rad(angle * side)
+        rot = np.array([[np.cos(t), -np.sin(t)], [np.sin(t), np.cos(t)]])
+
+        def at(dx: float, dy: float) -> tuple[int, int]:  # a point in the hand's frame (fw, fh units) -> pixels
+            x, y = rot @ np.array([dx * fw, dy * fh]) + wrist
+            return int(round(x)), int(round(y))
+
+        mask = np.zeros(frame.shape[:2], np.uint8)
+        cv2.line(mask, at(0.0, 0.0), at(-0.08 * side, 1.6), 255, max(1, int(0.26 * fw)))  # forearm
+        palm = np.array([at(-0.2, -0.02), at(0.2, -0.02), at(0.22, -0.3), at(-0.22, -0.3)], np.int32)
+        cv2.fillConvexPoly(mask, palm, 255, lineType=cv2.LINE_AA)
+        cv2.ellipse(mask, at(0.0, -0.16), (int(0.2 * fw), int(0.16 * fh)), float(np.rad2deg(t)), 0, 360, 255, -1)
+        width = max(1, int(0.085 * fw))
+        for dx, length in ((-0.15, 0.2), (-0.05, 0.25), (0.05, 0.24), (0.15, 0.19)):  # four fingers, spread
+            cv2.line(mask, at(dx, -0.28), at(dx * 1.3, -0.28 - length), 255, width, lineType=cv2.LINE_AA)
+        cv2.line(mask, at(-0.2 * side, -0.08), at(-0.36 * side, -0.22), 255, width, lineType=cv2.LINE_AA)  # thumb
+        shade = cv2.GaussianBlur(mask.astype(np.float32) / 255, (0, 0), max(0.5, 0.03 * fw))
+        alpha = (mask.astype(np.float32) / 255)[..., None]
+        colour = self.skin[None, None, :] * (0.8 + 0.2 * shade[..., None])
+        return (frame * (1 - alpha) + colour * alpha).clip(0, 255).astype(np.uint8)
 
     def _yaw_map(self, yaw: float, cx: float, moved: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         # the output pixel at cylinder angle t shows the source at t - yaw; the back of the head (not in the

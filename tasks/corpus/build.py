@@ -221,7 +221,8 @@ def _render(job: _Job, cfg: CorpusConfig) -> list[dict]:
                     frame, poses[i] = anim.render(tracks.yaw[i], tracks.pitch[i], tracks.roll[i], tracks.mouth[i],
                                                   tracks.blink[i], tracks.gesture[i],
                                                   mark if mark is not None and i >= mark_from else None,
-                                                  float(tracks.smile[i]))  # fmt: skip
+                                                  float(tracks.smile[i]), float(tracks.wave[i]),
+                                                  float(tracks.wave_angle[i]))  # fmt: skip
                     yield frame
 
             video = out / "videos" / f"{names[s]}.mp4"

@@ -9,10 +9,16 @@ so a person's resting pose and mouth are the zero):
 * shake -- the yaw's oscillation: its spread around a ``detrend_s`` moving mean beyond ``shake_deg``, swinging
   across that mean ``min_crossings`` times or more (a turn's ramps swing once or twice);
 * nod -- the same for the pitch beyond ``nod_deg``;
-* smile -- the mouth's width above the median by ``smile_rel``.
+* smile -- the mouth's width above the median by ``smile_rel``;
+* wave -- a hand beside the face: skin-coloured pixels (within ``skin_dist`` of the face's own median colour)
+  in a band beside the face oval (0.6 face widths wide, forehead to chin, on each side), their area in units
+  of that band above the video's own 20th percentile (ears, hair and background are the floor) by
+  ``wave_area`` on one side, and moving: the window's frame-to-frame change of that area at least
+  ``wave_motion`` on average (a hand held still is not a wave). At the head crop's 64 px a hand shows as a
+  skin patch beside the cheek; mediapipe Hands finds no landmarks at that size.
 
-A window takes the first label that holds in that order (a turn's ramps also move the yaw fast, so the turn
-is tested first). Consecutive windows with one label are one event. Scoring against a request schedule:
+A window takes the first label that holds in the order turn, wave, shake, nod, smile (a turn's ramps also move
+the yaw fast, so the turn is tested first; a wave moves no landmark). Consecutive windows with one label are one event. Scoring against a request schedule:
 a requested action counts as followed when an event of its name starts within ``within_s`` of the
 request (or is under way then); events that overlap no request (with ``within_s`` of slack after it) are
 false actions, reported per minute of the video's idle time. The thresholds are calibrated on the demo
@@ -23,15 +29,16 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+import cv2
 import numpy as np
 
-from tasks.common.facemesh import FaceMesh
+from tasks.common.facemesh import FACE_OVAL, FaceMesh
 from tasks.common.pose import LEFT_EYE_OUTER, RIGHT_EYE_OUTER, head_pose
 from tasks.evaluation.metrics import upscale_for_landmarks
 
 MOUTH_LEFT, MOUTH_RIGHT = 61, 291
-DETECTED = ("nod", "shake", "turn_left", "turn_right", "smile")
-FEATURES = ("yaw", "yaw_osc", "yaw_cross", "pitch_osc", "pitch_cross", "smile")
+DETECTED = ("nod", "shake", "turn_left", "turn_right", "smile", "wave")
+FEATURES = ("yaw", "yaw_osc", "yaw_cross", "pitch_osc", "pitch_cross", "smile", "hand", "hand_motion")
 
 
 @dataclass(frozen=True)
@@ -44,6 +51,9 @@ class DetectorSettings:
     smile_rel: float = 0.05
     min_crossings: int = 4  # an oscillation (shake, nod) swings back and forth at least this often a window
     min_face: float = 0.6  # share of a window's frames with a face for it to be judged at all
+    skin_dist: float = 40.0  # RGB distance to the face's median colour that still counts as skin
+    wave_area: float = 0.12  # a hand: skin beside the face above the video's floor, in units of the band
+    wave_motion: float = 0.01  # mean frame-to-frame change of that area: the hand moves
 
 
 @dataclass
@@ -51,27 +61,61 @@ class Signals:
     yaw: np.ndarray  # degrees, NaN without a face
     pitch: np.ndarray
     width: np.ndarray  # mouth width / eye distance
+    hand: np.ndarray | None = None  # [n, 2] skin beside the face (left, right side of the image), NaN without a face
 
     def __len__(self) -> int:
         return len(self.yaw)
 
 
-def action_signals(frames: np.ndarray, min_side: int = 192) -> Signals:
-    """FaceMesh per frame (small frames enlarged to ``min_side`` first, as evaluate's landmarks)."""
+def lateral_skin(rgb: np.ndarray, lm: np.ndarray, max_dist: float = 40.0) -> tuple[float, float]:
+    """Skin beside the face, (left, right) of the image: pixels within ``max_dist`` (RGB) of the face's median
+    colour, outside the face oval grown by 6 % of its width, in a band 0.6 face widths wide from the oval's top
+    to the chin on each side; counted in units of that band's full area (a band cut by the image's edge counts
+    its missing part as no skin)."""
+    oval = lm[FACE_OVAL, :2]
+    h, w = rgb.shape[:2]
+    face = np.zeros((h, w), np.uint8)
+    cv2.fillPoly(face, [oval.round().astype(np.int32)], 1)
+    if not face.any():
+        return float("nan"), float("nan")
+    skin = np.median(rgb[face > 0].astype(np.float64), axis=0)
+    (x0, y0), (x1, y1) = oval.min(axis=0), oval.max(axis=0)
+    fw, fh = x1 - x0, y1 - y0
+    k = 2 * max(1, int(round(0.06 * fw))) + 1
+    near = cv2.dilate(face, np.ones((k, k), np.uint8))
+    r0, r1 = int(max(0, y0)), int(min(h, y1))
+    out = []
+    for a, b in ((x0 - 0.6 * fw, x0), (x1, x1 + 0.6 * fw)):
+        a, b = int(max(0, a)), int(min(w, b))
+        if b <= a or r1 <= r0:
+            out.append(0.0)
+            continue
+        patch = rgb[r0:r1, a:b].astype(np.float64)
+        like = (np.linalg.norm(patch - skin, axis=-1) < max_dist) & (near[r0:r1, a:b] == 0)
+        out.append(float(like.sum()) / max(1.0, 0.6 * fw * fh))
+    return out[0], out[1]
+
+
+def action_signals(frames: np.ndarray, min_side: int = 192, skin_dist: float = DetectorSettings.skin_dist) -> Signals:
+    """FaceMesh per frame (small frames enlarged to ``min_side`` first, as evaluate's landmarks), and the skin
+    beside the face (:func:`lateral_skin`) on the same enlarged frame."""
     n = len(frames)
     yaw, pitch, width = (np.full(n, np.nan) for _ in range(3))
+    hand = np.full((n, 2), np.nan)
     mesh = FaceMesh()
     try:
         for i, frame in enumerate(frames):
-            lm = mesh(upscale_for_landmarks(np.asarray(frame), min_side))
+            up = upscale_for_landmarks(np.asarray(frame), min_side)
+            lm = mesh(up)
             if lm is None:
                 continue
             yaw[i], pitch[i], _ = head_pose(lm)
             eyes = np.linalg.norm(lm[LEFT_EYE_OUTER, :2] - lm[RIGHT_EYE_OUTER, :2])
             width[i] = np.linalg.norm(lm[MOUTH_LEFT, :2] - lm[MOUTH_RIGHT, :2]) / max(eyes, 1e-6)
+            hand[i] = lateral_skin(up, lm, skin_dist)
     finally:
         mesh.close()
-    return Signals(yaw, pitch, width)
+    return Signals(yaw, pitch, width, hand)
 
 
 def _moving_mean(x: np.ndarray, k: int) -> np.ndarray:
@@ -110,6 +154,13 @@ def window_features(s: Signals, fps: float, settings: DetectorSettings = Detecto
     pitch = s.pitch - np.nanmedian(s.pitch)
     width = s.width / np.nanmedian(s.width) - 1.0
     yaw_hp, pitch_hp = yaw - _moving_mean(yaw, k), pitch - _moving_mean(pitch, k)
+    if s.hand is not None and (~np.isnan(s.hand)).any():  # above each side's floor, the side that shows more
+        excess = s.hand - np.nanpercentile(s.hand, 20, axis=0)
+        side = np.nanargmax(np.nan_to_num(np.nanmean(excess, axis=0), nan=-np.inf))
+        hand = np.where(np.isnan(excess).all(axis=1), np.nan, np.where(np.isnan(excess), -np.inf, excess).max(axis=1))
+        change = np.abs(np.diff(s.hand[:, side], prepend=np.nan))
+    else:
+        hand = change = np.zeros(n)
     out = {key: np.full(max(n - w + 1, 0), np.nan) for key in FEATURES}
     for i in range(n - w + 1):
         sl = slice(i, i + w)
@@ -121,17 +172,21 @@ def window_features(s: Signals, fps: float, settings: DetectorSettings = Detecto
         out["yaw_cross"][i] = _crossings(yaw_hp[sl], settings.shake_deg / 2)
         out["pitch_cross"][i] = _crossings(pitch_hp[sl], settings.nod_deg / 2)
         out["smile"][i] = np.nanmean(width[sl])
+        out["hand"][i] = np.nanmean(hand[sl])
+        out["hand_motion"][i] = np.nanmean(change[sl]) if (~np.isnan(change[sl])).any() else 0.0
     return out
 
 
 def window_labels(features: dict[str, np.ndarray], settings: DetectorSettings = DetectorSettings()) -> list[str]:
-    """The label of each window: the first of turn, shake, nod, smile that holds, else idle ("" unjudged)."""
+    """The label of each window: the first of turn, wave, shake, nod, smile that holds, else idle ("" unjudged)."""
     labels = []
-    for yaw, yo, yc, po, pc, sm in zip(*(features[k] for k in FEATURES), strict=True):
+    for yaw, yo, yc, po, pc, sm, hd, hm in zip(*(features[k] for k in FEATURES), strict=True):
         if np.isnan(yaw):
             labels.append("")
         elif abs(yaw) > settings.turn_deg:
             labels.append("turn_right" if yaw > 0 else "turn_left")
+        elif hd > settings.wave_area and hm >= settings.wave_motion:
+            labels.append("wave")
         elif yo > settings.shake_deg and yc >= settings.min_crossings:
             labels.append("shake")
         elif po > settings.nod_deg and pc >= settings.min_crossings:

@@ -1,0 +1,37 @@
+"""Every stage starts Python's, NumPy's and torch's global generators from a seed of its own (tasks/runner.py
+``seed_stage``), so a stage draws the same numbers on its own (`streamavatar refine`, `dvc repro`) as inside
+`make demo`'s flow, whatever ran before it in the process."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import torch
+
+from tasks import runner
+from tasks.common.stage import StageResult
+from tasks.config import load_config
+from tasks.registry import Stage
+
+
+def test_a_stage_draws_the_same_numbers_whatever_ran_before(tmp_path, monkeypatch):
+    drawn: list[tuple] = []
+
+    def record(cfg, root):  # what a stage's unseeded draws see: new layers' weights, global numpy, random
+        drawn.append((torch.nn.Linear(4, 4).weight.detach().clone(), np.random.rand(3), random.random()))
+        return StageResult("refine", summary="recorded")
+
+    monkeypatch.setitem(runner.STAGES, "refine", Stage("refine", record, "records its draws"))
+    monkeypatch.setitem(runner.STAGES, "distill", Stage("distill", record, "records its draws"))
+    cfg = load_config(sets=["tracking.enabled=false"], root=tmp_path)
+    runner.run_stage("refine", cfg, tmp_path)
+    torch.rand(1000), np.random.rand(77), random.random()  # another stage's draws in the same process
+    runner.run_stage("refine", cfg, tmp_path)
+    runner.run_stage("distill", cfg, tmp_path)
+    (w1, n1, r1), (w2, n2, r2), (w3, n3, r3) = drawn
+    assert torch.equal(w1, w2) and np.array_equal(n1, n2) and r1 == r2
+    assert not torch.equal(w1, w3) and not np.array_equal(n1, n3) and r1 != r3  # each stage its own numbers
+    other = load_config(sets=["tracking.enabled=false", "project.seed=1"], root=tmp_path)
+    runner.run_stage("refine", other, tmp_path)
+    assert not torch.equal(drawn[-1][0], w1)  # and the project's seed decides them

@@ -128,10 +128,8 @@ def stage_seed(seed: int, name: str) -> int:
 
 def seed_stage(seed: int, name: str) -> None:
     """Seed Python's, NumPy's and torch's global generators for stage ``name``. A stage's own draws use seeded
-    generators of their own; what still draws from the global ones (new layers' initial weights, say) would
-    otherwise depend on what ran before in the process: `make demo` runs the stages in one Prefect flow, so
-    `streamavatar refine` on its own trained another discriminator than the flow did (measured: latent FD
-    0.159 vs 0.177 after refine, from the same inputs)."""
+    generators of their own; whatever still draws from the global ones (new layers' initial weights, say) would
+    otherwise depend on what ran before in the process (`make demo` runs every stage in one Prefect flow)."""
     from tasks.training.engine import seed_everything
 
     seed_everything(stage_seed(seed, name))

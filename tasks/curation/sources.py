@@ -138,14 +138,15 @@ def record_box(video: Path, record: MergedAnno) -> tuple[tuple[float, float, flo
     raw = size == (record.raw_video_width, record.raw_video_height)
     cut = size == (record.clip_video_width, record.clip_video_height)
     if raw and cut:  # the same size: a file as long as the clip is the clip
-        lengths = []
-        for mode in ("track", "scene"):
+        def length(mode: str) -> float | None:
             try:
                 start, end, _ = record.span(mode)
-                lengths.append(end - start)
-            except ValueError:
-                pass
-        cut = any(abs(info.duration_s - length) <= 0.5 for length in lengths)
+            except ValueError:  # the record has no time fields for this span
+                return None
+            return end - start
+
+        lengths = [x for x in map(length, ("track", "scene")) if x is not None]
+        cut = any(abs(info.duration_s - x) <= 0.5 for x in lengths)
         raw = not cut
     if raw:
         return tuple(float(v) for v in record.bbox), ""

@@ -21,8 +21,9 @@ A window takes the first label that holds in the order turn, wave, shake, nod, s
 the yaw fast, so the turn is tested first; a wave moves no landmark). Consecutive windows with one label are
 one event. Scoring against a request schedule: a requested action counts as followed when an event of its
 name starts within ``within_s`` of the request (or is under way then); events that overlap no request (with
-``within_s`` of slack after it) are false actions, reported per minute of the video's idle time. The thresholds are calibrated on the demo
-corpus's rendered actions (``bench --actions``): README, "Action following".
+``within_s`` of slack after it) are false actions, reported per minute of the video's idle time. The
+thresholds are calibrated on the demo corpus's rendered actions (``bench --actions``): README, "Action
+following".
 """
 
 from __future__ import annotations

@@ -457,8 +457,9 @@ def run_shard(index: int, clips: list[RemoteClip], cfg: SpeakerVidConfig, base: 
     for clip in clips:
         by_video.setdefault(clip.ytid, []).append(clip)
     parts = []  # (ytid, the section downloaded or None for the whole video, its clips)
+    on_disk = {ytid: local_raw_video(raw_dir, ytid) for ytid in by_video}  # looked up once per video
     for ytid, group in by_video.items():
-        if local_raw_video(raw_dir, ytid) is not None:
+        if on_disk[ytid] is not None:
             parts.append((ytid, None, group))
         elif cfg.download_sections:
             parts += [(ytid, (s, e), cs) for s, e, cs in sections(group, cfg.section_margin_s, cfg.section_gap_s)]
@@ -471,7 +472,7 @@ def run_shard(index: int, clips: list[RemoteClip], cfg: SpeakerVidConfig, base: 
         raw, attempts, error = None, 0, ""
         offset = section[0] if section else 0.0
         stem = f"{ytid}_{round(section[0] * 1000)}-{round(section[1] * 1000)}ms" if section else ytid
-        local = local_raw_video(raw_dir, ytid)
+        local = on_disk[ytid]
         if pending:
             try:
                 if local is not None:

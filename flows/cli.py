@@ -98,6 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="--model-only: chunks to stream through the DiT (default 500); --lsvm-cost: per stream "
                         "(default 1000)")
     p.add_argument("--memory-slots", type=int, default=4, help="--lsvm-cost: memory slots per layer (default 4)")
+    p.add_argument("--memory-kind", choices=("global", "spatial"), default=None,
+                   help="--lsvm-cost: the memory's kind (default model.memory_kind; model/memory.py)")
     p.add_argument("--vae-chunks", type=int, default=60, help="--model-only: chunks to decode with the VAE (default 60)")
     p.add_argument("--teacher-steps", type=int, default=50, help="--model-only: teacher Euler steps for the cost ratio")
     p.add_argument("--clips", nargs="+", metavar="DIR_OR_FILE",
@@ -369,7 +371,8 @@ def _bench(args, cfg, root: Path) -> int:
         chunks = 1000 if args.chunks is None else args.chunks
         if chunks < 2 or args.memory_slots < 1:
             raise ConfigError("--lsvm-cost: --chunks must be at least 2 and --memory-slots at least 1")
-        report = run_lsvm_cost(cfg, chunks=chunks, slots=args.memory_slots, progress=not args.json)
+        report = run_lsvm_cost(cfg, chunks=chunks, slots=args.memory_slots, progress=not args.json,
+                               kind=args.memory_kind)  # fmt: skip
         default_out = f"{cfg.project.data_dir}/reports/lsvm_cost.json"
     elif args.vad:
         from tasks.evaluation.vad_bench import format_report, run_vad_bench

@@ -66,6 +66,13 @@ class DiTSpec:
     # Long-Short Visual Memory (model/memory.py): this many learned memory tokens per layer summarise the frames
     # the rolling window evicted; every chunk reads them through a zero-initialised gate. 0: none (the paper)
     memory_slots: int = 0
+    # "global": each slot pools every evicted token (slots tokens); "spatial": each slot pools, per token
+    # position, the evicted frames at that position (slots x tokens-per-frame tokens, read at their places)
+    memory_kind: str = "global"
+    # "gated": a separate attention over the memory, added through a per-head gate that starts at zero (the
+    # model computes what it did without the memory until trained); "joint": the memory's tokens are more keys
+    # of the self-attention's softmax, with a learned per-head logit bias (the memory read as past frames are)
+    memory_read: str = "gated"
 
     @property
     def dim(self) -> int:
@@ -176,6 +183,8 @@ class _Segment:
     cos_k: torch.Tensor
     sin_k: torch.Tensor
     evicted: list[int] | None = None  # block-causal: frames of the input the long memory summarises
+    cos_m: torch.Tensor | None = None  # RoPE of a spatial long memory's tokens (model/memory.py), when it has some
+    sin_m: torch.Tensor | None = None
 
 
 class AudioDiTBlock(nn.Module):
@@ -195,7 +204,8 @@ class AudioDiTBlock(nn.Module):
         self.scale_shift_table = nn.Parameter(torch.randn(1, 6, dim) / dim**0.5)
         self.audio_attn = AudioAttention(dim, heads, spec.eps, spec.audio_null_key) if spec.audio_dim else None
         self.interact_attn = AudioAttention(dim, heads, spec.eps, spec.audio_null_key) if spec.audio_dim else None
-        self.long_memory = LongMemory(spec.memory_slots, heads, spec.attention_head_dim) if spec.memory_slots else None
+        self.long_memory = (LongMemory(spec.memory_slots, heads, spec.attention_head_dim, spec.memory_kind,
+                                       spec.memory_read) if spec.memory_slots else None)  # fmt: skip
         self.regions: dict | None = None  # compiled head/tail (AudioDiT.compile_blocks); None: eager
 
     def text_kv(self, text: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -238,21 +248,24 @@ class AudioDiTBlock(nn.Module):
                 kk, vv = torch.cat([past_k, kk], dim=1), torch.cat([past_v, vv], dim=1)
             qq = apply_rotary(q[:, seg.query], seg.cos_q, seg.sin_q)
             kk = apply_rotary(kk.flatten(1, 2), seg.cos_k, seg.sin_k)
-            out = attend(qq, kk, vv.flatten(1, 2)).type_as(q)
+            mem = None
             if memory is not None:  # the long memory of evicted frames, when there is one yet
-                mem = None
                 if seg.evicted:
-                    mem = memory.pool(k_frames[:, seg.evicted].flatten(1, 2), v_frames[:, seg.evicted].flatten(1, 2))
+                    mem = memory.pool(k_frames[:, seg.evicted], v_frames[:, seg.evicted])
                 elif cache is not None and cache.memory[layer] is not None:
                     mem = cache.memory[layer].read()
+            if mem is not None and memory.read_mode == "joint":
+                out = memory.attend_with(qq, kk, vv.flatten(1, 2), *mem, seg.cos_m, seg.sin_m).type_as(q)
+            else:
+                out = attend(qq, kk, vv.flatten(1, 2)).type_as(q)
                 if mem is not None:
-                    out = out + memory.read(qq, *mem).type_as(q)
+                    out = out + memory.read(qq, *mem, seg.cos_m, seg.sin_m).type_as(q)
             outs.append(out)
         if write is not None and cache is not None:
             evicted = cache.write(layer, write, k_frames, v_frames)
             if memory is not None and evicted is not None:
                 ek, ev = evicted
-                cache.memory[layer] = memory.absorb(cache.memory[layer], ek.flatten(1, 2), ev.flatten(1, 2))
+                cache.memory[layer] = memory.absorb(cache.memory[layer], ek, ev)
         return outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
 
     def forward(
@@ -411,6 +424,14 @@ class AudioDiT(nn.Module):
         def rope(index: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
             return self.rope(torch.tensor(index, device=device), height, width)
 
+        def memory_rope(start: int, end: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+            """A spatial memory's places, at the time index of the newest evicted frame (just before the
+            window) for the chunk [start, end); (None, None) without one or before anything was evicted."""
+            newest = start - layout.window_frames - 1
+            if self.spec.memory_kind != "spatial" or not self.spec.memory_slots or newest < layout.sink_frames:
+                return None, None
+            return rope(layout.time_index([newest], end) * self.spec.memory_slots)
+
         if attention == "bidirectional":
             cos, sin = rope(list(range(frames)))
             return [_Segment(slice(None), None, cos, sin, cos, sin)]
@@ -423,7 +444,8 @@ class AudioDiT(nn.Module):
                 cos_q, sin_q = rope(layout.time_index(list(range(start, end)), end))
                 cos_k, sin_k = rope(layout.time_index(keys, end))
                 evicted = layout.evicted(start) if self.spec.memory_slots else None
-                segments.append(_Segment(slice(start * tpf, end * tpf), keys, cos_q, sin_q, cos_k, sin_k, evicted))
+                segments.append(_Segment(slice(start * tpf, end * tpf), keys, cos_q, sin_q, cos_k, sin_k, evicted,
+                                         *memory_rope(start, end)))  # fmt: skip
             return segments
         if attention == "streaming":
             if cache is None:
@@ -432,7 +454,7 @@ class AudioDiT(nn.Module):
             own = list(range(frame_start, end))
             cos_q, sin_q = rope(layout.time_index(own, end))
             cos_k, sin_k = rope(layout.time_index(cache.frames + own, end))
-            return [_Segment(slice(None), None, cos_q, sin_q, cos_k, sin_k)]
+            return [_Segment(slice(None), None, cos_q, sin_q, cos_k, sin_k, None, *memory_rope(frame_start, end))]
         raise ValueError(f"unknown attention mode {attention!r}; use bidirectional, block_causal or streaming")
 
     def add_reference(self, x: torch.Tensor, latents: torch.Tensor, attention: str, layout: CausalLayout | None,
@@ -529,13 +551,14 @@ class AudioDiT(nn.Module):
 
 def load_wan_transformer(
     path: str | Path, audio_dim: int, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
-    audio_slots: int = 0, audio_null_key: bool = False, memory_slots: int = 0,
+    audio_slots: int = 0, audio_null_key: bool = False, memory_slots: int = 0, memory_kind: str = "global",
+    memory_read: str = "gated",
 ) -> AudioDiT:
     """Build an AudioDiT from a local diffusers Wan transformer directory (e.g. Wan2.2-TI2V-5B-Diffusers).
 
     ``path`` is the model root (with ``transformer/``) or the transformer folder itself. Every Wan weight
     must be present; the audio modules and the long memory (absent from Wan checkpoints) keep their
-    zero-output init, with ``audio_slots`` / ``audio_null_key`` / ``memory_slots`` as in :class:`DiTSpec`.
+    zero-output init, with ``audio_slots`` / ``audio_null_key`` / ``memory_*`` as in :class:`DiTSpec`.
     """
     from safetensors.torch import load_file
 
@@ -546,7 +569,7 @@ def load_wan_transformer(
         raise FileNotFoundError(f"no diffusers transformer config at {cfg_file} (model.pretrained_path={path})")
     spec = DiTSpec.from_wan_config(json.loads(cfg_file.read_text()), audio_dim=audio_dim)
     spec = replace(spec, audio_slots=audio_slots if audio_dim else 0, audio_null_key=audio_null_key,
-                   memory_slots=memory_slots)  # fmt: skip
+                   memory_slots=memory_slots, memory_kind=memory_kind, memory_read=memory_read)  # fmt: skip
     shards = sorted(folder.glob("*.safetensors"))
     if not shards:
         raise FileNotFoundError(f"no *.safetensors weights in {folder}")
@@ -573,7 +596,8 @@ def load_wan_transformer(
     if spec.memory_slots:
         with torch.device(device):
             for block in model.blocks:
-                block.long_memory = LongMemory(spec.memory_slots, spec.num_attention_heads, spec.attention_head_dim)
+                block.long_memory = LongMemory(spec.memory_slots, spec.num_attention_heads, spec.attention_head_dim,
+                                               spec.memory_kind, spec.memory_read)  # fmt: skip
     return cast_keeping_fp32(model, dtype)
 
 

@@ -307,6 +307,12 @@ class ModelConfig(_Section):
     # Long-Short Visual Memory (InteractiveAvatar; model/memory.py): learned memory tokens per layer summarising
     # the frames the rolling window evicted, read by every later chunk through a zero-initialised gate. 0: off
     memory_slots: int = Field(0, ge=0)
+    # "global": each slot pools every evicted token (memory_slots tokens per layer); "spatial": each slot pools
+    # the evicted frames at each token position (memory_slots x tokens-per-frame tokens, read at their places)
+    memory_kind: Literal["global", "spatial"] = "global"
+    # "gated": a separate read added through a zero-initialised gate; "joint": the memory tokens are more keys of
+    # the self-attention softmax (a learned logit bias per head), read as the frames of the window are
+    memory_read: Literal["gated", "joint"] = "gated"
 
     @model_validator(mode="after")
     def _patch(self) -> ModelConfig:
@@ -475,6 +481,9 @@ class TrainConfig(_Section):
     # the share of each batch drawn from windows labelled with an action ([10]; evenly over the actions); 0:
     # every window equally likely (the demo: no labels)
     action_share: float = Field(0.0, ge=0, lt=1)
+    # lr multiplier of the Long-Short Visual Memory ([10], model.memory_slots) in ODE init and SiD: its gate starts
+    # at zero and AdamW moves a parameter by about lr per step, so at lr 1e-4 it cannot open past ~0.1 in 800 steps
+    memory_lr_scale: float = Field(1.0, gt=0)
 
 
 class TeacherConfig(_Section):

@@ -77,3 +77,23 @@ def test_a_checkpoint_with_memory_slots_into_a_model_without_them_is_a_config_er
     state = build_dit(with_memory, audio.token_dim, pretrained=False).state_dict()
     with pytest.raises(ConfigError, match="memory_slots.*long_memory"):
         dit_from_state(load_config([], [], root=REPO), audio, state, torch.device("cpu"))
+
+
+def test_mark_contrast_grades_the_mark_at_its_place():
+    """1 where the frame has the mark's colour at its place, 0 the reference's, in between for a faded mark,
+    about 0 for a drift of the whole frame; the place is where most of the first marked frames show it."""
+    from tasks.evaluation.memory import mark_contrast, mark_region
+
+    clip = _clip(True)
+    region = mark_region(clip.frames[30:42], GREEN)
+    assert region.sum() == int(((np.mgrid[:64, :64][0] - 36) ** 2 + (np.mgrid[:64, :64][1] - 22) ** 2 <= 49).sum())
+    ref = clip.frames[0]
+    c = mark_contrast(clip.frames, ref, region, GREEN)
+    assert np.allclose(c[:30], 0.0) and np.allclose(c[30:], 1.0)
+    faded = (0.75 * ref.astype(np.float32) + 0.25 * clip.frames[40].astype(np.float32)).round().astype(np.uint8)
+    assert abs(float(mark_contrast(faded[None], ref, region, GREEN)[0]) - 0.25) < 0.01
+    # the whole frame drifting towards the mark's colour is not a mark
+    drift = (0.6 * ref.astype(np.float32) + 0.4 * np.array(GREEN, np.float32)).round().astype(np.uint8)
+    assert abs(float(mark_contrast(drift[None], ref, region, GREEN)[0])) < 0.01
+    with pytest.raises(ValueError, match="region is empty"):
+        mark_contrast(clip.frames, ref, mark_region(clip.frames[:30], GREEN), GREEN)

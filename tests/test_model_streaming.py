@@ -286,19 +286,20 @@ def test_audio_slots_and_null_keys_stream_exactly_and_load_into_a_base_dit():
     assert model.audio_embedder.slot.abs().sum() > 0  # the slots keep their (random) init
 
 
-def _memory_model(seed: int = 6, slots: int = 4) -> AudioDiT:
+def _memory_model(seed: int = 6, slots: int = 4, kind: str = "global", read: str = "gated") -> AudioDiT:
     torch.manual_seed(seed)
-    model = AudioDiT(DiTSpec(audio_dim=AUDIO_DIM, memory_slots=slots)).eval()
+    model = AudioDiT(DiTSpec(audio_dim=AUDIO_DIM, memory_slots=slots, memory_kind=kind, memory_read=read)).eval()
     for block in model.blocks:  # a trained-looking memory: the gate open
         torch.nn.init.normal_(block.long_memory.gate, std=1.0)
     return model
 
 
+@pytest.mark.parametrize("kind,read", [("global", "gated"), ("spatial", "gated"), ("spatial", "joint")])
 @pytest.mark.parametrize("sink", [0, 1])
-def test_long_memory_streams_exactly_and_stays_bounded(sink):
+def test_long_memory_streams_exactly_and_stays_bounded(sink, kind, read):
     """The Long-Short Visual Memory: chunk by chunk, the evicted frames are pooled as running statistics; the
     block-causal forward pools the same frames at once: the same outputs. Its state does not grow."""
-    model = _memory_model()
+    model = _memory_model(kind=kind, read=read)
     layout = CausalLayout(chunk_frames=3, sink_frames=sink, window_frames=3, rapr=True, max_distance=6)
     x = _sequence(1 + 3 * 7, seed=7)
     with torch.no_grad():
@@ -327,9 +328,10 @@ def test_long_memory_streams_exactly_and_stays_bounded(sink):
     assert len(set(sizes[4:])) == 1, sizes
 
 
-def test_long_memory_remembers_what_left_the_window():
+@pytest.mark.parametrize("kind,read", [("global", "gated"), ("spatial", "gated"), ("spatial", "joint")])
+def test_long_memory_remembers_what_left_the_window(kind, read):
     """Change a frame that is long evicted: the model with memory answers differently, the one without cannot."""
-    model = _memory_model(9)
+    model = _memory_model(9, kind=kind, read=read)
     layout = CausalLayout(chunk_frames=3, sink_frames=1, window_frames=3, rapr=True, max_distance=6)
     x = _sequence(1 + 3 * 5, seed=10)
     y = {k: v.clone() for k, v in x.items()}
@@ -342,6 +344,82 @@ def test_long_memory_remembers_what_left_the_window():
             a = m(**x, attention="block_causal", layout=layout)[:, :, last]
             b = m(**y, attention="block_causal", layout=layout)[:, :, last]
             assert ((a - b).abs().max() > 1e-3) == changes
+
+
+def test_spatial_memory_keeps_each_place_apart():
+    """model.memory_kind=spatial: one memory token per slot and token position, pooled over the evicted frames
+    at that position only (a change at one place moves that place's tokens, in every slot, and nothing else);
+    the global memory mixes every place into each slot. Streamed (online) equals pooled at once."""
+    from model.memory import LongMemory
+
+    torch.manual_seed(0)
+    frames, tokens, heads, dim, slots = 5, 6, 2, 8, 3
+    k, v = torch.randn(1, frames, tokens, heads, dim), torch.randn(1, frames, tokens, heads, dim)
+    k2, v2 = k.clone(), v.clone()
+    k2[:, 1:3, 4] += 2.0  # place 4 of two evicted frames
+    v2[:, 1:3, 4] -= 3.0
+    spatial, global_ = LongMemory(slots, heads, dim, "spatial"), LongMemory(slots, heads, dim, "global")
+    with torch.no_grad():
+        a_k, a_v = spatial.pool(k, v)
+        b_k, b_v = spatial.pool(k2, v2)
+        assert a_k.shape == (1, slots * tokens, heads, dim)  # slot-major: token j of slot m at m * tokens + j
+        moved = ((a_v - b_v).abs().amax((0, 2, 3)) > 1e-4).view(slots, tokens)
+        assert moved[:, 4].all() and not moved[:, [0, 1, 2, 3, 5]].any()
+        g_a, g_b = global_.pool(k, v)[1], global_.pool(k2, v2)[1]
+        assert g_a.shape == (1, slots, heads, dim) and ((g_a - g_b).abs().amax((0, 2, 3)) > 1e-4).all()
+        state = None
+        for f in range(frames):  # online, one evicted frame at a time
+            state = spatial.absorb(state, k[:, f : f + 1], v[:, f : f + 1])
+        s_k, s_v = state.read()
+        assert torch.allclose(s_k, a_k, atol=1e-5) and torch.allclose(s_v, a_v, atol=1e-5)
+    with pytest.raises(ValueError, match="RoPE"):  # a spatial memory is read at its places, never without
+        spatial.read(torch.randn(1, 4, heads, dim), a_k, a_v)
+    with pytest.raises(ValueError, match="memory kind"):
+        LongMemory(slots, heads, dim, "temporal")
+
+
+def test_a_closed_memory_loads_as_any_memory_a_trained_one_only_as_its_own():
+    """A DiT saved with its memory at the closed start (a teacher: bidirectional, nothing evicted) loads into
+    a student with any memory (other slots, kind, read): the student's memory keeps its own init and every
+    other weight loads. Once a gate has moved, the memory's settings are part of what was learned."""
+    from tasks.common.models import load_dit_weights
+    from tasks.config import ConfigError
+
+    torch.manual_seed(1)
+    closed = AudioDiT(DiTSpec(audio_dim=AUDIO_DIM, memory_slots=4)).eval()
+    saved = {"model": closed.state_dict(), "spec": {k: v for k, v in closed.spec.to_json().items()
+                                                    if k not in ("memory_kind", "memory_read")}}  # saved before they existed
+    torch.manual_seed(2)
+    student = AudioDiT(DiTSpec(audio_dim=AUDIO_DIM, memory_slots=1, memory_kind="spatial", memory_read="joint")).eval()
+    init = {k: v.clone() for k, v in student.state_dict().items()}
+    load_dit_weights(student, saved, "closed.pt")
+    for k, v in student.state_dict().items():
+        assert torch.equal(v, init[k] if ".long_memory." in k else closed.state_dict()[k]), k
+    trained = _memory_model(3)  # gates open, kind global, read gated
+    with pytest.raises(ConfigError, match="memory_kind"):
+        load_dit_weights(student, {"model": trained.state_dict(), "spec": trained.spec.to_json()}, "trained.pt")
+
+
+def test_joint_read_is_one_softmax_over_the_window_and_the_memory():
+    """read=joint: the memory's keys join the self-attention's softmax, their logits raised by the gate (per
+    head); a very negative gate leaves the attention over the window alone."""
+    from model.attention import attend
+    from model.memory import LongMemory
+
+    torch.manual_seed(4)
+    b, t, n, m, heads, dim = 1, 5, 7, 3, 2, 8
+    q, k, v = torch.randn(b, t, heads, dim), torch.randn(b, n, heads, dim), torch.randn(b, n, heads, dim)
+    mk, mv = torch.randn(b, m, heads, dim), torch.randn(b, m, heads, dim)
+    mem = LongMemory(1, heads, dim, "global", "joint")
+    with torch.no_grad():
+        mem.gate.copy_(torch.tensor([0.7, -1.3]))
+        out = mem.attend_with(q, k, v, mk, mv).unflatten(2, (heads, dim))
+        logits = torch.einsum("bthd,bnhd->bhtn", q, torch.cat([k, mk], 1)) / dim**0.5
+        logits[..., n:] += mem.gate.view(1, heads, 1, 1)
+        want = torch.einsum("bhtn,bnhd->bthd", logits.softmax(-1), torch.cat([v, mv], 1))
+        assert torch.allclose(out, want, atol=1e-5)
+        mem.gate.fill_(-1e4)
+        assert torch.allclose(mem.attend_with(q, k, v, mk, mv), attend(q, k, v), atol=1e-5)
 
 
 def test_long_memory_starts_closed_and_loads_a_dit_saved_without_it():

@@ -530,6 +530,34 @@ def test_long_memory_trains_in_distill_when_training_windows_evict_frames(tmp_pa
         load_config([], ["model.memory_slots=4", "train.window_chunks=2"], root=REPO)
 
 
+def test_a_students_memory_may_differ_from_its_teachers_closed_one(tmp_path):
+    """The distill stage builds its student from the teacher's state (dit_from_state): a teacher's memory is
+    never trained (bidirectional: nothing evicted, its gates at 0), so a student with another memory (slots,
+    kind, read: the spatial joint LSVM) starts from every other teacher weight and its own memory init; a
+    state whose memory was trained is refused with the setting named; memory_param_groups puts the memory at
+    lr * train.memory_lr_scale."""
+    from tasks.common.models import build_audio, build_dit
+    from tasks.config import ConfigError
+    from tasks.training.common import dit_from_state, memory_param_groups
+
+    root = make_project(tmp_path / "p")
+    cfg = tiny_config(root)
+    cfg.model.memory_slots, cfg.train.window_chunks = 4, 3
+    audio = build_audio(cfg)
+    teacher = build_dit(cfg, audio.token_dim, pretrained=False)
+    cfg.model.memory_slots, cfg.model.memory_kind, cfg.model.memory_read = 1, "spatial", "joint"
+    own = build_dit(cfg, audio.token_dim, pretrained=False).state_dict()
+    student = dit_from_state(cfg, audio, teacher.state_dict(), torch.device("cpu"))
+    for k, v in student.state_dict().items():
+        assert torch.equal(v, own[k] if ".long_memory." in k else teacher.state_dict()[k]), k
+    trained = {k: (v + 0.1 if k.endswith(".long_memory.gate") else v) for k, v in teacher.state_dict().items()}
+    with pytest.raises(ConfigError, match="memory_slots"):
+        dit_from_state(cfg, audio, trained, torch.device("cpu"))
+    groups = memory_param_groups(student, 1e-4, 10.0)
+    assert [g["lr"] for g in groups] == [1e-4, 1e-3]
+    assert len(groups[1]["params"]) == 2 * cfg.model.num_layers  # each layer's queries and gate
+
+
 def test_step_metrics_need_no_mlflow_where_no_run_is_active(tmp_path):
     """A training loop on a machine without MLflow (a bare GPU box, tracking.enabled=false) logs its steps to the
     JSON-lines file; MLflow is used only where a run is active, i.e. already imported. With a run active, the

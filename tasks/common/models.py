@@ -58,7 +58,8 @@ def dit_spec(cfg: Config, audio_dim: int) -> DiTSpec:
         ffn_dim=m.ffn_dim, num_layers=m.num_layers, eps=m.eps, audio_dim=audio_dim,
         reference_embedding=m.reference_embedding,
         audio_slots=audio_tokens_per_latent(cfg) if m.audio_slots and audio_dim else 0,
-        audio_null_key=m.audio_null_key, memory_slots=m.memory_slots,
+        audio_null_key=m.audio_null_key, memory_slots=m.memory_slots, memory_kind=m.memory_kind,
+        memory_read=m.memory_read,
     )  # fmt: skip
 
 
@@ -75,7 +76,8 @@ def build_dit(cfg: Config, audio_dim: int, pretrained: bool = True, dtype: torch
     if pretrained and cfg.model.pretrained_path:
         model = load_wan_transformer(cfg.model.pretrained_path, audio_dim, dtype=dtype, device=device,
                                      audio_slots=spec.audio_slots, audio_null_key=spec.audio_null_key,
-                                     memory_slots=spec.memory_slots)  # fmt: skip
+                                     memory_slots=spec.memory_slots, memory_kind=spec.memory_kind,
+                                     memory_read=spec.memory_read)  # fmt: skip
         wrong = {k: (getattr(model.spec, k), v) for k, v in spec.to_json().items() if getattr(model.spec, k) != v}
         if wrong:
             detail = ", ".join(f"{k}: checkpoint {a} vs config {b}" for k, (a, b) in wrong.items())
@@ -105,19 +107,43 @@ _ADDABLE = {
 }
 
 
+# spec fields added after checkpoints were saved without them: their value in those checkpoints
+_NEWER = {"memory_kind": "global", "memory_read": "gated"}
+
+
+def _memory_trained(state: dict) -> bool:
+    """Whether a saved DiT's long memory was trained (a gate moved off its zero start)."""
+    return any(float(v.abs().sum()) > 0 for k, v in state.items() if k.endswith(".long_memory.gate"))
+
+
+def without_untrained_memory(model: AudioDiT, state: dict) -> tuple[dict, bool]:
+    """``state`` less its long memory when that memory was never trained (its gates at their zero start: a
+    teacher's, which evicts nothing) and ``model`` has a memory of its own, which then keeps its init whatever
+    the saved slots, kind and read; and whether it was dropped."""
+    if not model.spec.memory_slots or _memory_trained(state) or not any(".long_memory." in k for k in state):
+        return state, False
+    return {k: v for k, v in state.items() if ".long_memory." not in k}, True
+
+
 def load_dit_weights(model: AudioDiT, blob: dict, where: str) -> None:
     """A saved DiT ({"model", "spec"}) into ``model``; ``where`` names the file and the setting in errors.
 
     A DiT saved without the reference embedding, the audio slots or the audio null keys loads into one with
     them (the added modules keep their init, see ``_ADDABLE``): how a base DiT is continued with them."""
     want = model.spec.to_json()
-    have = {**{k: absent for k, (absent, _) in _ADDABLE.items()}, **(blob.get("spec") or {})}
+    saved = blob.get("spec") or {}
+    have = {**{k: absent for k, (absent, _) in _ADDABLE.items()}, **_NEWER, **saved}
+    state, dropped = without_untrained_memory(model, blob["model"])
+    if dropped:  # nothing learned in it: the model's own memory keeps its init
+        have["memory_slots"] = 0
     added = [k for k, (absent, _) in _ADDABLE.items() if want.get(k) != absent and have.get(k) == absent]
     for k in added:
         have[k] = want[k]
+    if "memory_slots" in added:  # the memory's kind and read come with it
+        have["memory_kind"], have["memory_read"] = want["memory_kind"], want["memory_read"]
     if have != want:
         raise ConfigError(f"{where} holds a DiT {blob.get('spec')}, but model.* builds {want}")
-    missing, unexpected = model.load_state_dict(blob["model"], strict=not added)
+    missing, unexpected = model.load_state_dict(state, strict=not added)
     if unexpected or any(not any(_ADDABLE[a][1](k) for a in added) for k in missing):
         raise ConfigError(f"{where}: weights do not fit (missing {missing}, unexpected {unexpected})")
 

@@ -36,7 +36,7 @@ from model.streaming import StreamingGenerator
 from tasks.common.media import MediaError, read_audio, read_frames
 from tasks.common.student import build_stream, load_student
 from tasks.config import Config, ConfigError, resolve_path
-from tasks.evaluation.memory import mark_shown
+from tasks.evaluation.memory import mark_contrast, mark_region, mark_shown
 from tasks.training.vae import _to_video
 
 log = logging.getLogger(__name__)
@@ -137,8 +137,13 @@ def memory_stream(gen: StreamingGenerator, clip: MarkedClip, seconds: float, fps
     for j in tqdm(range(chunks), desc=desc, unit="chunk", disable=not progress, leave=False):
         piece = loop[j * cvf * spf : (j + 1) * cvf * spf]
         frames.append(to_uint8(gen.step(torch.from_numpy(talk[piece]), torch.from_numpy(other[piece]))[0]))
-    return {"observed_chunks": observed, "frames": np.concatenate(frames),
+    return {"observed_chunks": observed, "frames": np.concatenate(frames), "cvf": cvf,
             "left_window_frame": (gen.layout.window_frames // c) * cvf}  # fmt: skip
+
+
+def _region(clip: MarkedClip, frames: int) -> np.ndarray:
+    """Where the clip's mark sits: its pixels in most of the ``frames`` real frames after it appears."""
+    return mark_region(clip.frames[clip.first_shown : clip.first_shown + frames], clip.color)
 
 
 def shares_by_window(shown: np.ndarray, fps: int, window_s: float) -> list[float]:
@@ -174,9 +179,11 @@ def run_memory_bench(cfg: Config, root: Path, seconds: float = 60.0, window_s: f
         if not path.is_file():
             raise ConfigError(f"--memory-checkpoint {memory_checkpoint}: no such file")
         blob = torch.load(path, map_location="cpu", weights_only=True)
-        slots = int((blob.get("spec") or {}).get("memory_slots") or 0) if isinstance(blob, dict) else 0
-        mcfg = cfg.model_copy(deep=True)  # its own number of memory slots; everything else as the profile's
-        mcfg.model = mcfg.model.model_copy(update={"memory_slots": slots})
+        spec = (blob.get("spec") or {}) if isinstance(blob, dict) else {}
+        slots = int(spec.get("memory_slots") or 0)
+        mcfg = cfg.model_copy(deep=True)  # its own memory (slots, kind, read); everything else as the profile's
+        mcfg.model = mcfg.model.model_copy(update={"memory_slots": slots, "memory_kind": spec.get("memory_kind", "global"),
+                                                   "memory_read": spec.get("memory_read", "gated")})  # fmt: skip
         dit, more = load_student(mcfg, root, path, gen.audio, gen.device)
         if not dit.spec.memory_slots:
             streams[LSVM] = (None, f"{path} has no memory (model.memory_slots 0)")
@@ -189,25 +196,35 @@ def run_memory_bench(cfg: Config, root: Path, seconds: float = 60.0, window_s: f
             results[name] = {"skipped": label}
             continue
         t0 = time.perf_counter()
-        shown, per_clip, left = [], {}, 0
+        shown, graded, per_clip, left = [], [], {}, 0
         for clip in marked:
             s = memory_stream(g, clip, seconds, fps, progress, desc=f"{name}: {clip.name}")
             mark = mark_shown(s["frames"], clip.color)
+            contrast = mark_contrast(s["frames"], clip.frames[0], _region(clip, s["cvf"]), clip.color)
             shown.append(mark)
+            graded.append(contrast)
             left = s["left_window_frame"]
             per_clip[clip.name] = {"observed_chunks": s["observed_chunks"], "first_shown_frame": clip.first_shown,
                                    "share_after_left_window": float(mark[left:].mean()) if len(mark) > left else None,
-                                   "share_by_window": shares_by_window(mark, fps, window_s)}  # fmt: skip
-        both = np.stack(shown)  # [clips, frames]
+                                   "share_by_window": shares_by_window(mark, fps, window_s),
+                                   "contrast_after_left_window": float(contrast[left:].mean()) if len(mark) > left else None,
+                                   "contrast_by_window": shares_by_window(contrast, fps, window_s)}  # fmt: skip
+        both, cont = np.stack(shown), np.stack(graded)  # [clips, frames]
         results[name] = {"student": label, "left_window_s": left / fps,
                          "share_while_in_window": float(both[:, :left].mean()) if left else None,
                          "share_by_window": shares_by_window(both.mean(0), fps, window_s),
                          "share_after_left_window": float(both[:, left:].mean()) if both.shape[1] > left else None,
+                         "contrast_while_in_window": float(cont[:, :left].mean()) if left else None,
+                         "contrast_by_window": shares_by_window(cont.mean(0), fps, window_s),
+                         "contrast_after_left_window": float(cont[:, left:].mean()) if cont.shape[1] > left else None,
                          "clips": per_clip, "seconds": time.perf_counter() - t0}  # fmt: skip
     real = [float(mark_shown(c.frames[c.first_shown :], c.color).mean()) for c in marked]
+    real_contrast = [float(mark_contrast(c.frames[c.first_shown :], c.frames[0], _region(c, gen.chunk_video_frames),
+                                         c.color).mean()) for c in marked]  # fmt: skip
     report = {"seconds_generated": math.ceil(seconds * fps / gen.chunk_video_frames) * gen.chunk_video_frames / fps,
               "window_s": window_s, "clips": {c.name: c.split for c in marked}, "skipped_clips": skipped,
-              "real_share_after_mark": float(np.mean(real)), "settings": results,
+              "real_share_after_mark": float(np.mean(real)), "real_contrast_after_mark": float(np.mean(real_contrast)),
+              "settings": results,
               "wall_seconds": time.perf_counter() - t_all}  # fmt: skip
     if plot_path is not None:
         report["plot"] = str(plot_memory(report, Path(plot_path)))
@@ -220,18 +237,25 @@ def plot_memory(report: dict, out: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 3.5))
+    graded = "real_contrast_after_mark" in report
+    fig, axes = plt.subplots(1, 2 if graded else 1, figsize=(12 if graded else 7, 3.5), squeeze=False)
     w = report["window_s"]
-    for name, r in report["settings"].items():
-        if "skipped" in r:
-            continue
-        x = [w * (i + 0.5) for i in range(len(r["share_by_window"]))]
-        ax.plot(x, r["share_by_window"], marker="o", label=name)
-    ax.axhline(report["real_share_after_mark"], color="grey", ls="--", label="the real clip after the mark")
-    ax.set_xlabel("seconds generated after the observed clip")
-    ax.set_ylabel("frames showing the mark")
-    ax.set_ylim(-0.02, 1.02)
-    ax.legend(fontsize=8)
+    panels = [("share_by_window", "real_share_after_mark", "frames showing the mark", (-0.02, 1.02))]
+    if graded:
+        panels.append(("contrast_by_window", "real_contrast_after_mark",
+                       "mark contrast (1 the mark, 0 the reference)", None))  # fmt: skip
+    for ax, (key, real, label, ylim) in zip(axes[0], panels, strict=True):
+        for name, r in report["settings"].items():
+            if "skipped" in r or key not in r:
+                continue
+            x = [w * (i + 0.5) for i in range(len(r[key]))]
+            ax.plot(x, r[key], marker="o", label=name)
+        ax.axhline(report[real], color="grey", ls="--", label="the real clip after the mark")
+        ax.set_xlabel("seconds generated after the observed clip")
+        ax.set_ylabel(label)
+        if ylim:
+            ax.set_ylim(*ylim)
+        ax.legend(fontsize=8)
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=100)
@@ -255,6 +279,11 @@ def format_report(r: dict) -> str:
                      f"{'n/a' if inside is None else f'{100 * inside:.0f} %'}; after they left ({s['left_window_s']:.2f} s): "
                      f"{'n/a' if after is None else f'{100 * after:.1f} %'} of frames show the mark; "
                      f"per {r['window_s']:g} s: {windows} %")  # fmt: skip
+        if s.get("contrast_by_window") is not None:
+            ci, ca = s.get("contrast_while_in_window"), s.get("contrast_after_left_window")
+            lines.append(f"  {'':14s} mark contrast (real clips {r.get('real_contrast_after_mark', float('nan')):.2f}): "
+                         f"in the window {'n/a' if ci is None else f'{ci:.3f}'}, after {'n/a' if ca is None else f'{ca:.3f}'}; "
+                         f"per {r['window_s']:g} s: " + " ".join(f"{v:.3f}" for v in s["contrast_by_window"]))  # fmt: skip
     if r.get("plot"):
         lines.append(f"  plot: {r['plot']}")
     return "\n".join(lines)

@@ -331,7 +331,8 @@ LSVM_WINDOW = 100  # chunks per end of the stream compared for flatness
 
 
 @torch.no_grad()
-def run_lsvm_cost(cfg: Config, chunks: int = 1000, slots: int = 4, progress: bool = True) -> dict[str, Any]:
+def run_lsvm_cost(cfg: Config, chunks: int = 1000, slots: int = 4, progress: bool = True,
+                  kind: str | None = None) -> dict[str, Any]:  # fmt: skip
     """What the Long-Short Visual Memory ([10], ``model.memory_slots``) costs per chunk: two streaming students
     with the same weights, one with ``slots`` memory slots per layer (its memory modules at their init: the
     gates at zero, so both streams must generate the same latents, which is checked and reported), stream the
@@ -339,7 +340,8 @@ def run_lsvm_cost(cfg: Config, chunks: int = 1000, slots: int = 4, progress: boo
     change of machine load hits both. Reported: the median per-chunk ratio LSVM / plain with quartiles, that
     ratio over the first and the last ``LSVM_WINDOW`` chunks (flat: the memory does not grow), the state held
     between chunks and the memory's share of it, the process's peak memory. Weights are random unless the
-    profile names pretrained ones: cost does not depend on the values."""
+    profile names pretrained ones: cost does not depend on the values. ``kind``: the memory's kind (default
+    ``model.memory_kind``)."""
     if slots < 1:
         raise ValueError("--memory-slots must be at least 1")
     device = device_of(cfg)
@@ -347,7 +349,8 @@ def run_lsvm_cost(cfg: Config, chunks: int = 1000, slots: int = 4, progress: boo
     plain_cfg.model = plain_cfg.model.model_copy(update={"memory_slots": 0})
     need = cfg.student.window_frames // cfg.student.chunk_frames + 2  # what the config asks of a memory (training)
     mem_cfg.train = mem_cfg.train.model_copy(update={"window_chunks": max(cfg.train.window_chunks, need)})
-    mem_cfg.model = mem_cfg.model.model_copy(update={"memory_slots": slots})
+    kind = kind or cfg.model.memory_kind
+    mem_cfg.model = mem_cfg.model.model_copy(update={"memory_slots": slots, "memory_kind": kind})
     plain, mem = build_generator(plain_cfg), build_generator(mem_cfg)
     missing, unexpected = mem.dit.load_state_dict(plain.dit.state_dict(), strict=False)
     if unexpected or any("memory" not in k for k in missing):
@@ -384,7 +387,9 @@ def run_lsvm_cost(cfg: Config, chunks: int = 1000, slots: int = 4, progress: boo
     w = min(LSVM_WINDOW, max(1, chunks // 2))
     return {
         "profile": {"video": f"{cfg.video.width}x{cfg.video.height}@{cfg.video.fps}", "backbone": cfg.model.backbone,
-                    "memory_slots": slots, "layers": len(mem.dit.blocks), "steps": plain.settings.steps,
+                    "memory_slots": slots, "memory_kind": kind, "memory_read": cfg.model.memory_read,
+                    "layers": len(mem.dit.blocks),
+                    "steps": plain.settings.steps,
                     "sink_frames": plain.settings.layout.sink_frames,
                     "window_frames": plain.settings.layout.window_frames,
                     "chunk_latent_frames": plain.settings.layout.chunk_frames,
@@ -415,7 +420,8 @@ def format_lsvm_report(r: dict) -> str:
     first, last = r["state_bytes"][end[0]], r["state_bytes"][end[-1]]
     plain_last = r["state_bytes"][end[-1].replace("lsvm", "plain")]
     return "\n".join([
-        f"LSVM cost  {p['video']}  {p['backbone']} ({p['weights']} weights), {p['memory_slots']} memory slots x "
+        f"LSVM cost  {p['video']}  {p['backbone']} ({p['weights']} weights), {p['memory_slots']} "
+        f"{p.get('memory_kind', 'global')} ({p.get('memory_read', 'gated')} read) memory slots x "
         f"{p['layers']} layers (+{p['memory_params_m']} M parameters), {r['chunks']} chunks of {p['chunk_seconds']:.2f} s, "
         f"on {r['hardware'].get('gpu', r['hardware']['cpu'])}",
         f"  per chunk p50: plain {r['plain']['p50_ms']:.1f} ms, LSVM {r['lsvm']['p50_ms']:.1f} ms; LSVM / plain "
@@ -425,5 +431,8 @@ def format_lsvm_report(r: dict) -> str:
         f"LSVM {sum(v for k, v in last.items() if k != 'memory') / 2**20:.3f} MiB of which memory "
         f"{last['memory'] / 2**10:.1f} KiB" + (f" ({end[0].rsplit('_', 1)[1]} chunks in: {first['memory'] / 2**10:.1f} KiB)"
                                                 if len(end) > 1 else ""),  # fmt: skip
-        f"  same latents (memory gates at their init): max |diff| {r['max_abs_latent_diff']:.2e};  target: {r['target']}",
+        (f"  same latents (memory gates at their init): max |diff| {r['max_abs_latent_diff']:.2e}"
+         if p.get("memory_read", "gated") == "gated" else
+         f"  latents differ (joint read: the memory is attended from the start): max |diff| "
+         f"{r['max_abs_latent_diff']:.2e}") + f";  target: {r['target']}",
     ])

@@ -28,7 +28,15 @@ from model.streaming import StreamingGenerator
 from model.text import action_embeddings, prompt_embedding
 from model.vae import VideoVAE
 from tasks.common.media import write_video, write_wav
-from tasks.common.models import build_audio, build_dit, build_vae, device_of, dtype_of, stream_settings
+from tasks.common.models import (
+    build_audio,
+    build_dit,
+    build_vae,
+    device_of,
+    dtype_of,
+    stream_settings,
+    without_untrained_memory,
+)
 from tasks.config import Config, ConfigError, data_path
 from tasks.training.data import WindowSet
 from tasks.training.engine import Checkpoints, Dist, config_digest, init_dist, rank_from_env
@@ -133,8 +141,11 @@ def model_sections() -> list[str]:
 def dit_from_state(cfg: Config, audio: AudioConditioner, state: dict, device: torch.device,
                    dtype: torch.dtype | None = None) -> AudioDiT:  # fmt: skip
     dit = build_dit(cfg, audio.token_dim, pretrained=False, dtype=dtype).to(device)
+    state, dropped = without_untrained_memory(dit, state)  # a teacher's closed memory: the student's keeps its init
     try:
-        dit.load_state_dict(state)
+        missing, unexpected = dit.load_state_dict(state, strict=not dropped)
+        if unexpected or any(".long_memory." not in k for k in missing):
+            raise RuntimeError(f"missing {missing}, unexpected {unexpected}")
     except RuntimeError as exc:  # e.g. a teacher trained with model.memory_slots loaded into a model without
         raise ConfigError(f"a checkpoint does not fit the configured model.* (trained with other model settings, "
                           f"e.g. model.memory_slots?): {str(exc).splitlines()[0]} "
@@ -148,6 +159,15 @@ def whole(run: Run, model: AudioDiT, state: dict) -> AudioDiT:
     if not model.sharded:
         return model
     return dit_from_state(run.cfg, run.audio, state, run.device, run.dtype).eval()
+
+
+def memory_param_groups(model: nn.Module, lr: float, memory_lr_scale: float) -> list[dict]:
+    """AdamW groups of a student: its long memory (model/memory.py, ``.long_memory.``) at ``lr *
+    memory_lr_scale`` (``train.memory_lr_scale``), everything else at ``lr``; one group without a memory."""
+    named = list(model.named_parameters())
+    groups = [{"params": [p for n, p in named if ".long_memory." not in n], "lr": lr},
+              {"params": [p for n, p in named if ".long_memory." in n], "lr": lr * memory_lr_scale}]
+    return [g for g in groups if g["params"]]
 
 
 def frozen(model: nn.Module) -> nn.Module:

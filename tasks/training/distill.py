@@ -43,6 +43,7 @@ from tasks.training.common import (
     frame_mask,
     frozen,
     latent_fd,
+    memory_param_groups,
     model_sections,
     noised,
     per_frame_t,
@@ -192,7 +193,8 @@ def ode_init(run: Run, student, fingerprint: str):
     state = ckpt.latest()
     start = state["step"] if state is not None else 0
     student, opt = prepare_training(
-        student.train(), lambda m: torch.optim.AdamW(m.parameters(), lr=o.lr, weight_decay=cfg.train.weight_decay),
+        student.train(), lambda m: torch.optim.AdamW(memory_param_groups(m, o.lr, cfg.train.memory_lr_scale), lr=o.lr,
+                                                     weight_decay=cfg.train.weight_decay),
         dist, cfg.train.parallel, state and state["model"], state and state["optimizer"], run.compute)  # fmt: skip
     n_frames = 1 + x0.shape[2]
     chunks = layout.chunks(n_frames)[1:]
@@ -362,7 +364,8 @@ def sid(run: Run, student, teacher, fingerprint: str):
     start = state["step"] if state is not None else 0
     wd = cfg.train.weight_decay
     student, opt_g = prepare_training(
-        student.train(), lambda m: torch.optim.AdamW(m.parameters(), lr=d.lr, betas=(0.0, 0.999), weight_decay=wd),
+        student.train(), lambda m: torch.optim.AdamW(memory_param_groups(m, d.lr, cfg.train.memory_lr_scale), lr=d.lr,
+                                                     betas=(0.0, 0.999), weight_decay=wd),
         dist, cfg.train.parallel, state and state["model"], state and state["optimizer"], run.compute)  # fmt: skip
     fake, opt_f = prepare_training(
         fake, lambda m: torch.optim.AdamW(m.parameters(), lr=d.fake_lr, betas=(0.0, 0.999), weight_decay=wd),

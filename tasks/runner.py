@@ -135,6 +135,25 @@ def seed_stage(seed: int, name: str) -> None:
     seed_everything(stage_seed(seed, name))
 
 
+_START_THREADS: list[int] = []  # torch's intra-op thread count when this process ran its first stage
+
+
+def reset_threads(name: str) -> None:
+    """Start stage ``name`` with the torch thread count this process had at its first stage. Stages that set
+    their own (evaluate: 1; the vae's ``vae_train.threads``; curation run in-process) would otherwise leave
+    it to the next stage of the same process (`make demo` runs every stage in one Prefect flow), whose float
+    sums would then be ordered differently from the same stage run alone (`streamavatar refine`, `dvc
+    repro`): other figures from the same inputs."""
+    import torch
+
+    if not _START_THREADS:
+        _START_THREADS.append(torch.get_num_threads())
+    now, start = torch.get_num_threads(), _START_THREADS[0]
+    if now != start:
+        log.info(f"{name}: torch threads {now} (left by an earlier stage in this process) -> {start}")
+        torch.set_num_threads(start)
+
+
 def _run_stage(name: str, cfg: Config, root: Path, parent_run_id: str | None, orchestrated: bool, force: bool,
                options: dict | None) -> Outcome:  # fmt: skip
     params = _section_dump(cfg, stage_params(root, name))
@@ -150,6 +169,7 @@ def _run_stage(name: str, cfg: Config, root: Path, parent_run_id: str | None, or
         return Outcome(name, "up-to-date", summary=msg, dvc="unchanged")
     with tracking.stage_run(cfg, root, name, tracking.flatten(params), parent_run_id) as run:
         seed_stage(cfg.project.seed, name)
+        reset_threads(name)
         result = STAGES[name].run(cfg, root, **(options or {}))
         if run is not None:
             import mlflow

@@ -35,3 +35,32 @@ def test_a_stage_draws_the_same_numbers_whatever_ran_before(tmp_path, monkeypatc
     other = load_config(sets=["tracking.enabled=false", "project.seed=1"], root=tmp_path)
     runner.run_stage("refine", other, tmp_path)
     assert not torch.equal(drawn[-1][0], w1)  # and the project's seed decides them
+
+
+def test_a_stage_starts_with_the_threads_the_process_started_with(tmp_path, monkeypatch):
+    """A stage that sets torch's thread count (evaluate sets 1) does not hand it to the next stage of the same
+    process: the next one starts with the count of the process's first stage, as it would run alone."""
+    seen: list[int] = []
+
+    def single(cfg, root):
+        seen.append(torch.get_num_threads())
+        torch.set_num_threads(1)
+        return StageResult("evaluate", summary="one thread")
+
+    def record(cfg, root):
+        seen.append(torch.get_num_threads())
+        return StageResult("refine", summary="recorded")
+
+    monkeypatch.setitem(runner.STAGES, "evaluate", Stage("evaluate", single, "sets one thread"))
+    monkeypatch.setitem(runner.STAGES, "refine", Stage("refine", record, "records its threads"))
+    monkeypatch.setattr(runner, "_START_THREADS", [])
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        cfg = load_config(sets=["tracking.enabled=false"], root=tmp_path)
+        runner.run_stage("evaluate", cfg, tmp_path)
+        assert torch.get_num_threads() == 1
+        runner.run_stage("refine", cfg, tmp_path)
+    finally:
+        torch.set_num_threads(before)
+    assert seen == [2, 2]

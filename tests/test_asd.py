@@ -196,7 +196,8 @@ REAL_TRUTH = Path(__file__).parent / "data" / "asd_real_truth.json"
 
 
 def _stage_mask(name: str, calibration: str):
-    """The curate stage's mask of a shared SpeakerVid clip: its analysis frames, face track, detector scale."""
+    """The curate stage's mask of a shared SpeakerVid clip: its analysis frames, face track, detector scale
+    (its ``score`` and ``threshold`` too)."""
     from tasks.common.media import probe, read_audio
     from tasks.curation.clip import analysis_frames, detector_scale
 
@@ -209,7 +210,17 @@ def _stage_mask(name: str, calibration: str):
     track = detect_faces(frames, stride=5)
     frames, track = detector_scale(clip, info, frames, track, 25, None)
     model = load_light_asd(shared_path("models", "light-asd", "finetuning_TalkSet.model"))
-    return speaking_mask(model, frames, audio, [2.0, 6.0], calibration=calibration, track=track).mask
+    return speaking_mask(model, frames, audio, [2.0, 6.0], calibration=calibration, track=track)
+
+
+def _recalibrated(m, calibration: str) -> np.ndarray:
+    """The mask ``m`` (a ClipMask) would have with another calibration: the same scores, the stage's rule."""
+    from tasks.curation.asd import UNKNOWN, clip_threshold
+
+    known = ~np.isnan(m.score)
+    mask = np.full(len(m.mask), UNKNOWN, dtype=np.int8)
+    mask[known] = (m.score[known] >= clip_threshold(m.score[known], calibration, 0.0, 2.0, 0.1)).astype(np.int8)
+    return mask
 
 
 @pytest.fixture(scope="module")
@@ -217,7 +228,11 @@ def real_masks():
     import json
 
     truth = json.loads(REAL_TRUTH.read_text())["clips"]
-    return truth, {(n, c): _stage_mask(n, c) for n in truth for c in ("per_clip", "fixed")}
+    masks = {}
+    for n in truth:  # the detector once per clip; each calibration thresholds its scores
+        m = _stage_mask(n, "fixed")
+        masks[n, "fixed"], masks[n, "per_clip"] = m.mask, _recalibrated(m, "per_clip")
+    return truth, masks
 
 
 def test_mask_against_the_hand_checked_seconds_of_real_clips(real_masks):
@@ -235,11 +250,14 @@ def test_mask_against_the_hand_checked_seconds_of_real_clips(real_masks):
                 gts.append(label)
         scores[cal] = frame_f1(np.array(preds, dtype=np.int8), np.array(gts))
     print("hand-checked seconds of real clips:", scores)
-    # the silent tail of half_body_2 is called not speaking, the talking seconds speaking, in both modes
+    # the silent tail of half_body_2 is called not speaking in both modes
     for cal in ("per_clip", "fixed"):
-        assert scores[cal]["f1"] >= 0.95 and scores[cal]["frames"] >= 20, (cal, scores)
         tail = masks["half_body_2", cal][7 * 25 :]
         assert (tail[tail >= 0] == SPEAKING).mean() < 0.1
+    # the detector's own threshold (the default on real clips) is right on every settled second; per_clip splits
+    # multiturn_1's talking (one voice, pauses between phrases) into "listening" and its first seconds go wrong
+    assert scores["fixed"]["f1"] >= 0.98 and scores["fixed"]["frames"] >= 45, scores
+    assert 0.85 <= scores["per_clip"]["f1"] < scores["fixed"]["f1"], scores
 
 
 def test_auto_calibration_is_per_clip_on_renders_and_the_detectors_own_on_real_video():

@@ -260,6 +260,39 @@ def test_mask_against_the_hand_checked_seconds_of_real_clips(real_masks):
     assert 0.85 <= scores["per_clip"]["f1"] < scores["fixed"]["f1"], scores
 
 
+def test_the_detector_hears_the_clips_audio_but_does_not_check_its_sync():
+    """What the mask on real clips rests on (README "Active speaker detectors"): with either released weights,
+    the same voice half a clip out of step, or another person's voice, scores about as high as the face's own:
+    on these clips Light-ASD tells a talking face from a still one, not who speaks. The AVA weights need a
+    voice (silence scores far below zero: the audio path is alive, MFCC layout and int16 scale); the TalkSet
+    weights, the default, call a talking face speaking even in silence."""
+    from tasks.common.media import probe, read_audio
+    from tasks.curation.clip import analysis_frames, detector_scale
+
+    talkset = load_light_asd(shared_path("models", "light-asd", "finetuning_TalkSet.model"))
+    ava = load_light_asd(shared_path("models", "light-asd", "pretrain_AVA_CVPR.model"))
+    clip = shared_path("fixtures", "speakervid", "head_4.mp4")
+    info = probe(clip)
+    frames = analysis_frames(clip, info, 480, 25, None).copy()
+    own = read_audio(clip, 16000)
+    n = min(len(frames), len(own) // 640)
+    frames, own = frames[:n], own[: n * 640]
+    track = detect_faces(frames, stride=5)
+    frames, track = detector_scale(clip, info, frames, track, 25, None)
+    crops = face_crops(frames, track)
+    other = read_audio(shared_path("fixtures", "speakervid", "half_body_1.mp4"), 16000)[: len(own)]
+    audios = {"own": own, "silence": np.zeros_like(own), "shifted": np.roll(own, len(own) // 2),
+              "other voice": np.pad(other, (0, len(own) - len(other)))}  # fmt: skip
+    for name, model in (("TalkSet", talkset), ("AVA", ava)):
+        mean = {k: float(asd_scores(model, mfcc_100hz(a), crops, [2.0]).mean()) for k, a in audios.items()}
+        print(f"head_4's mean logit by audio, {name} weights:", {k: round(v, 2) for k, v in mean.items()})
+        assert abs(mean["shifted"] - mean["own"]) < 0.5 and abs(mean["other voice"] - mean["own"]) < 0.5, mean
+        if name == "AVA":  # trained on conversations with voices off screen: silence is not speaking
+            assert mean["own"] > 0 > mean["silence"] + 3, mean
+        else:  # the default weights: a talking face with no voice at all still scores high
+            assert mean["silence"] > 3 and mean["own"] - mean["silence"] < 1.0, mean
+
+
 def test_auto_calibration_is_per_clip_on_renders_and_the_detectors_own_on_real_video():
     from tasks.curation.clip import calibration_for
 

@@ -139,11 +139,15 @@ _START_THREADS: list[int] = []  # torch's intra-op thread count when this proces
 
 
 def reset_threads(name: str) -> None:
-    """Start stage ``name`` with the torch thread count this process had at its first stage. Stages that set
-    their own (evaluate: 1; the vae's ``vae_train.threads``; curation run in-process) would otherwise leave
-    it to the next stage of the same process (`make demo` runs every stage in one Prefect flow), whose float
-    sums would then be ordered differently from the same stage run alone (`streamavatar refine`, `dvc
-    repro`): other figures from the same inputs."""
+    """Start stage ``name`` with the torch thread count this process had at its first stage, SET through
+    ``torch.set_num_threads`` every time. Stages that set their own (evaluate: 1; ``vae_train.threads``;
+    curation run in-process) would otherwise leave it to the next stage of the same process (`make demo` runs
+    every stage in one Prefect flow). And calling ``set_num_threads`` at all, even with the count torch
+    already uses, changes how some CPU kernels split their work (measured: SDPA's backward gives other
+    gradients in the last bits afterwards); the live voice detector's loader calls it, so a stage run after
+    another one's Silero VAD computed other figures than the same stage alone (refine's latent FD 0.177 in the
+    flow, 0.159 as `streamavatar refine`). Setting it at every stage start puts every stage, however it is
+    run, in the same state."""
     import torch
 
     if not _START_THREADS:
@@ -151,7 +155,7 @@ def reset_threads(name: str) -> None:
     now, start = torch.get_num_threads(), _START_THREADS[0]
     if now != start:
         log.info(f"{name}: torch threads {now} (left by an earlier stage in this process) -> {start}")
-        torch.set_num_threads(start)
+    torch.set_num_threads(start)
 
 
 def _run_stage(name: str, cfg: Config, root: Path, parent_run_id: str | None, orchestrated: bool, force: bool,

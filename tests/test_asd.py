@@ -195,9 +195,9 @@ def _ious(a, b):
 REAL_TRUTH = Path(__file__).parent / "data" / "asd_real_truth.json"
 
 
-def _stage_mask(name: str, calibration: str):
-    """The curate stage's mask of a shared SpeakerVid clip: its analysis frames, face track, detector scale
-    (its ``score`` and ``threshold`` too)."""
+def _stage_inputs(name: str):
+    """What the curate stage gives the detector for a shared SpeakerVid clip: its analysis frames (at the
+    detector's scale), its audio, its face track."""
     from tasks.common.media import probe, read_audio
     from tasks.curation.clip import analysis_frames, detector_scale
 
@@ -209,6 +209,12 @@ def _stage_mask(name: str, calibration: str):
     frames, audio = frames[:n], audio[: n * 640]
     track = detect_faces(frames, stride=5)
     frames, track = detector_scale(clip, info, frames, track, 25, None)
+    return frames, audio, track
+
+
+def _stage_mask(name: str, calibration: str):
+    """The curate stage's mask of a shared SpeakerVid clip (its ``score`` and ``threshold`` too)."""
+    frames, audio, track = _stage_inputs(name)
     model = load_light_asd(shared_path("models", "light-asd", "finetuning_TalkSet.model"))
     return speaking_mask(model, frames, audio, [2.0, 6.0], calibration=calibration, track=track)
 
@@ -266,19 +272,11 @@ def test_the_detector_hears_the_clips_audio_but_does_not_check_its_sync():
     on these clips Light-ASD tells a talking face from a still one, not who speaks. The AVA weights need a
     voice (silence scores far below zero: the audio path is alive, MFCC layout and int16 scale); the TalkSet
     weights, the default, call a talking face speaking even in silence."""
-    from tasks.common.media import probe, read_audio
-    from tasks.curation.clip import analysis_frames, detector_scale
+    from tasks.common.media import read_audio
 
     talkset = load_light_asd(shared_path("models", "light-asd", "finetuning_TalkSet.model"))
     ava = load_light_asd(shared_path("models", "light-asd", "pretrain_AVA_CVPR.model"))
-    clip = shared_path("fixtures", "speakervid", "head_4.mp4")
-    info = probe(clip)
-    frames = analysis_frames(clip, info, 480, 25, None).copy()
-    own = read_audio(clip, 16000)
-    n = min(len(frames), len(own) // 640)
-    frames, own = frames[:n], own[: n * 640]
-    track = detect_faces(frames, stride=5)
-    frames, track = detector_scale(clip, info, frames, track, 25, None)
+    frames, own, track = _stage_inputs("head_4")
     crops = face_crops(frames, track)
     other = read_audio(shared_path("fixtures", "speakervid", "half_body_1.mp4"), 16000)[: len(own)]
     audios = {"own": own, "silence": np.zeros_like(own), "shifted": np.roll(own, len(own) // 2),

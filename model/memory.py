@@ -8,9 +8,10 @@ of the evicted keys and values, per head. Pooling is a softmax over everything e
 kept as running statistics (the online softmax: a running max, the sum of the weights and the weighted sums):
 bounded state (slots x heads x (2 d + 2) numbers per layer) and a flat per-chunk cost however long the stream
 runs, and the block-causal training forward, which pools the same frames at once, computes the same memory.
-A chunk's queries read the memory through their own attention over the slots, added to the self-attention
-output through a per-head gate that starts at zero: a model with the memory computes exactly what it did
-without it until the gate is trained.
+A chunk's queries read the memory (``model.memory_read``) through their own attention over the slots, added
+to the self-attention output through a per-head gate that starts at zero (``gated``: a model with the memory
+computes exactly what it did without it until the gate is trained), or as more keys of the self-attention's
+own softmax with a learned per-head logit bias (``joint``: the memory is weighed as past frames are).
 
 Two kinds (``model.memory_kind``):
 

@@ -100,12 +100,12 @@ class ConsistencyAwareDiscriminator(nn.Module):
         # 1. patchify; per-frame time modulation; conditioning (text K/V only for the blocks that run)
         x = bb.patch_embedding(latents).flatten(2).transpose(1, 2).contiguous()
         x = bb.add_reference(x, latents, "bidirectional", None, None, 0, False)
-        _, temb_proj = bb._time_embedding(timestep)
-        if isinstance(text, PreparedContext):
-            text_kv = text.kv
+        if isinstance(text, PreparedContext) and text.kv:
+            text_kv, pooled = text.kv, text.pooled
         else:
-            states = bb.condition_embedder.text_embedder(text)
-            text_kv = [bb.blocks[i].text_kv(states) for i in range(depth)]
+            lazy = bb.lazy_context(text if isinstance(text, PreparedContext) else PreparedContext(text=text), depth)
+            text_kv, pooled = [bb.blocks[i].text_kv(lazy.kv[i]) for i in range(depth)], lazy.pooled
+        _, temb_proj = bb._time_embedding(timestep, pooled)
         talk, listen = bb.embed_audio(audio_talk), bb.embed_audio(audio_listen)
         segments = bb._plan("bidirectional", frames, hp, wp, None, None, 0, latents.device)
 

@@ -73,6 +73,11 @@ class DiTSpec:
     # model computes what it did without the memory until trained); "joint": the memory's tokens are more keys
     # of the self-attention's softmax, with a learned per-head logit bias (the memory read as past frames are)
     memory_read: str = "gated"
+    # the prompt, mean-pooled after the text embedder, through a zero-initialised linear layer, added to the time
+    # embedding: a global modulation of every block and the output head (DiT's class embedding, SD3/Flux's
+    # pooled text vector), beside the cross-attention. Where the prompt changes per action (InteractiveAvatar),
+    # it tells every token which action is requested; off by default (Wan2.2 has no such input)
+    prompt_modulation: bool = False
 
     @property
     def dim(self) -> int:
@@ -114,6 +119,7 @@ class PreparedContext:
 
     kv: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
     text: torch.Tensor | None = None
+    pooled: torch.Tensor | None = None  # [B, dim] the embedded prompt's mean over its tokens (prompt modulation)
 
 
 class AudioAttention(nn.Module):
@@ -358,6 +364,11 @@ class AudioDiT(nn.Module):
             dim=dim, time_freq_dim=spec.freq_dim, time_proj_dim=dim * 6, text_embed_dim=spec.text_dim
         )
         self.audio_embedder = AudioEmbedder(spec.audio_dim, dim, spec.audio_slots) if spec.audio_dim else None
+        self.prompt_modulation = None
+        if spec.prompt_modulation:  # zero at the start: a model without it is continued exactly
+            self.prompt_modulation = nn.Linear(dim, dim)
+            nn.init.zeros_(self.prompt_modulation.weight)
+            nn.init.zeros_(self.prompt_modulation.bias)
         self.blocks = nn.ModuleList([AudioDiTBlock(spec) for _ in range(spec.num_layers)])
         self.norm_out = FP32LayerNorm(dim, spec.eps, elementwise_affine=False)
         self.proj_out = nn.Linear(dim, spec.out_channels * math.prod(spec.patch_size))
@@ -375,7 +386,17 @@ class AudioDiT(nn.Module):
         if self.sharded:
             return PreparedContext(text=text)
         states = self.condition_embedder.text_embedder(text)
-        return PreparedContext([block.text_kv(states) for block in self.blocks])
+        return PreparedContext([block.text_kv(states) for block in self.blocks], pooled=self.pool_prompt(states))
+
+    def pool_prompt(self, states: torch.Tensor) -> torch.Tensor | None:
+        """The embedded prompt [B, L, dim] -> its mean over tokens [B, dim] when the model modulates by it."""
+        return states.mean(dim=1) if self.prompt_modulation is not None else None
+
+    def lazy_context(self, context: PreparedContext, blocks: int) -> PreparedContext:
+        """A lazy context (the raw prompt) made concrete: the embedded prompt for each of ``blocks`` blocks (each
+        block turns it into its K/V inside its own forward: FSDP-safe) and its pooled vector."""
+        states = self.condition_embedder.text_embedder(context.text)
+        return PreparedContext([states] * blocks, pooled=self.pool_prompt(states))
 
     def compile_blocks(self, backend: str = "inductor") -> None:
         """Regional torch.compile: each block's tensor-only head (modulation, q/k/v) and tail (output projection,
@@ -397,13 +418,19 @@ class AudioDiT(nn.Module):
             return None
         return self.audio_embedder(audio)
 
-    def _time_embedding(self, timestep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-frame timesteps [B, F] -> temb [B, F, dim] and its projection [B, F, 6, dim]."""
+    def _time_embedding(self, timestep: torch.Tensor, pooled: torch.Tensor | None = None
+                        ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+        """Per-frame timesteps [B, F] (and the pooled prompt [B or 1, dim] under prompt modulation) -> temb
+        [B, F, dim] and its projection [B, F, 6, dim]."""
         emb = self.condition_embedder
         b, f = timestep.shape
         t = emb.timesteps_proj(timestep.flatten()).unflatten(0, (b, f))
         dtype = next(iter(emb.time_embedder.parameters())).dtype
         temb = emb.time_embedder(t.to(dtype)).type_as(self.proj_out.weight)
+        if self.prompt_modulation is not None:
+            if pooled is None:
+                raise ValueError("a model with prompt_modulation needs the pooled prompt (PreparedContext.pooled)")
+            temb = temb + self.prompt_modulation(pooled.type_as(temb))[:, None]
         proj = emb.time_proj(emb.act_fn(temb)).unflatten(2, (6, -1))
         return temb, proj
 
@@ -516,11 +543,10 @@ class AudioDiT(nn.Module):
         # 1. patchify; per-frame time modulation; conditioning
         x = self.patch_embedding(latents).flatten(2).transpose(1, 2).contiguous()
         x = self.add_reference(x, latents, attention, layout, cache, frame_start, write_cache)
-        temb, temb_proj = self._time_embedding(timestep)
         context = text if isinstance(text, PreparedContext) else PreparedContext(text=text)
         if not context.kv:  # the prompt embedded here, each layer's K/V in its own block (FSDP-safe)
-            states = self.condition_embedder.text_embedder(context.text)
-            context = PreparedContext([states] * len(self.blocks))
+            context = self.lazy_context(context, len(self.blocks))
+        temb, temb_proj = self._time_embedding(timestep, context.pooled)
         talk, listen = self.embed_audio(audio_talk), self.embed_audio(audio_listen)
         segments = self._plan(attention, frames, hp, wp, layout, cache, frame_start, latents.device)
         write = list(range(frame_start, frame_start + frames)) if (write_cache and cache is not None) else None
@@ -552,13 +578,14 @@ class AudioDiT(nn.Module):
 def load_wan_transformer(
     path: str | Path, audio_dim: int, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
     audio_slots: int = 0, audio_null_key: bool = False, memory_slots: int = 0, memory_kind: str = "global",
-    memory_read: str = "gated",
+    memory_read: str = "gated", prompt_modulation: bool = False,
 ) -> AudioDiT:
     """Build an AudioDiT from a local diffusers Wan transformer directory (e.g. Wan2.2-TI2V-5B-Diffusers).
 
     ``path`` is the model root (with ``transformer/``) or the transformer folder itself. Every Wan weight
-    must be present; the audio modules and the long memory (absent from Wan checkpoints) keep their
-    zero-output init, with ``audio_slots`` / ``audio_null_key`` / ``memory_*`` as in :class:`DiTSpec`.
+    must be present; the audio modules, the long memory and the prompt modulation (absent from Wan checkpoints)
+    keep their zero-output init, with ``audio_slots`` / ``audio_null_key`` / ``memory_*`` /
+    ``prompt_modulation`` as in :class:`DiTSpec`.
     """
     from safetensors.torch import load_file
 
@@ -569,7 +596,8 @@ def load_wan_transformer(
         raise FileNotFoundError(f"no diffusers transformer config at {cfg_file} (model.pretrained_path={path})")
     spec = DiTSpec.from_wan_config(json.loads(cfg_file.read_text()), audio_dim=audio_dim)
     spec = replace(spec, audio_slots=audio_slots if audio_dim else 0, audio_null_key=audio_null_key,
-                   memory_slots=memory_slots, memory_kind=memory_kind, memory_read=memory_read)  # fmt: skip
+                   memory_slots=memory_slots, memory_kind=memory_kind, memory_read=memory_read,
+                   prompt_modulation=prompt_modulation)  # fmt: skip
     shards = sorted(folder.glob("*.safetensors"))
     if not shards:
         raise FileNotFoundError(f"no *.safetensors weights in {folder}")
@@ -580,7 +608,8 @@ def load_wan_transformer(
         state.update(load_file(str(shard), device=str(device)))
     # what diffusers keeps in float32 is loaded at the file's precision, never through the compute dtype
     state = {k: v.to(torch.float32 if _keeps_fp32(k) and dtype != torch.float32 else dtype) for k, v in state.items()}
-    added = model.audio_parameter_names() | {n for n in model.state_dict() if ".long_memory." in n}
+    added = model.audio_parameter_names() | {n for n in model.state_dict()
+                                              if ".long_memory." in n or n.startswith("prompt_modulation.")}
     expected = set(model.state_dict()) - added
     missing, unexpected = sorted(expected - set(state)), sorted(set(state) - set(model.state_dict()))
     if missing or unexpected:
@@ -598,6 +627,11 @@ def load_wan_transformer(
             for block in model.blocks:
                 block.long_memory = LongMemory(spec.memory_slots, spec.num_attention_heads, spec.attention_head_dim,
                                                spec.memory_kind, spec.memory_read)  # fmt: skip
+    if spec.prompt_modulation:
+        with torch.device(device):
+            model.prompt_modulation = nn.Linear(spec.dim, spec.dim)
+            nn.init.zeros_(model.prompt_modulation.weight)
+            nn.init.zeros_(model.prompt_modulation.bias)
     return cast_keeping_fp32(model, dtype)
 
 

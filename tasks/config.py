@@ -313,6 +313,9 @@ class ModelConfig(_Section):
     # "gated": a separate read added through a zero-initialised gate; "joint": the memory tokens are more keys of
     # the self-attention softmax (a learned logit bias per head), read as the frames of the window are
     memory_read: Literal["gated", "joint"] = "gated"
+    # the pooled prompt through a zero-initialised layer added to the time embedding (model/dit.py DiTSpec): a
+    # global modulation by the prompt beside the cross-attention; with action prompts ([10]), which action
+    prompt_modulation: bool = False
 
     @model_validator(mode="after")
     def _patch(self) -> ModelConfig:
@@ -500,6 +503,7 @@ class TeacherConfig(_Section):
     # learning-rate multiplier of the audio modules (embedder, audio and interact attentions): they start at zero
     # output on a pretrained video model, so at the base lr they barely move in a short fine-tune
     audio_lr_scale: float = Field(1.0, gt=0)
+    prompt_lr_scale: float = Field(1.0, gt=0)  # lr multiplier of the zero-initialised prompt modulation
     # the flow-matching loss weighs latent pixels inside mouth_box (top, bottom, left, right, fractions of the
     # frame: where the mouth of a curated head crop lies) mouth_weight times: the mouth is the only part of the
     # frame that the audio predicts, a few latent pixels of 256, so at weight 1 its gradient is lost in the rest

@@ -12,7 +12,15 @@ from tasks.common.facemesh import FaceMesh
 from tasks.common.media import read_frames
 from tasks.config import load_config
 from tasks.corpus.build import run_corpus
-from tasks.evaluation.actions import Event, Signals, action_signals, detect_actions, score_following
+from tasks.evaluation.actions import (
+    Event,
+    Signals,
+    action_signals,
+    clip_features,
+    detect_actions,
+    prompt_response,
+    score_following,
+)
 from tests.conftest import REPO
 
 SETS = ["corpus.num_conversations=3", "corpus.duration_s=8", "corpus.big_turn_prob=0", "corpus.workers=2",
@@ -100,6 +108,52 @@ def test_scoring_counts_latency_misses_and_false_actions():
     ev = detect_actions(Signals(yaw, np.zeros(n), np.ones(n)), fps)
     assert [e.name for e in ev] == ["turn_right"] and 175 <= ev[0].start <= 205 and 225 <= ev[0].end <= 255
 
+
+
+def test_prompt_response_signs_each_action_and_is_zero_for_a_model_that_ignores_it():
+    n, fps = 25, 25
+    still = Signals(np.zeros(n), np.zeros(n), np.ones(n), np.zeros((n, 2)))
+    right = Signals(np.full(n, 10.0), np.zeros(n), np.ones(n), np.zeros((n, 2)))
+    t = np.arange(n) / fps
+    shaking = Signals(6.0 * np.sin(2 * np.pi * 3 * t), np.zeros(n), np.ones(n), np.zeros((n, 2)))
+    base = clip_features(still, fps)
+    assert clip_features(right, fps)["yaw"] == 10.0 and clip_features(shaking, fps)["yaw_osc"] > 2.0
+    assert np.isnan(clip_features(Signals(np.full(n, np.nan), np.zeros(n), np.ones(n)), fps)["yaw"])  # no face
+    feats = {"idle": [base, base], "turn_right": [clip_features(right, fps), base],
+             "turn_left": [clip_features(right, fps), base], "shake": [clip_features(shaking, fps)] * 2}
+    r = prompt_response(feats)
+    assert r["response_turn_right"] == 5.0 and r["right_way_turn_right"] == 0.5
+    assert r["response_turn_left"] == -5.0 and r["right_way_turn_left"] == 0.0  # turned the wrong way
+    assert r["right_way_shake"] == 1.0
+    ignored = prompt_response({"idle": [base], "nod": [base], "smile": [base]})  # the same clip under every prompt
+    assert ignored == {"response_nod": 0.0, "right_way_nod": 0.0, "response_smile": 0.0, "right_way_smile": 0.0}
+
+
+def test_prompt_response_reads_the_rendered_turns_the_right_way(rendered):
+    """On the rendered corpus: the first second of each requested turn against the same video's first
+    request-free second, as a prompt's sample against the idle prompt's: turns go their way; named the other way
+    round, they do not."""
+    pairs: dict[str, tuple[list, list]] = {"turn_left": ([], []), "turn_right": ([], [])}  # (turned, idle)
+
+    def cut(s: Signals, start: int) -> Signals:
+        return Signals(*(x[start : start + 25] for x in (s.yaw, s.pitch, s.width, s.hand)))
+
+    for signals, requests, n in rendered:
+        busy = np.zeros(n, bool)
+        for _name, a, b in requests:
+            busy[max(0, a - 25) : b + 25] = True
+        free = next((i for i in range(n - 25) if not busy[i : i + 25].any()), None)
+        for name, a, _b in requests:
+            if name in pairs and free is not None and a + 30 <= n:
+                pairs[name][0].append(clip_features(cut(signals, a + 5), 25))
+                pairs[name][1].append(clip_features(cut(signals, free), 25))
+    left = prompt_response({"idle": pairs["turn_left"][1], "turn_left": pairs["turn_left"][0]})
+    right = prompt_response({"idle": pairs["turn_right"][1], "turn_right": pairs["turn_right"][0]})
+    assert len(pairs["turn_left"][0]) >= 2 and len(pairs["turn_right"][0]) >= 2
+    assert left["right_way_turn_left"] >= 0.75 and left["response_turn_left"] > 3.0
+    assert right["right_way_turn_right"] >= 0.75 and right["response_turn_right"] > 3.0
+    swapped = prompt_response({"idle": pairs["turn_left"][1], "turn_right": pairs["turn_left"][0]})
+    assert swapped["right_way_turn_right"] <= 0.25
 
 
 def test_action_bench_streams_with_and_without_requests(tmp_path):

@@ -440,3 +440,55 @@ def test_long_memory_starts_closed_and_loads_a_dit_saved_without_it():
     out = with_memory(**x, attention="block_causal", layout=layout)
     out[:, :, 13:].square().mean().backward()
     assert all(b.long_memory.gate.grad.abs().sum() > 0 for b in with_memory.blocks)
+
+
+def _prompt_model(seed: int = 7) -> AudioDiT:
+    torch.manual_seed(seed)
+    model = AudioDiT(DiTSpec(audio_dim=AUDIO_DIM, prompt_modulation=True)).eval()
+    torch.nn.init.normal_(model.prompt_modulation.weight, std=0.5)  # trained-looking, not its zero start
+    return model
+
+
+def test_prompt_modulation_streams_exactly_and_tells_prompts_apart():
+    """The pooled prompt added to the time embedding: streamed chunks equal the block-causal forward, a prepared
+    context equals the raw prompt, and the modulation (not the cross-attention) separates two prompts that share
+    their first tokens; the discriminator's backbone loop takes it too."""
+    from model.discriminator import ConsistencyAwareDiscriminator
+
+    model = _prompt_model()
+    layout = CausalLayout(chunk_frames=3, sink_frames=1, window_frames=3, rapr=True, max_distance=6)
+    x = _sequence(1 + 3 * 3, seed=8)
+    with torch.no_grad():
+        masked = model(**x, attention="block_causal", layout=layout)
+        assert (masked - _stream(model, x, layout)).abs().max().item() <= 1e-5
+        assert (model(**{**x, "text": model.prepare_text(x["text"])}) - model(**x)).abs().max().item() <= 1e-6
+        other = x["text"].clone()
+        other[:, 3:] = torch.randn(1, 2, 32, generator=torch.Generator().manual_seed(9))  # another action's words
+        gap = (model(**x) - model(**{**x, "text": other})).abs().mean()
+        for block in model.blocks:  # the cross-attention's value path closed: only the modulation hears the prompt
+            torch.nn.init.zeros_(block.attn2.to_v.weight)
+            torch.nn.init.zeros_(block.attn2.to_v.bias)
+        gap_modulation = (model(**x) - model(**{**x, "text": other})).abs().mean()
+        torch.nn.init.zeros_(model.prompt_modulation.weight)
+        gap_none = (model(**x) - model(**{**x, "text": other})).abs().mean()
+    assert gap > 0 and gap_modulation > 0.05 * gap and gap_none == 0
+    disc = ConsistencyAwareDiscriminator(_prompt_model(), 2, 4, 1, 16, max_frames=16).eval()
+    with torch.no_grad():
+        lazy = disc.frame_features(x["latents"], x["timestep"], x["text"], x["audio_talk"], x["audio_listen"])
+        ready = disc.frame_features(x["latents"], x["timestep"], disc.backbone.prepare_text(x["text"]),
+                                    x["audio_talk"], x["audio_listen"])  # fmt: skip
+        moved = disc.frame_features(x["latents"], x["timestep"], other, x["audio_talk"], x["audio_listen"])
+    assert (lazy - ready).abs().max().item() <= 1e-5 and (lazy - moved).abs().max().item() > 1e-4
+
+
+def test_prompt_modulation_starts_at_zero_and_loads_a_dit_saved_without_it():
+    from tasks.common.models import load_dit_weights
+
+    base = _model()
+    x = _sequence(1 + 3 * 2, seed=10)
+    with_mod = AudioDiT(DiTSpec(audio_dim=AUDIO_DIM, prompt_modulation=True)).eval()
+    load_dit_weights(with_mod, {"model": base.state_dict(), "spec": base.spec.to_json()}, "test")
+    with torch.no_grad():  # a continued base DiT computes exactly what it did before training the modulation
+        assert torch.equal(with_mod(**x), base(**x))
+    with pytest.raises(ValueError, match="pooled prompt"):
+        with_mod._time_embedding(x["timestep"])

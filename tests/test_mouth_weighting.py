@@ -71,6 +71,13 @@ def test_param_groups_give_the_audio_modules_their_own_learning_rate():
     audio = {id(p) for n, p in model.named_parameters() if n in model.audio_parameter_names()}
     assert {id(p) for p in groups[1]["params"]} == audio
     assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
+    torch.manual_seed(1)
+    with_prompt = AudioDiT(DiTSpec(num_attention_heads=2, attention_head_dim=8, in_channels=Z, out_channels=Z,
+                                   text_dim=8, ffn_dim=32, num_layers=2, audio_dim=6, prompt_modulation=True))  # fmt: skip
+    groups = param_groups(with_prompt, 1e-4, 10.0, 3.0)
+    assert [g["lr"] for g in groups] == [1e-4, pytest.approx(1e-3), pytest.approx(3e-4)]
+    assert {id(p) for p in groups[2]["params"]} == {id(p) for p in with_prompt.prompt_modulation.parameters()}
+    assert sum(len(g["params"]) for g in groups) == len(list(with_prompt.parameters()))
 
 
 def _windows(n: int = 4) -> WindowSet:

@@ -59,7 +59,7 @@ def dit_spec(cfg: Config, audio_dim: int) -> DiTSpec:
         reference_embedding=m.reference_embedding,
         audio_slots=audio_tokens_per_latent(cfg) if m.audio_slots and audio_dim else 0,
         audio_null_key=m.audio_null_key, memory_slots=m.memory_slots, memory_kind=m.memory_kind,
-        memory_read=m.memory_read,
+        memory_read=m.memory_read, prompt_modulation=m.prompt_modulation,
     )  # fmt: skip
 
 
@@ -77,7 +77,8 @@ def build_dit(cfg: Config, audio_dim: int, pretrained: bool = True, dtype: torch
         model = load_wan_transformer(cfg.model.pretrained_path, audio_dim, dtype=dtype, device=device,
                                      audio_slots=spec.audio_slots, audio_null_key=spec.audio_null_key,
                                      memory_slots=spec.memory_slots, memory_kind=spec.memory_kind,
-                                     memory_read=spec.memory_read)  # fmt: skip
+                                     memory_read=spec.memory_read,
+                                     prompt_modulation=spec.prompt_modulation)  # fmt: skip
         wrong = {k: (getattr(model.spec, k), v) for k, v in spec.to_json().items() if getattr(model.spec, k) != v}
         if wrong:
             detail = ", ".join(f"{k}: checkpoint {a} vs config {b}" for k, (a, b) in wrong.items())
@@ -104,6 +105,7 @@ _ADDABLE = {
     "audio_slots": (0, lambda k: k == "audio_embedder.slot"),
     "audio_null_key": (False, lambda k: k.endswith("_attn.null_k")),
     "memory_slots": (0, lambda k: ".long_memory." in k),
+    "prompt_modulation": (False, lambda k: k.startswith("prompt_modulation.")),
 }
 
 

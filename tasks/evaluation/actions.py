@@ -258,3 +258,43 @@ def score_following(events: list[Event], requests: list[tuple[str, int, int]], n
     false = sum(1 for e in events if not busy[e.start : e.end].any())
     idle_min = float((~busy).sum()) / fps / 60.0
     return Following(len(requests), followed, {k: (v[0], v[1]) for k, v in per.items()}, latency, false, idle_min)
+
+
+# Per action, the clip feature it moves and the sign it moves it by (yaw > 0 is a turn to the right, as above)
+RESPONSE_FEATURE = {"turn_left": ("yaw", -1.0), "turn_right": ("yaw", 1.0), "shake": ("yaw_osc", 1.0),
+                    "nod": ("pitch_osc", 1.0), "smile": ("width", 1.0), "wave": ("hand", 1.0)}  # fmt: skip
+
+
+def clip_features(s: Signals, fps: float, settings: DetectorSettings = DetectorSettings()) -> dict[str, float]:
+    """One short clip's features, in absolute terms (no median of its own: a clip of a turn is turned all through):
+    mean yaw, the yaw's and pitch's spread around their ``detrend_s`` moving means, mean mouth width over eye
+    distance, and the larger side's mean skin beside the face; NaN without a face in ``min_face`` of the frames."""
+    found = ~np.isnan(s.yaw)
+    if not len(s) or found.mean() < settings.min_face:
+        return {k: float("nan") for k in ("yaw", "yaw_osc", "pitch_osc", "width", "hand")}
+    k = max(3, int(round(settings.detrend_s * fps)) | 1)
+    hand = float("nan") if s.hand is None else float(np.nanmax(np.nanmean(s.hand, axis=0)))
+    return {"yaw": float(np.nanmean(s.yaw)), "yaw_osc": float(np.nanstd(s.yaw - _moving_mean(s.yaw, k))),
+            "pitch_osc": float(np.nanstd(s.pitch - _moving_mean(s.pitch, k))), "width": float(np.nanmean(s.width)),
+            "hand": hand}  # fmt: skip
+
+
+def prompt_response(features: dict[str, list[dict[str, float]]]) -> dict[str, float]:
+    """How each action's prompt moves the clips it is given, against the idle prompt on the same clips (same
+    noise): ``features[name][i]`` are clip i's :func:`clip_features` under prompt ``name`` (``idle`` included).
+    Per action: ``response_<name>``, the mean over clips of (its feature under the action - under idle), signed
+    so that the action's own direction is positive (degrees for turns, shake and nod; ratios for smile and wave);
+    ``right_way_<name>``, the share of clips where that difference is > 0. A model that ignores the prompt gives
+    0 and 0 exactly; one that moves the head but not the requested way, a turn's response near 0 and right_way
+    near 0.5."""
+    idle = features["idle"]
+    out: dict[str, float] = {}
+    for name, clips in features.items():
+        if name == "idle" or name not in RESPONSE_FEATURE:
+            continue
+        key, sign = RESPONSE_FEATURE[name]
+        d = np.array([sign * (c[key] - i[key]) for c, i in zip(clips, idle, strict=True)], dtype=np.float64)
+        d = d[~np.isnan(d)]
+        out[f"response_{name}"] = float(d.mean()) if len(d) else float("nan")
+        out[f"right_way_{name}"] = float((d > 0).mean()) if len(d) else float("nan")
+    return out

@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import cv2
 import numpy as np
 import torch
 from torch import nn
@@ -409,6 +410,42 @@ def action_prompt_gain(run: Run, model: AudioDiT, windows: WindowSet) -> dict[st
     idle = heldout_fm_losses(model, lat, run.text_batch(len(w)), w.talk.to(device), w.listen.to(device), zero, zero)
     return {"action_windows": float(len(w)), "action_fm_loss": own["fm_loss"],
             "action_fm_loss_idle_prompt": idle["fm_loss"], "action_prompt_gain": idle["fm_loss"] / own["fm_loss"] - 1.0}
+
+
+@torch.no_grad()
+def action_prompt_response(run: Run, model: AudioDiT, vae: VideoVAE, windows: WindowSet, limit: int = 8,
+                           sheet: Path | None = None) -> dict[str, float]:  # fmt: skip
+    """Does the model perform the action its prompt asks for? On up to ``limit`` held-out windows (spread over
+    ``windows``), its samples (teacher_sampler.*) under every action's prompt and under the idle prompt from
+    the same noise and sampler seed, decoded and read by FaceMesh (tasks/evaluation/actions.py
+    ``prompt_response``: per action the change of its feature against idle, signed so the requested way is
+    positive, and the share of windows that moved that way). Empty without action prompts in the run's data.
+    ``sheet``: a PNG of the first two windows, a row per prompt (idle first), every second frame."""
+    from tasks.evaluation.actions import action_signals, clip_features, prompt_response
+
+    if "action" not in windows.index or (windows.index["action"] == "idle").all() or not len(windows):
+        return {}
+    cfg = run.cfg
+    pick = np.unique(np.linspace(0, len(windows) - 1, min(limit, len(windows))).round().astype(int)).tolist()
+    w = windows.take(pick)
+    lat = w.latents.to(run.device)
+    x = torch.randn(lat.shape, generator=torch.Generator().manual_seed(cfg.project.seed)).to(run.device)
+    x[:, :, :1] = lat[:, :, :1]
+    talk, listen = w.talk.to(run.device), w.listen.to(run.device)
+    was = model.training
+    model.eval()
+    features: dict[str, list[dict[str, float]]] = {}
+    rows = []
+    for name in ["idle", *sorted(run.action_text)]:
+        x0 = sample_teacher(cfg, model, model.prepare_text(run.texts([name] * len(w))), x.clone(), talk, listen)
+        video = [np.stack(_to_uint8(v[:, 1:])) for v in vae.decode(x0)]  # per window [T, H, W, 3]
+        features[name] = [clip_features(action_signals(v), cfg.video.fps) for v in video]
+        rows.append(np.concatenate([np.concatenate(list(v[::2]), axis=1) for v in video[:2]], axis=1))
+    model.train(was)
+    if sheet is not None:
+        sheet.parent.mkdir(parents=True, exist_ok=True)
+        cv2.imwrite(str(sheet), cv2.cvtColor(np.concatenate(rows, axis=0), cv2.COLOR_RGB2BGR))
+    return {"action_response_windows": float(len(w)), **{f"action_{k}": v for k, v in prompt_response(features).items()}}
 
 
 def mouth_audio_gain(model: AudioDiT, windows: WindowSet, text: torch.Tensor, box: tuple[float, float, float, float],

@@ -24,6 +24,7 @@ from tasks.common.stage import StageResult
 from tasks.config import Config, ConfigError, data_path, resolve_path
 from tasks.training.common import (
     action_prompt_gain,
+    action_prompt_response,
     frame_mask,
     heldout_fm_losses,
     model_sections,
@@ -83,7 +84,7 @@ def run_teacher(cfg: Config, root: Path, progress: bool = True) -> StageResult:
     state = ckpt.latest()
     start = state["step"] if state is not None else 0
     model, opt = prepare_training(
-        model.train(), lambda m: torch.optim.AdamW(param_groups(m, t.lr, t.audio_lr_scale), lr=t.lr,
+        model.train(), lambda m: torch.optim.AdamW(param_groups(m, t.lr, t.audio_lr_scale, t.prompt_lr_scale), lr=t.lr,
                                                    weight_decay=cfg.train.weight_decay),
         dist, cfg.train.parallel, state and state["model"], state and state["optimizer"], run.compute)  # fmt: skip
     gb = t.batch_size
@@ -139,9 +140,13 @@ def run_teacher(cfg: Config, root: Path, progress: bool = True) -> StageResult:
         m.update({f"val_{k}": v for k, v in mouth_audio_gain(model, every_val, run.window_texts(every_val),
                                                               t.mouth_box).items()})  # fmt: skip
         m.update({f"val_{k}": v for k, v in action_prompt_gain(run, model, every_val).items()})
+        sheet = report / "action_prompts.png"  # written only when the windows carry action labels
+        sheet.unlink(missing_ok=True)
+        m.update({f"val_{k}": v for k, v in action_prompt_response(run, model, vae, every_val, sheet=sheet).items()})
         report.mkdir(parents=True, exist_ok=True)
         (report / "metrics.json").write_text(json.dumps(m, indent=2))
         artifacts = [report / "metrics.json", history_csv(ckpt.dir / "metrics.jsonl", report / "loss.csv")]
+        artifacts += [sheet] if sheet.is_file() else []
         if cfg.train.sample_video:
             artifacts.append(teacher_sample(run, model, vae, val, report / "sample.mp4"))
         result = StageResult(
@@ -164,12 +169,15 @@ def load_base_dit(cfg: Config, root: Path, model) -> str:
     return file_digest(path)
 
 
-def param_groups(model, lr: float, audio_lr_scale: float) -> list[dict]:
-    """AdamW groups: the audio modules at ``lr * audio_lr_scale``, the rest at ``lr``."""
+def param_groups(model, lr: float, audio_lr_scale: float, prompt_lr_scale: float = 1.0) -> list[dict]:
+    """AdamW groups: the audio modules at ``lr * audio_lr_scale``, the prompt modulation (``model.prompt_modulation``)
+    at ``lr * prompt_lr_scale``, the rest at ``lr``."""
     audio = model.audio_parameter_names()
+    prompt = {n for n, _ in model.named_parameters() if n.startswith("prompt_modulation.")}
     named = list(model.named_parameters())
-    groups = [{"params": [p for n, p in named if n not in audio], "lr": lr},
-              {"params": [p for n, p in named if n in audio], "lr": lr * audio_lr_scale}]
+    groups = [{"params": [p for n, p in named if n not in audio and n not in prompt], "lr": lr},
+              {"params": [p for n, p in named if n in audio], "lr": lr * audio_lr_scale},
+              {"params": [p for n, p in named if n in prompt], "lr": lr * prompt_lr_scale}]
     return [g for g in groups if g["params"]]
 
 

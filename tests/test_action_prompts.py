@@ -59,3 +59,27 @@ def test_action_prompt_response_is_zero_when_the_prompt_is_ignored_and_writes_it
             block.attn2.to_v.bias.zero_()
     ignored = action_prompt_response(run, model, vae, windows)
     assert all(ignored[f"action_response_{a}"] == 0.0 and ignored[f"action_right_way_{a}"] == 0.0 for a in names)
+
+
+@pytest.mark.skipif(not PORTRAIT.is_file(), reason="no avatar fixtures")
+def test_action_prompt_gain_scores_the_own_the_idle_and_the_opposite_prompt():
+    from tasks.training.common import OPPOSITE_ACTION, action_prompt_gain
+
+    cfg = load_config(sets=["vae.pretrained_path=weights/demo_vae.pt"], root=REPO)
+    run = start_run(cfg, REPO, progress=False)
+    vae = build_vae(cfg, root=REPO).eval()
+    model = build_dit(cfg, run.audio.token_dim, pretrained=False)
+    load_dit_weights(model, torch.load(REPO / "weights" / "demo_dit.pt", weights_only=True), "weights/demo_dit.pt")
+    assert all(OPPOSITE_ACTION[OPPOSITE_ACTION[a]] == a for a in OPPOSITE_ACTION)
+    windows = _windows(cfg, vae, run, ["turn_left", "idle", "nod", "wave"])
+    g = action_prompt_gain(run, model, windows)
+    assert g["action_windows"] == 3.0  # the idle window is not scored
+    assert g["action_prompt_gain"] != 0.0 and g["action_swap_gain"] != 0.0  # other tokens move the prediction
+    assert g["action_fm_loss_swapped_prompt"] != g["action_fm_loss_idle_prompt"]
+    with torch.no_grad():  # the prompt reaches nothing: no gain either way
+        for block in model.blocks:
+            block.attn2.to_v.weight.zero_()
+            block.attn2.to_v.bias.zero_()
+    g = action_prompt_gain(run, model, windows)
+    assert g["action_prompt_gain"] == 0.0 and g["action_swap_gain"] == 0.0
+    assert action_prompt_gain(run, model, windows.take([1])) == {}

@@ -393,11 +393,18 @@ def heldout_fm_losses(model: AudioDiT | None, latents: torch.Tensor, text: torch
     return out
 
 
+# the action whose prompt a window is also scored under: the one most like it that moves the other way
+OPPOSITE_ACTION = {"turn_left": "turn_right", "turn_right": "turn_left", "nod": "shake", "shake": "nod",
+                   "smile": "wave", "wave": "smile"}  # fmt: skip
+
+
 def action_prompt_gain(run: Run, model: AudioDiT, windows: WindowSet) -> dict[str, float]:
     """Does the model use the action prompt? On the windows labelled with an action (not idle): the
     flow-matching loss with the base (idle) prompt over the loss with their own action's prompt, minus 1 --
-    0 for a model that ignores the prompt, > 0 when the action's words predict the motion. Empty without
-    labelled windows."""
+    0 for a model that ignores the prompt, > 0 when the action's words predict the motion; and
+    ``action_swap_gain``, the same with the prompt of the opposite action (``OPPOSITE_ACTION``: a turn the
+    other way, shake for nod, wave for smile) -- > 0 when the prompt tells which action, not only that one
+    happens. Empty without labelled windows."""
     labels = list(windows.index["action"]) if "action" in windows.index else []
     acted = [i for i, a in enumerate(labels) if a != "idle"]
     if not acted:
@@ -406,10 +413,15 @@ def action_prompt_gain(run: Run, model: AudioDiT, windows: WindowSet) -> dict[st
     device = next(model.parameters()).device
     lat = w.latents.to(device)
     zero = torch.zeros(1, lat.shape[1], 1, 1, 1)
-    own = heldout_fm_losses(model, lat, run.window_texts(w), w.talk.to(device), w.listen.to(device), zero, zero)
-    idle = heldout_fm_losses(model, lat, run.text_batch(len(w)), w.talk.to(device), w.listen.to(device), zero, zero)
+    talk, listen = w.talk.to(device), w.listen.to(device)
+    own = heldout_fm_losses(model, lat, run.window_texts(w), talk, listen, zero, zero)
+    idle = heldout_fm_losses(model, lat, run.text_batch(len(w)), talk, listen, zero, zero)
+    swapped = run.texts([OPPOSITE_ACTION.get(labels[i], labels[i]) for i in acted])
+    swap = heldout_fm_losses(model, lat, swapped, talk, listen, zero, zero)
     return {"action_windows": float(len(w)), "action_fm_loss": own["fm_loss"],
-            "action_fm_loss_idle_prompt": idle["fm_loss"], "action_prompt_gain": idle["fm_loss"] / own["fm_loss"] - 1.0}
+            "action_fm_loss_idle_prompt": idle["fm_loss"], "action_prompt_gain": idle["fm_loss"] / own["fm_loss"] - 1.0,
+            "action_fm_loss_swapped_prompt": swap["fm_loss"],
+            "action_swap_gain": swap["fm_loss"] / own["fm_loss"] - 1.0}  # fmt: skip
 
 
 @torch.no_grad()

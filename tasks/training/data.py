@@ -231,6 +231,12 @@ def windows_digest(cfg: Config, root: Path) -> str:
     return hashlib.sha256(json.dumps([fingerprint(cfg), [list(map(str, r)) for r in rows]]).encode()).hexdigest()[:16]
 
 
+def window_splits(cfg: Config, root: Path) -> set[str]:
+    """The splits data/latents holds windows of (train, val, and unseen when an identity is held out)."""
+    index_path = root / cfg.train.latents_dir / INDEX
+    return set(pd.read_parquet(index_path, columns=["split"]).split) if index_path.is_file() else set()
+
+
 def load_windows(cfg: Config, root: Path, split: str, limit: int | None = None) -> WindowSet:
     """The windows of ``split`` ("train" or "val") from data/latents, stacked."""
     index_path = root / cfg.train.latents_dir / INDEX

@@ -35,7 +35,7 @@ from tasks.training.common import (
     teacher_sample,
     whole,
 )  # fmt: skip
-from tasks.training.data import build_windows, load_windows, windows_digest
+from tasks.training.data import build_windows, load_windows, window_splits, windows_digest
 from tasks.training.engine import (
     Metrics,
     accumulate,
@@ -140,6 +140,9 @@ def run_teacher(cfg: Config, root: Path, progress: bool = True) -> StageResult:
         m.update({f"val_{k}": v for k, v in mouth_audio_gain(model, every_val, run.window_texts(every_val),
                                                               t.mouth_box).items()})  # fmt: skip
         m.update({f"val_{k}": v for k, v in action_prompt_gain(run, model, every_val).items()})
+        unseen = load_windows(cfg, root, "unseen") if "unseen" in window_splits(cfg, root) else None
+        if unseen is not None and len(unseen):  # the held-out identity's action windows: more of them than val has
+            m.update({f"unseen_{k}": v for k, v in action_prompt_gain(run, model, unseen).items()})
         sheet = report / "action_prompts.png"  # written only when the windows carry action labels
         sheet.unlink(missing_ok=True)
         m.update({f"val_{k}": v for k, v in action_prompt_response(run, model, vae, every_val, sheet=sheet).items()})

@@ -4,7 +4,6 @@ demo weights and a real portrait: the model's samples under each action's prompt
 from __future__ import annotations
 
 import pandas as pd
-import pytest
 import torch
 
 from tasks.common.models import build_dit, build_vae, load_dit_weights
@@ -31,7 +30,6 @@ def _windows(cfg, vae, run, labels: list[str]) -> WindowSet:
                      torch.zeros(n, 3, cfg.video.height, cfg.video.width, dtype=torch.uint8))  # fmt: skip
 
 
-@pytest.mark.skipif(not PORTRAIT.is_file(), reason="no avatar fixtures")
 def test_action_prompt_response_is_zero_when_the_prompt_is_ignored_and_writes_its_sheet(tmp_path):
     cfg = load_config(sets=["vae.pretrained_path=weights/demo_vae.pt", "teacher_sampler.steps=32"], root=REPO)
     run = start_run(cfg, REPO, progress=False)
@@ -61,7 +59,6 @@ def test_action_prompt_response_is_zero_when_the_prompt_is_ignored_and_writes_it
     assert all(ignored[f"action_response_{a}"] == 0.0 and ignored[f"action_right_way_{a}"] == 0.0 for a in names)
 
 
-@pytest.mark.skipif(not PORTRAIT.is_file(), reason="no avatar fixtures")
 def test_action_prompt_gain_scores_the_own_the_idle_and_the_opposite_prompt():
     from tasks.training.common import OPPOSITE_ACTION, action_prompt_gain
 

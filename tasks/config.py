@@ -504,6 +504,10 @@ class TeacherConfig(_Section):
     # output on a pretrained video model, so at the base lr they barely move in a short fine-tune
     audio_lr_scale: float = Field(1.0, gt=0)
     prompt_lr_scale: float = Field(1.0, gt=0)  # lr multiplier of the zero-initialised prompt modulation
+    # the teacher's own share of action-labelled windows per batch (null: train.action_share, as every stage):
+    # the teacher learns which action from the action samples it sees (README, RRM), the later stages lose
+    # quality when most of their windows are actions
+    action_share: float | None = Field(None, ge=0, lt=1)
     # the flow-matching loss weighs latent pixels inside mouth_box (top, bottom, left, right, fractions of the
     # frame: where the mouth of a curated head crop lies) mouth_weight times: the mouth is the only part of the
     # frame that the audio predicts, a few latent pixels of 256, so at weight 1 its gradient is lost in the rest

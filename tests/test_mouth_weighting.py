@@ -123,3 +123,18 @@ def test_the_gaussian_baseline_weighs_pixels_like_the_model():
                             spatial=region_weight(H, H, (0.5, 1.0, 0.25, 0.75), 1.0, outside=0.0))["fm_loss"]  # fmt: skip
     assert ones == pytest.approx(plain, rel=1e-6)
     assert box != pytest.approx(plain, rel=1e-3)  # the mean over the box's pixels only
+
+
+def test_the_teacher_draws_its_own_share_of_action_windows():
+    from tasks.config import load_config
+    from tasks.training.teacher import teacher_draw_weights
+
+    labels = ["idle"] * 14 + ["nod", "nod", "turn_left", "wave"]
+    acted = torch.tensor([a != "idle" for a in labels])
+    cfg = load_config(sets=["train.action_share=0.5"])
+    assert teacher_draw_weights(cfg, labels)[acted].sum().item() == pytest.approx(0.5)  # as the later stages
+    cfg = load_config(sets=["train.action_share=0.5", "teacher.action_share=0.9"])
+    w = teacher_draw_weights(cfg, labels)
+    assert w[acted].sum().item() == pytest.approx(0.9) and w.sum().item() == pytest.approx(1.0)
+    assert w[14].item() == pytest.approx(w[15].item()) and w[16].item() == pytest.approx(2 * w[14].item())
+    assert teacher_draw_weights(load_config(sets=["teacher.action_share=0"]), labels) is None  # uniform

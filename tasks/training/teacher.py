@@ -93,7 +93,7 @@ def run_teacher(cfg: Config, root: Path, progress: bool = True) -> StageResult:
     if t.mouth_weight != 1.0:
         spatial = region_weight(*data.latents.shape[-2:], t.mouth_box, t.mouth_weight).to(device)
 
-    draw_weights = action_weights(data.index["action"], cfg.train.action_share)
+    draw_weights = teacher_draw_weights(cfg, data.index["action"])
 
     def step(s: int) -> dict[str, float]:
         g = step_generator(cfg.project.seed, STAGE, s)
@@ -157,10 +157,33 @@ def run_teacher(cfg: Config, root: Path, progress: bool = True) -> StageResult:
             summary=(f"teacher: {t.iterations} steps on {len(data)} windows; held-out flow-matching loss "
                      f"{m['val_fm_loss_before']:.4f} -> {m['val_fm_loss']:.4f} (per-channel Gaussian denoiser "
                      f"{m['val_fm_loss_gaussian']:.4f}; with the audio silenced {m['val_fm_loss_no_audio']:.4f}); "
-                     f"mouth-box loss with shuffled audio {100 * m.get('val_mouth_audio_gain', float('nan')):+.1f} %"),
+                     f"mouth-box loss with shuffled audio {100 * m.get('val_mouth_audio_gain', float('nan')):+.1f} %"
+                     + _action_summary(m)),
         )  # fmt: skip
     dist.barrier()
     return result
+
+
+def teacher_draw_weights(cfg: Config, labels) -> torch.Tensor | None:
+    """The teacher's draw weights over its windows: ``teacher.action_share`` of the draws from the
+    action-labelled ones (``train.action_share`` when null, as the later stages draw)."""
+    t = cfg.teacher
+    return action_weights(labels, cfg.train.action_share if t.action_share is None else t.action_share)
+
+
+def _action_summary(m: dict[str, float]) -> str:
+    """The action-prompt figures of a run with action labels, for the stage's summary line ('' without)."""
+    if "unseen_action_swap_gain" in m:
+        split = "unseen"
+    elif "val_action_swap_gain" in m:
+        split = "val"
+    else:
+        return ""
+    turns = [f"{a} {m[f'val_action_right_way_{a}']:.2f}" for a in ("turn_left", "turn_right")
+             if f"val_action_right_way_{a}" in m]  # fmt: skip
+    return (f"; {split} action windows: loss with the idle prompt {100 * m[f'{split}_action_prompt_gain']:+.1f} %, "
+            f"with the opposite action's {100 * m[f'{split}_action_swap_gain']:+.1f} %"
+            + (f"; samples turned the asked way: {', '.join(turns)}" if turns else ""))
 
 
 def load_base_dit(cfg: Config, root: Path, model) -> str:

@@ -126,6 +126,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="--memory: a student trained with model.memory_slots > 0 (the LSVM row; skipped without)")
     p.add_argument("--memory-clips", type=int, default=2, help="--memory: marked clips to stream (default 2)")
     p.add_argument("--every", type=float, default=2.5, help="--actions: seconds between requests (default 2.5)")
+    p.add_argument("--ceiling", action="store_true",
+                   help="--actions: also score the profile's curated action clips against their labels, as they "
+                        "are and through the autoencoder (what the student is measured against)")
     p.add_argument("--window-s", type=float, default=10.0,
                    help="--drift, --memory: seconds per measurement window (default 10)")
     p.add_argument("--out", default=None,
@@ -411,7 +414,7 @@ def _bench(args, cfg, root: Path) -> int:
                 raise ConfigError("--actions: give --reference and --voice together")
             pairs = [(Path(args.reference), Path(args.voice))]
         report = run_action_bench(cfg, root, args.checkpoint, pairs, seconds=args.seconds, every_s=args.every,
-                                  progress=not args.json)  # fmt: skip
+                                  progress=not args.json, ceiling=args.ceiling)  # fmt: skip
         default_out = f"{cfg.project.data_dir}/reports/action_bench.json"
     elif args.memory:
         from tasks.evaluation.memory_bench import format_report, run_memory_bench

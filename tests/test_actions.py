@@ -156,6 +156,58 @@ def test_prompt_response_reads_the_rendered_turns_the_right_way(rendered):
     assert swapped["right_way_turn_right"] <= 0.25
 
 
+def test_the_ceiling_scores_curated_action_clips_as_they_are_and_through_the_autoencoder(tmp_path):
+    """bench --actions --ceiling on a small curated set (head crops of a rendered corpus, seed 7, written as the
+    curated clips are) with the committed demo autoencoder: the clips themselves follow their labels as the
+    calibration says, the autoencoder keeps faces; malformed labels and a missing manifest are clear errors."""
+    import pandas as pd
+
+    from tasks.common.media import write_video
+    from tasks.config import ConfigError
+    from tasks.evaluation.action_bench import autoencoder_ceiling, format_report
+
+    corpus_root = tmp_path / "corpus"
+    cfg = load_config(sets=SETS, root=corpus_root)
+    run_corpus(cfg, corpus_root, progress=False)
+    out = corpus_root / cfg.corpus.out_dir
+    rows = []
+    for gt_path in sorted((out / "gt").glob("*.json"))[:2]:
+        gt = json.loads(gt_path.read_text())
+        frames = head_crop(read_frames(out / "videos" / f"{gt['clip_id']}.mp4"))
+        rel = f"data/curated/clips/{gt['clip_id']}.mp4"
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        write_video(tmp_path / rel, list(frames), 25)
+        acts = [[a["name"], a["start_frame"] / 25, a["end_frame"] / 25] for a in gt["actions"]]
+        rows.append({"clip_id": gt["clip_id"], "video_path": rel, "actions": json.dumps(acts)})
+    rows.append({"clip_id": "failed", "video_path": None, "actions": ""})  # a clip curation dropped: skipped
+    (tmp_path / "data" / "manifests").mkdir(parents=True)
+    pd.DataFrame(rows).to_parquet(tmp_path / "data" / "manifests" / "curated.parquet")
+    cfg = load_config(sets=[f"vae.pretrained_path={REPO / 'weights' / 'demo_vae.pt'}"], root=tmp_path)
+    r = autoencoder_ceiling(cfg, tmp_path, progress=False)
+    asked = sum(len(json.loads(x["actions"])) for x in rows[:2])
+    for key in ("curated", "autoencoder"):
+        assert r[key]["clips"] == 2 and r[key]["requested"] == asked
+        assert sum(v["requested"] for v in r[key]["per_action"].values()) == asked
+    assert r["curated"]["followed"] >= 0.8 and r["curated"]["face_rate"] >= 0.95
+    assert 0.0 <= r["autoencoder"]["followed"] <= 1.0 and r["autoencoder"]["face_rate"] >= 0.8
+    assert r["autoencoder"] != r["curated"]  # its own video: here the autoencoder's flicker reads as false actions
+    assert "through the autoencoder: followed" in format_report({**_empty_report(), "ceiling": r})
+
+    bad = pd.DataFrame(rows[:1]).assign(actions='[["nod", "soon"]]')
+    bad.to_parquet(tmp_path / "data" / "manifests" / "curated.parquet")
+    with pytest.raises(ConfigError, match=rows[0]["clip_id"]):
+        autoencoder_ceiling(cfg, tmp_path, progress=False)
+    (tmp_path / "data" / "manifests" / "curated.parquet").unlink()
+    with pytest.raises(ConfigError, match="curate"):
+        autoencoder_ceiling(cfg, tmp_path, progress=False)
+
+
+def _empty_report() -> dict:
+    return {"videos": [], "seconds_streamed": 0.0, "seconds": 0.0, "every_s": 2.5, "requested": 0, "followed": None,
+            "followed_without_requests": None, "false_per_idle_min": None, "false_per_min_without_requests": None,
+            "median_latency_s": None, "switch_latency_chunks_max": None, "checkpoint": "x", "per_action": {}}
+
+
 def test_action_bench_streams_with_and_without_requests(tmp_path):
     """bench --actions on the seeded untrained student: the schedule, both videos per portrait, the prompt
     switched within one chunk of each request, and the report's figures in range."""

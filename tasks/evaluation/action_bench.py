@@ -8,12 +8,23 @@ videos against the same schedule: the second is the chance level of "following" 
 requested motion although nothing asked for it). Reported: followed share with and without the requests, per
 action, false actions per idle minute, the detector's latency and the switch latency in chunks (the chunk
 whose prompt changed after each request, from the generator's own log).
+
+``--ceiling`` adds what the student is measured against: the profile's curated action clips scored by the same
+detector against their own labels, as they are and through the autoencoder (encoded and decoded again, as
+every generated video is): the share of their actions followed, per action, the false actions per idle minute
+and the face rate. Nothing that generates latents can be expected to do better than the second.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from tqdm import tqdm
 
 from model.interaction import ACTIONS
 from tasks.config import Config, ConfigError, resolve_path
@@ -34,8 +45,67 @@ def schedule(seconds: float, every_s: float, start_s: float = 1.0) -> str:
     return ",".join(out)
 
 
+def _clip_requests(actions: str | None, fps: float, where: str) -> list[tuple[str, int, int]]:
+    """A manifest row's ``actions`` JSON ``[[name, start_s, end_s], ...]`` as (name, start frame, end frame)."""
+    if not isinstance(actions, str) or not actions:
+        return []
+    try:
+        return [(str(a), int(round(float(s) * fps)), int(round(float(e) * fps))) for a, s, e in json.loads(actions)]
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"{where}: 'actions' is not a list of [name, start_s, end_s]: {actions!r}") from e
+
+
+@torch.no_grad()
+def autoencoder_ceiling(cfg: Config, root: Path, progress: bool = True) -> dict[str, Any]:
+    """The curated clips with action labels (the profile's manifest), scored by the detector against their own
+    labels as they are (``curated``) and encoded and decoded by the profile's autoencoder (``autoencoder``)."""
+    from tasks.common.media import read_frames
+    from tasks.common.models import build_vae
+    from tasks.evaluation.actions import action_signals, detect_actions, score_following
+
+    manifest = root / cfg.curate.manifest
+    if not manifest.is_file():
+        raise ConfigError(f"--ceiling: {manifest} does not exist (run `streamavatar curate` for this profile)")
+    rows = pd.read_parquet(manifest)
+    if "actions" not in rows:
+        raise ConfigError(f"--ceiling: {manifest} has no 'actions' column (a corpus without corpus.actions)")
+    rows = rows[rows.video_path.apply(lambda p: isinstance(p, str)) & (rows.actions.fillna("") != "")]
+    if rows.empty:
+        raise ConfigError(f"--ceiling: no curated clip in {manifest} has action labels")
+    vae = build_vae(cfg, root=root).eval()
+    fps = cfg.video.fps
+    out = {k: {"requested": 0, "followed": 0, "false": 0, "idle_min": 0.0, "face": [], "per_action": {}}
+           for k in ("curated", "autoencoder")}  # fmt: skip
+    for r in tqdm(list(rows.itertuples()), desc="ceiling", unit="clip", disable=not progress):
+        frames = read_frames(root / r.video_path)
+        frames = frames[: 1 + cfg.vae.temporal_compression * ((len(frames) - 1) // cfg.vae.temporal_compression)]
+        x = torch.from_numpy(np.ascontiguousarray(frames)).permute(3, 0, 1, 2).float()[None] / 127.5 - 1.0
+        decoded = vae.decode(vae.encode(x.to(next(vae.parameters()).device)))[0].clamp(-1, 1).cpu()
+        decoded = ((decoded + 1) * 127.5).round().byte().permute(1, 2, 3, 0).numpy()
+        requests = _clip_requests(r.actions, fps, f"{manifest} clip {r.clip_id}")
+        for key, video in (("curated", frames), ("autoencoder", decoded)):
+            signals = action_signals(video)
+            f = score_following(detect_actions(signals, fps), requests, len(video), fps)
+            o = out[key]
+            o["requested"] += f.requested
+            o["followed"] += f.followed
+            o["false"] += f.false_events
+            o["idle_min"] += f.idle_minutes
+            o["face"].append(float((~np.isnan(signals.yaw)).mean()))
+            for name, (hit, asked) in f.per_action.items():
+                p = o["per_action"].setdefault(name, [0, 0])
+                p[0], p[1] = p[0] + hit, p[1] + asked
+    return {key: {"clips": len(rows), "requested": o["requested"],
+                  "followed": o["followed"] / o["requested"] if o["requested"] else None,
+                  "false_per_idle_min": o["false"] / o["idle_min"] if o["idle_min"] else None,
+                  "face_rate": float(np.mean(o["face"])),
+                  "per_action": {k: {"followed": v[0], "requested": v[1]} for k, v in sorted(o["per_action"].items())}}
+            for key, o in out.items()}  # fmt: skip
+
+
 def run_action_bench(cfg: Config, root: Path, checkpoint: str | None = None, pairs: list[tuple[Path, Path]] | None = None,
-                     seconds: float = 20.0, every_s: float = 2.5, progress: bool = True) -> dict[str, Any]:  # fmt: skip
+                     seconds: float = 20.0, every_s: float = 2.5, progress: bool = True, ceiling: bool = False
+                     ) -> dict[str, Any]:  # fmt: skip
     if seconds < 4 or every_s < 1.5:
         raise ConfigError("--seconds must be at least 4 and --every at least 1.5")
     if pairs is None:
@@ -98,6 +168,7 @@ def run_action_bench(cfg: Config, root: Path, checkpoint: str | None = None, pai
                        for k, v in sorted(per_action.items())},
         "median_latency_s": sorted(latency)[len(latency) // 2] if latency else None,
         "switch_latency_chunks_max": max(switch_chunks) if switch_chunks else None,  # < 1: the next boundary
+        **({"ceiling": autoencoder_ceiling(cfg, root, progress)} if ceiling else {}),
     }  # fmt: skip
 
 
@@ -119,4 +190,13 @@ def format_report(r: dict[str, Any]) -> str:
              "  action       followed  found without a request"]  # fmt: skip
     for name, v in r["per_action"].items():
         lines.append(f"  {name:<12} {v['followed']}/{v['requested']:<7} {v['found_without_request']}/{v['requested']}")
+    if "ceiling" in r:
+        c = r["ceiling"]
+        lines.append(f"  the ceiling: the profile's {c['curated']['clips']} curated action clips "
+                     f"({c['curated']['requested']} actions) against their own labels")
+        for key, label in (("curated", "as they are"), ("autoencoder", "through the autoencoder")):
+            v = c[key]
+            per = ", ".join(f"{k} {a['followed']}/{a['requested']}" for k, a in v["per_action"].items())
+            lines.append(f"    {label}: followed {pct(v['followed'])} ({per}); false per idle minute "
+                         f"{num(v['false_per_idle_min'])}; face found {pct(v['face_rate'])}")
     return "\n".join(lines)

@@ -180,18 +180,21 @@ def test_the_ceiling_scores_curated_action_clips_as_they_are_and_through_the_aut
         acts = [[a["name"], a["start_frame"] / 25, a["end_frame"] / 25] for a in gt["actions"]]
         rows.append({"clip_id": gt["clip_id"], "video_path": rel, "actions": json.dumps(acts)})
     rows.append({"clip_id": "failed", "video_path": None, "actions": ""})  # a clip curation dropped: skipped
+    (tmp_path / "data" / "curated" / "clips" / "broken.mp4").write_bytes(b"not a video")
+    rows.append({"clip_id": "broken", "video_path": "data/curated/clips/broken.mp4", "actions": '[["nod", 1, 2]]'})
     (tmp_path / "data" / "manifests").mkdir(parents=True)
     pd.DataFrame(rows).to_parquet(tmp_path / "data" / "manifests" / "curated.parquet")
     cfg = load_config(sets=[f"vae.pretrained_path={REPO / 'weights' / 'demo_vae.pt'}"], root=tmp_path)
     r = autoencoder_ceiling(cfg, tmp_path, progress=False)
     asked = sum(len(json.loads(x["actions"])) for x in rows[:2])
-    for key in ("curated", "autoencoder"):
-        assert r[key]["clips"] == 2 and r[key]["requested"] == asked
+    for key in ("curated", "autoencoder"):  # the broken clip is named and left out, the others count
+        assert r[key]["clips"] == 2 and r[key]["requested"] == asked and list(r[key]["failed"]) == ["broken"]
         assert sum(v["requested"] for v in r[key]["per_action"].values()) == asked
     assert r["curated"]["followed"] >= 0.8 and r["curated"]["face_rate"] >= 0.95
     assert 0.0 <= r["autoencoder"]["followed"] <= 1.0 and r["autoencoder"]["face_rate"] >= 0.8
     assert r["autoencoder"] != r["curated"]  # its own video: here the autoencoder's flicker reads as false actions
-    assert "through the autoencoder: followed" in format_report({**_empty_report(), "ceiling": r})
+    text = format_report({**_empty_report(), "ceiling": r})
+    assert "through the autoencoder: followed" in text and "unreadable, left out: broken" in text
 
     bad = pd.DataFrame(rows[:1]).assign(actions='[["nod", "soon"]]')
     bad.to_parquet(tmp_path / "data" / "manifests" / "curated.parquet")

@@ -59,7 +59,7 @@ def _clip_requests(actions: str | None, fps: float, where: str) -> list[tuple[st
 def autoencoder_ceiling(cfg: Config, root: Path, progress: bool = True) -> dict[str, Any]:
     """The curated clips with action labels (the profile's manifest), scored by the detector against their own
     labels as they are (``curated``) and encoded and decoded by the profile's autoencoder (``autoencoder``)."""
-    from tasks.common.media import read_frames
+    from tasks.common.media import MediaError, read_frames
     from tasks.common.models import build_vae
     from tasks.evaluation.actions import action_signals, detect_actions, score_following
 
@@ -76,8 +76,13 @@ def autoencoder_ceiling(cfg: Config, root: Path, progress: bool = True) -> dict[
     fps = cfg.video.fps
     out = {k: {"requested": 0, "followed": 0, "false": 0, "idle_min": 0.0, "face": [], "per_action": {}}
            for k in ("curated", "autoencoder")}  # fmt: skip
+    failed: dict[str, str] = {}
     for r in tqdm(list(rows.itertuples()), desc="ceiling", unit="clip", disable=not progress):
-        frames = read_frames(root / r.video_path)
+        try:
+            frames = read_frames(root / r.video_path)
+        except MediaError as e:  # one unreadable clip is reported, the others still count
+            failed[str(r.clip_id)] = str(e)
+            continue
         frames = frames[: 1 + cfg.vae.temporal_compression * ((len(frames) - 1) // cfg.vae.temporal_compression)]
         x = torch.from_numpy(np.ascontiguousarray(frames)).permute(3, 0, 1, 2).float()[None] / 127.5 - 1.0
         decoded = vae.decode(vae.encode(x.to(next(vae.parameters()).device)))[0].clamp(-1, 1).cpu()
@@ -95,7 +100,9 @@ def autoencoder_ceiling(cfg: Config, root: Path, progress: bool = True) -> dict[
             for name, (hit, asked) in f.per_action.items():
                 p = o["per_action"].setdefault(name, [0, 0])
                 p[0], p[1] = p[0] + hit, p[1] + asked
-    return {key: {"clips": len(rows), "requested": o["requested"],
+    if not out["curated"]["face"]:
+        raise ConfigError(f"--ceiling: no curated action clip in {manifest} could be read: {failed}")
+    return {key: {"clips": len(rows) - len(failed), "failed": failed, "requested": o["requested"],
                   "followed": o["followed"] / o["requested"] if o["requested"] else None,
                   "false_per_idle_min": o["false"] / o["idle_min"] if o["idle_min"] else None,
                   "face_rate": float(np.mean(o["face"])),
@@ -193,7 +200,8 @@ def format_report(r: dict[str, Any]) -> str:
     if "ceiling" in r:
         c = r["ceiling"]
         lines.append(f"  the ceiling: the profile's {c['curated']['clips']} curated action clips "
-                     f"({c['curated']['requested']} actions) against their own labels")
+                     f"({c['curated']['requested']} actions) against their own labels"
+                     + (f"; unreadable, left out: {', '.join(c['curated']['failed'])}" if c["curated"]["failed"] else ""))
         for key, label in (("curated", "as they are"), ("autoencoder", "through the autoencoder")):
             v = c[key]
             per = ", ".join(f"{k} {a['followed']}/{a['requested']}" for k, a in v["per_action"].items())

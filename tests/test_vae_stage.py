@@ -205,6 +205,18 @@ def test_vae_stage_finetunes_from_the_pretrained_weights_on_curated_clips(tiny_r
     assert m["psnr_before"] > 12.0, m
     assert (tiny_root / "data" / "checkpoints" / "vae" / "final.pt").is_file()
     assert (tiny_root / "data" / "reports" / "vae" / "reconstructions.png").is_file()
+    # only the decoder trained (the default): the encoder AND the latent statistics are the pretrained ones, so
+    # the normalised latents the base DiT was trained on are exactly what the teacher gets
+    start = torch.load(tiny_root / "weights" / "demo_vae.pt", weights_only=True)
+    tuned = torch.load(tiny_root / "data" / "checkpoints" / "vae" / "final.pt", weights_only=True)
+    assert tuned["latents_mean"] == start["latents_mean"] and tuned["latents_std"] == start["latents_std"]
+    assert all(torch.equal(start["model"][k], tuned["model"][k]) for k in start["model"] if k.startswith("enc_"))
+    # training the encoder too measures them afresh on the curated clips
+    cfg = tiny_cfg(tiny_root, "vae_train.init_from=weights/demo_vae.pt", "vae_train.iterations=2",
+                   "vae_train.decoder_only=false", "vae_train.out=data/checkpoints/vae_all/final.pt")  # fmt: skip
+    run_vae(cfg, tiny_root, progress=False)
+    whole = torch.load(tiny_root / "data" / "checkpoints" / "vae_all" / "final.pt", weights_only=True)
+    assert whole["latents_std"] != start["latents_std"]
     with pytest.raises(ConfigError, match="init_from"):
         run_vae(tiny_cfg(tiny_root, "vae_train.init_from=weights/missing.pt"), tiny_root, progress=False)
 

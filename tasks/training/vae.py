@@ -355,8 +355,19 @@ def train_autoencoder(cfg: Config, stage: str, ckpt_dir: Path, train: dict, held
     return ae, m, windows
 
 
-def save_weights(cfg: Config, ae: CausalVideoAE, train: dict, path: Path, extra: dict) -> dict:
-    mean, std = latent_stats(ae, train, cfg.vae_train.clip_frames, device_of(cfg))
+def kept_stats(init: dict | None, decoder_only: bool) -> tuple[list[float], list[float]] | None:
+    """The latent statistics to keep: the starting weights' when only the decoder trained (the encoder is
+    theirs, so the normalised latents -- what a DiT trained on them, e.g. the base DiT, knows -- must stay exactly
+    theirs too); None otherwise (measured afresh on the training clips)."""
+    if decoder_only and init is not None and "latents_mean" in init and "latents_std" in init:
+        return list(init["latents_mean"]), list(init["latents_std"])
+    return None
+
+
+def save_weights(cfg: Config, ae: CausalVideoAE, train: dict, path: Path, extra: dict,
+                 stats: tuple[list[float], list[float]] | None = None) -> dict:  # fmt: skip
+    """The autoencoder with its latent statistics (``stats``, else measured on ``train``) and ``extra``."""
+    mean, std = stats if stats is not None else latent_stats(ae, train, cfg.vae_train.clip_frames, device_of(cfg))
     state = {"model": ae.state_dict(), "latents_mean": mean, "latents_std": std, "spec": causal_ae_spec(cfg), **extra}
     state["digest"] = hashlib.sha256(json.dumps([extra.get("data_digest"), extra.get("metrics")],
                                                 sort_keys=True).encode()).hexdigest()[:16]  # fmt: skip
@@ -409,7 +420,8 @@ def run_vae(cfg: Config, root: Path, progress: bool = True) -> StageResult:
                                        t.iterations, t.lr, progress, decoder_only=t.decoder_only)  # fmt: skip
     m["init_from_pretrained"] = float(init is not None)
     out = resolve_path(t.out, root)
-    save_weights(cfg, ae, train, out, {"data_digest": data_digest(train), "metrics": m})
+    save_weights(cfg, ae, train, out, {"data_digest": data_digest(train), "metrics": m},
+                 kept_stats(init, t.decoder_only))  # fmt: skip
     sheet = contact_sheet(ae, windows, cfg.vae.spatial_compression, report / "reconstructions.png")
     curve = history_csv(root / cfg.train.checkpoint_dir / "vae" / "metrics.jsonl", report / "loss.csv")
     return StageResult("vae", metrics=m, artifacts=[*_report(report, m, sheet), curve], outputs=[out], failures=failures,
@@ -425,6 +437,7 @@ def pretrain_vae(cfg: Config, root: Path, train: dict, held: dict, out_dir: Path
     ae, m, windows = train_autoencoder(cfg, "pretrain", out_dir / "checkpoints", train, held, init, p.iterations,
                                        p.lr, progress, decoder_only=p.vae_decoder_only,
                                        max_seconds=p.vae_max_seconds)  # fmt: skip
-    save_weights(cfg, ae, train, out_dir / "demo_vae.pt", {**provenance, "metrics": m})
+    save_weights(cfg, ae, train, out_dir / "demo_vae.pt", {**provenance, "metrics": m},
+                 kept_stats(init, p.vae_decoder_only))  # fmt: skip
     sheet = contact_sheet(ae, windows, cfg.vae.spatial_compression, out_dir / "reconstructions.png")
     return ae, m, [sheet]

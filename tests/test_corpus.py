@@ -159,6 +159,22 @@ def test_resume_skips_finished_and_redoes_missing(corpus):
     assert len(list((root / cfg.corpus.out_dir / "videos").glob("*.mp4"))) == 2  # stale clips removed
 
 
+def test_a_moved_corpus_resumes_with_its_own_paths(corpus, tmp_path):
+    """The corpus folder moved (or copied to another machine's checkout) under another out_dir: nothing is
+    rendered again, and the manifest and the contact sheet take the files where they are now, not where they
+    were rendered."""
+    root, cfg, _, _ = corpus
+    shutil.copytree(root / cfg.corpus.out_dir, tmp_path / "elsewhere" / "corpus")
+    conversations = len(list((tmp_path / "elsewhere" / "corpus" / "videos").glob("*.mp4"))) // 2
+    moved_cfg, moved = generate(tmp_path, "corpus.out_dir=elsewhere/corpus", "corpus.report_dir=elsewhere/report",
+                                f"corpus.num_conversations={conversations}")  # fmt: skip
+    assert moved.metrics["conversations_generated"] == 0 and moved.metrics["clips_ok"] == 2 * conversations
+    table = pd.read_parquet(tmp_path / "elsewhere" / "corpus" / "corpus.parquet")
+    for column in ("video_path", "anno_path", "gt_path"):
+        assert all(p.startswith("elsewhere/corpus/") and (tmp_path / p).is_file() for p in table[column]), column
+    assert (tmp_path / "elsewhere" / "report" / "contact_sheet.png").is_file()
+
+
 def test_photo_without_a_face_is_recorded_and_left_out(tmp_path):
     from PIL import Image
     from skimage import data

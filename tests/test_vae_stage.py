@@ -347,3 +347,40 @@ def test_pretrain_dit_fits_its_steps_to_a_time_budget(tiny_root, pretrained):
     m = run_pretrain(cfg, tiny_root, progress=False, what="vae").metrics
     assert 30 < m["steps"] < 100000 and m["train_seconds"] < 4 * 3, m
     assert m["psnr"] > m["psnr_before"] + 2.5, m
+
+
+@pytest.mark.slow
+def test_make_gpu_pack_script_packs_real_clips_and_a_corpus_without_the_unseen_person(clone):
+    """scripts/make_gpu_pack.sh in a temporary clone: a 7-conversation corpus (seed 1, 3 s each) of the shared
+    portraits less the unseen identity (curate.unseen_identities: fashion_blogger), and two real clips, one named
+    in pretrain.holdout, packed into one file that `read_pack` reads: held out are that clip and both sides of
+    the corpus conversation whose id starts with sy0 (conversation 6 at seed 1), nothing else."""
+    import subprocess
+    import sys
+
+    from tasks.training.pretrain import read_pack
+    from tests.conftest import BIN, tool_env
+
+    shared_path("fixtures", "avatars", "fashion_blogger.jpg")
+    (clone / "real").mkdir()
+    for name in CLIPS[:2]:
+        shutil.copy(shared_path("fixtures", "talking", name), clone / "real" / name)
+    held_real = CLIPS[0].removesuffix(".mp4")
+    env = {**tool_env(clone), "STREAMAVATAR": str(BIN / "streamavatar"), "PYTHON": sys.executable}
+    proc = subprocess.run(["bash", "scripts/make_gpu_pack.sh", "data/pk", "7", "--set", "corpus.duration_s=3.0",
+                           "--set", "pretrain.dirs=[real]", "--set", f"pretrain.holdout=[{held_real}]",
+                           "--set", "pretrain.max_seconds_per_clip=2.0"],
+                          cwd=clone, env=env, capture_output=True, text=True, timeout=900)  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "left out: fashion_blogger" in proc.stderr
+    # the corpus's faces: every shared portrait and avatar with a face but the unseen person's
+    used = {f["name"] for f in json.loads((clone / "data/pk/corpus_report/faces.json").read_text())["used"]}
+    assert "fashion_blogger" not in used and {"boy", "kitchen_grandmother", "hallo__3"} <= used, sorted(used)
+    corpus = pd.read_parquet(clone / "data/pk/corpus/corpus.parquet")
+    assert len(corpus) == 14 and (corpus["status"] == "ok").all()
+    sy0 = set(corpus.loc[corpus["clip_id"].str.startswith("sy0"), "clip_id"])
+    assert set(corpus.loc[corpus["conversation"] == 6, "clip_id"]) == sy0 and len(sy0) == 2
+    train, held, voices, meta = read_pack(load_config(root=clone), clone / "data/pk/dit_pack.npz")
+    assert set(held) == sy0 | {held_real}
+    assert set(train) == (set(corpus["clip_id"]) - sy0) | {CLIPS[1].removesuffix(".mp4")}
+    assert set(voices) == set(train) | set(held)

@@ -321,21 +321,25 @@ def _write_json_atomic(path: Path, obj: dict) -> None:
     tmp.replace(path)
 
 
-def _finished_rows(cfg: CorpusConfig, index: int, out: Path, photos: tuple[PhotoSpec, ...]) -> list[dict] | None:
+def _finished_rows(cfg: CorpusConfig, index: int, out: Path, root: Path, photos: tuple[PhotoSpec, ...]
+                   ) -> list[dict] | None:  # fmt: skip
+    """The manifest rows of a conversation already rendered under ``out``, or None. The rows' paths are where the
+    files are now (a corpus folder moved or copied elsewhere resumes with its own paths, not the old ones)."""
     ytid = synthetic_ytid(cfg.seed, index)
     rows = []
     for p, side in enumerate(SIDES):
         name = clip_name(ytid, cfg.width, cfg.height, 1, side, p)
-        gt = out / "gt" / f"{name}.json"
-        if not (gt.is_file() and (out / "videos" / f"{name}.mp4").is_file() and (out / "merged_anno" / f"{name}.json").is_file()):
+        files = {"video_path": out / "videos" / f"{name}.mp4", "anno_path": out / "merged_anno" / f"{name}.json",
+                 "gt_path": out / "gt" / f"{name}.json"}  # fmt: skip
+        if not all(f.is_file() for f in files.values()):
             return None
         try:
-            data = json.loads(gt.read_text())
+            data = json.loads(files["gt_path"].read_text())
         except (OSError, json.JSONDecodeError):
             return None
         if data.get("fingerprint") != fingerprint(cfg, index, photos):
             return None
-        rows.append(data["row"])
+        rows.append({**data["row"], **{k: _rel(f, root) for k, f in files.items()}})
     return rows
 
 
@@ -355,7 +359,7 @@ def run_corpus(cfg: Config, root: Path, progress: bool = True) -> StageResult:
     rows: dict[int, list[dict]] = {}
     todo = []
     for i in range(c.num_conversations):
-        done = _finished_rows(c, i, out, pairs[i])
+        done = _finished_rows(c, i, out, root, pairs[i])
         if done is None:
             todo.append(i)
         else:

@@ -237,6 +237,10 @@ def main(argv: list[str] | None = None) -> int:
 def _main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    from tasks.runner import SUMMARY_RECORD
+
+    for handler in logging.getLogger().handlers:  # the stage's summary is printed below (once), not logged too
+        handler.addFilter(lambda record: not getattr(record, SUMMARY_RECORD, False))
     for noisy in ("httpx", "httpcore", "alembic", "urllib3"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     root = project_root()

@@ -17,6 +17,8 @@ from tasks.config import Config, load_config
 from tasks.registry import STAGES
 
 log = logging.getLogger("streamavatar")
+# marks the log record of a stage's summary: the CLI's console leaves it out (it prints the summary itself)
+SUMMARY_RECORD = "streamavatar_summary"
 
 
 @dataclass
@@ -190,5 +192,6 @@ def _run_stage(name: str, cfg: Config, root: Path, parent_run_id: str | None, or
         else:
             dvc_note = ("not recorded in dvc.lock: this run's parameters differ from params.yaml "
                         "(put them in params.yaml to make DVC track them)")
-    log.info(result.summary)
+    # for the run's logs (Prefect's UI, a log file); the console prints the outcome's summary itself
+    log.info(result.summary, extra={SUMMARY_RECORD: True})
     return Outcome(name, "ran", metrics=result.metrics, failures=result.failures, summary=result.summary, dvc=dvc_note)

@@ -40,3 +40,17 @@ def test_cli_reports_config_errors_with_exit_code_2(tmp_path):
     assert ok.returncode == 0, ok.stderr
     cfg = yaml.safe_load(ok.stdout)
     assert cfg["corpus"]["seed"] == 3 and cfg["video"]["width"] == 928  # found the project from a subfolder
+
+
+def test_a_cli_stage_prints_its_summary_once(tmp_path):
+    """The runner logs a stage's summary for the run's logs (Prefect's UI: tests/test_pipeline.py) and the CLI
+    prints it: on the console it appears once, on stdout."""
+    from tests.conftest import tool_env
+
+    proc = subprocess.run([sys.executable, "-m", "flows.cli", "corpus", "--set", "corpus.num_conversations=1",
+                           "--set", "corpus.duration_s=2", "--set", "corpus.extra_faces_dirs=[]",
+                           "--set", "tracking.enabled=false"],
+                          cwd=tmp_path, env=tool_env(tmp_path), capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = [ln for ln in (proc.stdout + proc.stderr).splitlines() if ln.startswith("corpus: 2 clips ok")]
+    assert len(lines) == 1 and lines[0] in proc.stdout.splitlines(), proc.stdout + proc.stderr

@@ -55,7 +55,9 @@ class Served:
                         MLFLOW_TRACKING_URI=f"http://127.0.0.1:{self.mlflow_port}",
                         STREAMAVATAR_TRACKING_URI=f"http://127.0.0.1:{self.mlflow_port}",
                         # no 03:00 UTC nightly run sneaking into the test: runs here are triggered by hand
-                        PREFECT_SERVER_SERVICES_SCHEDULER_ENABLED="false", PREFECT_WORKER_QUERY_SECONDS="2")
+                        PREFECT_SERVER_SERVICES_SCHEDULER_ENABLED="false", PREFECT_WORKER_QUERY_SECONDS="1",
+                        # a run that finds the deployment's one slot taken retries in 3 s, not Prefect's 30 s
+                        PREFECT_SERVER_DEPLOYMENTS_CONCURRENCY_SLOT_WAIT_SECONDS="3")
         self.api = self.env["PREFECT_API_URL"]
 
     def cli(self, *args, timeout=900, check=True) -> subprocess.CompletedProcess:

@@ -1,6 +1,6 @@
 """Flow `ode_pairs`. the teacher's ODE trajectories at the student's noise levels.
 
-Multi-process training runs outside Prefect with torchrun (README, "Training on several GPUs"); the flow runs
+Multi-process training runs outside Prefect with torchrun (docs/training.md, "Several processes / GPUs"); the flow runs
 the stage in its worker's process."""
 
 from __future__ import annotations

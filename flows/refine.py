@@ -1,6 +1,6 @@
 """Flow `refine`. adversarial refinement with the consistency-aware discriminator, on real clips.
 
-Multi-process training runs outside Prefect with torchrun (README, "Training on several GPUs"); the flow runs
+Multi-process training runs outside Prefect with torchrun (docs/training.md, "Several processes / GPUs"); the flow runs
 the stage in its worker's process."""
 
 from __future__ import annotations

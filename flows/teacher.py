@@ -1,6 +1,6 @@
 """Flow `teacher`. encode the training windows, fine-tune the bidirectional teacher.
 
-Multi-process training runs outside Prefect with torchrun (README, "Training on several GPUs"); the flow runs
+Multi-process training runs outside Prefect with torchrun (docs/training.md, "Several processes / GPUs"); the flow runs
 the stage in its worker's process."""
 
 from __future__ import annotations

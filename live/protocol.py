@@ -1,6 +1,6 @@
 """The live WebSocket protocol (``/ws``), shared by the server and the Python client.
 
-A session, in order (see README "Live avatar" for the full schema):
+A session, in order (see docs/live.md for the full schema):
 
 1. client -> text ``{"type": "start", "sample_rate": 16000, "channels": 1, "format": "s16le"}`` (any rate
    8-48 kHz, 1 or 2 interleaved channels, ``s16le`` or ``f32le``), then one binary REFERENCE message.

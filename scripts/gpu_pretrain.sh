@@ -5,7 +5,7 @@
 # model. It trains for a wall-clock budget (pretrain.dit_max_seconds: the steps that fit, timed on 30 steps) and
 # measures held-out flow matching there; lip sync needs FaceMesh, so measure it back on the CPU machine with
 # `streamavatar pretrain --what dit --set pretrain.dit_pack=PACK --set pretrain.dit_init_from=OUT/demo_dit.pt
-#  --set pretrain.dit_iterations=1 ...` (README "Pretraining on a GPU").
+#  --set pretrain.dit_iterations=1 ...` (docs/pretrain.md "Pretraining the DiT on a GPU: the pack").
 # WHAT=all first trains a new autoencoder on the pack's crops (from scratch, pretrain.vae_max_seconds), then the DiT
 # from scratch on its latents (the committed base DiT learned the committed autoencoder's latents); the default,
 # WHAT=dit, continues the committed base DiT on the committed autoencoder.

@@ -4,7 +4,7 @@
 # unseen person stays unseen), then `pretrain --what pack` over pretrain.dirs (the shared real clips) and that
 # corpus, its conversations sy0* held out beside pretrain.holdout. 5.5 minutes on 2 cores for the default 176
 # conversations: 386 clips (358 train, 28 held out), 2061 s of video, 40 MB, small enough for the device
-# tool's carry (README "Pretraining the DiT on a GPU: the pack").
+# tool's carry (docs/pretrain.md "Pretraining the DiT on a GPU: the pack").
 # Usage:  bash scripts/make_gpu_pack.sh [OUT_DIR (data/pretrain)] [CONVERSATIONS (176)] [--set key=value ...]
 #   the --set values go to both commands, before the script's own (which already take in any --set of
 #   pretrain.dirs, pretrain.holdout or corpus.extra_faces_dirs); STREAMAVATAR / PYTHON: the commands that run

@@ -505,7 +505,7 @@ class TeacherConfig(_Section):
     audio_lr_scale: float = Field(1.0, gt=0)
     prompt_lr_scale: float = Field(1.0, gt=0)  # lr multiplier of the zero-initialised prompt modulation
     # the teacher's own share of action-labelled windows per batch (null: train.action_share, as every stage):
-    # the teacher learns which action from the action samples it sees (README, RRM), the later stages lose
+    # the teacher learns which action from the action samples it sees (docs/interactive.md, RRM), the later stages lose
     # quality when most of their windows are actions
     action_share: float | None = Field(None, ge=0, lt=1)
     # the flow-matching loss weighs latent pixels inside mouth_box (top, bottom, left, right, fractions of the
@@ -521,7 +521,7 @@ class TeacherSamplerConfig(_Section):
     ``eta`` 0 is the ODE (Euler, what ode_pairs integrates); 1 the stochastic sampler that re-noises each x0
     prediction with fresh noise (model/sampling.py ancestral_sample_sigmas). On the demo's held-out windows the
     16-step ODE with CFG 3 found a face in 54% of the teacher's frames, the 32-step stochastic sampler without
-    CFG in 96% (CFG 3: 89%), lip-audio correlation 0.49 against 0.47 (README)."""
+    CFG in 96% (CFG 3: 89%), lip-audio correlation 0.49 against 0.47 (docs/results.md)."""
 
     steps: int = Field(32, ge=1)
     shift: float = Field(5.0, gt=0)
@@ -645,11 +645,11 @@ class EvaluateConfig(_Section):
     windows_per_clip: int = Field(4, ge=1)
     # noise seeds per window for the generated systems' face figures (face rate, identity, lip sync): the first
     # measured in full, the others with FaceMesh alone (evaluate.face_metrics); on the demo's 28 windows one
-    # seed's pooled lip r moved 0.02..0.17 from seed to seed (README)
+    # seed's pooled lip r moved 0.02..0.17 from seed to seed (docs/evaluation.md)
     seeds: int = Field(3, ge=1)
     # processes measuring the frames (mediapipe) while the main process generates the next window (torch); 0: all
     # in the main process. The figures are the same either way (tested); with 2 on 2 cores, batched draws and
-    # face-only chain rows, three draws take the 300 s one draw took measured in-process (README)
+    # face-only chain rows, three draws take the 300 s one draw took measured in-process (docs/evaluation.md)
     workers: int = Field(2, ge=0)
     teacher: bool = True  # also sample the teacher (teacher_sampler.*) for the table
     # also stream the student of every training step (before distillation, after ODE init, after SiD) for the

@@ -78,7 +78,7 @@ def test_detector_finds_the_requested_actions_at_64_px(rendered):
     per_action: dict[str, list[int]] = {}
     rate, false_per_min, requested = _score(rendered, per_action=per_action)
     assert requested >= 10
-    assert rate >= 0.8, rate  # README: 0.95 on the 60 clips it was calibrated on
+    assert rate >= 0.8, rate  # docs/interactive.md: 0.95 on the 60 clips it was calibrated on
     assert false_per_min <= 8, false_per_min
     hit, asked = per_action["wave"]  # the hand beside the face, not a landmark: its own check
     assert asked >= 1 and hit == asked, per_action

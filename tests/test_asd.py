@@ -267,8 +267,8 @@ def test_mask_against_the_hand_checked_seconds_of_real_clips(real_masks):
 
 
 def test_the_detector_hears_the_clips_audio_but_does_not_check_its_sync():
-    """What the mask on real clips rests on (README "Active speaker detectors"): with either released weights,
-    the same voice half a clip out of step, or another person's voice, scores about as high as the face's own:
+    """What the mask on real clips rests on (docs/data.md, "What the detector goes by on real clips"): with
+    either released weights, the same voice half a clip out of step, or another person's voice, scores about as high as the face's own:
     on these clips Light-ASD tells a talking face from a still one, not who speaks. The AVA weights need a
     voice (silence scores far below zero: the audio path is alive, MFCC layout and int16 scale); the TalkSet
     weights, the default, call a talking face speaking even in silence."""

@@ -167,7 +167,7 @@ def load_causal_ae(cfg: Config, path: str | Path, root: Path | None = None) -> V
     file = resolve_path(path, root or project_root())
     if not file.is_file():
         hint = ("run `streamavatar vae` first" if Path(path).as_posix().endswith("vae/final.pt")
-                else "see README: the demo VAE")  # fmt: skip
+                else "see docs/pretrain.md: the demo VAE")  # fmt: skip
         raise ConfigError(f"vae.pretrained_path: {file} does not exist ({hint})")
     state = torch.load(file, map_location="cpu", weights_only=True)
     for key in ("model", "latents_mean", "latents_std", "spec"):

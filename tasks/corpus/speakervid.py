@@ -27,7 +27,7 @@ def clip_name(ytid: str, width: int, height: int, scene: int, side: str, person:
     return f"{ytid}_{width}x{height}_full_video_{scene:03d}_{side}_{person:02d}"
 
 
-# The clip's time span, by `curate.speakervid.span` (README "Sources"). SpeakerVid-5M's own curation code writes
+# The clip's time span, by `curate.speakervid.span` (docs/data.md "Sources"). SpeakerVid-5M's own curation code writes
 # each record with `org_start_seconds` / `video_total_duration` (the scene segment of the raw video the person was
 # tracked in) and `start_new` / `duration_new` (the part of it the clip keeps: `num_frames` frames at 25 fps, the
 # frames its person box, SyncNet `conf` and `sync` describe); the authors' cutting script cuts the scene segment.

@@ -8,7 +8,7 @@ conversation nor its audio with training; one whole identity is held out as ``un
 training clips.
 
 Outputs: ``curate.out_dir``/clips/*.mp4 and masks/*.npy, the manifest ``curate.manifest`` (one row per
-clip, columns in MANIFEST_COLUMNS, documented in the README), and a report under ``curate.report_dir``.
+clip, columns in MANIFEST_COLUMNS, documented in docs/data.md), and a report under ``curate.report_dir``.
 Resumable: each finished clip's row is written at once to ``curate.out_dir``/rows/<clip_id>.json, so a run
 killed halfway keeps what it finished; a clip whose previous row (journal or manifest) has the same
 fingerprint (its file, the settings that shape it, the code version) and whose outputs exist is not processed

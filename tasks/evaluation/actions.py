@@ -22,8 +22,8 @@ the yaw fast, so the turn is tested first; a wave moves no landmark). Consecutiv
 one event. Scoring against a request schedule: a requested action counts as followed when an event of its
 name starts within ``within_s`` of the request (or is under way then); events that overlap no request (with
 ``within_s`` of slack after it) are false actions, reported per minute of the video's idle time. The
-thresholds are calibrated on the demo corpus's rendered actions (``bench --actions``): README, "Action
-following".
+thresholds are calibrated on the demo corpus's rendered actions (``bench --actions``): docs/interactive.md, "The
+action detector".
 """
 
 from __future__ import annotations

@@ -11,8 +11,8 @@ the window's first frame (the reference):
 * student: the streaming student through StreamingGenerator, chunk by chunk, talking on the avatar's own
   voice (the window's audio where its mask says speaking) and listening to the rest.
 
-Every metric (tasks/evaluation/metrics.py, lipsync.py, fidelity.py; definitions in DEFINITIONS and the
-README) is computed per window and averaged per system; FID and FVD compare each system's frames with the
+Every metric (tasks/evaluation/metrics.py, lipsync.py, fidelity.py; definitions in DEFINITIONS and
+docs/evaluation.md) is computed per window and averaged per system; FID and FVD compare each system's frames with the
 ground truth's. A metric that cannot be computed says why ("skipped: no weights at PATH", "no face
 detected"), never a made-up number.
 """

@@ -58,53 +58,10 @@ def runs(root):
 
 
 @pytest.mark.slow
-def test_dvc_repro_twice_then_only_on_change(clone, tmp_path):
-    shared_path("models", "light-asd", "finetuning_TalkSet.model")  # the curate stage's detector
-    set_params(clone, **TINY)
-    first = dvc(clone, "repro")
-    assert "Running stage 'corpus'" in first.stdout and "Running stage 'curate'" in first.stdout
-    assert len(list((clone / "data/raw/synthetic/videos").glob("*.mp4"))) == 2
-    second = dvc(clone, "repro")
-    assert "Running stage" not in second.stdout and "up to date" in second.stdout
-    assert "up to date" in dvc(clone, "status").stdout
-    # the CLI run (dvc's cmd) was tracked in MLflow with its metrics and contact sheet
-    client, found = runs(clone)
-    assert [r.data.tags["streamavatar.stage"] for r in found] == STAGES
-    assert found[0].data.metrics["clips_ok"] == 2
-    assert "corpus/contact_sheet.png" in [a.path for a in client.list_artifacts(found[0].info.run_id, "corpus")]
-    # metrics files hold numbers only (dvc metrics show / diff read them as a table); the plots load
-    shown = json.loads(dvc(clone, "metrics", "show", "--json").stdout)
-    files = next(iter(shown.values()))["data"]  # one revision: the workspace
-    assert len(files) == 9, sorted(files)
-    for path, entry in files.items():
-        values = list(_leaves(entry["data"]))
-        assert values and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values), path
-    plots = json.loads(dvc(clone, "plots", "show", "--json").stdout)
-    drawn = {name for name, p in plots["data"].items() if p and p[0]["content"]["data"]["values"]}
-    assert {"teacher flow-matching loss", "SiD losses", "GAN refinement losses",
-            "benchmark per-chunk latency (ms)"} <= drawn, drawn  # fmt: skip
-    assert [e["name"] for e in plots.get("errors", [])] == ["re-evaluation history"]  # the nightly flow's, not run
-    # a DVC remote: push; a fresh checkout (the project's files and dvc.lock, no data, no cache) gets every stage
-    # output back with `dvc pull` alone and DVC is clean there
-    dvc(clone, "remote", "add", "-d", "local", str(tmp_path / "remote"))
-    dvc(clone, "push")
-    fresh = make_clone(tmp_path / "fresh", source=clone)
-    assert (fresh / "dvc.lock").is_file() and not (fresh / "data/checkpoints/refine").exists()
-    dvc(fresh, "pull")
-    assert "up to date" in dvc(fresh, "status").stdout
-    for rel in ("data/checkpoints/refine/final.pt", "data/reports/evaluate_metrics.json", "data/manifests/curated.parquet"):
-        assert (fresh / rel).read_bytes() == (clone / rel).read_bytes(), rel
-    # one parameter changes: DVC sees it and re-runs the stage (and only it: `repro corpus` stops there; the
-    # stages after it re-running on changed outputs is tests/test_deployments.py's step 3)
-    set_params(clone, seed=3)
-    status = dvc(clone, "status").stdout
-    assert status.startswith("corpus:") and "changed deps" in status
-    third = dvc(clone, "repro", "corpus").stdout
-    assert "Running stage 'corpus'" in third and "Running stage 'curate'" not in third
-
-
-@pytest.mark.slow
-def test_full_pipeline_flow_records_mlflow_and_leaves_dvc_clean(clone):
+def test_full_pipeline_flow_records_mlflow_and_dvc_agrees_shares_and_reruns_only_on_change(clone, tmp_path):
+    """One tiny pipeline run through the Prefect flow, then everything DVC is used for on its outputs: `dvc repro`
+    finds nothing to do and records what the flow recorded, metrics and plots read, a remote restores every
+    output in a fresh checkout, and a parameter change re-runs its stage alone (through dvc.yaml's cmd)."""
     from prefect.testing.utilities import prefect_test_harness
 
     from flows.full_pipeline import full_pipeline
@@ -202,3 +159,38 @@ def test_full_pipeline_flow_records_mlflow_and_leaves_dvc_clean(clone):
     # the second run found the stage up to date and said so in its nested run
     skipped = [r for r in children if r.data.tags.get("mlflow.parentRunId") == parents[1].info.run_id]
     assert skipped[0].data.tags["streamavatar.status"] == "up-to-date"
+    # the CLI run that `dvc repro --force corpus` made is tracked like any stage run, without a parent
+    cli_run = [r for r in children if "mlflow.parentRunId" not in r.data.tags]
+    assert [r.data.tags["streamavatar.stage"] for r in cli_run] == ["corpus"] and cli_run[0].data.metrics["clips_ok"] == 2
+    # every stage's command in dvc.yaml is the CLI's own stage command (so `dvc repro` runs what the flow runs)
+    dvc_stages = yaml.safe_load((clone / "dvc.yaml").read_text())["stages"]
+    assert {name: spec["cmd"] for name, spec in dvc_stages.items()} == {s: f"streamavatar {s}" for s in STAGES}
+    # metrics files hold numbers only (dvc metrics show / diff read them as a table); the plots load
+    shown = json.loads(dvc(clone, "metrics", "show", "--json").stdout)
+    files = next(iter(shown.values()))["data"]  # one revision: the workspace
+    assert len(files) == 9, sorted(files)
+    for path, entry in files.items():
+        values = list(_leaves(entry["data"]))
+        assert values and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values), path
+    plots = json.loads(dvc(clone, "plots", "show", "--json").stdout)
+    drawn = {name for name, p in plots["data"].items() if p and p[0]["content"]["data"]["values"]}
+    assert {"teacher flow-matching loss", "SiD losses", "GAN refinement losses",
+            "benchmark per-chunk latency (ms)"} <= drawn, drawn  # fmt: skip
+    assert [e["name"] for e in plots.get("errors", [])] == ["re-evaluation history"]  # the nightly flow's, not run
+    # a DVC remote: push; a fresh checkout (the project's files and dvc.lock, no data, no cache) gets every stage
+    # output back with `dvc pull` alone and DVC is clean there
+    dvc(clone, "remote", "add", "-d", "local", str(tmp_path / "remote"))
+    dvc(clone, "push")
+    fresh = make_clone(tmp_path / "fresh", source=clone)
+    assert (fresh / "dvc.lock").is_file() and not (fresh / "data/checkpoints/refine").exists()
+    dvc(fresh, "pull")
+    assert "up to date" in dvc(fresh, "status").stdout
+    for rel in ("data/checkpoints/refine/final.pt", "data/reports/evaluate_metrics.json", "data/manifests/curated.parquet"):
+        assert (fresh / rel).read_bytes() == (clone / rel).read_bytes(), rel
+    # one parameter changes: DVC sees it and re-runs the stage (and only it: `repro corpus` stops there; the
+    # stages after it re-running on changed outputs is tests/test_deployments.py's step 3)
+    set_params(clone, seed=3)
+    status = dvc(clone, "status").stdout
+    assert status.startswith("corpus:") and "changed deps" in status
+    third = dvc(clone, "repro", "corpus").stdout
+    assert "Running stage 'corpus'" in third and "Running stage 'curate'" not in third

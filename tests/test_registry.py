@@ -228,7 +228,9 @@ def test_registered_model_is_self_contained_in_a_fresh_venv(project, tmp_path):
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
     py = str(venv / "bin" / "python")
-    install = subprocess.run([py, "-m", "pip", "install", "-q", "--disable-pip-version-check", "-r",
+    # --no-compile: byte-compiling every installed file (torch's thousands) took half of pip's 76 s; the few
+    # modules the model imports are compiled when it loads
+    install = subprocess.run([py, "-m", "pip", "install", "-q", "--no-compile", "--disable-pip-version-check", "-r",
                               str(model_dir / "requirements.txt")], env=env, capture_output=True, text=True)  # fmt: skip
     assert install.returncode == 0, install.stderr[-3000:]
     missing = subprocess.run([py, "-c", "import tasks"], env=env, cwd=tmp_path, capture_output=True, text=True)

@@ -196,11 +196,24 @@ def start(root: Path, ports: Ports, *, deploy: bool = True, timeout_s: float = 1
                              f"MLFLOW_PORT=...)")  # fmt: skip
     started: list[str] = []
     try:
+        # both servers start at once (each takes seconds: migrations, imports), then each is waited for
+        spawned = {}
         if "prefect-server" not in running:
-            rec = _spawn(root, "prefect-server", [_bin("prefect"), "server", "start", "--host", HOST,
-                                                  "--port", str(ports.prefect)], env,
-                         marker="server start")  # fmt: skip
+            spawned["prefect-server"] = _spawn(root, "prefect-server", [
+                _bin("prefect"), "server", "start", "--host", HOST, "--port", str(ports.prefect)], env,
+                marker="server start")  # fmt: skip
             started.append("prefect-server")
+        if "mlflow-server" not in running:
+            artifacts = root / "mlruns"
+            artifacts.mkdir(exist_ok=True)
+            spawned["mlflow-server"] = _spawn(root, "mlflow-server", [
+                _bin("mlflow"), "server", "--host", HOST, "--port", str(ports.mlflow), "--workers", "1",
+                "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
+                "--default-artifact-root", artifacts.as_uri(), "--artifacts-destination", artifacts.as_uri(),
+            ], env, marker="mlflow")  # fmt: skip
+            started.append("mlflow-server")
+        if "prefect-server" in spawned:
+            rec = spawned["prefect-server"]
             _wait("the Prefect server", lambda: httpx.get(f"{ports.prefect_api}/health", timeout=5).json() is True,
                   rec, timeout_s)  # fmt: skip
             echo(f"prefect-server: {ports.prefect_ui} (pid {rec['pid']}, log {rec['log']})")
@@ -208,15 +221,8 @@ def start(root: Path, ports: Ports, *, deploy: bool = True, timeout_s: float = 1
                 rec["prefect_pid_file"] = str(_prefect_pid_file(env))  # released by `stop`
                 _record_path(root, "prefect-server").write_text(json.dumps(rec, indent=2))
                 echo("  Prefect's own `prefect server stop` stops it too (its pid is in $PREFECT_HOME/server.pid)")
-        if "mlflow-server" not in running:
-            artifacts = root / "mlruns"
-            artifacts.mkdir(exist_ok=True)
-            rec = _spawn(root, "mlflow-server", [
-                _bin("mlflow"), "server", "--host", HOST, "--port", str(ports.mlflow), "--workers", "1",
-                "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
-                "--default-artifact-root", artifacts.as_uri(), "--artifacts-destination", artifacts.as_uri(),
-            ], env, marker="mlflow")  # fmt: skip
-            started.append("mlflow-server")
+        if "mlflow-server" in spawned:
+            rec = spawned["mlflow-server"]
             _wait("the MLflow server", lambda: httpx.get(f"{ports.mlflow_uri}/health", timeout=5).status_code == 200,
                   rec, timeout_s)  # fmt: skip
             echo(f"mlflow-server: {ports.mlflow_uri} (pid {rec['pid']}, log {rec['log']})")
@@ -226,15 +232,18 @@ def start(root: Path, ports: Ports, *, deploy: bool = True, timeout_s: float = 1
                 _run([_bin("prefect"), "work-pool", "create", POOL, "--type", "process"], root, env,
                      f"creating the work pool {POOL}")  # fmt: skip
                 echo(f"work pool {POOL!r} (process) created")
+        worker = None
+        if "prefect-worker" not in running:  # started before the deployments are made: it boots meanwhile
+            worker = _spawn(root, "prefect-worker", [_bin("prefect"), "worker", "start", "--pool", POOL,
+                                                     "--type", "process", "--name", f"{POOL}-{socket.gethostname()}"],
+                            env, marker="worker start")  # fmt: skip
+            started.append("prefect-worker")
+        if deploy:
             _run([_bin("prefect"), "--no-prompt", "deploy", "--all"], root, env, "prefect deploy --all")
             names = [d["name"] for d in httpx.post(f"{ports.prefect_api}/deployments/filter", json={},
                                                    timeout=30).json()]  # fmt: skip
             echo(f"deployed from prefect.yaml: {', '.join(sorted(names))}")
-        if "prefect-worker" not in running:
-            rec = _spawn(root, "prefect-worker", [_bin("prefect"), "worker", "start", "--pool", POOL,
-                                                  "--type", "process", "--name", f"{POOL}-{socket.gethostname()}"],
-                         env, marker="worker start")  # fmt: skip
-            started.append("prefect-worker")
+        if worker is not None:
 
             def worker_online() -> bool:
                 workers = httpx.post(f"{ports.prefect_api}/work_pools/{POOL}/workers/filter", json={}, timeout=10)
@@ -242,8 +251,8 @@ def start(root: Path, ports: Ports, *, deploy: bool = True, timeout_s: float = 1
                     return False
                 return any(w.get("status") == "ONLINE" for w in workers.json())
 
-            _wait("the Prefect worker", worker_online, rec, timeout_s)
-            echo(f"prefect-worker: polling pool {POOL!r} (pid {rec['pid']}, log {rec['log']})")
+            _wait("the Prefect worker", worker_online, worker, timeout_s)
+            echo(f"prefect-worker: polling pool {POOL!r} (pid {worker['pid']}, log {worker['log']})")
     except BaseException:
         stop(root, only=started, echo=echo)  # leave nothing half-started behind
         raise

@@ -404,7 +404,8 @@ def test_fsdp_distill_and_refine_match_one_process(project, tmp_path):
 def test_fsdp_sharded_checkpoints_resume_exactly(project, tmp_path):
     """train.sharded_checkpoints under FSDP2 (2 gloo processes): each process writes its own shards of the step
     checkpoint (torch.distributed.checkpoint, step_<n>.dcp/) and step_<n>.pt holds only references; a run
-    stopped after step 2 and resumed from the shards computes what the uninterrupted run computes."""
+    stopped after step 2 and resumed from the shards computes what the uninterrupted run computes, the weight
+    average (train.ema_decay, its shards saved beside the model's) included: final.pt is that average."""
     root = copy_project(project, tmp_path / "p")
     shutil.copy(REPO / "params.yaml", root / "params.yaml")
     env = tool_env(root)
@@ -418,7 +419,8 @@ def test_fsdp_sharded_checkpoints_resume_exactly(project, tmp_path):
                "--set", "train.val_windows=1", "--set", "train.sample_video=false",
                "--set", f"teacher.iterations={iterations}", "--set", "teacher.batch_size=4",
                "--set", "train.checkpoint_every=2", "--set", f"train.checkpoint_dir={ckdir}",
-               "--set", "train.parallel=fsdp", "--set", "train.sharded_checkpoints=true"]  # fmt: skip
+               "--set", "train.parallel=fsdp", "--set", "train.sharded_checkpoints=true",
+               "--set", "train.ema_decay=0.9"]  # fmt: skip
         proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=600)
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
@@ -429,6 +431,7 @@ def test_fsdp_sharded_checkpoints_resume_exactly(project, tmp_path):
     assert sum(name.endswith(".distcp") for name in shards) == 2, shards  # one file per process
     ref = torch.load(stage / "step_0000002.pt", weights_only=False)
     assert ref["model"]["__dcp__"] == "step_0000002.dcp" and not any(isinstance(v, torch.Tensor) for v in ref.values())
+    assert ref["ema"] == {"__dcp__": "step_0000002.dcp", "key": "ema", "updates": 2}  # the average's shards too
     launch(4, "data/ck_resumed")  # resumes from the shards at step 2
     losses = {}
     for name in ("straight", "resumed"):
@@ -460,6 +463,8 @@ def test_two_gloo_processes_with_micro_batches_match_one_process(project, tmp_pa
               "--set", "train.window_chunks=2", "--set", "train.val_windows=1",
               "--set", "train.sample_video=false", "--set", "teacher.iterations=3",
               "--set", "train.checkpoint_every=3", "--set", f"project.dtype={dtype}"]  # fmt: skip
+    if (parallel, dtype) == ("fsdp", "float32"):  # the weight average too: each rank averages its own shards
+        common += ["--set", "train.ema_decay=0.9"]
     env = tool_env(root)
     env["OMP_NUM_THREADS"] = "1"
 
@@ -495,6 +500,10 @@ def test_two_gloo_processes_with_micro_batches_match_one_process(project, tmp_pa
     # the step checkpoint holds the whole optimiser state (gathered from the shards under FSDP2)
     step = torch.load(root / "data/ck_two/teacher/step_0000003.pt", weights_only=False)
     assert step["optimizer"]["state"], "no optimiser state saved"
+    if "train.ema_decay=0.9" in common:  # final.pt is the average, gathered whole from the shards
+        assert step["ema"]["updates"] == 3
+        assert all(torch.equal(two["model"][k], step["ema"]["avg"][k]) for k in step["ema"]["avg"])
+        assert any(not torch.equal(step["model"][k], step["ema"]["avg"][k]) for k in step["ema"]["avg"])
 
 
 def test_long_memory_trains_in_distill_when_training_windows_evict_frames(tmp_path):

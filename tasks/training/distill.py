@@ -68,6 +68,7 @@ from tasks.training.engine import (
     global_batch,
     history_csv,
     load_final,
+    make_ema,
     prepare_training,
     rank_batch,
     run_loop,
@@ -196,6 +197,7 @@ def ode_init(run: Run, student, fingerprint: str):
         student.train(), lambda m: torch.optim.AdamW(memory_param_groups(m, o.lr, cfg.train.memory_lr_scale), lr=o.lr,
                                                      weight_decay=cfg.train.weight_decay),
         dist, cfg.train.parallel, state and state["model"], state and state["optimizer"], run.compute)  # fmt: skip
+    ema = make_ema(student, cfg.train.ema_decay, state)
     n_frames = 1 + x0.shape[2]
     chunks = layout.chunks(n_frames)[1:]
     sig = torch.tensor(sigmas)
@@ -223,14 +225,18 @@ def ode_init(run: Run, student, fingerprint: str):
         opt.zero_grad(set_to_none=True)
         logs = accumulate(student, b, cfg.train.micro_batch_size, micro)
         gnorm = apply_gradients(opt, student, dist, cfg.train.grad_clip)
+        if ema is not None:
+            ema.update(student)
         return {"loss": dist.mean(logs["loss"]), "grad_norm": float(gnorm)}
 
     def save(s: int) -> None:
-        save_step(ckpt, s, dist, cfg.train.parallel, {"model": (student, opt)}, cfg.train.sharded_checkpoints)
+        save_step(ckpt, s, dist, cfg.train.parallel, {"model": (student, opt)}, cfg.train.sharded_checkpoints, ema=ema)
 
     metrics = Metrics(ckpt.dir / "metrics.jsonl", "ode_init", cfg.train.log_every, dist.main, fresh=start == 0)
     last = run_loop("ode_init", start, o.iterations, step, save, metrics, cfg.train.checkpoint_every, run.progress,
                     amp=run.autocast)  # fmt: skip
+    if ema is not None:  # the average is the ODE-init student
+        ema.copy_to(student)
     return student, last
 
 
@@ -370,6 +376,7 @@ def sid(run: Run, student, teacher, fingerprint: str):
     fake, opt_f = prepare_training(
         fake, lambda m: torch.optim.AdamW(m.parameters(), lr=d.fake_lr, betas=(0.0, 0.999), weight_decay=wd),
         dist, cfg.train.parallel, state and state["fake"], state and state["fake_optimizer"], run.compute)  # fmt: skip
+    ema = make_ema(student, cfg.train.ema_decay, state)  # the generator's average; the fake score trains on its own
     n_frames = data.latents.shape[2]
     chunks = layout.chunks(n_frames)[1:]
     gb = d.batch_size
@@ -394,16 +401,21 @@ def sid(run: Run, student, teacher, fingerprint: str):
         draw = SidDraw(run.window_texts(data, idx), data.latents[idx, :, :1].to(device), data.talk[idx].to(device),
                        data.listen[idx].to(device), noise.to(device), renoise.to(device), exits, sigma_g.to(device),
                        eps_g.to(device), sigma_f.to(device), eps_f.to(device))  # fmt: skip
-        return sid_update(student, teacher, fake, opt_g, opt_f, draw, layout, sigmas, d, dist, cfg.train.grad_clip,
+        logs = sid_update(student, teacher, fake, opt_g, opt_f, draw, layout, sigmas, d, dist, cfg.train.grad_clip,
                           cfg.train.micro_batch_size)  # fmt: skip
+        if ema is not None:
+            ema.update(student)
+        return logs
 
     def save(s: int) -> None:
         save_step(ckpt, s, dist, cfg.train.parallel, {"model": (student, opt_g), "fake": (fake, opt_f)},
-                  cfg.train.sharded_checkpoints)  # fmt: skip
+                  cfg.train.sharded_checkpoints, ema=ema)  # fmt: skip
 
     metrics = Metrics(ckpt.dir / "metrics.jsonl", "sid", cfg.train.log_every, dist.main, fresh=start == 0)
     last = run_loop("sid", start, d.iterations, step, save, metrics, cfg.train.checkpoint_every, run.progress,
                     amp=run.autocast)  # fmt: skip
+    if ema is not None:  # the generator's average is the distilled student
+        ema.copy_to(student)
     hist = {}
     rows = [r for r in metrics.history if r["step"] < d.iterations]
     if rows:  # none when distill.iterations is 0 (ODE init alone)

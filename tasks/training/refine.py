@@ -54,6 +54,7 @@ from tasks.training.engine import (
     global_batch,
     history_csv,
     load_final,
+    make_ema,
     prepare_training,
     rank_batch,
     run_loop,
@@ -212,6 +213,7 @@ def run_refine(cfg: Config, root: Path, progress: bool = True) -> StageResult:
         disc, lambda m: torch.optim.AdamW(m.parameters(), lr=r.disc_lr, betas=(0.0, 0.999), weight_decay=wd),
         dist, "none", state and state["discriminator"], state and state["disc_optimizer"])  # fmt: skip
     disc.train()
+    ema = make_ema(student, cfg.train.ema_decay, state)  # the generator's average (train.ema_decay)
     layout = build_layout(cfg)
     sigmas = student_sigmas(cfg.student.steps, cfg.student.timestep_shift)
     chunks = layout.chunks(n_frames)[1:]
@@ -238,16 +240,21 @@ def run_refine(cfg: Config, root: Path, progress: bool = True) -> StageResult:
                           data.listen[idx].to(device), noise.to(device), renoise.to(device), exits, sigma.to(device),
                           eps_real.to(device), eps_fake.to(device), step_generator(cfg.project.seed, STAGE, s, "r1"),
                           step_generator(cfg.project.seed, STAGE, s, "r2"))  # fmt: skip
-        return refine_update(student, disc, opt_g, opt_d, draw, layout, sigmas, r, cfg.student.context, dist,
+        logs = refine_update(student, disc, opt_g, opt_d, draw, layout, sigmas, r, cfg.student.context, dist,
                              cfg.train.grad_clip, cfg.train.micro_batch_size)  # fmt: skip
+        if ema is not None:
+            ema.update(student)
+        return logs
 
     def save(s: int) -> None:
         save_step(ckpt, s, dist, cfg.train.parallel, {"model": (student, opt_g)}, cfg.train.sharded_checkpoints,
-                  extra={"discriminator": state_dict_of(disc), "disc_optimizer": opt_d.state_dict()})  # fmt: skip
+                  extra={"discriminator": state_dict_of(disc), "disc_optimizer": opt_d.state_dict()}, ema=ema)  # fmt: skip
 
     metrics = Metrics(ckpt.dir / "metrics.jsonl", STAGE, cfg.train.log_every, dist.main, fresh=start == 0)
     last = run_loop(STAGE, start, r.iterations, step, save, metrics, cfg.train.checkpoint_every, run.progress,
                     amp=run.autocast)  # fmt: skip
+    if ema is not None:  # the generator's average is the refined student
+        ema.copy_to(student)
     after = held_out(run, student, val)
     result = StageResult(STAGE)
     sd = state_dict_of(student)

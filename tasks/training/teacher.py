@@ -44,6 +44,7 @@ from tasks.training.engine import (
     file_digest,
     global_batch,
     history_csv,
+    make_ema,
     prepare_training,
     rank_batch,
     run_loop,
@@ -87,6 +88,7 @@ def run_teacher(cfg: Config, root: Path, progress: bool = True) -> StageResult:
         model.train(), lambda m: torch.optim.AdamW(param_groups(m, t.lr, t.audio_lr_scale, t.prompt_lr_scale), lr=t.lr,
                                                    weight_decay=cfg.train.weight_decay),
         dist, cfg.train.parallel, state and state["model"], state and state["optimizer"], run.compute)  # fmt: skip
+    ema = make_ema(model, cfg.train.ema_decay, state)
     gb = t.batch_size
     rank_batch(gb, dist, "teacher.batch_size")
     spatial = None
@@ -113,15 +115,24 @@ def run_teacher(cfg: Config, root: Path, progress: bool = True) -> StageResult:
         opt.zero_grad(set_to_none=True)
         logs = accumulate(model, len(idx), cfg.train.micro_batch_size, micro)
         gnorm = apply_gradients(opt, model, dist, cfg.train.grad_clip)
+        if ema is not None:
+            ema.update(model)
         return {"loss": dist.mean(logs["loss"]), "grad_norm": float(gnorm)}
 
     def save(s: int) -> None:
-        save_step(ckpt, s, dist, cfg.train.parallel, {"model": (model, opt)}, cfg.train.sharded_checkpoints)
+        save_step(ckpt, s, dist, cfg.train.parallel, {"model": (model, opt)}, cfg.train.sharded_checkpoints, ema=ema)
 
     metrics = Metrics(ckpt.dir / "metrics.jsonl", STAGE, cfg.train.log_every, dist.main, fresh=start == 0)
     last = run_loop(STAGE, start, t.iterations, step, save, metrics, cfg.train.checkpoint_every, run.progress,
                     amp=run.autocast)  # fmt: skip
     result = StageResult(STAGE)
+    last_iterate = None
+    if ema is not None:  # the average is the result; the last iterate's held-out loss is reported beside it
+        last_sd = state_dict_of(model)  # under FSDP2 a collective: every rank
+        if dist.main:
+            last_iterate = heldout_fm_losses(whole(run, model, last_sd), val_dev, text_val, val.talk.to(device),
+                                             val.listen.to(device), mean, var)["fm_loss"]  # fmt: skip
+        ema.copy_to(model)
     final_sd = state_dict_of(model)
     if dist.main:
         model = whole(run, model, final_sd)
@@ -135,6 +146,8 @@ def run_teacher(cfg: Config, root: Path, progress: bool = True) -> StageResult:
         m.update({"val_fm_loss": after["fm_loss"], "val_fm_loss_before": before["fm_loss"],
                   "val_fm_loss_gaussian": gaussian["fm_loss"], "val_fm_loss_no_audio": no_audio["fm_loss"],
                   "init_from_base_dit": float(init is not None)})  # fmt: skip
+        if last_iterate is not None:
+            m["val_fm_loss_last_iterate"] = last_iterate
         m.update({f"val_{k}": v for k, v in after.items() if k != "fm_loss"})
         every_val = load_windows(cfg, root, "val")
         m.update({f"val_{k}": v for k, v in mouth_audio_gain(model, every_val, run.window_texts(every_val),

@@ -488,7 +488,8 @@ class TrainConfig(_Section):
     # at zero and AdamW moves a parameter by about lr per step, so at lr 1e-4 it cannot open past ~0.1 in 800 steps
     memory_lr_scale: float = Field(1.0, gt=0)
     # > 0: the trained network's (the teacher's, the student generator's) exponential moving average of its
-    # weights, updated after every step, is what a stage saves and measures (tasks/training/engine.py EMA)
+    # weights, updated after every step, is what a stage saves and measures (tasks/training/engine.py EMA;
+    # docs/training.md: neutral on the demo, the usual setting for long runs)
     ema_decay: float = Field(0.0, ge=0, lt=1)
 
 

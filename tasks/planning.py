@@ -182,7 +182,10 @@ def stage_plans(cfg: Config, gpus: int, gpu_memory_gib: float, mfu: float, peak_
             raise ConfigError(f"{stage}.batch_size {batch} does not split evenly over {gpus} GPUs")
         per_gpu = batch // gpus
         gathered = 2 * s.block_params * 4 if shard > 1 else 0  # the unsharded block in use + the prefetched one
-        state = (16 * trained + cbytes * frozen) / shard + gathered
+        # train.ema_decay: a float32 average of the trained network (the teacher's DiT, the student generator;
+        # not the fake score nor the discriminator), sharded like its parameters
+        averaged = P if cfg.train.ema_decay else 0
+        state = (16 * trained + cbytes * frozen + 4 * averaged) / shard + gathered
         fits = []
         for ck in (False, True):
             for micro in sorted({1, 2, 4, 8, 16, per_gpu} & set(range(1, per_gpu + 1))):
@@ -218,7 +221,8 @@ def render(s: Shapes, plans: list[StagePlan], gpus: int, gpu_memory_gib: float, 
                      f"{p.tflops_per_sample:13.1f} {p.batch_size:6d} {setting:>26s} {step:>9s}")  # fmt: skip
     lines.append("")
     lines.append("state: fp32 master weights + gradients + AdamW (16 bytes/parameter; FSDP shards it over the GPUs),")
-    lines.append("frozen networks in the compute dtype, the gathered blocks; act: what autograd keeps per micro-batch")
+    lines.append("frozen networks in the compute dtype, the gathered blocks, the weight average (train.ema_decay,")
+    lines.append("4 bytes/parameter of the trained DiT); act: what autograd keeps per micro-batch")
     lines.append("sample, without and with activation checkpointing (the student's cached rollout is never")
     lines.append("checkpointed); a setting fits within 90% of the GPU's memory.")
     return "\n".join(lines)

@@ -77,6 +77,12 @@ def test_plan_of_the_paper_profile_on_8_gpus_says_what_fits():
     _, narrow = stage_plans(cfg, 4, 80.0, 0.35, 989.0)
     assert narrow[0].state_gib > 1.9 * t.state_gib - 1
     assert narrow[0].activations_gib_per_sample == t.activations_gib_per_sample
+    # the weight average (train.ema_decay): 4 bytes per parameter of the trained DiT, sharded over the 8 GPUs
+    cfg.train.ema_decay = 0.99
+    _, averaged = stage_plans(cfg, 8, 80.0, 0.35, 989.0)
+    for before, after in zip(plans, averaged, strict=True):
+        assert after.state_gib - before.state_gib == pytest.approx(4 * s.dit_params / 8 / 2**30, rel=1e-9)
+    cfg.train.ema_decay = 0.0
     with pytest.raises(ConfigError, match="teacher.batch_size 32 does not split evenly over 5 GPUs"):
         stage_plans(cfg, 5, 80.0, 0.35, 989.0)
     with pytest.raises(ConfigError, match="--gpus"):

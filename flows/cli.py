@@ -75,6 +75,11 @@ def build_parser() -> argparse.ArgumentParser:
     mode.add_argument("--actions", action="store_true",
                       help="action following of the student ([10]): videos with a request schedule and without, "
                            "scored by the action detector (configs/interactive.yaml trains a student for it)")
+    mode.add_argument("--lip-sync", action="store_true",
+                      help="does the product's mouth follow a voice ([7]'s generate target)? each portrait streamed on "
+                           "its whole voice with --seeds noise seeds, mouth opening vs voice envelope pooled over "
+                           "every video (as evaluate pools its windows), beside the same with the voices reversed")
+    p.add_argument("--seeds", type=int, default=3, help="--lip-sync: noise seeds per portrait (default 3)")
     mode.add_argument("--vad", action="store_true",
                       help="the live talk/listen mask (energy gate, Silero VAD, the both-streams leak rule) against the "
                            "corpus's ground truth: clean, noisy and leaking streams; F1 per detector and its cost")
@@ -87,10 +92,11 @@ def build_parser() -> argparse.ArgumentParser:
                            "paced sessions: p50/p95/p99 audio-in to frame-out, dropped frames, MiB per session")
     p.add_argument("--sessions", default="1,2,4", help="--live: concurrent sessions per setting (default 1,2,4)")
     p.add_argument("--reference", default=None, metavar="IMAGE",
-                   help="--live, --actions: the portrait (default ../shared/fixtures/avatars/fashion_blogger.jpg; "
-                        "--actions: it and kitchen_grandmother.jpg)")
+                   help="--live, --actions, --lip-sync: the portrait (default ../shared/fixtures/avatars/"
+                        "fashion_blogger.jpg; --actions, --lip-sync: it and kitchen_grandmother.jpg)")
     p.add_argument("--voice", default=None, metavar="AUDIO",
-                   help="--live, --actions: the avatar's voice (default ../shared/fixtures/avatars/fashion_blogger.wav)")
+                   help="--live, --actions, --lip-sync: the avatar's voice (default ../shared/fixtures/avatars/"
+                        "fashion_blogger.wav)")
     p.add_argument("--json", action="store_true", help="print the report as JSON instead of a table")
     p.add_argument("--steps", type=int, default=5, help="--train-step: steps to time (the first is warm-up)")
     p.add_argument("--peak-tflops", type=float, default=989.0, help="--train-step: the GPU's dense peak (H100: 989)")
@@ -420,6 +426,17 @@ def _bench(args, cfg, root: Path) -> int:
         report = run_action_bench(cfg, root, args.checkpoint, pairs, seconds=args.seconds, every_s=args.every,
                                   progress=not args.json, ceiling=args.ceiling)  # fmt: skip
         default_out = f"{cfg.project.data_dir}/reports/action_bench.json"
+    elif args.lip_sync:
+        from tasks.evaluation.lip_sync_bench import format_report, run_lip_sync_bench
+
+        pairs = None
+        if args.reference or args.voice:
+            if not (args.reference and args.voice):
+                raise ConfigError("--lip-sync: give --reference and --voice together")
+            pairs = [(Path(args.reference), Path(args.voice))]
+        report = run_lip_sync_bench(cfg, root, pairs, seeds=args.seeds, checkpoint=args.checkpoint,
+                                    progress=not args.json)  # fmt: skip
+        default_out = f"{cfg.project.data_dir}/reports/lip_sync_bench.json"
     elif args.memory:
         from tasks.evaluation.memory_bench import format_report, run_memory_bench
 

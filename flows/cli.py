@@ -418,22 +418,14 @@ def _bench(args, cfg, root: Path) -> int:
     elif args.actions:
         from tasks.evaluation.action_bench import format_report, run_action_bench
 
-        pairs = None
-        if args.reference or args.voice:
-            if not (args.reference and args.voice):
-                raise ConfigError("--actions: give --reference and --voice together")
-            pairs = [(Path(args.reference), Path(args.voice))]
+        pairs = _portrait_pair(args, "--actions")
         report = run_action_bench(cfg, root, args.checkpoint, pairs, seconds=args.seconds, every_s=args.every,
                                   progress=not args.json, ceiling=args.ceiling)  # fmt: skip
         default_out = f"{cfg.project.data_dir}/reports/action_bench.json"
     elif args.lip_sync:
         from tasks.evaluation.lip_sync_bench import format_report, run_lip_sync_bench
 
-        pairs = None
-        if args.reference or args.voice:
-            if not (args.reference and args.voice):
-                raise ConfigError("--lip-sync: give --reference and --voice together")
-            pairs = [(Path(args.reference), Path(args.voice))]
+        pairs = _portrait_pair(args, "--lip-sync")
         report = run_lip_sync_bench(cfg, root, pairs, seeds=args.seeds, checkpoint=args.checkpoint,
                                     progress=not args.json)  # fmt: skip
         default_out = f"{cfg.project.data_dir}/reports/lip_sync_bench.json"
@@ -478,6 +470,15 @@ def _bench(args, cfg, root: Path) -> int:
     if not args.json:
         print(f"  report: {out}")
     return 0
+
+
+def _portrait_pair(args, mode: str) -> list[tuple[Path, Path]] | None:
+    """--reference with --voice as the one (portrait, voice) pair of a bench; None (the bench's defaults) without."""
+    if not (args.reference or args.voice):
+        return None
+    if not (args.reference and args.voice):
+        raise ConfigError(f"{mode}: give --reference and --voice together")
+    return [(Path(args.reference), Path(args.voice))]
 
 
 def _generate(args, cfg, root: Path) -> int:

@@ -110,17 +110,23 @@ def autoencoder_ceiling(cfg: Config, root: Path, progress: bool = True) -> dict[
             for key, o in out.items()}  # fmt: skip
 
 
+def avatar_pairs(root: Path) -> list[tuple[Path, Path]]:
+    """(portrait, voice) of the avatar fixtures in DEFAULT_PAIRS (the benches' default portraits)."""
+    shared = resolve_path("../shared/fixtures/avatars", root)
+    pairs = [(shared / f"{n}.jpg", shared / f"{n}.wav") for n in DEFAULT_PAIRS]
+    pairs = [p for p in pairs if p[0].is_file() and p[1].is_file()]
+    if not pairs:
+        raise ConfigError(f"no avatar fixtures (jpg + wav) in {shared}: pass --reference and --voice")
+    return pairs
+
+
 def run_action_bench(cfg: Config, root: Path, checkpoint: str | None = None, pairs: list[tuple[Path, Path]] | None = None,
                      seconds: float = 20.0, every_s: float = 2.5, progress: bool = True, ceiling: bool = False
                      ) -> dict[str, Any]:  # fmt: skip
     if seconds < 4 or every_s < 1.5:
         raise ConfigError("--seconds must be at least 4 and --every at least 1.5")
     if pairs is None:
-        shared = resolve_path("../shared/fixtures/avatars", root)
-        pairs = [(shared / f"{n}.jpg", shared / f"{n}.wav") for n in DEFAULT_PAIRS]
-        pairs = [p for p in pairs if p[0].is_file() and p[1].is_file()]
-        if not pairs:
-            raise ConfigError(f"no avatar fixtures (jpg + wav) in {shared}: pass --reference and --voice")
+        pairs = avatar_pairs(root)
     plan = schedule(seconds, every_s)
     out_dir = root / cfg.project.data_dir / "reports" / "action_bench"
     fps = cfg.video.fps

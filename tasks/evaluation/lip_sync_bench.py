@@ -16,20 +16,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from tasks.config import Config, ConfigError, resolve_path
+from tasks.config import Config, ConfigError
 from tasks.evaluation import metrics
-from tasks.inference.generate import generate, read_frames, read_voice
-
-DEFAULT_PAIRS = ("fashion_blogger", "kitchen_grandmother")  # the avatar fixtures whose photo FaceMesh reads
-
-
-def default_pairs(root: Path) -> list[tuple[Path, Path]]:
-    shared = resolve_path("../shared/fixtures/avatars", root)
-    pairs = [(shared / f"{n}.jpg", shared / f"{n}.wav") for n in DEFAULT_PAIRS]
-    pairs = [p for p in pairs if p[0].is_file() and p[1].is_file()]
-    if not pairs:
-        raise ConfigError(f"no avatar fixtures (jpg + wav) in {shared}: pass --reference and --voice")
-    return pairs
+from tasks.evaluation.action_bench import avatar_pairs
+from tasks.inference.generate import generate, measure
 
 
 def _pooled(series: list[tuple[Any, Any]], max_lag: int) -> dict[str, Any]:
@@ -46,8 +36,8 @@ def run_lip_sync_bench(cfg: Config, root: Path, pairs: list[tuple[Path, Path]] |
     if seeds < 1:
         raise ConfigError(f"--seeds must be at least 1, got {seeds}")
     root = Path(root)
-    pairs = pairs or default_pairs(root)
-    e, fps, sr = cfg.evaluate, cfg.video.fps, cfg.audio.sample_rate
+    pairs = pairs or avatar_pairs(root)
+    e, fps = cfg.evaluate, cfg.video.fps
     out_dir = root / cfg.project.data_dir / "reports" / "lip_sync_bench"
     videos, by_portrait, every, summary = [], {}, [], None
     for image, voice in pairs:
@@ -58,15 +48,11 @@ def run_lip_sync_bench(cfg: Config, root: Path, pairs: list[tuple[Path, Path]] |
             out = out_dir / f"{image.stem}_{voice.stem}_seed{run_cfg.project.seed}.mp4"
             summary = generate(run_cfg, root, image, voice, out, checkpoint=checkpoint, seconds=seconds,
                                progress=progress)  # fmt: skip
-            frames = read_frames(out)
-            kp = metrics.extract_keypoints(frames, norm_height=e.keypoint_norm_height, min_side=e.keypoint_min_side)
-            env = metrics.audio_envelope(read_voice(voice, sr, seconds), sr, fps, len(frames))
-            mouth = metrics.mouth_series(kp.face)
-            one = metrics.lagged_correlation(env, mouth, e.max_lag_frames)
+            m = measure(cfg, out, voice, seconds)  # what `generate --measure` reports for this one video
             videos.append({"video": str(out), "reference": str(image), "voice": str(voice), "seed": run_cfg.project.seed,
-                           "frames": len(frames), "face_rate": kp.detection_rates().get("face"),
-                           "r_best": one["best_corr"], "lag_best": one["best_lag"]})  # fmt: skip
-            series.append((env, mouth))
+                           "frames": m["frames"], "face_rate": m["face_rate"], "r_best": m["lip_corr"],
+                           "lag_best": m["lip_lag"]})  # fmt: skip
+            series.append((m["envelope"], m["mouth"]))
         by_portrait[image.stem] = {"voice": str(voice), **_pooled(series, e.max_lag_frames)}
         every += series
     faces = [v["face_rate"] for v in videos if v["face_rate"] is not None]

@@ -294,7 +294,8 @@ def measure(cfg: Config, video: str | Path, voice: str | Path, seconds: float | 
     mouth = metrics.mouth_series(kp.face)
     lag = metrics.lagged_correlation(env, mouth, e.max_lag_frames)
     return {"face_rate": kp.detection_rates().get("face"), "lip_corr": lag["best_corr"], "lip_lag": lag["best_lag"],
-            "lip_corr_null": metrics.lagged_correlation_null(env, mouth, e.max_lag_frames)}
+            "lip_corr_null": metrics.lagged_correlation_null(env, mouth, e.max_lag_frames), "frames": len(frames),
+            "envelope": env, "mouth": mouth}  # the series, for measures pooled over videos (bench --lip-sync)
 
 
 def format_summary(s: dict[str, Any]) -> str:

@@ -229,6 +229,26 @@ def test_without_a_trained_student_the_way_out_is_named(root, tmp_path, capsys):
     assert not out.exists()
 
 
+def test_an_output_that_cannot_be_written_fails_before_any_model_loads(root, tmp_path, capsys):
+    """A folder given as --out, or a folder that cannot be made or written, is named before the student is
+    looked for (this project has none: that error would come first otherwise) and before any frame is made."""
+    image, voice = fixture_pair()
+    blocker = tmp_path / "file.txt"
+    blocker.write_text("a file where a folder would go\n")
+    folder = tmp_path / "video.mp4"
+    folder.mkdir()
+    for out, said in ((folder, "is a folder"), (blocker / "sub" / "o.mp4", "cannot create its folder")):
+        with pytest.raises(ConfigError, match=said):
+            generate(config(root), root, image, voice, out, progress=False)
+        assert cli_main(["generate", "--reference", str(image), "--audio", str(voice), "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert said in err and "--out" in err and "make demo" not in err
+    made = tmp_path / "new" / "deeper" / "o.mp4"  # a missing folder is made, as before
+    with pytest.raises(ConfigError, match="make demo"):
+        generate(config(root), root, image, voice, made, progress=False)
+    assert made.parent.is_dir() and not made.exists() and not list(made.parent.iterdir())
+
+
 class _Payload:  # an object a malicious checkpoint could carry: unpickling it would call __reduce__'s callable
     def __reduce__(self):
         return (print, ("code ran while loading",))

@@ -163,8 +163,9 @@ def record(result: dict[str, Any], user: np.ndarray | None, out: Path, rate: int
 def run_client(server: str, reference: Path, audio: Path, out: Path, listen_to: Path | None = None,
                token: str = "", pace: bool = True, seconds: float | None = None) -> dict[str, Any]:  # fmt: skip
     """The whole client: read the files, stream them, record the result; returns a summary."""
-    from tasks.common.media import read_audio
+    from tasks.common.media import read_audio, writable_output
 
+    writable_output(out)  # before the session, not after it
     rate = 16000
     image = Path(reference).read_bytes()
     avatar = read_audio(audio, rate, duration=seconds)

@@ -238,7 +238,7 @@ def test_an_output_that_cannot_be_written_fails_before_any_model_loads(root, tmp
     folder = tmp_path / "video.mp4"
     folder.mkdir()
     for out, said in ((folder, "is a folder"), (blocker / "sub" / "o.mp4", "cannot create its folder")):
-        with pytest.raises(ConfigError, match=said):
+        with pytest.raises(MediaError, match=said):
             generate(config(root), root, image, voice, out, progress=False)
         assert cli_main(["generate", "--reference", str(image), "--audio", str(voice), "--out", str(out)]) == 2
         err = capsys.readouterr().err

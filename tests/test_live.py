@@ -476,3 +476,27 @@ def test_auto_serves_the_registry_champion_else_the_last_trained_student(tmp_pat
         cfg.live.checkpoint = choice
         path, label = resolve_checkpoint(cfg, tmp_path)
         assert Path(path).read_bytes() == b"the champion's weights" and "(champion)" in label, (path, label)
+
+
+def test_the_client_refuses_an_output_it_could_not_write_before_connecting(tmp_path, capsys):
+    """`live-client --out` naming a folder, or a path under a file, fails at once (exit 2, the path named), not
+    after a whole session streamed in real time; nothing listens at the address, so a check made after
+    connecting would fail with the connection instead."""
+    from flows.cli import main as cli_main
+    from tasks.common.media import MediaError
+
+    folder = tmp_path / "session.mp4"
+    folder.mkdir()
+    blocker = tmp_path / "file.txt"
+    blocker.write_text("a file where a folder would go\n")
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        nobody = f"http://127.0.0.1:{probe.getsockname()[1]}"
+    for out, said in ((folder, "is a folder"), (blocker / "o.mp4", "cannot create its folder")):
+        with pytest.raises(MediaError, match=said):
+            run_client(nobody, tmp_path / "me.jpg", tmp_path / "avatar.wav", out)
+        args = ["live-client", "--server", nobody, "--reference", str(tmp_path / "me.jpg"), "--audio",
+                str(tmp_path / "avatar.wav"), "--out", str(out)]  # fmt: skip
+        assert cli_main(args) == 2
+        err = capsys.readouterr().err
+        assert said in err and str(out) in err

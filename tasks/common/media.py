@@ -6,6 +6,7 @@ import contextlib
 import math
 import re
 import subprocess
+import tempfile
 import wave
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -23,6 +24,24 @@ except ImportError:  # not on Windows
 
 class MediaError(RuntimeError):
     """A media file could not be read or written; the message names the file."""
+
+
+def writable_output(out: str | Path, flag: str = "--out") -> None:
+    """``out`` can be written: its folder exists (made if missing) and takes a new file, and ``out`` is not a
+    folder. Checked before long work (a generated video, a live session) rather than after it. Raises a
+    MediaError naming ``flag`` and the path."""
+    out = Path(out)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise MediaError(f"{flag} {out}: cannot create its folder {out.parent} ({exc.strerror or exc})") from None
+    if out.is_dir():
+        raise MediaError(f"{flag} {out}: is a folder, not a file")
+    try:  # a file made and removed: what the final write needs (permission bits alone miss e.g. /proc for root)
+        with tempfile.NamedTemporaryFile(dir=out.parent, prefix=".write-check-"):
+            pass
+    except OSError as exc:
+        raise MediaError(f"{flag} {out}: its folder {out.parent} is not writable ({exc.strerror or exc})") from None
 
 
 @lru_cache(maxsize=1)

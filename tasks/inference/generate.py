@@ -24,7 +24,7 @@ import torch
 from tqdm import tqdm
 
 from model.streaming import StreamingGenerator
-from tasks.common.media import MediaError, read_audio, read_frames, write_video, write_wav
+from tasks.common.media import MediaError, read_audio, read_frames, writable_output, write_video, write_wav
 from tasks.common.reference import (  # noqa: F401  (re-exported: generate's inputs)
     FACE_HEADROOM,
     _landmarks,
@@ -186,20 +186,6 @@ def _partial(path: Path) -> Path:
 
 # ------------------------------------------------------------------------------------------------ generate
 
-def writable_output(out: Path) -> None:
-    """``out``'s folder exists (made if missing) and can be written; a ConfigError naming --out otherwise."""
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise ConfigError(f"--out {out}: cannot create its folder {out.parent} ({exc.strerror or exc})") from None
-    if out.is_dir():
-        raise ConfigError(f"--out {out}: is a folder, not a file")
-    try:  # a file made and removed: what the final write needs (permission bits alone miss e.g. /proc for root)
-        with tempfile.NamedTemporaryFile(dir=out.parent, prefix=".write-check-"):
-            pass
-    except OSError as exc:
-        raise ConfigError(f"--out {out}: its folder {out.parent} is not writable ({exc.strerror or exc})") from None
-
 def generate(
     cfg: Config, root: Path, reference: Path, audio: Path, out: Path, listen_to: Path | None = None,
     checkpoint: str | None = None, seconds: float | None = None, progress: bool = True, crop: str = "head",
@@ -239,7 +225,7 @@ def generate(
     if action_s is not None and not action_s > 0:
         raise ConfigError(f"--action-seconds must be positive, got {action_s}")
     avatar, other = conversation(voice, heard, None if seconds is None else round(seconds * sr))
-    writable_output(out)  # before any model is loaded or any frame generated
+    writable_output(out)  # before any model is loaded or any frame is made
     samples = avatar.size
     audio_s = samples / sr
     frames = math.ceil(samples / spf)

@@ -250,6 +250,8 @@ def _main(argv: list[str] | None = None) -> int:
     for noisy in ("httpx", "httpcore", "alembic", "urllib3"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     root = project_root()
+    from tasks.common.media import MediaError
+
     try:
         if args.command in ("serve", "stop"):
             return _serve(args, root)
@@ -300,7 +302,7 @@ def _main(argv: list[str] | None = None) -> int:
         for item, reason in outcome.failures.items():
             print(f"  failed: {item}: {reason}", file=sys.stderr)
         return 0 if outcome.metrics.get("clips_ok", 1) or not outcome.failures else 1
-    except ConfigError as exc:
+    except (ConfigError, MediaError) as exc:  # a bad setting, or an input file that cannot be read (named)
         print(f"error: {exc}", file=sys.stderr)
         return 2
 
@@ -360,6 +362,11 @@ def _pipeline(args, root: Path) -> int:
 
 def _bench(args, cfg, root: Path) -> int:
     import json
+
+    from tasks.common.media import writable_output
+
+    if args.out:  # before the bench runs: a report that cannot be written would lose minutes of measuring
+        writable_output(root / args.out)
 
     if args.curation:
         from tasks.evaluation.curation_bench import curation_clips, format_report, run_curation_bench
@@ -478,6 +485,9 @@ def _portrait_pair(args, mode: str) -> list[tuple[Path, Path]] | None:
         return None
     if not (args.reference and args.voice):
         raise ConfigError(f"{mode}: give --reference and --voice together")
+    for flag, path in (("--reference", args.reference), ("--voice", args.voice)):
+        if not Path(path).is_file():
+            raise ConfigError(f"{mode}: {flag} {path}: file not found")
     return [(Path(args.reference), Path(args.voice))]
 
 

@@ -69,3 +69,30 @@ def test_the_bench_streams_each_portrait_with_each_seed(tmp_path):
     assert "lip sync of generated videos: 2 videos" in format_report(r)
     with pytest.raises(ConfigError, match="--seeds"):
         run_lip_sync_bench(cfg, tmp_path, [(avatars / "fashion_blogger.jpg", voice)], seeds=0)
+
+
+def test_bad_paths_are_named_before_the_bench_runs(tmp_path, monkeypatch, capsys):
+    """`bench --lip-sync` with a missing portrait or voice, an unreadable portrait, or an --out that cannot be
+    written: exit 2 with the path named and no traceback. The project here has no student, so a check made after
+    the bench started would fail on that instead; --out is checked before any bench."""
+    from flows.cli import main as cli_main
+
+    monkeypatch.setenv("STREAMAVATAR_ROOT", str(tmp_path))
+    voice = tmp_path / "voice.wav"
+    write_wav(voice, np.zeros(16000, np.float32), 16000)
+    not_image = tmp_path / "portrait.png"
+    not_image.write_text("not an image\n")
+    blocker = tmp_path / "file.txt"
+    blocker.write_text("a file where a folder would go\n")
+    missing = tmp_path / "nobody.jpg"
+    cases = [
+        (["--lip-sync", "--reference", str(missing), "--voice", str(voice)], f"--reference {missing}: file not found"),
+        (["--lip-sync", "--reference", str(not_image), "--voice", str(tmp_path / "x.wav")], "--voice"),
+        (["--lip-sync", "--reference", str(not_image), "--voice", str(voice)], f"{not_image}: not an image"),
+        (["--lip-sync", "--out", str(blocker / "r.json")], "--out"),
+        (["--drift", "--out", str(blocker / "r.json")], "--out"),
+    ]
+    for args, said in cases:
+        assert cli_main(["bench", *args]) == 2, args
+        err = capsys.readouterr().err
+        assert said in err and "Traceback" not in err, (args, err)

@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import ipaddress
 import json
 import logging
 import os
 import secrets
+import socket
 import threading
 import time
 import uuid
@@ -419,10 +421,27 @@ def warm_up(model: Model, cfg: Config) -> float:
     return time.perf_counter() - t0
 
 
+
+def bind_socket(cfg: Config) -> socket.socket:
+    """The server's socket bound to live.host:live.port; a ConfigError naming them when the address is taken or
+    cannot be bound (instead of an OSError traceback)."""
+    host, port = cfg.live.host, cfg.live.port
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if cfg.live.send_buffer_bytes:  # accepted connections inherit it
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, cfg.live.send_buffer_bytes)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        if exc.errno == errno.EADDRINUSE:
+            raise ConfigError(f"live.port {port}: {host}:{port} is already in use (another server?); pick another "
+                              f"with --port N, or --port 0 for any free port") from None  # fmt: skip
+        raise ConfigError(f"live.host {host}, live.port {port}: cannot bind ({exc.strerror or exc})") from None
+    return sock
+
 def serve(cfg: Config, root: Path, ready_file: Path | None = None) -> None:
     """Load the student, warm it up and serve until interrupted (Ctrl-C)."""
-    import socket
-
     import uvicorn
 
     server_token(cfg)  # refuse an open, token-less bind before loading anything
@@ -430,14 +449,10 @@ def serve(cfg: Config, root: Path, ready_file: Path | None = None) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     if cfg.live.torch_threads:
         torch.set_num_threads(cfg.live.torch_threads)
+    sock = bind_socket(cfg)  # a taken port is said before the model loads
     model = load_model(cfg, root)
     warm = warm_up(model, cfg)
     app = LiveServer(cfg, root, model)
-    sock = socket.socket(socket.AF_INET6 if ":" in cfg.live.host else socket.AF_INET)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    if cfg.live.send_buffer_bytes:  # accepted connections inherit it
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, cfg.live.send_buffer_bytes)
-    sock.bind((cfg.live.host, cfg.live.port))
     port = sock.getsockname()[1]
     url = f"http://{cfg.live.host}:{port}"
     log.info("live: student %s, warm-up %.2f s; serving %s (WebSocket %s/ws)", model.label, warm, url,

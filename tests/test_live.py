@@ -500,3 +500,20 @@ def test_the_client_refuses_an_output_it_could_not_write_before_connecting(tmp_p
         assert cli_main(args) == 2
         err = capsys.readouterr().err
         assert said in err and str(out) in err
+
+
+def test_a_taken_port_is_named_before_the_model_loads(tmp_path, monkeypatch, capsys):
+    """`streamavatar live --port N` where something already listens: exit 2 naming the address and how to pick
+    another, no traceback. This project has no student, so a bind made after loading it would fail on that."""
+    from flows.cli import main as cli_main
+
+    monkeypatch.setenv("STREAMAVATAR_ROOT", str(tmp_path))
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert cli_main(["live", "--port", str(port)]) == 2
+    err = capsys.readouterr().err
+    assert f"127.0.0.1:{port} is already in use" in err and "--port" in err and "Traceback" not in err
+    assert cli_main(["live", "--port", "0", "--set", "live.checkpoint=nothere.pt"]) == 2  # a free port: on to the model
+    assert "live.checkpoint nothere.pt: no such file" in capsys.readouterr().err

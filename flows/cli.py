@@ -23,6 +23,17 @@ def _config_args(p: argparse.ArgumentParser) -> None:
                    help="override one value, e.g. --set corpus.num_conversations=2 (repeatable)")
 
 
+
+def _port(text: str) -> int:
+    """An argparse type: a TCP port number (1-65535)."""
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number") from None
+    if not 1 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{port} is not a port number (1-65535)")
+    return port
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="streamavatar", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -204,9 +215,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "a registered version: evaluate.checkpoint, refine/final.pt, else distill/final.pt)")
     p = sub.add_parser("serve", help="start on 127.0.0.1 a Prefect server + worker and an MLflow server, create "
                                      "the work pool and deploy prefect.yaml (what `make serve` runs)")
-    p.add_argument("--prefect-port", type=int, default=int(os.environ.get("PREFECT_PORT", 4200)),
+    p.add_argument("--prefect-port", type=_port, default=int(os.environ.get("PREFECT_PORT", 4200)),
                    help="Prefect API and UI port (default $PREFECT_PORT or 4200)")
-    p.add_argument("--mlflow-port", type=int, default=int(os.environ.get("MLFLOW_PORT", 5000)),
+    p.add_argument("--mlflow-port", type=_port, default=int(os.environ.get("MLFLOW_PORT", 5000)),
                    help="MLflow server port (default $MLFLOW_PORT or 5000)")
     p.add_argument("--status", action="store_true", help="only say what is running")
     p.add_argument("--no-deploy", action="store_true", help="start the services without (re)deploying")
@@ -350,6 +361,9 @@ def _pipeline(args, root: Path) -> int:
     from flows.full_pipeline import full_pipeline
 
     stages = [s.strip() for s in args.stages.split(",") if s.strip()] or None
+    unknown = sorted(set(stages or []) - set(ORDER))
+    if unknown:  # said here, before a Prefect flow run starts (the flow refuses them too, in its own run)
+        raise ConfigError(f"--stages: unknown stage(s) {', '.join(unknown)}; the stages are {','.join(ORDER)}")
     result = full_pipeline(configs=args.config, sets=args.sets, root=str(root), stages=stages, force=args.force)
     print("\nfull-pipeline finished")
     for name, outcome in result["stages"].items():

@@ -54,3 +54,26 @@ def test_a_cli_stage_prints_its_summary_once(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = [ln for ln in (proc.stdout + proc.stderr).splitlines() if ln.startswith("corpus: 2 clips ok")]
     assert len(lines) == 1 and lines[0] in proc.stdout.splitlines(), proc.stdout + proc.stderr
+
+
+def test_unknown_stages_and_bad_ports_are_refused_before_anything_starts(monkeypatch, capsys):
+    """`pipeline --stages` with a name that is no stage: exit 2 naming it and the stages, before a Prefect flow
+    run starts (the flow itself would fail in its own run, with a traceback); a port out of range for `serve`:
+    argparse's usage error (exit 2) naming the flag, before any server starts."""
+    import pytest
+
+    import flows.full_pipeline
+    from flows.cli import main as cli_main
+
+    def no_flow(**kwargs):
+        raise AssertionError(f"the flow started: {kwargs}")
+
+    monkeypatch.setattr(flows.full_pipeline, "full_pipeline", no_flow)
+    assert cli_main(["pipeline", "--stages", "teacher,nope,evaluate"]) == 2
+    err = capsys.readouterr().err
+    assert "--stages: unknown stage(s) nope" in err and ",".join(ORDER) in err
+    for flag, value, said in (("--prefect-port", "99999", "99999 is not a port number"),
+                              ("--mlflow-port", "x", "'x' is not a port number")):  # fmt: skip
+        with pytest.raises(SystemExit) as exit_:
+            cli_main(["serve", flag, value])
+        assert exit_.value.code == 2 and f"argument {flag}: {said}" in capsys.readouterr().err

@@ -313,8 +313,8 @@ def _main(argv: list[str] | None = None) -> int:
         for item, reason in outcome.failures.items():
             print(f"  failed: {item}: {reason}", file=sys.stderr)
         return 0 if outcome.metrics.get("clips_ok", 1) or not outcome.failures else 1
-    except (ConfigError, MediaError) as exc:  # a bad setting, or an input file that cannot be read (named)
-        print(f"error: {exc}", file=sys.stderr)
+    except (ConfigError, MediaError, FileNotFoundError) as exc:  # a bad setting, an input file missing or unreadable
+        print(f"error: {exc}", file=sys.stderr)  # (each message names the file and the setting or flag)
         return 2
 
 

@@ -77,3 +77,18 @@ def test_unknown_stages_and_bad_ports_are_refused_before_anything_starts(monkeyp
         with pytest.raises(SystemExit) as exit_:
             cli_main(["serve", flag, value])
         assert exit_.value.code == 2 and f"argument {flag}: {said}" in capsys.readouterr().err
+
+
+def test_a_missing_input_is_a_one_line_error(tmp_path, monkeypatch, capsys):
+    """A stage whose inputs are missing (curate with a local folder that does not exist) exits 2 with the
+    stage's own message naming the setting, not a FileNotFoundError traceback."""
+    from flows.cli import main as cli_main
+
+    monkeypatch.setenv("STREAMAVATAR_ROOT", str(tmp_path))
+    missing = tmp_path / "nothere"
+    args = ["curate", "--set", "curate.sources=[local]", "--set", f"curate.local_dirs=[{missing}]",
+            "--set", "tracking.enabled=false"]  # fmt: skip
+    assert cli_main(args) == 2
+    err = capsys.readouterr().err
+    assert f"error: curate: no clips in curate.sources ['local'] (local_dirs: ['{missing}'])" in err, err
+    assert "Traceback" not in err

@@ -38,8 +38,7 @@ def writable_output(out: str | Path, flag: str = "--out") -> None:
     if out.is_dir():
         raise MediaError(f"{flag} {out}: is a folder, not a file")
     try:  # a file made and removed: what the final write needs (permission bits alone miss e.g. /proc for root)
-        with tempfile.NamedTemporaryFile(dir=out.parent, prefix=".write-check-"):
-            pass
+        tempfile.NamedTemporaryFile(dir=out.parent, prefix=".write-check-").close()  # removed on close
     except OSError as exc:
         raise MediaError(f"{flag} {out}: its folder {out.parent} is not writable ({exc.strerror or exc})") from None
 

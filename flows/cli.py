@@ -23,7 +23,6 @@ def _config_args(p: argparse.ArgumentParser) -> None:
                    help="override one value, e.g. --set corpus.num_conversations=2 (repeatable)")
 
 
-
 def _port(text: str) -> int:
     """An argparse type: a TCP port number (1-65535)."""
     try:
@@ -33,6 +32,7 @@ def _port(text: str) -> int:
     if not 1 <= port <= 65535:
         raise argparse.ArgumentTypeError(f"{port} is not a port number (1-65535)")
     return port
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="streamavatar", description=__doc__)

@@ -421,7 +421,6 @@ def warm_up(model: Model, cfg: Config) -> float:
     return time.perf_counter() - t0
 
 
-
 def bind_socket(cfg: Config) -> socket.socket:
     """The server's socket bound to live.host:live.port; a ConfigError naming them when the address is taken or
     cannot be bound (instead of an OSError traceback)."""
@@ -439,6 +438,7 @@ def bind_socket(cfg: Config) -> socket.socket:
                               f"with --port N, or --port 0 for any free port") from None  # fmt: skip
         raise ConfigError(f"live.host {host}, live.port {port}: cannot bind ({exc.strerror or exc})") from None
     return sock
+
 
 def serve(cfg: Config, root: Path, ready_file: Path | None = None) -> None:
     """Load the student, warm it up and serve until interrupted (Ctrl-C)."""

@@ -185,7 +185,6 @@ def _partial(path: Path) -> Path:
 
 
 # ------------------------------------------------------------------------------------------------ generate
-
 def generate(
     cfg: Config, root: Path, reference: Path, audio: Path, out: Path, listen_to: Path | None = None,
     checkpoint: str | None = None, seconds: float | None = None, progress: bool = True, crop: str = "head",

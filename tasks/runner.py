@@ -156,11 +156,10 @@ def reset_threads(name: str) -> None:
     ``torch.set_num_threads`` every time. Stages that set their own (evaluate: 1; ``vae_train.threads``;
     curation run in-process) would otherwise leave it to the next stage of the same process (`make demo` runs
     every stage in one Prefect flow). And calling ``set_num_threads`` at all, even with the count torch
-    already uses, changes how some CPU kernels split their work (measured: SDPA's backward gives other
-    gradients in the last bits afterwards); the live voice detector's loader calls it, so a stage run after
-    another one's Silero VAD computed other figures than the same stage alone (refine's latent FD 0.177 in the
-    flow, 0.159 as `streamavatar refine`). Setting it at every stage start puts every stage, however it is
-    run, in the same state."""
+    already uses, may change how CPU kernels split their work; the live voice detector's loader calls it.
+    Setting it at every stage start puts every stage, however it is run, in the same state. (SDPA's backward gave
+    other gradients in the last bits after such a call when measured; docs/training.md says why the test
+    now checks the call itself.)"""
     import torch
 
     if not _START_THREADS:

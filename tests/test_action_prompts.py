@@ -31,7 +31,7 @@ def _windows(cfg, vae, run, labels: list[str]) -> WindowSet:
 
 
 def test_action_prompt_response_is_zero_when_the_prompt_is_ignored_and_writes_its_sheet(tmp_path):
-    cfg = load_config(sets=["vae.pretrained_path=weights/demo_vae.pt", "teacher_sampler.steps=32"], root=REPO)
+    cfg = load_config(sets=["vae.pretrained_path=weights/demo_vae.pt", "teacher_sampler.steps=8"], root=REPO)
     run = start_run(cfg, REPO, progress=False)
     vae = build_vae(cfg, root=REPO).eval()
     model = build_dit(cfg, run.audio.token_dim, pretrained=False)
@@ -55,7 +55,7 @@ def test_action_prompt_response_is_zero_when_the_prompt_is_ignored_and_writes_it
         for block in model.blocks:
             block.attn2.to_v.weight.zero_()
             block.attn2.to_v.bias.zero_()
-    ignored = action_prompt_response(run, model, vae, windows)
+    ignored = action_prompt_response(run, model, vae, windows.take([0, 1]))  # one action window tells
     assert all(ignored[f"action_response_{a}"] == 0.0 and ignored[f"action_right_way_{a}"] == 0.0 for a in names)
 
 

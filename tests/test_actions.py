@@ -46,11 +46,17 @@ def head_crop(frames: np.ndarray, size: int = 64) -> np.ndarray:
 
 
 @pytest.fixture(scope="module")
-def rendered(tmp_path_factory):
+def corpus_out(tmp_path_factory):
+    """The rendered corpus (SETS) once per module: its videos and ground-truth files."""
     root = tmp_path_factory.mktemp("actions")
     cfg = load_config(sets=SETS, root=root)
     run_corpus(cfg, root, progress=False)
-    out = root / cfg.corpus.out_dir
+    return root / cfg.corpus.out_dir
+
+
+@pytest.fixture(scope="module")
+def rendered(corpus_out):
+    out = corpus_out
     clips = []
     for gt_path in sorted((out / "gt").glob("*.json")):
         gt = json.loads(gt_path.read_text())
@@ -156,7 +162,7 @@ def test_prompt_response_reads_the_rendered_turns_the_right_way(rendered):
     assert swapped["right_way_turn_right"] <= 0.25
 
 
-def test_the_ceiling_scores_curated_action_clips_as_they_are_and_through_the_autoencoder(tmp_path):
+def test_the_ceiling_scores_curated_action_clips_as_they_are_and_through_the_autoencoder(tmp_path, corpus_out):
     """bench --actions --ceiling on a small curated set (head crops of a rendered corpus, seed 7, written as the
     curated clips are) with the committed demo autoencoder: the clips themselves follow their labels as the
     calibration says, the autoencoder keeps faces; malformed labels and a missing manifest are clear errors."""
@@ -166,10 +172,7 @@ def test_the_ceiling_scores_curated_action_clips_as_they_are_and_through_the_aut
     from tasks.config import ConfigError
     from tasks.evaluation.action_bench import autoencoder_ceiling, format_report
 
-    corpus_root = tmp_path / "corpus"
-    cfg = load_config(sets=SETS, root=corpus_root)
-    run_corpus(cfg, corpus_root, progress=False)
-    out = corpus_root / cfg.corpus.out_dir
+    out = corpus_out
     rows = []
     for gt_path in sorted((out / "gt").glob("*.json"))[:2]:
         gt = json.loads(gt_path.read_text())

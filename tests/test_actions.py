@@ -21,7 +21,7 @@ from tasks.evaluation.actions import (
     prompt_response,
     score_following,
 )
-from tests.conftest import REPO
+from tests.conftest import REPO, shared_path
 
 SETS = ["corpus.num_conversations=3", "corpus.duration_s=8", "corpus.big_turn_prob=0", "corpus.workers=2",
         "corpus.seed=7", "tracking.enabled=false", "corpus.extra_faces_dirs=[]", "corpus.action_rate_per_min=30",
@@ -221,9 +221,7 @@ def test_action_bench_streams_with_and_without_requests(tmp_path):
 
     assert schedule(10, 2.5) == "1:nod,3.5:shake,6:turn_left,8.5:turn_right"
 
-    avatars = REPO.parent / "shared" / "fixtures" / "avatars"
-    if not (avatars / "fashion_blogger.jpg").is_file():
-        pytest.skip("no avatar fixtures")
+    avatars = shared_path("fixtures", "avatars", "fashion_blogger.jpg").parent
     cfg = load_config(sets=["tracking.enabled=false", "vae.pretrained_path=null"], root=tmp_path)
     r = run_action_bench(cfg, tmp_path, "random", [(avatars / "fashion_blogger.jpg", avatars / "fashion_blogger.wav")],
                          seconds=5.0, every_s=1.5, progress=False)  # fmt: skip

@@ -40,7 +40,7 @@ from live.protocol import (
 )
 from live.session import Outbox, OutChunk
 from tasks.common.media import probe, read_audio, read_frames, write_wav
-from tests.conftest import REPO, tool_env
+from tests.conftest import REPO, shared_path, tool_env
 
 FIXTURES = REPO.parent / "shared" / "fixtures" / "avatars"
 SR = 16000
@@ -48,10 +48,7 @@ IDLE_S = 3.0
 
 
 def portrait() -> bytes:
-    path = FIXTURES / "fashion_blogger.jpg"
-    if not path.is_file():
-        pytest.skip(f"no avatar fixture {path}")
-    return path.read_bytes()
+    return shared_path("fixtures", "avatars", "fashion_blogger.jpg").read_bytes()
 
 
 def voice(name: str, seconds: float) -> np.ndarray:

@@ -56,11 +56,10 @@ def corpus_out(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def rendered(corpus_out):
-    out = corpus_out
     clips = []
-    for gt_path in sorted((out / "gt").glob("*.json")):
+    for gt_path in sorted((corpus_out / "gt").glob("*.json")):
         gt = json.loads(gt_path.read_text())
-        frames = head_crop(read_frames(out / "videos" / f"{gt['clip_id']}.mp4"))
+        frames = head_crop(read_frames(corpus_out / "videos" / f"{gt['clip_id']}.mp4"))
         requests = [(a["name"], a["start_frame"], a["end_frame"]) for a in gt["actions"]]
         clips.append((action_signals(frames), requests, len(frames)))
     return clips
@@ -172,11 +171,10 @@ def test_the_ceiling_scores_curated_action_clips_as_they_are_and_through_the_aut
     from tasks.config import ConfigError
     from tasks.evaluation.action_bench import autoencoder_ceiling, format_report
 
-    out = corpus_out
     rows = []
-    for gt_path in sorted((out / "gt").glob("*.json"))[:2]:
+    for gt_path in sorted((corpus_out / "gt").glob("*.json"))[:2]:
         gt = json.loads(gt_path.read_text())
-        frames = head_crop(read_frames(out / "videos" / f"{gt['clip_id']}.mp4"))
+        frames = head_crop(read_frames(corpus_out / "videos" / f"{gt['clip_id']}.mp4"))
         rel = f"data/curated/clips/{gt['clip_id']}.mp4"
         (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
         write_video(tmp_path / rel, list(frames), 25)
